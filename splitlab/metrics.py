@@ -1,0 +1,244 @@
+"""The ``Run`` every mode returns, and the metrics computed from it.
+
+Definitions (FACTS.md section 6), all times in seconds, all relative to the run's start:
+
+- TTFT: arrival to first output token (queueing delay included).
+- TPOT: (E2E - TTFT) / (output tokens - 1); undefined (NaN) for a one-token output.
+- ITL: every gap between consecutive output tokens of a request; p50/p99 over all gaps.
+- E2E: arrival to last output token.
+- Throughput: output tokens of the run / wall time of the run.
+- Goodput: requests that meet every SLO bound (TTFT and TPOT) / wall time of the run.
+
+The wall time runs from the run's start (time 0, the reference of every ``arrival_s``) to
+the last token of the last request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .config import SLO
+from .errors import SplitlabError
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclasses.dataclass
+class RequestTrace:
+    """Timestamps and outputs of one request (seconds since the run's start)."""
+
+    id: int
+    arrival_s: float
+    prompt_len: int
+    max_new_tokens: int
+    prefill_start_s: float | None = None
+    prefill_end_s: float | None = None
+    token_times_s: list[float] = dataclasses.field(default_factory=list)
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    worker: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return len(self.output_ids) == self.max_new_tokens and len(self.token_times_s) == self.max_new_tokens
+
+
+@dataclasses.dataclass
+class StepTrace:
+    """One forward step of one worker: what ran, when, for which requests (for timelines)."""
+
+    worker: str
+    kind: str  # "prefill", "decode" or "mixed"
+    start_s: float
+    end_s: float
+    request_ids: list[int]
+    num_tokens: int
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one run recorded; every mode returns this same object."""
+
+    mode: str
+    model: str
+    workload: str
+    config: dict[str, Any]
+    env: dict[str, Any]
+    traces: list[RequestTrace]
+    steps: list[StepTrace] = dataclasses.field(default_factory=list)
+    monitor: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+    wall_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.wall_s is None:
+            ends = [t.token_times_s[-1] for t in self.traces if t.token_times_s]
+            self.wall_s = max(ends) if ends else 0.0
+
+    # ---- tables ---------------------------------------------------------------------
+    @property
+    def requests(self):
+        """One row per request: TTFT, TPOT, E2E, ITL p50/p99/max, prefill and decode time."""
+        import pandas as pd
+
+        rows = []
+        for t in sorted(self.traces, key=lambda t: t.id):
+            times = t.token_times_s
+            n = len(times)
+            ttft = times[0] - t.arrival_s if n else math.nan
+            e2e = times[-1] - t.arrival_s if n else math.nan
+            tpot = (e2e - ttft) / (n - 1) if n > 1 else math.nan
+            gaps = np.diff(times) if n > 1 else np.array([])
+            prefill = (
+                t.prefill_end_s - t.prefill_start_s
+                if t.prefill_start_s is not None and t.prefill_end_s is not None
+                else math.nan
+            )
+            rows.append(
+                {
+                    "id": t.id,
+                    "worker": t.worker,
+                    "arrival_s": t.arrival_s,
+                    "prompt_len": t.prompt_len,
+                    "output_len": n,
+                    "queue_s": (t.prefill_start_s - t.arrival_s) if t.prefill_start_s is not None else math.nan,
+                    "prefill_s": prefill,
+                    "decode_s": (times[-1] - times[0]) if n > 1 else 0.0,
+                    "ttft_s": ttft,
+                    "tpot_s": tpot,
+                    "e2e_s": e2e,
+                    "itl_p50_s": float(np.percentile(gaps, 50)) if gaps.size else math.nan,
+                    "itl_p99_s": float(np.percentile(gaps, 99)) if gaps.size else math.nan,
+                    "itl_max_s": float(gaps.max()) if gaps.size else math.nan,
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def itl_gaps(self) -> np.ndarray:
+        """Every inter-token gap of every request, pooled (the ITL distribution)."""
+        gaps = [np.diff(t.token_times_s) for t in self.traces if len(t.token_times_s) > 1]
+        return np.concatenate(gaps) if gaps else np.array([])
+
+    def output_ids(self) -> dict[int, list[int]]:
+        return {t.id: list(t.output_ids) for t in self.traces}
+
+    def summary(self, slo: SLO | None = None) -> dict[str, Any]:
+        """Throughput, request rate, p50/p90/p99 of TTFT/TPOT/ITL/E2E, and goodput at ``slo``."""
+        slo = slo or SLO()
+        table = self.requests
+        wall = self.wall_s or math.nan
+        out_tokens = int(table["output_len"].sum())
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "model": self.model,
+            "workload": self.workload,
+            "num_requests": len(table),
+            "completed": int(sum(t.finished for t in self.traces)),
+            "output_tokens": out_tokens,
+            "wall_s": wall,
+            "throughput_tok_s": out_tokens / wall if wall > 0 else math.nan,
+            "request_rate_s": len(table) / wall if wall > 0 else math.nan,
+        }
+        for col, name in (("ttft_s", "ttft"), ("tpot_s", "tpot"), ("e2e_s", "e2e")):
+            values = table[col].dropna().to_numpy()
+            for p in PERCENTILES:
+                out[f"{name}_p{p}_s"] = float(np.percentile(values, p)) if values.size else math.nan
+        gaps = self.itl_gaps()
+        for p in PERCENTILES:
+            out[f"itl_p{p}_s"] = float(np.percentile(gaps, p)) if gaps.size else math.nan
+        out.update(goodput(table, wall, slo))
+        if self.memory:
+            out["peak_memory_bytes"] = self.memory.get("peak_bytes")
+        return out
+
+    # ---- persistence ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "splitlab.run/1",
+            "mode": self.mode,
+            "model": self.model,
+            "workload": self.workload,
+            "config": self.config,
+            "env": self.env,
+            "wall_s": self.wall_s,
+            "memory": self.memory,
+            "traces": [dataclasses.asdict(t) for t in self.traces],
+            "steps": [dataclasses.asdict(s) for s in self.steps],
+            "monitor": self.monitor,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Run":
+        if data.get("format") != "splitlab.run/1":
+            raise SplitlabError(
+                f"not a splitlab run (format={data.get('format')!r}); expected 'splitlab.run/1'"
+            )
+        return cls(
+            mode=data["mode"],
+            model=data["model"],
+            workload=data["workload"],
+            config=data["config"],
+            env=data["env"],
+            traces=[RequestTrace(**t) for t in data["traces"]],
+            steps=[StepTrace(**s) for s in data.get("steps", [])],
+            monitor=data.get("monitor", []),
+            memory=data.get("memory", {}),
+            wall_s=data.get("wall_s"),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the run as one JSON file (everything needed to recompute every metric)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_jsonable(self.to_dict()), indent=1))
+        return path
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run written by ``Run.save``."""
+    path = Path(path)
+    if not path.is_file():
+        raise SplitlabError(f"no run file at {path}; give the path of a JSON written by Run.save")
+    return Run.from_dict(json.loads(path.read_text()))
+
+
+def goodput(table, wall_s: float, slo: SLO) -> dict[str, Any]:
+    """Requests meeting both SLO bounds, per second of wall time, and their fraction.
+
+    A one-token request has no TPOT; it is judged on TTFT alone.
+    """
+    ttft_ok = table["ttft_s"] <= slo.ttft_s
+    tpot_ok = table["tpot_s"].isna() | (table["tpot_s"] <= slo.tpot_s)
+    met = int((ttft_ok & tpot_ok & (table["output_len"] > 0)).sum())
+    return {
+        "slo_ttft_s": slo.ttft_s,
+        "slo_tpot_s": slo.tpot_s,
+        "slo_met": met,
+        "slo_attainment": met / len(table) if len(table) else math.nan,
+        "goodput_req_s": met / wall_s if wall_s and wall_s > 0 else math.nan,
+    }
+
+
+def summaries_table(runs: Iterable[Run], slo: SLO | None = None):
+    """One summary row per run, as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame([r.summary(slo) for r in runs])
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf become None so the file is strict JSON that browsers and pandas read."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
