@@ -1,0 +1,141 @@
+"""Results folders: save/load runs with an index, selection for the widgets, profiles, the gallery."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from splitlab import results
+from splitlab.errors import SplitlabError
+from splitlab.metrics import RequestTrace, Run, StepTrace
+from splitlab.profile import Ceilings
+from splitlab.results import (load_profile, load_results, nearest, recorded, run_label, save_profile, save_runs,
+                              select_runs)
+
+
+def make_run(mode, rate, share=None, backend=None, tpot=0.1):
+    """Two requests arriving at 0 and 0.5 s; each 3 tokens, first at +0.2 s, then every ``tpot``."""
+    traces = []
+    for i, arrival in enumerate((0.0, 0.5)):
+        first = arrival + 0.2
+        traces.append(RequestTrace(i, arrival, 4, 3, arrival + 0.05, first, [first, first + tpot, first + 2 * tpot],
+                                   [1, 2, 3], "w"))
+    config = {"rate": rate}
+    if backend:
+        config["backend"] = backend
+    if share is not None:
+        config.update(prefill_share=share, decode_share=100 - share)
+    return Run(mode=mode, model="tiny", workload=f"poisson-r{rate:g}-n2", config=config,
+               env={"gpu_name": "NVIDIA H200", "device": "cuda"}, traces=traces,
+               steps=[StepTrace("w", "prefill", 0.05, 0.2, [0], 4)])
+
+
+def sweep():
+    return [make_run("serial", 1.0), make_run("serial", 2.0), make_run("split", 1.0, 30, "mps"),
+            make_run("split", 1.0, 50, "mps", tpot=0.05), make_run("split", 2.0, 50, "mps"),
+            make_run("chunked", 2.0)]
+
+
+def test_run_label_and_meta():
+    run = make_run("split", 2.0, 40, "mps")
+    meta = results.run_meta(run)
+    assert meta["rate"] == 2.0 and meta["prefill_share"] == 40 and meta["decode_share"] == 60
+    assert meta["backend"] == "mps" and meta["gpu"] == "NVIDIA H200"
+    assert run_label(run) == "split mps 40/60"
+    assert run_label(make_run("serial", 1.0)) == "serial"
+    nested = Run(mode="replicas", model="m", workload="poisson-r0.5-n8", config={"replica": {"num_replicas": 4}},
+                 env={"device": "cpu"}, traces=[])
+    meta = results.run_meta(nested)
+    assert meta["rate"] == 0.5 and meta["replicas"] == 4 and meta["gpu"] == "cpu"
+    assert meta["label"] == "replicas x4"
+
+
+def test_save_and_load_results(tmp_path):
+    runs = sweep()
+    index_path = save_runs(runs, tmp_path)
+    index = json.loads(index_path.read_text())
+    assert index["format"] == "splitlab.results/1" and len(index["runs"]) == 6
+    files = [e["file"] for e in index["runs"]]
+    assert len(set(files)) == 6 and all((tmp_path / f).is_file() for f in files)
+    entry = index["runs"][3]
+    assert {k: entry[k] for k in ("mode", "backend", "model", "rate", "prefill_share", "decode_share", "gpu")} == {
+        "mode": "split", "backend": "mps", "model": "tiny", "rate": 1.0, "prefill_share": 50.0,
+        "decode_share": 50.0, "gpu": "NVIDIA H200"}
+    assert entry["date"]
+    table, loaded = load_results(tmp_path)
+    assert len(table) == 6 and set(loaded) == set(table["id"])
+    assert list(table.columns[:12]) == list(results.INDEX_COLUMNS)
+    row = table.iloc[3]
+    assert row["label"] == "split mps 50/50"
+    assert row["tpot_p50_s"] == pytest.approx(0.05) and row["ttft_p50_s"] == pytest.approx(0.2)
+    assert row["num_requests"] == 2 and row["output_tokens"] == 6
+    original = runs[3]
+    again = loaded[row["id"]]
+    assert again.to_dict() == original.to_dict()
+    # saving more runs keeps the index entries already there; auto names never collide
+    save_runs([make_run("serial", 1.0)], tmp_path)
+    assert len(load_results(tmp_path)[0]) == 7
+
+
+def test_load_without_index_and_errors(tmp_path):
+    make_run("serial", 1.0).save(tmp_path / "a.json")
+    (tmp_path / "notes.json").write_text('{"hello": 1}')
+    table, runs = load_results(tmp_path)
+    assert list(table["id"]) == ["a"] and table["mode"].iloc[0] == "serial"
+    with pytest.raises(SplitlabError):
+        load_results(tmp_path / "missing")
+    (tmp_path / "index.json").write_text('{"format": "splitlab.results/1", "runs": [{"id": "b", "file": "b.json"}]}')
+    with pytest.raises(SplitlabError, match="b.json"):
+        load_results(tmp_path)
+
+
+def test_select_runs_snaps_to_recorded_values(tmp_path):
+    save_runs(sweep(), tmp_path)
+    table, _ = load_results(tmp_path)
+    got = select_runs(table, rate=1.2, share=45)  # nearest: rate 1, share 50; baselines without shares stay
+    assert sorted(got["label"]) == ["serial", "split mps 50/50"]
+    assert set(got["rate"]) == {1.0}
+    got = select_runs(table, rate=1.9, share=0, mode="split")
+    assert list(got["label"]) == ["split mps 50/50"] and list(got["rate"]) == [2.0]
+    got = select_runs(table, rate=1.0, share=31, mode=["split"])
+    assert list(got["prefill_share"]) == [30.0]
+    assert len(select_runs(table)) == 6
+    assert sorted(select_runs(table, mode=("serial", "chunked"))["mode"]) == ["chunked", "serial", "serial"]
+    assert len(select_runs(table, rate=2.0, backend="mps")) == 1
+    assert nearest([1.0, 2.0, 4.0], 3.0) == 2.0  # tie -> smaller
+    assert nearest([1.0, float("nan")], 9) == 1.0 and nearest([], 1) is None
+    assert results.choices(table, "rate") == [1.0, 2.0]
+
+
+def test_profile_round_trip(tmp_path):
+    ceil = Ceilings(device="cuda:0", device_name="NVIDIA H200", dtype="bfloat16", matmul_flops_s=663e12,
+                    copy_bytes_s=4.2e12, matmul_n=8192, copy_buffer_bytes=1 << 30, repeats=7)
+    df = pd.DataFrame([{"model": "m", "backend": "hf", "phase": "decode", "batch": 1, "tokens": 512,
+                        "time_s": 0.004, "frac_of_roof": float("nan")}])
+    path = save_profile(df, ceil, tmp_path / "p" / "profile_h200.json", command="python benchmarks/profile_sweep.py")
+    raw = json.loads(path.read_text())
+    assert raw["format"] == "splitlab.profile/1" and raw["gpu"] == "NVIDIA H200"
+    assert raw["command"] == "python benchmarks/profile_sweep.py" and raw["versions"]["torch"]
+    assert raw["table"][0]["frac_of_roof"] is None  # strict JSON
+    prof = load_profile(path)
+    assert prof.ceilings == ceil and prof.datasheet.name == "H200"
+    assert prof.table["time_s"].iloc[0] == 0.004 and prof.meta["date"]
+    records = save_profile(df.to_dict(orient="records"), ceil, tmp_path / "r.json", datasheet=None)
+    assert load_profile(records).datasheet is None
+    with pytest.raises(SplitlabError):
+        load_profile(tmp_path / "nope.json")
+
+
+def test_recorded_finds_profiles_and_run_folders(tmp_path, monkeypatch):
+    ceil = Ceilings(device="cpu", device_name="cpu", dtype="float32", matmul_flops_s=1e11, copy_bytes_s=1e10,
+                    matmul_n=64, copy_buffer_bytes=1024, repeats=1)
+    save_profile([], ceil, tmp_path / "profile_x.json")
+    save_runs([make_run("serial", 1.0)], tmp_path / "poisson_h200")
+    (tmp_path / "empty").mkdir()
+    assert recorded("profile", root=tmp_path) == [tmp_path / "profile_x.json"]
+    assert recorded("runs", root=tmp_path) == [tmp_path / "poisson_h200"]
+    monkeypatch.setenv("SPLITLAB_RESULTS", str(tmp_path))
+    assert recorded("profile") == [tmp_path / "profile_x.json"]
+    assert recorded("runs", root=tmp_path / "nothing-here") == []
+    with pytest.raises(SplitlabError):
+        recorded("plots")
