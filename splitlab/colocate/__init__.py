@@ -1,0 +1,1 @@
+"""How two workers share one GPU: processes (with or without MPS), streams, green contexts."""
