@@ -128,8 +128,14 @@ class Run:
         return {t.id: list(t.output_ids) for t in self.traces}
 
     def summary(self, slo: SLO | None = None) -> dict[str, Any]:
-        """Throughput, request rate, p50/p90/p99 of TTFT/TPOT/ITL/E2E, and goodput at ``slo``."""
-        slo = slo or SLO()
+        """Throughput, request rate, p50/p90/p99 of TTFT/TPOT/ITL/E2E, and goodput at ``slo``.
+
+        Without ``slo``: the SLO the run was made with (``config["slo"]``, set by
+        ``splitlab.run(..., slo=...)``), else ``SLO()``'s defaults.
+        """
+        if slo is None:
+            recorded = self.config.get("slo") if isinstance(self.config, dict) else None
+            slo = SLO.from_dict(recorded) if isinstance(recorded, dict) else SLO()
         table = self.requests
         wall = self.wall_s or math.nan
         out_tokens = int(table["output_len"].sum())

