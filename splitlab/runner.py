@@ -1,0 +1,633 @@
+"""ModelRunner: a functional Llama-family forward over the KV pool, with explicit batch metadata.
+
+The Huggingface model stays the loader and the oracle; the runner reads its weights (q/k/v
+and gate/up fused once, the HF modules rebound to views of the fused tensors so no weight is
+held twice) and owns the KV layout and the kernel launches:
+
+- ``prefill(chunks)``: prompt chunks of several sequences (ragged lengths) packed into ONE
+  token dimension; every projection is one GEMM over all rows, attention runs per chunk
+  (SDPA; a chunk that starts at ``start_pos > 0`` attends to its slot's earlier KV).
+- ``decode_step(slots, tokens, positions)``: one token for every running sequence. On CUDA
+  it replays a CUDA graph captured per batch-size bucket (batch padded to the bucket; the
+  padded rows write the pool's scratch row); attention reads each sequence's valid KV only.
+- ``mixed_step(decode, chunks)``: decode rows and prompt chunks in one forward (chunked mode).
+
+Greedy argmax runs on the device, with the model's EOS ids masked (so every request gets
+exactly ``max_new_tokens`` tokens, the same ones HF ``generate(min_new_tokens=n)`` gives);
+each call syncs once to return Python ints.
+
+Nothing here is module-global: two threads may drive one runner at once (prefill on one CUDA
+stream, decode on another): eager calls allocate their own scratch, graph replays use the
+decode-only static buffers, and everything is launched on the caller's current stream.
+
+A runner can be rebuilt in another process from ``runner.export()`` (a JSON-able arch dict
+and a flat dict of tensors, shareable through CUDA IPC) plus the shared ``KVPool``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, ModelSpecError, WorkloadError
+from .kernels import TorchKernels, make_kernels
+from .kv_cache import KVPool
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+# rope types whose frequencies do not change with the sequence length (so a table works)
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# CUDA-graph batch buckets; a batch is padded up to the next one
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens ``token_ids`` of the sequence in ``slot``, at positions ``start_pos ...``.
+
+    ``last``: this chunk ends the prompt, so the runner returns the first output token for it.
+    A plain tuple ``(slot, token_ids, start_pos)`` (or with ``last`` as a fourth item) is
+    accepted wherever a chunk is.
+    """
+
+    slot: int
+    token_ids: Sequence[int]
+    start_pos: int = 0
+    last: bool = True
+
+
+class DecodeBatch(NamedTuple):
+    slots: Sequence[int]
+    tokens: Sequence[int]
+    positions: Sequence[int]
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Attention metadata of one forward (rows: decode rows first, then chunk rows)."""
+
+    num_decode: int  # rows handled by the batched decode-attention kernel
+    dec_slots: torch.Tensor | None
+    dec_lens: torch.Tensor | None
+    dec_max_len: int | None  # None inside a CUDA graph (the kernel reads lengths itself)
+    chunks: list[tuple[int, int, int, int]]  # (first row, rows, slot, start_pos), SDPA each
+
+
+class _Layer(NamedTuple):
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+# ---- reading a Huggingface model ------------------------------------------------------------
+
+def extract_arch(hf_model) -> dict[str, Any]:
+    """The JSON-able facts the functional forward needs; refuses what it does not implement."""
+    cfg = hf_model.config
+    model_type = getattr(cfg, "model_type", "?")
+    if model_type not in SUPPORTED_ARCHS:
+        raise ModelSpecError(
+            f"the engine runs Llama-family models ({', '.join(SUPPORTED_ARCHS)}); this one is {model_type!r}. "
+            "Use mode='hf-generate' or 'replicas' for it"
+        )
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ModelSpecError(f"the engine implements SwiGLU (silu) MLPs; this model uses {act!r}")
+    rotary = hf_model.model.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE:
+        raise ModelSpecError(
+            f"rope type {rope_type!r} changes its frequencies with the sequence length; the engine supports "
+            f"{', '.join(STATIC_ROPE)}"
+        )
+    attn = hf_model.model.layers[0].self_attn
+    mlp = hf_model.model.layers[0].mlp
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    sliding = None
+    if getattr(cfg, "sliding_window", None):
+        layer_types = getattr(cfg, "layer_types", None)
+        uses = (model_type == "mistral") or (layer_types is not None and "sliding_attention" in layer_types)
+        if model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+            uses = False
+        sliding = int(cfg.sliding_window) if uses else None
+    dtype = next(hf_model.parameters()).dtype
+    gen_cfg = getattr(hf_model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if eos is None:
+        eos = getattr(cfg, "eos_token_id", None)
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return {
+        "model_type": model_type,
+        "num_layers": int(cfg.num_hidden_layers),
+        "hidden_size": int(cfg.hidden_size),
+        "intermediate_size": int(cfg.intermediate_size),
+        "num_heads": int(heads),
+        "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
+        "head_dim": int(head_dim),
+        "vocab_size": int(cfg.vocab_size),
+        "rms_norm_eps": float(cfg.rms_norm_eps),
+        "max_positions": int(cfg.max_position_embeddings),
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "qkv_bias": attn.q_proj.bias is not None,
+        "o_bias": attn.o_proj.bias is not None,
+        "mlp_bias": mlp.gate_proj.bias is not None,
+        "rope_type": rope_type,
+        "rope_attention_scaling": float(getattr(rotary, "attention_scaling", 1.0)),
+        "sliding_window": sliding,
+        "dtype": str(dtype).replace("torch.", ""),
+        # never emitted: outputs have exactly max_new_tokens tokens, as HF generate(min_new_tokens=n)
+        "eos_token_ids": sorted({int(e) for e in eos_ids if 0 <= int(e) < int(cfg.vocab_size)}),
+    }
+
+
+def _fuse_rows(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of ``linears`` along the output dim, then rebind
+    each module's parameters to views of the fused tensors: the HF model keeps working and
+    the weights exist once."""
+    fused_w = torch.cat([lin.weight.data for lin in linears], dim=0)
+    fused_b = None
+    if linears[0].bias is not None:
+        fused_b = torch.cat([lin.bias.data for lin in linears], dim=0)
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = fused_w[row:row + n]
+        if fused_b is not None:
+            lin.bias.data = fused_b[row:row + n]
+        row += n
+    return fused_w, fused_b
+
+
+def extract_weights(hf_model) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` of everything the forward reads (fused once, then cached on
+    the model). Tied embeddings appear as one tensor under both ``embed`` and ``lm_head``."""
+    m = hf_model.model
+    cached = getattr(hf_model, "_splitlab_weights", None)
+    if cached is not None and cached["layers.0.qkv"].data_ptr() == m.layers[0].self_attn.q_proj.weight.data_ptr() \
+            and cached["embed"].data_ptr() == m.embed_tokens.weight.data_ptr():
+        return dict(cached)
+    w: dict[str, torch.Tensor] = {
+        "embed": m.embed_tokens.weight.data,
+        "final_norm": m.norm.weight.data,
+        "lm_head": hf_model.lm_head.weight.data,
+        "inv_freq": m.rotary_emb.inv_freq.data.float(),
+    }
+    with torch.no_grad():
+        for i, layer in enumerate(m.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_b = _fuse_rows([a.q_proj, a.k_proj, a.v_proj])
+            gu, gu_b = _fuse_rows([mlp.gate_proj, mlp.up_proj])
+            p = f"layers.{i}."
+            w[p + "attn_norm"] = layer.input_layernorm.weight.data
+            w[p + "qkv"] = qkv
+            w[p + "o"] = a.o_proj.weight.data
+            w[p + "mlp_norm"] = layer.post_attention_layernorm.weight.data
+            w[p + "gate_up"] = gu
+            w[p + "down"] = mlp.down_proj.weight.data
+            if qkv_b is not None:
+                w[p + "qkv_bias"] = qkv_b
+            if a.o_proj.bias is not None:
+                w[p + "o_bias"] = a.o_proj.bias.data
+            if gu_b is not None:
+                w[p + "gate_up_bias"] = gu_b
+            if mlp.down_proj.bias is not None:
+                w[p + "down_bias"] = mlp.down_proj.bias.data
+    hf_model._splitlab_weights = dict(w)  # a plain attribute: later runners reuse the fused tensors
+    return w
+
+
+def bucket_for(batch: int, buckets: Sequence[int]) -> int | None:
+    for b in buckets:
+        if b >= batch:
+            return b
+    return None
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    """The CUDA-graph batch sizes for ``max_batch``: the standard buckets below it, and itself."""
+    return [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+
+
+# ---- the runner -------------------------------------------------------------------------------
+
+class ModelRunner:
+    """Functional forward of a Llama-family model over a ``KVPool``.
+
+    ``arch``: from ``extract_arch``; ``weights``: from ``extract_weights`` (or their IPC-shared
+    copies); ``max_batch``: the largest decode batch (default: the pool's slot count);
+    ``cuda_graphs``: None = on for CUDA; ``kernels``: "auto" | "triton" | "torch";
+    ``gemv``: run the linear layers of batches of at most 4 rows through the Triton GEMV kernel
+    (tuned per weight shape on first capture) instead of cuBLAS; needs Triton kernels.
+    """
+
+    def __init__(self, arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, *,
+                 max_batch: int | None = None, cuda_graphs: bool | None = None, kernels: str = "auto",
+                 gemv: bool = False):
+        self.arch = dict(arch)
+        self.kv = kv
+        a = self.arch
+        self.num_layers = a["num_layers"]
+        self.num_heads = a["num_heads"]
+        self.num_kv_heads = a["num_kv_heads"]
+        self.head_dim = a["head_dim"]
+        self.eps = a["rms_norm_eps"]
+        self.scale = self.head_dim ** -0.5
+        self.dtype = _DTYPES[a["dtype"]]
+        self.device = weights["embed"].device
+        if (kv.num_layers, kv.num_kv_heads, kv.head_dim) != (self.num_layers, self.num_kv_heads, self.head_dim):
+            raise ConfigError(
+                f"KV pool shape (layers {kv.num_layers}, kv heads {kv.num_kv_heads}, head dim {kv.head_dim}) "
+                f"does not match the model ({self.num_layers}, {self.num_kv_heads}, {self.head_dim})"
+            )
+        if kv.dtype != self.dtype or kv.device != self.device:
+            raise ConfigError(f"KV pool is {kv.dtype} on {kv.device}; the model is {self.dtype} on {self.device}")
+        if a.get("sliding_window") and kv.max_seq_len > a["sliding_window"]:
+            raise ModelSpecError(
+                f"this model uses sliding-window attention ({a['sliding_window']} positions), which the engine "
+                f"does not implement; use max_seq_len <= {a['sliding_window']}"
+            )
+        self.embed = weights["embed"]
+        self.final_norm = weights["final_norm"]
+        self.lm_head = weights["lm_head"]
+        self.layers = [
+            _Layer(
+                weights[f"layers.{i}.attn_norm"], weights[f"layers.{i}.qkv"], weights.get(f"layers.{i}.qkv_bias"),
+                weights[f"layers.{i}.o"], weights.get(f"layers.{i}.o_bias"), weights[f"layers.{i}.mlp_norm"],
+                weights[f"layers.{i}.gate_up"], weights.get(f"layers.{i}.gate_up_bias"),
+                weights[f"layers.{i}.down"], weights.get(f"layers.{i}.down_bias"),
+            )
+            for i in range(self.num_layers)
+        ]
+        self._weights = dict(weights)
+        self._kv_flat = [kv.layer_flat(i) for i in range(self.num_layers)]
+        # RoPE table exactly as HF computes it per position: fp32 freqs, cat, cos/sin * scaling
+        inv_freq = weights["inv_freq"].to(self.device, torch.float32)
+        pos = torch.arange(kv.max_seq_len, device=self.device, dtype=torch.int64).float()
+        freqs = pos[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = a.get("rope_attention_scaling", 1.0)
+        self.cos = (emb.cos() * scaling).contiguous()
+        self.sin = (emb.sin() * scaling).contiguous()
+
+        eos = a.get("eos_token_ids") or []
+        self._suppress = torch.tensor(eos, dtype=torch.int64, device=self.device) if eos else None
+        self.kernels = make_kernels(kernels, self.device)
+        if gemv and not hasattr(self.kernels, "gemv"):
+            raise ConfigError("gemv=True needs the Triton kernels (kernels='triton' or 'auto' on CUDA)")
+        self._gemv = self.kernels if gemv else None
+        self.gemv_report: dict | None = None
+        self._causal_lower_right = None
+        if self.device.type == "cuda":  # imported here: the module pulls in dynamo (~2 s)
+            from torch.nn.attention.bias import causal_lower_right
+
+            self._causal_lower_right = causal_lower_right
+        self.max_batch = int(max_batch) if max_batch is not None else kv.num_slots
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ConfigError("cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.buckets = graph_buckets(self.max_batch)
+        self._graphs: dict[tuple[int, int | None], tuple[Any, torch.Tensor]] = {}
+        self._graph_pool = None
+        # The stream decode graphs are captured on (None: PyTorch's capture stream). The green-
+        # context split backend sets its decode stream here, so captured kernels belong to it.
+        self.capture_stream = None
+        if self.cuda_graphs:
+            self._init_static_inputs()
+
+    def _init_static_inputs(self) -> None:
+        """Decode-only static inputs of the graphs: rows tokens, positions, write index, slot,
+        length (device), and their pinned host staging copy."""
+        top = self.buckets[-1]
+        self._dec_in = torch.zeros((5, top), dtype=torch.int64, device=self.device)
+        stage = torch.zeros((5, top), dtype=torch.int64)
+        self._dec_stage = stage.pin_memory() if self.device.type == "cuda" else stage
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, loaded, kv: KVPool, **kwargs) -> "ModelRunner":
+        """A runner over ``loaded`` (a ``LoadedModel``); fuses its weights in place once."""
+        loaded.require_engine_support("engine")
+        return cls(extract_arch(loaded.model), extract_weights(loaded.model), kv, **kwargs)
+
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``(arch, weights)``: enough, with the shared KV pool, to rebuild this runner elsewhere."""
+        return dict(self.arch), dict(self._weights)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights (each tensor once; the RoPE frequencies not counted)."""
+        seen, total = set(), 0
+        for name, t in self._weights.items():
+            if name == "inv_freq" or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    # ---- public steps ----------------------------------------------------------------------
+    def prefill(self, chunks: Iterable[PrefillChunk | tuple]) -> list[int | None]:
+        """Run prompt chunks of several sequences in one forward; write their KV into their
+        slots; return the greedy next token of each chunk that ends its prompt (else None)."""
+        _, out = self.mixed_step(None, chunks)
+        return out
+
+    def decode_step(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> list[int]:
+        """Feed ``tokens[i]`` at ``positions[i]`` to the sequence in ``slots[i]``; return the
+        next greedy token of each. CUDA-graph replay on CUDA (batch padded to its bucket)."""
+        b = len(slots)
+        if b == 0:
+            return []
+        if not (len(tokens) == len(positions) == b):
+            raise ConfigError("decode_step: slots, tokens and positions must have the same length")
+        self._check_rows(slots, positions, [1] * b)
+        bucket = bucket_for(b, self.buckets) if self.cuda_graphs else None
+        if bucket is None:
+            out, _ = self._eager(DecodeBatch(slots, tokens, positions), [])
+            return out
+        key = (bucket, self._ctx_bucket(max(positions) + 1))
+        graph, out = self._graphs.get(key) or self._capture(*key)
+        stage = self._dec_stage
+        t = self.kv.max_seq_len
+        pad = self.kv.pad_slot
+        stage[:, :bucket] = torch.tensor([[0], [0], [pad * t], [pad], [1]], dtype=torch.int64)
+        stage[0, :b] = torch.as_tensor(tokens, dtype=torch.int64)
+        stage[1, :b] = torch.as_tensor(positions, dtype=torch.int64)
+        slot_t = torch.as_tensor(slots, dtype=torch.int64)
+        stage[2, :b] = slot_t * t + stage[1, :b]
+        stage[3, :b] = slot_t
+        stage[4, :b] = stage[1, :b] + 1
+        self._dec_in[:, :bucket].copy_(stage[:, :bucket], non_blocking=True)
+        graph.replay()
+        return out[:b].tolist()
+
+    def mixed_step(self, decode: DecodeBatch | tuple | None, chunks: Iterable[PrefillChunk | tuple]
+                   ) -> tuple[list[int], list[int | None]]:
+        """Decode rows and prompt chunks in one eager forward: ``(decode tokens, chunk tokens)``."""
+        chunks = [as_chunk(c) for c in chunks]
+        if decode is not None and not isinstance(decode, DecodeBatch):
+            decode = DecodeBatch(*decode)
+        if decode is not None and len(decode.slots) == 0:
+            decode = None
+        if decode is None and not chunks:
+            return [], []
+        if decode is not None:
+            if not (len(decode.tokens) == len(decode.positions) == len(decode.slots)):
+                raise ConfigError("mixed_step: decode slots, tokens and positions must have the same length")
+            self._check_rows(decode.slots, decode.positions, [1] * len(decode.slots))
+        if chunks:
+            self._check_rows([c.slot for c in chunks], [c.start_pos for c in chunks],
+                             [len(c.token_ids) for c in chunks])
+        return self._eager(decode, chunks)
+
+    def forward_logits(self, chunks: Iterable[PrefillChunk | tuple]) -> torch.Tensor:
+        """Logits (fp32) of every row of ``chunks`` (writes their KV like ``prefill``); for tests."""
+        chunks = [as_chunk(c) for c in chunks]
+        self._check_rows([c.slot for c in chunks], [c.start_pos for c in chunks], [len(c.token_ids) for c in chunks])
+        return self._eager(None, chunks, all_logits=True)
+
+    def decode_logits(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Logits (fp32, [B, vocab]) of an eager decode step through this runner's decode-attention
+        path (the batched kernel for Triton runners); writes KV like ``decode_step``. For checks."""
+        self._check_rows(slots, positions, [1] * len(slots))
+        return self._eager(DecodeBatch(slots, tokens, positions), [], all_logits=True)
+
+    # ---- CUDA graphs -----------------------------------------------------------------------
+    def capture_graphs(self, batch_sizes: Iterable[int] | None = None) -> list[int]:
+        """Capture the decode graphs of these batch buckets (default: all), largest first."""
+        if not self.cuda_graphs:
+            return []
+        want = sorted({bucket_for(b, self.buckets) for b in (batch_sizes or self.buckets)} - {None}, reverse=True)
+        ctx = self._ctx_bucket(1)
+        for b in want:
+            if (b, ctx) not in self._graphs:
+                self._capture(b, ctx)
+        return want
+
+    def _ctx_bucket(self, length: int) -> int | None:
+        """Triton's decode attention reads each sequence's own length inside the graph (None:
+        one graph per batch bucket). The PyTorch fallback gathers a fixed KV length, so its
+        graphs are also keyed by a power-of-two context bucket (captured on first use)."""
+        if not isinstance(self.kernels, TorchKernels):
+            return None
+        return min(self.kv.max_seq_len, max(256, 1 << (int(length) - 1).bit_length()))
+
+    def _capture(self, bucket: int, ctx: int | None = None):
+        self.tune_gemv()
+        t = self.kv.max_seq_len
+        pad = self.kv.pad_slot
+        self._dec_in[:, :bucket] = torch.tensor([[0], [0], [pad * t], [pad], [1]], dtype=torch.int64,
+                                                device=self.device)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        side = self.capture_stream if self.capture_stream is not None else torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile kernels, create cuBLAS workspaces, outside the graph
+                self._graph_body(bucket, ctx)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.capture_stream,
+                              capture_error_mode="thread_local"):
+            out = self._graph_body(bucket, ctx)
+        torch.cuda.synchronize(self.device)
+        self._graphs[(bucket, ctx)] = (graph, out)
+        return graph, out
+
+    def graph(self, batch: int, context: int = 1):
+        """The captured CUDA graph that ``decode_step`` replays for this batch and context
+        (None if not captured yet); for timing replays alone."""
+        bucket = bucket_for(batch, self.buckets)
+        entry = self._graphs.get((bucket, self._ctx_bucket(context)))
+        return entry[0] if entry else None
+
+    def _graph_body(self, bucket: int, ctx: int | None = None) -> torch.Tensor:
+        d = self._dec_in[:, :bucket]
+        plan = _Plan(bucket, d[3], d[4], ctx, [])
+        x = self._hidden(d[0], d[1], d[2], plan)
+        return self._greedy(self._linear(x, self.lm_head))
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Argmax over the vocabulary with EOS masked (HF ``min_new_tokens`` does the same)."""
+        if self._suppress is not None:
+            logits.index_fill_(1, self._suppress, float("-inf"))
+        return logits.argmax(dim=-1)
+
+    # ---- the forward -----------------------------------------------------------------------
+    def _eager(self, decode: DecodeBatch | None, chunks: list[PrefillChunk], all_logits: bool = False):
+        t = self.kv.max_seq_len
+        tokens: list[int] = []
+        positions: list[int] = []
+        windex: list[int] = []
+        logit_rows: list[int] = []
+        plan_chunks: list[tuple[int, int, int, int]] = []
+        nd = 0
+        dec_slots = dec_lens = None
+        dec_max = None
+        batched_decode = decode is not None and not isinstance(self.kernels, TorchKernels)
+        if decode is not None:
+            for i, (slot, tok, pos) in enumerate(zip(decode.slots, decode.tokens, decode.positions)):
+                tokens.append(int(tok))
+                positions.append(int(pos))
+                windex.append(int(slot) * t + int(pos))
+                logit_rows.append(i)
+                if not batched_decode:  # exact per-sequence attention (the CPU / reference path)
+                    plan_chunks.append((i, 1, int(slot), int(pos)))
+            if batched_decode:
+                nd = len(decode.slots)
+                dec_max = max(int(p) for p in decode.positions) + 1
+        for c in chunks:
+            row = len(tokens)
+            n = len(c.token_ids)
+            tokens.extend(int(x) for x in c.token_ids)
+            positions.extend(range(c.start_pos, c.start_pos + n))
+            windex.extend(range(c.slot * t + c.start_pos, c.slot * t + c.start_pos + n))
+            plan_chunks.append((row, n, c.slot, c.start_pos))
+            if c.last:
+                logit_rows.append(row + n - 1)
+        meta = _to_device(self.device, [tokens, positions, windex])
+        if batched_decode:
+            extra = _to_device(self.device, [list(decode.slots), [p + 1 for p in decode.positions]])
+            dec_slots, dec_lens = extra[0], extra[1]
+        plan = _Plan(nd, dec_slots, dec_lens, dec_max, plan_chunks)
+        x = self._hidden(meta[0], meta[1], meta[2], plan)
+        if all_logits:
+            return F.linear(x, self.lm_head).float()
+        rows = torch.as_tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        next_tokens = self._greedy(self._linear(x.index_select(0, rows), self.lm_head)).tolist()
+        nd_out = len(decode.slots) if decode is not None else 0
+        dec_out = next_tokens[:nd_out]
+        chunk_out: list[int | None] = []
+        k = nd_out
+        for c in chunks:
+            if c.last:
+                chunk_out.append(next_tokens[k])
+                k += 1
+            else:
+                chunk_out.append(None)
+        return dec_out, chunk_out
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self._gemv is not None and x.shape[0] <= self._gemv.GEMV_MAX_ROWS:
+            return self._gemv.gemv(x, w, b)
+        return F.linear(x, w, b)
+
+    def tune_gemv(self) -> dict | None:
+        """Pick the Triton GEMV config per weight shape by timing (CUDA, ``gemv=True`` only);
+        run before capturing graphs. Returns the per-shape timings (GEMV vs cuBLAS, µs)."""
+        if self._gemv is None or self.device.type != "cuda" or self.gemv_report is not None:
+            return self.gemv_report
+        first = self.layers[0]
+        report = self._gemv.tune_gemv([first.qkv, first.o, first.gate_up, first.down, self.lm_head])
+        self.gemv_report = {f"{n}x{k}@{m}": v for (n, k, m), v in report.items()}
+        return self.gemv_report
+
+    def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, write_index: torch.Tensor,
+                plan: _Plan) -> torch.Tensor:
+        """Final-normed hidden states of every row."""
+        kern = self.kernels
+        h = F.embedding(tokens, self.embed)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = kern.add_rmsnorm(h, residual, layer.attn_norm, self.eps)
+            qkv = self._linear(x, layer.qkv, layer.qkv_bias)
+            k_flat, v_flat = self._kv_flat[i]
+            kern.rope_kv_write(qkv, positions, write_index, self.cos, self.sin, k_flat, v_flat,
+                               self.num_heads, self.num_kv_heads, self.head_dim)
+            attn = self._attention(i, qkv, plan)
+            h = self._linear(attn, layer.o, layer.o_bias)
+            x, residual = kern.add_rmsnorm(h, residual, layer.mlp_norm, self.eps)
+            gu = self._linear(x, layer.gate_up, layer.gate_up_bias)
+            h = self._linear(kern.silu_mul(gu), layer.down, layer.down_bias)
+        x, _ = kern.add_rmsnorm(h, residual, self.final_norm, self.eps)
+        return x
+
+    def _attention(self, layer: int, qkv: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        n = qkv.shape[0]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q_all = qkv[:, : hq * d].view(n, hq, d)
+        k_layer, v_layer = self.kv.k[layer], self.kv.v[layer]
+        if plan.num_decode == n and not plan.chunks:
+            out = self.kernels.decode_attention(q_all, k_layer, v_layer, plan.dec_slots, plan.dec_lens, self.scale,
+                                                max_len=plan.dec_max_len if plan.dec_max_len else self.kv.max_seq_len)
+            return out.view(n, hq * d)
+        out = torch.empty((n, hq, d), dtype=qkv.dtype, device=qkv.device)
+        if plan.num_decode:
+            nd = plan.num_decode
+            out[:nd] = self.kernels.decode_attention(q_all[:nd], k_layer, v_layer, plan.dec_slots, plan.dec_lens,
+                                                     self.scale, max_len=plan.dec_max_len)
+        group = hq // hkv
+        for row, rows, slot, start in plan.chunks:
+            kv_len = start + rows
+            q = q_all[row:row + rows].transpose(0, 1).unsqueeze(0)  # [1, H, rows, D]
+            k = _expand_heads(k_layer[slot, :kv_len], group)  # [1, H, kv_len, D]
+            v = _expand_heads(v_layer[slot, :kv_len], group)
+            if rows == 1:
+                o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            elif start == 0:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            else:  # a later chunk: row i sees positions 0 .. start + i (bottom-right causal)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._chunk_mask(rows, kv_len),
+                                                   scale=self.scale)
+            out[row:row + rows] = o[0].transpose(0, 1)
+        return out.view(n, hq * d)
+
+    def _chunk_mask(self, rows: int, kv_len: int):
+        if self._causal_lower_right is not None:  # CUDA: lets SDPA pick flash attention
+            return self._causal_lower_right(rows, kv_len)
+        start = kv_len - rows
+        return (torch.arange(kv_len, device=self.device)[None, :]
+                <= torch.arange(start, kv_len, device=self.device)[:, None])
+
+    # ---- checks ------------------------------------------------------------------------------
+    def _check_rows(self, slots, starts, lengths) -> None:
+        t = self.kv.max_seq_len
+        for slot, start, n in zip(slots, starts, lengths):
+            if not 0 <= int(slot) < self.kv.num_slots:
+                raise ConfigError(f"slot {slot} is outside the KV pool's {self.kv.num_slots} slots")
+            if n < 1:
+                raise ConfigError(f"an empty chunk for slot {slot}; give at least one token")
+            if start < 0 or start + n > t:
+                raise WorkloadError(
+                    f"slot {slot}: positions {start}..{start + n - 1} do not fit a KV slot of {t} positions; "
+                    "raise max_seq_len or shorten the request"
+                )
+
+
+def as_chunk(c) -> PrefillChunk:
+    if isinstance(c, PrefillChunk):
+        return c
+    if isinstance(c, (tuple, list)) and len(c) in (3, 4):
+        return PrefillChunk(int(c[0]), list(c[1]), int(c[2]), bool(c[3]) if len(c) == 4 else True)
+    raise ConfigError(f"a prefill chunk is a PrefillChunk or (slot, token_ids, start_pos[, last]); got {c!r}")
+
+
+def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[L, Hkv, D] -> [1, Hkv * group, L, D] (HF's repeat_kv: kv head j serves q heads j*group...)."""
+    x = x.transpose(0, 1)
+    if group > 1:
+        hkv, length, d = x.shape
+        x = x[:, None].expand(hkv, group, length, d).reshape(hkv * group, length, d)
+    return x.unsqueeze(0)
+
+
+def _to_device(device: torch.device, rows: list[list[int]]) -> torch.Tensor:
+    """Equal-length int lists -> one [len(rows), n] int64 tensor on ``device`` (one copy)."""
+    t = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

@@ -1,0 +1,293 @@
+"""Workers: the engine loop ``schedule -> run -> postprocess`` around one ModelRunner.
+
+``Worker.step()`` is the whole loop body: the scheduler picks a ``ScheduledBatch``, the
+runner runs it (a decode step, a prefill, or a mixed step), and the scheduler records the
+tokens and frees what finished. ``run_continuous`` drives one worker in real time for the
+``serial`` and ``chunked`` modes.
+
+A split engine (issue 4) reuses the same pieces: ``PrefillWorker`` (policy ``prefill``)
+prefills arrived prompts into KV slots and emits a ``Handoff`` per finished prompt;
+``DecodeWorker`` (policy ``decode``) accepts handoffs and batches them. Both address the
+same KV pool, so a handoff carries a slot number, never KV bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable
+
+import torch
+
+from .config import EngineConfig
+from .errors import ConfigError, ModeError, WorkloadError
+from .kv_cache import KVPool, SlotAllocator
+from .metrics import RequestTrace, Run, StepTrace
+from .runner import DecodeBatch, ModelRunner, PrefillChunk
+from .scheduler import ScheduledBatch, Scheduler, SeqState, StepOutcome
+from .workload import Workload
+
+MODES = ("serial", "chunked")
+
+
+# ---- handoff between a prefill worker and a decode worker --------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Handoff:
+    """A prefilled sequence, as the decode worker needs it: picklable, no tensors.
+
+    The KV of positions ``0 .. prompt_len - 1`` is in ``slot`` of the shared pool;
+    ``first_token`` is the greedy token after the prompt.
+    """
+
+    request_id: int
+    slot: int
+    prompt_len: int
+    first_token: int
+    max_new_tokens: int
+    arrival_s: float
+    prefill_start_s: float
+    prefill_end_s: float
+
+    @classmethod
+    def of(cls, seq: SeqState) -> "Handoff":
+        t = seq.trace
+        return cls(seq.id, seq.slot, seq.prompt_len, t.output_ids[0], seq.request.max_new_tokens,
+                   seq.request.arrival_s, t.prefill_start_s, t.prefill_end_s)
+
+
+# ---- the worker ----------------------------------------------------------------------------
+
+class Worker:
+    """One loop of ``schedule -> run -> postprocess`` over ``runner``; timestamps from ``clock``
+    (seconds since the run's start)."""
+
+    def __init__(self, name: str, runner: ModelRunner, scheduler: Scheduler, clock: Callable[[], float]):
+        self.name = name
+        self.runner = runner
+        self.scheduler = scheduler
+        self.clock = clock
+        self.steps: list[StepTrace] = []
+
+    def step(self) -> StepOutcome | None:
+        """Run one step; None when the scheduler had nothing to run."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return None
+        start = self.clock()
+        decode_tokens, chunk_tokens = self.run(batch)
+        end = self.clock()  # after the host sync that returned the tokens
+        outcome = self.scheduler.postprocess(batch, decode_tokens, chunk_tokens, start, end)
+        self.steps.append(StepTrace(self.name, batch.kind, start, end, batch.request_ids, batch.num_tokens))
+        return outcome
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[int | None]]:
+        """Execute ``batch`` on the runner: ``(decode tokens, chunk tokens)``."""
+        chunks = [PrefillChunk(c.seq.slot, c.token_ids, c.start, c.last) for c in batch.chunks]
+        if batch.kind == "decode":
+            return self.runner.decode_step(*batch.decode_inputs()), []
+        if batch.kind == "prefill":
+            return [], self.runner.prefill(chunks)
+        return self.runner.mixed_step(DecodeBatch(*batch.decode_inputs()), chunks)
+
+
+class PrefillWorker(Worker):
+    """Prefills arrived prompts into KV slots; every finished prompt becomes a ``Handoff``."""
+
+    def __init__(self, runner: ModelRunner, allocator: Any, config: EngineConfig, clock: Callable[[], float],
+                 name: str = "prefill"):
+        super().__init__(name, runner, Scheduler("prefill", allocator, config.max_batch, config.token_budget),
+                         clock)
+
+    def add(self, seq: SeqState) -> None:
+        seq.trace.worker = self.name
+        self.scheduler.add(seq)
+
+    def step_handoffs(self) -> tuple[list[Handoff], StepOutcome | None]:
+        """One prefill step: the handoffs for the decode worker (sequences that need more
+        tokens) and the outcome (``finished`` holds one-token requests, already complete)."""
+        outcome = self.step()
+        if outcome is None:
+            return [], None
+        return [Handoff.of(s) for s in outcome.prefilled if not s.finished], outcome
+
+
+class DecodeWorker(Worker):
+    """Continuously batches handed-over sequences; frees their slots when they finish."""
+
+    def __init__(self, runner: ModelRunner, allocator: Any, config: EngineConfig, clock: Callable[[], float],
+                 name: str = "decode"):
+        super().__init__(name, runner, Scheduler("decode", allocator, config.max_batch), clock)
+
+    def accept(self, handoff: Handoff, trace: RequestTrace | None = None) -> SeqState:
+        """Start decoding a prefilled sequence. ``trace``: the request's trace when the prefill
+        side shares this process (else a new one is made from the handoff)."""
+        if trace is None:
+            trace = RequestTrace(id=handoff.request_id, arrival_s=handoff.arrival_s, prompt_len=handoff.prompt_len,
+                                 max_new_tokens=handoff.max_new_tokens, prefill_start_s=handoff.prefill_start_s,
+                                 prefill_end_s=handoff.prefill_end_s, token_times_s=[handoff.prefill_end_s],
+                                 output_ids=[handoff.first_token])
+        request = _HandedRequest(handoff.request_id, handoff.prompt_len, handoff.max_new_tokens, handoff.arrival_s)
+        seq = SeqState(request, trace, slot=handoff.slot, num_computed=handoff.prompt_len)  # type: ignore[arg-type]
+        self.scheduler.add_running(seq)
+        return seq
+
+
+@dataclasses.dataclass(frozen=True)
+class _HandedRequest:
+    """What a decode worker knows of a request: no prompt ids (its KV is already in the pool)."""
+
+    id: int
+    prompt_len: int
+    max_new_tokens: int
+    arrival_s: float
+
+
+# ---- building and warming an engine ------------------------------------------------------------
+
+@dataclasses.dataclass
+class EngineParts:
+    kv: KVPool
+    runner: ModelRunner
+    allocator: SlotAllocator
+    config: EngineConfig
+    max_seq_len: int
+
+
+def build_engine(model, config: EngineConfig) -> EngineParts:
+    """KV pool, runner and slot allocator for ``model`` (a ``LoadedModel``) under ``config``."""
+    max_seq_len = min(config.max_seq_len, model.facts.max_positions)
+    kv = KVPool.for_model(model, max_seq_len, num_slots=config.num_slots, memory_budget_bytes=config.kv_budget_bytes,
+                          memory_fraction=config.kv_memory_fraction, max_slots=config.max_batch)
+    runner = ModelRunner.from_model(model, kv, max_batch=min(config.max_batch, kv.num_slots),
+                                    cuda_graphs=config.cuda_graphs, kernels=config.kernels, gemv=config.gemv)
+    return EngineParts(kv, runner, SlotAllocator(kv.num_slots), config, max_seq_len)
+
+
+def warm_up(runner: ModelRunner) -> None:
+    """Compile kernels, create library handles and capture CUDA graphs before the clock starts.
+
+    Writes only slots 0 and 1, whose positions every later request overwrites before reading.
+    """
+    kv = runner.kv
+    n = min(128 if runner.device.type == "cuda" else 16, kv.max_seq_len - 2)
+    ids = [1] * n
+    first = runner.prefill([(0, ids, 0)])
+    if kv.num_slots > 1:
+        runner.mixed_step(DecodeBatch([0], [first[0]], [n]), [PrefillChunk(1, ids[:8], 0, False)])
+    runner.decode_step([0], [first[0]], [n])
+    if hasattr(runner.kernels, "decode_attention") and runner.kernels.name == "triton":
+        # both variants of the split-K kernel (one split / several), whatever batches come later
+        q = torch.zeros((2, runner.num_heads, runner.head_dim), dtype=runner.dtype, device=runner.device)
+        idx = torch.zeros(2, dtype=torch.int64, device=runner.device)
+        for splits in (1, 2):
+            runner.kernels.decode_attention(q, kv.k[0], kv.v[0], idx, idx + 1, runner.scale, num_splits=splits)
+    runner.capture_graphs()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+
+
+def check_requests(workload: Workload, max_seq_len: int, model_positions: int) -> None:
+    """Every request must fit a KV slot and the model's context."""
+    workload.check_fits(model_positions)
+    for r in workload:
+        need = r.prompt_len + r.max_new_tokens
+        if need > max_seq_len:
+            raise WorkloadError(
+                f"request {r.id} needs {need} positions (prompt {r.prompt_len} + {r.max_new_tokens} new) but "
+                f"KV slots hold {max_seq_len}; raise EngineConfig.max_seq_len (up to the model's "
+                f"{model_positions}) or shorten the request"
+            )
+
+
+# ---- serial and chunked modes -----------------------------------------------------------------
+
+def run_continuous(workload: Workload, model, mode: str, config: EngineConfig | None = None,
+                   progress: bool = True, **unknown) -> Run:
+    """Serve ``workload`` on ``model`` with continuous batching in real time; return the ``Run``.
+
+    Requests become visible to the scheduler at their ``arrival_s`` (seconds after the run's
+    start, which is after engine build and warm-up); when nothing is runnable the loop sleeps
+    until the next arrival. Outputs are exactly ``max_new_tokens`` greedy tokens (EOS ignored).
+    """
+    if unknown:
+        raise ConfigError(f"mode {mode!r} takes no keyword(s) {sorted(unknown)}")
+    if mode not in MODES:
+        raise ModeError(f"run_continuous runs {', '.join(MODES)}; got {mode!r}")
+    config = config if config is not None else EngineConfig()
+    if not isinstance(config, EngineConfig):
+        raise ConfigError(f"config must be a splitlab.config.EngineConfig, got {type(config).__name__}")
+    model.require_engine_support(mode)
+    check_requests(workload, min(config.max_seq_len, model.facts.max_positions), model.facts.max_positions)
+
+    cuda = torch.device(model.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(model.device)
+    parts = build_engine(model, config)
+    runner = parts.runner
+    if config.warmup:
+        warm_up(runner)
+    scheduler = Scheduler(mode, parts.allocator, runner.max_batch, config.token_budget, config.chunk_size)
+    import tqdm.auto  # noqa: F401  (imported before the clock starts: the first import is slow)
+
+    t0 = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - t0
+
+    worker = Worker(mode, runner, scheduler, clock)
+    traces = drive(worker, workload, clock, progress=progress)
+
+    from .env import environment
+
+    memory: dict[str, Any] = {
+        "peak_bytes": int(torch.cuda.max_memory_allocated(model.device)) if cuda else None,
+        "kv_pool_bytes": parts.kv.nbytes,
+        "weight_bytes": runner.weight_bytes,
+    }
+    run_config = {
+        "mode": mode,
+        **config.to_dict(),
+        "effective": {
+            "max_seq_len": parts.max_seq_len,
+            "num_slots": parts.kv.num_slots,
+            "max_batch": runner.max_batch,
+            "kernels": runner.kernels.name,
+            "gemv": runner.gemv_report is not None or bool(config.gemv),
+            "cuda_graphs": runner.cuda_graphs,
+            "device": str(runner.device),
+            "dtype": str(runner.dtype).replace("torch.", ""),
+        },
+    }
+    return Run(mode=mode, model=model.spec, workload=workload.name, config=run_config, env=environment(),
+               traces=[traces[r.id] for r in workload], steps=worker.steps, memory=memory)
+
+
+def drive(worker: Worker, workload: Workload, clock: Callable[[], float], progress: bool = True
+          ) -> dict[int, RequestTrace]:
+    """Feed arrivals to ``worker`` in real time and step it until every request finished."""
+    from tqdm.auto import tqdm
+
+    pending = collections.deque(workload.requests)
+    seqs = {r.id: SeqState.new(r, worker.name) for r in workload}
+    remaining = len(seqs)
+    bar = tqdm(total=workload.total_output_tokens, unit="tok", desc=worker.name, disable=not progress)
+    try:
+        while remaining:
+            now = clock()
+            while pending and pending[0].arrival_s <= now:
+                worker.scheduler.add(seqs[pending.popleft().id])
+            if worker.scheduler.has_work():
+                outcome = worker.step()
+                if outcome is None:
+                    raise RuntimeError("scheduler has work but scheduled nothing (no slot can ever free)")
+                remaining -= len(outcome.finished)
+                bar.update(outcome.num_new_tokens)
+            elif pending:
+                time.sleep(max(0.0, pending[0].arrival_s - clock()))
+            else:
+                raise RuntimeError(f"{remaining} requests unfinished with nothing pending or running")
+    finally:
+        bar.close()
+    return {rid: s.trace for rid, s in seqs.items()}

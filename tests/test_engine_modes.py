@@ -1,0 +1,243 @@
+"""The greedy oracle and the run-level invariants of the ``serial`` and ``chunked`` modes.
+
+For the same prompts, every mode must produce exactly the tokens of HF
+``generate(do_sample=False, max_new_tokens=n, min_new_tokens=n)`` run per prompt, fp32 on
+CPU: ragged prompts, arrivals spread over time, more requests than KV slots.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from splitlab.config import EngineConfig
+from splitlab.errors import ConfigError, ModelSpecError, ModeError, WorkloadError
+from splitlab.metrics import Run, load_run
+from splitlab.scheduler import SeqState
+from splitlab.workers import DecodeWorker, PrefillWorker, build_engine, run_continuous, warm_up
+from splitlab.workload import Workload, from_prompts
+
+
+def hf_greedy(loaded, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                    min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def ragged_workload(seed: int = 0, n: int = 12, spread_s: float = 0.3) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(4, 260) for _ in range(rng.randrange(2, 60))] for _ in range(n)]
+    news = [rng.randrange(1, 17) for _ in range(n)]
+    news[:3] = [16, 12, 9]  # the first burst holds its slots a while
+    # half arrive at once (more than the slots: some must wait), the rest spread over time
+    arrivals = [0.0] * (n // 2) + sorted(rng.uniform(0, spread_s) for _ in range(n - n // 2))
+    return from_prompts(prompts, news, arrivals, name=f"ragged-{seed}")
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return ragged_workload()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny, workload):
+    return {r.id: hf_greedy(tiny, list(r.prompt_ids), r.max_new_tokens) for r in workload}
+
+
+def check_invariants(run: Run, workload: Workload, num_slots: int):
+    """Arrival respected, every token once, slots never over-committed, steps in sequence."""
+    by_id = {t.id: t for t in run.traces}
+    assert sorted(by_id) == sorted(r.id for r in workload)
+    for r in workload:
+        t = by_id[r.id]
+        assert t.finished and len(t.output_ids) == r.max_new_tokens == len(t.token_times_s)
+        assert t.prefill_start_s >= r.arrival_s  # never run before it arrives
+        assert t.prefill_end_s >= t.prefill_start_s
+        assert t.token_times_s[0] == t.prefill_end_s
+        assert all(b >= a for a, b in zip(t.token_times_s, t.token_times_s[1:]))
+    # a request holds a slot from its prefill start to its last token: at most num_slots at once
+    events = sorted([(t.prefill_start_s, 1) for t in run.traces] + [(t.token_times_s[-1], -1) for t in run.traces],
+                    key=lambda e: (e[0], e[1]))
+    live = peak = 0
+    for _, d in events:
+        live += d
+        peak = max(peak, live)
+    assert peak <= num_slots
+    for a, b in zip(run.steps, run.steps[1:]):
+        assert b.start_s >= a.end_s  # one worker: steps never overlap
+    rows = sum(s.num_tokens for s in run.steps)
+    assert rows == sum(r.prompt_len + r.max_new_tokens - 1 for r in workload)  # each token computed once
+    return peak
+
+
+@pytest.mark.parametrize("mode,cfg", [
+    ("serial", dict(token_budget=64)),
+    ("serial", dict(token_budget=8192)),
+    ("chunked", dict(chunk_size=5)),  # smaller than most prompts: prompts span steps
+    ("chunked", dict(chunk_size=16)),
+    ("chunked", dict(chunk_size=128)),
+])
+def test_greedy_oracle_tiny(tiny, workload, expected, mode, cfg):
+    config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, **cfg)
+    run = run_continuous(workload, tiny, mode, config, progress=False)
+    assert run.output_ids() == expected
+    peak = check_invariants(run, workload, num_slots=3)
+    assert peak == 3
+    waited = [t for t in run.traces if t.prefill_start_s - t.arrival_s > 0.0]
+    assert waited
+    if mode == "chunked":
+        assert max(s.num_tokens for s in run.steps) <= cfg["chunk_size"]
+        assert {s.kind for s in run.steps} >= {"mixed"}
+    else:
+        assert {s.kind for s in run.steps} == {"prefill", "decode"}
+        assert all(s.num_tokens <= cfg["token_budget"] for s in run.steps if len(s.request_ids) > 1)
+    if cfg.get("chunk_size") == 5:  # some prompt really was split over steps
+        multi = [r for r in workload if sum(r.id in s.request_ids for s in run.steps) > r.max_new_tokens]
+        assert multi
+
+
+def test_kv_exhaustion_requests_wait_none_lost(tiny):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, 260) for _ in range(rng.randrange(3, 20))] for _ in range(8)]
+    wl = from_prompts(prompts, 6, name="burst")  # all arrive at once
+    expected = {r.id: hf_greedy(tiny, list(r.prompt_ids), 6) for r in wl}
+    for mode in ("serial", "chunked"):
+        run = run_continuous(wl, tiny, mode, EngineConfig(max_seq_len=32, num_slots=2, max_batch=2, chunk_size=8),
+                             progress=False)
+        assert check_invariants(run, wl, num_slots=2) == 2
+        assert run.output_ids() == expected
+        assert run.summary()["completed"] == 8
+
+
+def test_arrivals_are_waited_for_in_real_time(tiny):
+    wl = from_prompts([[5, 6, 7], [8, 9, 10, 11]], 3, arrivals_s=[0.0, 0.25], name="late")
+    run = run_continuous(wl, tiny, "serial", EngineConfig(max_seq_len=32, num_slots=2, max_batch=2, chunk_size=8),
+                         progress=False)
+    late = {t.id: t for t in run.traces}[1]
+    assert late.prefill_start_s >= 0.25
+    assert run.wall_s >= 0.25 and run.wall_s == max(t.token_times_s[-1] for t in run.traces)
+
+
+def test_run_record_is_complete_and_round_trips(tiny, workload, tmp_path):
+    config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, chunk_size=16)
+    run = run_continuous(workload, tiny, "chunked", config, progress=False)
+    assert run.mode == "chunked" and run.model == "tiny" and run.workload == workload.name
+    assert run.env["device"] in ("cpu", "cuda") and "versions" in run.env
+    assert run.config["chunk_size"] == 16 and run.config["effective"]["num_slots"] == 3
+    assert run.config["effective"]["kernels"] == "torch" and run.config["effective"]["cuda_graphs"] is False
+    assert run.memory["kv_pool_bytes"] == 2 * 2 * 4 * 96 * 2 * 16 * 4  # 2 x layers x (3+1 rows) x len x heads x dim x fp32
+    assert run.memory["weight_bytes"] == tiny.facts.weight_bytes and run.memory["peak_bytes"] is None
+    assert {s.worker for s in run.steps} == {"chunked"}
+    summary = run.summary()
+    assert summary["output_tokens"] == workload.total_output_tokens and summary["throughput_tok_s"] > 0
+    again = load_run(run.save(tmp_path / "run.json"))
+    assert again.output_ids() == run.output_ids() and len(again.steps) == len(run.steps)
+
+
+def test_bad_input_raises_clear_errors(tiny):
+    too_long = from_prompts([[5] * 30], 10, name="long")
+    with pytest.raises(WorkloadError, match="max_seq_len"):
+        run_continuous(too_long, tiny, "serial", EngineConfig(max_seq_len=32, max_batch=2, chunk_size=8),
+                       progress=False)
+    beyond = from_prompts([[5] * 500], 20, name="beyond")  # tiny's context is 512 positions
+    with pytest.raises(WorkloadError, match="context"):
+        run_continuous(beyond, tiny, "serial", EngineConfig(max_batch=2, chunk_size=8), progress=False)
+    ok = from_prompts([[5, 6]], 2)
+    with pytest.raises(ModeError):
+        run_continuous(ok, tiny, "split", EngineConfig(max_batch=2, chunk_size=8), progress=False)
+    with pytest.raises(ConfigError, match="keyword"):
+        run_continuous(ok, tiny, "serial", EngineConfig(max_batch=2, chunk_size=8), progress=False, backend="mps")
+    with pytest.raises(ConfigError):
+        run_continuous(ok, tiny, "serial", {"max_batch": 2}, progress=False)
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from splitlab.models import LoadedModel, model_facts
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32)).eval()
+    loaded = LoadedModel("test:opt", opt, None, model_facts(opt), torch.device("cpu"), torch.float32)
+    with pytest.raises(ModelSpecError, match="hf-generate"):
+        run_continuous(ok, loaded, "serial", EngineConfig(max_batch=2, chunk_size=8), progress=False)
+
+
+def test_prefill_and_decode_workers_hand_off_through_slots(tiny, workload, expected):
+    """The split-mode building blocks, driven alternately in one process, give the oracle too."""
+    config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, token_budget=64)
+    parts = build_engine(tiny, config)
+    warm_up(parts.runner)
+    t = [0.0]
+    clock = lambda: t[0]  # noqa: E731 (a virtual clock: one tick per step)
+    pre = PrefillWorker(parts.runner, parts.allocator, config, clock)
+    dec = DecodeWorker(parts.runner, parts.allocator, config, clock)
+    seqs = {r.id: SeqState.new(r) for r in workload}
+    for r in workload:
+        pre.add(seqs[r.id])
+    done, handoffs = 0, 0
+    while done < len(workload):
+        t[0] += 1.0
+        hand, outcome = pre.step_handoffs()
+        if outcome is not None:
+            done += len(outcome.finished)
+        for h in hand:
+            assert h.prompt_len == seqs[h.request_id].prompt_len and h.first_token == seqs[h.request_id].output[0]
+            dec.accept(h, seqs[h.request_id].trace)
+            handoffs += 1
+        t[0] += 1.0
+        out = dec.step()
+        if out is not None:
+            done += len(out.finished)
+    assert {rid: s.output for rid, s in seqs.items()} == expected
+    assert handoffs == sum(r.max_new_tokens > 1 for r in workload)
+    assert {s.kind for s in pre.steps} == {"prefill"} and {s.kind for s in dec.steps} == {"decode"}
+    assert parts.allocator.num_free == 3
+    # a decode worker in another process would rebuild the trace from the handoff alone
+    other = DecodeWorker(parts.runner, parts.allocator, config, clock)
+    h = hand[0] if hand else None
+    if h is not None:
+        seq = other.accept(h)
+        assert seq.trace.output_ids == [h.first_token] and seq.next_position == h.prompt_len
+
+
+@pytest.mark.slow
+def test_greedy_oracle_smollm2(smollm2):
+    prompts = [smollm2.encode(q, chat=True) for q in
+               ("What is the capital of France?", "Name a prime number.", "Say hi.")]
+    wl = from_prompts(prompts, [6, 4, 5], arrivals_s=[0.0, 0.05, 0.1], name="smollm2-chat")
+    expected = {r.id: hf_greedy(smollm2, list(r.prompt_ids), r.max_new_tokens) for r in wl}
+    assert smollm2.decode(expected[0]).strip().startswith("The capital of France")
+    for mode, cfg in (("serial", {}), ("chunked", {"chunk_size": 16})):
+        config = EngineConfig(max_seq_len=64, num_slots=2, max_batch=2, **cfg)
+        run = run_continuous(wl, smollm2, mode, config, progress=False)
+        assert run.output_ids() == expected, mode
+        check_invariants(run, wl, num_slots=2)
+
+
+def test_eos_is_masked_like_hf_min_new_tokens():
+    """When EOS is the model's greedy choice, HF generate(min_new_tokens=n) takes the runner-up;
+    the engine must do the same (and never emit EOS), or modes would disagree with the oracle."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from splitlab.models import LoadedModel, model_facts
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                      eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    prompt = [5, 9, 11, 40, 7]
+    with torch.no_grad():
+        best = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+        model.lm_head.weight[2] = 3.0 * model.lm_head.weight[best]  # EOS now beats the best token
+        assert int(model(torch.tensor([prompt])).logits[0, -1].argmax()) == 2
+    loaded = LoadedModel("test:eos", model, None, model_facts(model), torch.device("cpu"), torch.float32)
+    wl = from_prompts([prompt, [3, 4, 5, 6]], 8, name="eos")
+    expected = {r.id: hf_greedy(loaded, list(r.prompt_ids), 8) for r in wl}
+    assert expected[0][0] == best and all(2 not in out for out in expected.values())
+    for mode in ("serial", "chunked"):
+        run = run_continuous(wl, loaded, mode, EngineConfig(max_seq_len=32, num_slots=2, max_batch=2, chunk_size=4),
+                             progress=False)
+        assert run.output_ids() == expected

@@ -1,0 +1,241 @@
+"""ModelRunner against Huggingface's own forward: logits (fp32 allclose) and greedy tokens.
+
+Covers the Llama family's variants the runner claims: Llama (GQA, untied and tied
+embeddings, llama3 rope scaling), Qwen2 (q/k/v bias), Mistral; packed ragged prefill,
+chunked prefill (start_pos > 0), decode and mixed steps; rebuilding from exported tensors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from splitlab.errors import ConfigError, ModelSpecError, WorkloadError
+from splitlab.kv_cache import KVPool
+from splitlab.models import LoadedModel, model_facts
+from splitlab.runner import DecodeBatch, ModelRunner, PrefillChunk, extract_arch, extract_weights, graph_buckets
+
+BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+VARIANTS = {
+    "llama": ("llama", dict(head_dim=16)),
+    "llama-tied": ("llama", dict(head_dim=16, tie_word_embeddings=True)),
+    "llama3-rope": ("llama", dict(head_dim=16, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "qwen2-bias": ("qwen2", dict()),
+    "mistral": ("mistral", dict(head_dim=16, sliding_window=None)),
+    "mha": ("llama", dict(head_dim=16, num_key_value_heads=4)),
+}
+
+
+def make_model(model_type: str, seed: int = 0, **overrides) -> LoadedModel:
+    """A random fp32 model of ``model_type`` with non-trivial norms and biases."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **{**BASE, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            else:
+                p.normal_(0.0, 0.08)
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval().requires_grad_(False)
+    return LoadedModel(spec=f"test:{model_type}", model=model, tokenizer=None, facts=model_facts(model),
+                       device=torch.device("cpu"), dtype=torch.float32)
+
+
+def hf_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return loaded.model(torch.tensor([ids])).logits[0].float()
+
+
+PROMPTS = [[5, 17, 33, 120, 7, 9, 250, 11, 64, 3, 19], [44, 45, 46], [201] * 6 + [9, 8, 7]]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_packed_prefill_logits_match_hf(variant):
+    model_type, overrides = VARIANTS[variant]
+    loaded = make_model(model_type, **overrides)
+    refs = [hf_logits(loaded, p) for p in PROMPTS]  # before the runner fuses the weights
+    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=4))
+    got = runner.forward_logits([(slot, p, 0) for slot, p in enumerate(PROMPTS)])
+    assert got.shape == (sum(map(len, PROMPTS)), BASE["vocab_size"])
+    row = 0
+    for p, ref in zip(PROMPTS, refs):
+        torch.testing.assert_close(got[row:row + len(p)], ref, rtol=1e-5, atol=1e-5)
+        row += len(p)
+    # the HF model still works on the fused weights (views) and gives the same answer
+    torch.testing.assert_close(hf_logits(loaded, PROMPTS[0]), refs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2-bias", "llama3-rope"])
+def test_chunked_prefill_then_decode_logits_match_hf(variant):
+    model_type, overrides = VARIANTS[variant]
+    loaded = make_model(model_type, **overrides)
+    full = PROMPTS[0] + [77, 78, 79, 80]
+    ref = hf_logits(loaded, full)
+    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=3))
+    parts = [
+        runner.forward_logits([PrefillChunk(2, full[:4], 0, last=False)]),
+        runner.forward_logits([PrefillChunk(2, full[4:9], 4, last=False)]),
+        runner.forward_logits([PrefillChunk(2, full[9:11], 9)]),
+    ]
+    for pos in range(11, len(full)):  # decode-shaped rows: one token attending to the slot's KV
+        parts.append(runner.forward_logits([(2, [full[pos]], pos)]))
+    torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_and_mixed_steps_return_hf_argmax():
+    loaded = make_model("llama", head_dim=16)
+    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=4))
+    a, b = PROMPTS[0], PROMPTS[1]
+    first = runner.prefill([(0, a, 0), (1, b, 0)])
+    assert first == [int(hf_logits(loaded, a)[-1].argmax()), int(hf_logits(loaded, b)[-1].argmax())]
+    seqs = {0: a + [first[0]], 1: b + [first[1]]}
+    nxt = runner.decode_step([0, 1], [seqs[0][-1], seqs[1][-1]], [len(a), len(b)])
+    assert nxt == [int(hf_logits(loaded, seqs[s])[-1].argmax()) for s in (0, 1)]
+    seqs[0].append(nxt[0])
+    seqs[1].append(nxt[1])
+    # mixed: two decode rows plus a partial and a completing chunk of a third prompt
+    c = PROMPTS[2]
+    dec, ch = runner.mixed_step(DecodeBatch([0, 1], [seqs[0][-1], seqs[1][-1]], [len(seqs[0]) - 1, len(seqs[1]) - 1]),
+                                [PrefillChunk(3, c[:4], 0, last=False)])
+    assert ch == [None]
+    assert dec == [int(hf_logits(loaded, seqs[s])[-1].argmax()) for s in (0, 1)]
+    dec2, ch2 = runner.mixed_step(None, [PrefillChunk(3, c[4:], 4)])
+    assert dec2 == [] and ch2 == [int(hf_logits(loaded, c)[-1].argmax())]
+
+
+def test_export_rebuilds_an_identical_runner_without_the_hf_model():
+    loaded = make_model("qwen2")
+    kv = KVPool.for_model(loaded, 32, num_slots=2)
+    runner = ModelRunner.from_model(loaded, kv)
+    arch, weights = runner.export()
+    arch = json.loads(json.dumps(arch))  # JSON-able: it can cross a process boundary as text
+    assert arch["model_type"] == "qwen2" and arch["qkv_bias"] is True
+    assert all(isinstance(t, torch.Tensor) for t in weights.values())
+    # q/k/v exist once: the HF modules now hold views of the fused tensor
+    attn = loaded.model.model.layers[0].self_attn
+    qkv = weights["layers.0.qkv"]
+    assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert runner.weight_bytes == loaded.facts.weight_bytes
+    # a second runner on the same model reuses the fused tensors (no second copy)
+    again = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 32, num_slots=2))
+    assert again.export()[1]["layers.1.gate_up"].data_ptr() == weights["layers.1.gate_up"].data_ptr()
+    kv2 = KVPool.from_tensors(torch.zeros_like(kv.k), torch.zeros_like(kv.v))
+    rebuilt = ModelRunner(arch, weights, kv2)
+    p = PROMPTS[0][:8]
+    torch.testing.assert_close(rebuilt.forward_logits([(1, p, 0)]), runner.forward_logits([(0, p, 0)]),
+                               rtol=0, atol=0)
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                    max_position_embeddings=64, word_embed_proj_dim=32)
+    model = OPTForCausalLM(cfg).eval()
+    loaded = LoadedModel(spec="test:opt", model=model, tokenizer=None, facts=model_facts(model),
+                         device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(ModelSpecError, match="hf-generate"):
+        loaded.require_engine_support("serial")
+    with pytest.raises(ModelSpecError, match="Llama-family"):
+        extract_arch(model)
+
+
+def test_bad_rows_and_mismatched_pools_raise_clear_errors(tiny):
+    kv = KVPool.for_model(tiny, 16, num_slots=2)
+    runner = ModelRunner.from_model(tiny, kv)
+    with pytest.raises(ConfigError, match="outside"):
+        runner.prefill([(2, [1, 2], 0)])  # slot 2 is the scratch row, not a usable slot
+    with pytest.raises(WorkloadError, match="max_seq_len"):
+        runner.prefill([(0, [1] * 10, 10)])
+    with pytest.raises(WorkloadError):
+        runner.decode_step([0], [1], [16])
+    with pytest.raises(ConfigError, match="empty"):
+        runner.prefill([(0, [], 0)])
+    with pytest.raises(ConfigError):
+        runner.decode_step([0, 1], [1], [0, 0])
+    with pytest.raises(ConfigError, match="does not match"):
+        ModelRunner.from_model(tiny, KVPool.allocate(3, 2, 16, 2, 16, torch.float32, "cpu"))
+    with pytest.raises(ConfigError, match="CUDA"):
+        ModelRunner.from_model(tiny, kv, cuda_graphs=True)
+    assert runner.decode_step([], [], []) == [] and runner.prefill([]) == []
+
+
+def test_sliding_window_models_need_short_slots():
+    loaded = make_model("mistral", head_dim=16, sliding_window=32)
+    with pytest.raises(ModelSpecError, match="sliding"):
+        ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=1))
+    ModelRunner.from_model(loaded, KVPool.for_model(loaded, 32, num_slots=1))  # within the window: fine
+
+
+def test_graph_buckets():
+    assert graph_buckets(1) == [1]
+    assert graph_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert graph_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+class EmulatedGraphRunner(ModelRunner):
+    """The CUDA-graph decode path on CPU: 'capture' records the bucket, 'replay' runs the graph
+    body eagerly on the static input buffers. Everything but the CUDA graph itself is the real
+    code: staging, padding to the bucket, the scratch row, the batched decode attention."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, cuda_graphs=False, **kwargs)
+        self.cuda_graphs = True
+        self._init_static_inputs()
+        self.captured: list[tuple[int, int | None]] = []
+
+    def _capture(self, bucket, ctx=None):
+        out = torch.zeros(bucket, dtype=torch.int64)
+        body = lambda: out.copy_(self._graph_body(bucket, ctx))  # noqa: E731
+
+        class Replay:
+            def replay(self):
+                body()
+
+        self._graphs[(bucket, ctx)] = (Replay(), out)
+        self.captured.append((bucket, ctx))
+        return self._graphs[(bucket, ctx)]
+
+
+def test_graph_decode_path_pads_to_buckets_and_keeps_live_slots_intact():
+    loaded = make_model("llama", head_dim=16)
+    prompts = [[7 + i, 30 + 2 * i, 99, 4 + i, 250 - i][: 2 + i % 4] for i in range(6)]
+    n_new = 6
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_new,
+                                    min_new_tokens=n_new, pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    kv = KVPool.for_model(loaded, 256, num_slots=7)
+    runner = EmulatedGraphRunner(extract_arch(loaded.model), extract_weights(loaded.model), kv, max_batch=6)
+    assert runner.buckets == [1, 2, 4, 6]
+    slots = [6, 0, 3, 1, 5, 2]  # arbitrary slot order
+    toks = runner.prefill([(s, p, 0) for s, p in zip(slots, prompts)])
+    outs = [[t] for t in toks]
+    kv.k[:, 4].fill_(123.0)  # slot 4 holds no sequence: padding must not touch it either
+    for step in range(n_new - 1):
+        live = [i for i in range(6) if i < 6 - step]  # the batch shrinks: 6, 5 (pads to 6), 4, 3 (pads to 4), 2
+        got = runner.decode_step([slots[i] for i in live], [outs[i][-1] for i in live],
+                                 [len(prompts[i]) + len(outs[i]) - 1 for i in live])
+        for i, t in zip(live, got):
+            outs[i].append(t)
+    for i in range(6):
+        assert outs[i] == expected[i][:len(outs[i])], i
+    assert torch.all(kv.k[:, 4] == 123.0)
+    assert {b for b, _ in runner.captured} == {6, 4, 2}
+    assert all(ctx == 256 for _, ctx in runner.captured)  # torch kernels: context-bucketed graphs
+    assert torch.count_nonzero(kv.k[:, kv.pad_slot]) > 0  # padded rows wrote the scratch row
