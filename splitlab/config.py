@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, TypeVar
+from typing import Any, ClassVar, Mapping, TypeVar
 
 from .errors import ConfigError
 
@@ -47,3 +47,153 @@ class SLO(FrozenConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"SLO.{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig(FrozenConfig):
+    """Settings of the continuous-batching engine (``serial`` and ``chunked`` modes).
+
+    ``max_seq_len``: positions per KV slot (prompt + output must fit).
+    ``num_slots``: KV slots (sequences resident at once); None sizes the pool from free GPU
+    memory (``kv_memory_fraction`` of it, or ``kv_budget_bytes``), capped at ``max_batch``;
+    on CPU None means ``min(max_batch, 8)`` unless ``kv_budget_bytes`` is given.
+    ``max_batch``: most sequences decoding at once (the largest CUDA-graph batch bucket).
+    ``token_budget``: ``serial`` mode, most prompt tokens in one prefill step (a single
+    prompt longer than this still runs alone).
+    ``chunk_size``: ``chunked`` mode, most tokens in one step, decode tokens included
+    (Sarathi-Serve's token budget); must exceed ``max_batch`` so a step always has room
+    for a prompt chunk beside a full decode batch.
+    ``cuda_graphs``: replay decode steps as CUDA graphs; None = on when the model is on CUDA.
+    ``kernels``: ``"triton"`` (fused RMSNorm, RoPE + KV write, SiLU-mul and split-K decode
+    attention), ``"torch"`` (plain PyTorch ops, the CPU path), or ``"auto"`` (Triton on
+    CUDA when it imports, else torch).
+    ``gemv``: decode batches of at most 4 rows run their linear layers through a Triton GEMV
+    kernel (tuned per weight shape at start-up) instead of cuBLAS; off by default until the
+    GPU benchmark shows it faster (``benchmarks/engine_floor.py`` measures both).
+    ``warmup``: run one throw-away step (and capture graphs) before the clock starts.
+    """
+
+    max_seq_len: int = 2048
+    num_slots: int | None = None
+    max_batch: int = 64
+    token_budget: int = 8192
+    chunk_size: int = 512
+    cuda_graphs: bool | None = None
+    kv_memory_fraction: float = 0.9
+    kv_budget_bytes: int | None = None
+    kernels: str = "auto"
+    gemv: bool = False
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in ("max_seq_len", "max_batch", "token_budget", "chunk_size"):
+            positive_int(name)
+        positive_int("num_slots", allow_none=True)
+        positive_int("kv_budget_bytes", allow_none=True)
+        if self.chunk_size <= self.max_batch:
+            raise ConfigError(
+                f"EngineConfig.chunk_size ({self.chunk_size}) must be larger than max_batch "
+                f"({self.max_batch}) so a chunked step has room for prompt tokens beside a full "
+                "decode batch; raise chunk_size or lower max_batch"
+            )
+        frac = self.kv_memory_fraction
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+            raise ConfigError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got {frac!r}")
+        if self.cuda_graphs not in (None, True, False):
+            raise ConfigError(f"EngineConfig.cuda_graphs must be True, False or None (auto), got {self.cuda_graphs!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(f"EngineConfig.kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
+        for name in ("warmup", "gemv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
+
+
+SPLIT_BACKENDS = ("streams", "processes", "mps", "green")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig(FrozenConfig):
+    """How the ``split`` mode's prefill worker and decode worker share one device.
+
+    ``backend``:
+      - ``"streams"``: one process, two threads; on CUDA each thread on its own stream (no SM
+        partition: FACTS.md section 3 measured decode starving behind prefill GEMMs this way).
+      - ``"processes"``: two spawned processes, time-sliced by the driver (no MPS).
+      - ``"mps"``: the same two processes as clients of a private MPS daemon, each with its
+        own ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (``prefill_share`` / ``decode_share``).
+      - ``"green"``: one process, two threads, each on a stream of its own green context;
+        the two contexts hold DISJOINT sets of SMs (``prefill_sms`` + the rest).
+    ``prefill_share`` / ``decode_share``: ``mps`` only, percent of the SMs each process may
+    use (1..100; the two may sum to more than 100: they are caps, not a partition). ``None``
+    takes the defaults ``DEFAULT_PREFILL_SHARE`` / ``DEFAULT_DECODE_SHARE`` = 50 / 50.
+    These defaults AWAIT the measured SM-share sweep of ``benchmarks/colocation.py`` on the
+    H200: FACTS.md section 3 shows that 100 / 100 starves decode (its step 8x slower), and
+    that 50 / 50 and 30 (decode) / 70 (prefill) both keep 1.16x of the solo rates.
+    ``prefill_sms``: ``green`` only, SMs of the prefill context (the driver rounds it up to
+    its granularity, multiples of 8 on Hopper); the decode context gets every other SM.
+    ``None``: half the device's SMs, rounded down to the granularity.
+    ``high_priority_decode``: ``streams`` / ``green``: the decode stream gets the highest
+    stream priority (FACTS.md: priorities alone do not protect decode; kept on, harmless).
+    ``poll_s``: how long a worker blocked on its queue waits before it re-checks arrivals
+    and stop requests. A handoff or a freed slot wakes the waiting worker at once, so this
+    is not a latency added to the handoff.
+    ``event_flush_s``: ``processes`` / ``mps``: a child batches its events (step traces,
+    tokens) to the parent at most this often; the parent only assembles them.
+    ``ready_timeout_s``: seconds allowed to load the model, share it and warm up (CUDA-graph
+    capture) before the run starts. ``stall_timeout_s``: a run fails (``WorkerError``) when
+    no worker reported progress for this long after the last request arrived.
+    """
+
+    DEFAULT_PREFILL_SHARE: ClassVar[float] = 50
+    DEFAULT_DECODE_SHARE: ClassVar[float] = 50
+
+    backend: str = "streams"
+    prefill_share: float | None = None
+    decode_share: float | None = None
+    prefill_sms: int | None = None
+    high_priority_decode: bool = True
+    poll_s: float = 0.02
+    event_flush_s: float = 0.05
+    ready_timeout_s: float = 900.0
+    stall_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in SPLIT_BACKENDS:
+            raise ConfigError(f"SplitConfig.backend must be one of {', '.join(SPLIT_BACKENDS)}; got {self.backend!r}")
+        for name in ("prefill_share", "decode_share"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.backend != "mps":
+                raise ConfigError(
+                    f"SplitConfig.{name} is an MPS SM percentage and applies to backend='mps' only "
+                    f"(got backend={self.backend!r}); for green contexts give prefill_sms"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 100:
+                raise ConfigError(f"SplitConfig.{name} must be a percentage in [1, 100], got {value!r}")
+        if self.backend == "mps":
+            if self.prefill_share is None:
+                object.__setattr__(self, "prefill_share", self.DEFAULT_PREFILL_SHARE)
+            if self.decode_share is None:
+                object.__setattr__(self, "decode_share", self.DEFAULT_DECODE_SHARE)
+        if self.prefill_sms is not None:
+            if self.backend != "green":
+                raise ConfigError(
+                    f"SplitConfig.prefill_sms applies to backend='green' only (got backend={self.backend!r}); "
+                    "for MPS give prefill_share / decode_share"
+                )
+            if isinstance(self.prefill_sms, bool) or not isinstance(self.prefill_sms, int) or self.prefill_sms < 1:
+                raise ConfigError(f"SplitConfig.prefill_sms must be a positive integer, got {self.prefill_sms!r}")
+        if not isinstance(self.high_priority_decode, bool):
+            raise ConfigError(f"SplitConfig.high_priority_decode must be True or False, got {self.high_priority_decode!r}")
+        for name in ("poll_s", "event_flush_s", "ready_timeout_s", "stall_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"SplitConfig.{name} must be a positive number of seconds, got {value!r}")
