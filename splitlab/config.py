@@ -49,6 +49,10 @@ class SLO(FrozenConfig):
                 raise ConfigError(f"SLO.{name} must be a positive number of seconds, got {value!r}")
 
 
+# prefill-attention backends of the engine ("auto": PyTorch's own choice)
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig(FrozenConfig):
     """Settings of the continuous-batching engine (``serial`` and ``chunked`` modes).
@@ -62,7 +66,17 @@ class EngineConfig(FrozenConfig):
     prompt longer than this still runs alone).
     ``chunk_size``: ``chunked`` mode, most tokens in one step, decode tokens included
     (Sarathi-Serve's token budget); must exceed ``max_batch`` so a step always has room
-    for a prompt chunk beside a full decode batch.
+    for a prompt chunk beside a full decode batch. How to choose it: every step that carries
+    a prompt chunk is an eager forward (no CUDA graph) that re-reads all the weights and
+    pays its kernel launches from Python, so a chunk must be large enough for its GEMMs to
+    be compute-bound AND for that fixed cost to be a small part of the step: several times
+    the GPU's ridge point in tokens (H200, bf16: ~180 FLOP/byte -> a few hundred tokens is
+    the bare minimum) and well above ``max_batch`` (with 64 decode rows a 512 budget leaves
+    448 prompt tokens). For an 8B model on an H200, 1024-2048 is the range to start from;
+    a smaller chunk lowers the decode stall a prompt causes (TPOT) and costs throughput and
+    TTFT. ``benchmarks/engine_floor.py`` sweeps 512/1024/2048 on its Poisson workload and
+    reports each. Steps with no prompt chunk replay the decode CUDA graph in both modes.
+    The default 512 suits small models and CPU runs.
     ``cuda_graphs``: replay decode steps as CUDA graphs; None = on when the model is on CUDA.
     ``kernels``: ``"triton"`` (fused RMSNorm, RoPE + KV write, SiLU-mul and split-K decode
     attention), ``"torch"`` (plain PyTorch ops, the CPU path), or ``"auto"`` (Triton on
@@ -71,6 +85,9 @@ class EngineConfig(FrozenConfig):
     kernel (tuned per weight shape at start-up) instead of cuBLAS; off by default until the
     GPU benchmark shows it faster (``benchmarks/engine_floor.py`` measures both).
     ``warmup``: run one throw-away step (and capture graphs) before the clock starts.
+    ``sdpa_backend``: SDPA backend of prompt-chunk attention: ``"auto"`` (PyTorch's choice)
+    or ``"flash"`` / ``"cudnn"`` / ``"efficient"`` / ``"math"`` (see ``ModelRunner``);
+    ``benchmarks/engine_floor.py`` times each on the prefill shapes.
     """
 
     max_seq_len: int = 2048
@@ -84,6 +101,7 @@ class EngineConfig(FrozenConfig):
     kernels: str = "auto"
     gemv: bool = False
     warmup: bool = True
+    sdpa_backend: str = "auto"
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -110,6 +128,9 @@ class EngineConfig(FrozenConfig):
             raise ConfigError(f"EngineConfig.cuda_graphs must be True, False or None (auto), got {self.cuda_graphs!r}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ConfigError(f"EngineConfig.kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ConfigError(f"EngineConfig.sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}; "
+                              f"got {self.sdpa_backend!r}")
         for name in ("warmup", "gemv"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")

@@ -2,7 +2,7 @@
 
 ``TorchKernels``: plain PyTorch ops, written to round exactly where Huggingface's Llama rounds
 (so fp32 and bf16 outputs follow HF's own numerics); the CPU path and the reference.
-``TritonKernels``: the same four operations as single Triton kernels for CUDA, so a decode
+``TritonKernels``: the same operations as single Triton kernels for CUDA, so a decode
 step is a handful of launches per layer (the decode step is launch- and bandwidth-bound):
 
 - ``add_rmsnorm``: residual add + RMSNorm, one pass.
@@ -15,6 +15,17 @@ step is a handful of launches per layer (the decode step is launch- and bandwidt
   sequence): split-K ("flash-decoding") with an in-kernel split length, so a batch-size
   bucket is one CUDA graph whatever the context lengths; GQA-aware (each KV head is read
   once for its group of query heads).
+- ``decode_attention_rope``: the decode step's ``rope_kv_write`` and ``decode_attention``
+  in one launch (each program rotates its query heads and the new key itself, attends to
+  the cached positions and the new key, and one program per KV head stores the new K/V):
+  one kernel launch fewer per layer on the launch-bound decode path.
+- ``embed_rmsnorm``: the embedding gather fused into the first layer's RMSNorm.
+
+Split-K attention combines its per-split partials in the same launch by default: each
+(row, KV head) has a counter, and the program that finishes last combines (``combine=
+"atomic"``); ``combine="kernel"`` (or ``SPLITLAB_DECODE_COMBINE=kernel``) uses a second
+launch instead. The decode CUDA graph of a Llama layer is then 8 launches: RMSNorm, qkv GEMM,
+fused RoPE/KV-write/attention, o GEMM, RMSNorm, gate/up GEMM, SiLU-mul, down GEMM.
 
 Triton is imported lazily and only when a CUDA runner asks for it. The kernels also run under
 Triton's CPU interpreter (``TRITON_INTERPRET=1``, fp32), which is how tests check them on a
@@ -26,6 +37,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +64,12 @@ class TorchKernels:
         var = h.pow(2).mean(-1, keepdim=True)
         h = h * torch.rsqrt(var + eps)
         return weight * h.to(x.dtype), x
+
+    @classmethod
+    def embed_rmsnorm(cls, tokens: torch.Tensor, embed: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = embed[tokens]``; return ``(rmsnorm(x), x)`` (the first layer's input norm)."""
+        return cls.add_rmsnorm(F.embedding(tokens, embed), None, weight, eps)
 
     @staticmethod
     def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, write_index: torch.Tensor,
@@ -80,10 +98,12 @@ class TorchKernels:
     @staticmethod
     def decode_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
                          slots: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                         max_len: int | None = None, num_splits: int = 1) -> torch.Tensor:
+                         max_len: int | None = None, num_splits: int = 1,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
         """Batched reference: gather each sequence's KV (padded to ``max_len``), masked softmax.
 
-        ``q``: [B, H, D]; ``k_layer``/``v_layer``: [slots, T, Hkv, D]; returns [B, H, D].
+        ``q``: [B, H, D]; ``k_layer``/``v_layer``: [slots, T, Hkv, D]; returns [B, H, D]
+        (copied into ``out`` when given).
         """
         b, h, d = q.shape
         hkv = k_layer.shape[2]
@@ -97,7 +117,33 @@ class TorchKernels:
         valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         p = torch.softmax(scores, dim=-1)
-        return torch.einsum("bhl,bhld->bhd", p, v).to(q.dtype)
+        res = torch.einsum("bhl,bhld->bhd", p, v).to(q.dtype)
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res
+
+
+    @classmethod
+    def decode_attention_rope(cls, qkv: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+                              cos: torch.Tensor, sin: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
+                              num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                              max_len: int | None = None) -> torch.Tensor:
+        """One decode token per row: RoPE on q and k at position ``seq_lens - 1``, the new K/V
+        stored at that position of each row's slot, then attention over ``seq_lens`` positions.
+
+        ``qkv``: [B, (H + 2 Hkv) * D] (rotated in place, as ``rope_kv_write`` does);
+        ``k_layer``/``v_layer``: [slots, T, Hkv, D]. Returns [B, H, D]. The reference is the
+        two separate operations, composed.
+        """
+        b = qkv.shape[0]
+        t = k_layer.shape[1]
+        positions = seq_lens - 1
+        n = k_layer.shape[0] * t
+        cls.rope_kv_write(qkv, positions, slots * t + positions, cos, sin, k_layer.view(n, num_kv_heads, head_dim),
+                          v_layer.view(n, num_kv_heads, head_dim), num_heads, num_kv_heads, head_dim)
+        q = qkv[:, : num_heads * head_dim].view(b, num_heads, head_dim)
+        return cls.decode_attention(q, k_layer, v_layer, slots, seq_lens, scale, max_len=max_len)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -114,13 +160,19 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def add_rmsnorm_kernel(X, R, W, OUT, ROUT, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def add_rmsnorm_kernel(X, R, W, OUT, ROUT, IDX, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
+                           HAS_RES: tl.constexpr, GATHER: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         dt = OUT.dtype.element_ty
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if GATHER:  # X is the embedding table: this row's input is X[IDX[row]], stored to ROUT
+            src = tl.load(IDX + row).to(tl.int64)
+            xg = tl.load(X + src * stride_x + cols, mask=mask, other=0.0)
+            tl.store(ROUT + row * stride_ro + cols, xg, mask=mask)
+            x = xg.to(tl.float32)
+        else:
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
             xs = (x + r).to(dt)
@@ -134,34 +186,39 @@ def _triton_kernels():
     @triton.jit
     def rope_kv_write_kernel(QKV, POS, WIDX, COS, SIN, KC, VC, stride_row, stride_cos, stride_kc, stride_vc,
                              NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             HALF_BLOCK: tl.constexpr):
+                             HALF_BLOCK: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+        # one program: BLOCK_HEADS of the row's q and k heads (a prefill of N rows launches
+        # N * cdiv(H + Hkv, BLOCK_HEADS) programs, not N * (H + Hkv) one-warp programs)
         i = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
+        heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+        hmask = heads < NUM_HEADS + NUM_KV_HEADS
         half = HEAD_DIM // 2
         offs = tl.arange(0, HALF_BLOCK)
         m = offs < half
+        mask = hmask[:, None] & m[None, :]
         dt = QKV.dtype.element_ty
         pos = tl.load(POS + i).to(tl.int64)
-        c = tl.load(COS + pos * stride_cos + offs, mask=m, other=0.0).to(dt).to(tl.float32)
-        s = tl.load(SIN + pos * stride_cos + offs, mask=m, other=0.0).to(dt).to(tl.float32)
-        base = QKV + i * stride_row + h * HEAD_DIM
-        x1 = tl.load(base + offs, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(base + half + offs, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(COS + pos * stride_cos + offs, mask=m, other=0.0).to(dt).to(tl.float32)[None, :]
+        s = tl.load(SIN + pos * stride_cos + offs, mask=m, other=0.0).to(dt).to(tl.float32)[None, :]
+        base = QKV + i * stride_row + heads[:, None] * HEAD_DIM + offs[None, :]
+        x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + half, mask=mask, other=0.0).to(tl.float32)
         # HF: q * cos + rotate_half(q) * sin, each product and the sum rounded to the dtype
         o1 = ((x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)).to(dt)
         o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
-        tl.store(base + offs, o1, mask=m)
-        tl.store(base + half + offs, o2, mask=m)
-        if h >= NUM_HEADS:
-            j = h - NUM_HEADS
-            w = tl.load(WIDX + i).to(tl.int64)
-            kdst = KC + w * stride_kc + j * HEAD_DIM
-            tl.store(kdst + offs, o1, mask=m)
-            tl.store(kdst + half + offs, o2, mask=m)
-            vsrc = QKV + i * stride_row + (NUM_HEADS + NUM_KV_HEADS + j) * HEAD_DIM
-            vdst = VC + w * stride_vc + j * HEAD_DIM
-            tl.store(vdst + offs, tl.load(vsrc + offs, mask=m, other=0.0), mask=m)
-            tl.store(vdst + half + offs, tl.load(vsrc + half + offs, mask=m, other=0.0), mask=m)
+        tl.store(base, o1, mask=mask)
+        tl.store(base + half, o2, mask=mask)
+        is_k = (heads >= NUM_HEADS) & hmask
+        kmask = is_k[:, None] & m[None, :]
+        j = tl.where(is_k, heads - NUM_HEADS, 0)  # kv head of each k row (0 for q rows: masked)
+        w = tl.load(WIDX + i).to(tl.int64)
+        kdst = KC + w * stride_kc + j[:, None] * HEAD_DIM + offs[None, :]
+        tl.store(kdst, o1, mask=kmask)
+        tl.store(kdst + half, o2, mask=kmask)
+        vsrc = QKV + i * stride_row + (NUM_HEADS + NUM_KV_HEADS + j)[:, None] * HEAD_DIM + offs[None, :]
+        vdst = VC + w * stride_vc + j[:, None] * HEAD_DIM + offs[None, :]
+        tl.store(vdst, tl.load(vsrc, mask=kmask, other=0.0), mask=kmask)
+        tl.store(vdst + half, tl.load(vsrc + half, mask=kmask, other=0.0), mask=kmask)
 
     @triton.jit
     def silu_mul_kernel(GU, OUT, stride_gu, stride_o, inter, BLOCK: tl.constexpr):
@@ -176,14 +233,15 @@ def _triton_kernels():
 
     # num_splits varies with the batch: not specialised, so a new value never recompiles mid-run
     @triton.jit(do_not_specialize=["num_splits"])
-    def decode_attn_stage1(Q, K, V, SLOTS, LENS, O, MID_O, MID_M, MID_L,
+    def decode_attn_stage1(Q, K, V, SLOTS, LENS, O, MID_O, MID_M, MID_L, COS, SIN, CNT,
                            stride_qb, stride_qh, stride_ks, stride_kt, stride_kh,
                            stride_vs, stride_vt, stride_vh, stride_ob, stride_oh,
-                           stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                           stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_cos,
                            num_splits, sm_scale,
                            GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
-                           IEEE: tl.constexpr):
+                           IEEE: tl.constexpr, FUSED: tl.constexpr, NUM_HEADS: tl.constexpr,
+                           NUM_KV_HEADS: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -199,18 +257,46 @@ def _triton_kernels():
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
         qmask = hmask[:, None] & dmask[None, :]
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+        k_base = K + slot * stride_ks + kvh * stride_kh
+        v_base = V + slot * stride_vs + kvh * stride_vh
+        if FUSED:
+            # Q is the fused qkv output: q heads, then k heads, then v heads, HEAD_DIM apart.
+            # RoPE exactly as rope_kv_write rounds it: q * cos + rotate_half(q) * sin.
+            dt = K.dtype.element_ty
+            pos = seq_len - 1
+            half = HEAD_DIM // 2
+            rot_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
+            sign = tl.where(offs_d < half, -1.0, 1.0)
+            c = tl.load(COS + pos.to(tl.int64) * stride_cos + offs_d, mask=dmask, other=0.0).to(dt).to(tl.float32)
+            s = tl.load(SIN + pos.to(tl.int64) * stride_cos + offs_d, mask=dmask, other=0.0).to(dt).to(tl.float32)
+            row = Q + b * stride_qb
+            qx = tl.load(row + heads[:, None] * stride_qh + offs_d[None, :], mask=qmask, other=0.0).to(tl.float32)
+            qr = tl.load(row + heads[:, None] * stride_qh + rot_d[None, :], mask=qmask, other=0.0).to(tl.float32)
+            q = ((qx * c[None, :]).to(dt).to(tl.float32)
+                 + (qr * sign[None, :] * s[None, :]).to(dt).to(tl.float32)).to(dt)
+            k_row = row + (NUM_HEADS + kvh) * stride_qh
+            kx = tl.load(k_row + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            kr = tl.load(k_row + rot_d, mask=dmask, other=0.0).to(tl.float32)
+            k_new = ((kx * c).to(dt).to(tl.float32) + (kr * sign * s).to(dt).to(tl.float32)).to(dt)
+            v_new = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kvh) * stride_qh + offs_d, mask=dmask, other=0.0)
+            if sp == 0:  # one program per (row, kv head) stores the new position; nobody reads it from the pool
+                tl.store(k_base + pos.to(tl.int64) * stride_kt + offs_d, k_new, mask=dmask)
+                tl.store(v_base + pos.to(tl.int64) * stride_vt + offs_d, v_new, mask=dmask)
+            end_cache = tl.minimum(end, pos)  # cached positions; the new one comes from registers
+        else:
+            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+            end_cache = end
 
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        k_base = K + slot * stride_ks + kvh * stride_kh
-        v_base = V + slot * stride_vs + kvh * stride_vh
-        for n0 in range(start, end, BLOCK_N):
+        for n0 in range(start, end_cache, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < end
+            nmask = offs_n < end_cache
             kvmask = nmask[:, None] & dmask[None, :]
+            # K and V issued together: one DRAM round trip per block, not two
             k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kvmask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kvmask, other=0.0)
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -220,13 +306,21 @@ def _triton_kernels():
             p = tl.exp(qk - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kvmask, other=0.0)
             if IEEE:
                 pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
+        if FUSED:
+            if (start <= pos) & (pos < end):  # this split holds the new position
+                qk_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * sm_scale
+                m_new = tl.maximum(m_i, qk_new)
+                p_new = tl.exp(qk_new - m_new)
+                alpha = tl.exp(m_i - m_new)
+                l_i = l_i * alpha + p_new
+                acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+                m_i = m_new
 
         if SINGLE:
             out = acc / l_i[:, None]
@@ -237,6 +331,35 @@ def _triton_kernels():
                      acc, mask=qmask)
             tl.store(MID_M + b * stride_lb + heads * stride_lh + sp, m_i, mask=hmask)
             tl.store(MID_L + b * stride_lb + heads * stride_lh + sp, l_i, mask=hmask)
+            if COMBINE:
+                # The last program of this (row, KV head) to finish combines every split's
+                # partials (no second launch). Its partial stores are ordered before the
+                # counter increment by the CTA barrier and the release half of the atomic;
+                # the last one's acquire half orders its loads after all of them.
+                tl.debug_barrier()
+                cnt = CNT + b * NUM_KV_HEADS + kvh
+                done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                if done == num_splits - 1:
+                    offs_s = tl.arange(0, BLOCK_S)
+                    smask = offs_s < num_splits
+                    hs_mask = hmask[:, None] & smask[None, :]
+                    ms = tl.load(MID_M + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :], mask=hs_mask,
+                                 other=float("-inf"), cache_modifier=".cg")
+                    ls = tl.load(MID_L + b * stride_lb + heads[:, None] * stride_lh + offs_s[None, :], mask=hs_mask,
+                                 other=0.0, cache_modifier=".cg")
+                    m_max = tl.where(hmask, tl.max(ms, 1), 0.0)
+                    w = tl.where(hs_mask, tl.exp(ms - m_max[:, None]), 0.0)
+                    denom = tl.where(hmask, tl.sum(ls * w, 1), 1.0)
+                    total = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+                    for s_i in range(0, num_splits):
+                        m_s = tl.load(MID_M + b * stride_lb + heads * stride_lh + s_i, mask=hmask,
+                                      other=float("-inf"), cache_modifier=".cg")
+                        a_s = tl.load(MID_O + b * stride_mb + heads[:, None] * stride_mh + s_i * stride_ms
+                                      + offs_d[None, :], mask=qmask, other=0.0, cache_modifier=".cg")
+                        total += a_s * tl.where(hmask, tl.exp(m_s - m_max), 0.0)[:, None]
+                    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                             (total / denom[:, None]).to(O.dtype.element_ty), mask=qmask)
+                    tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
     @triton.jit(do_not_specialize=["num_splits"])
     def decode_attn_stage2(MID_O, MID_M, MID_L, O, num_splits,
@@ -298,18 +421,35 @@ def _next_pow2(n: int) -> int:
 
 
 class TritonKernels:
-    """The four fused operations as Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1)."""
+    """The fused operations as Triton kernels (CUDA; or CPU under TRITON_INTERPRET=1)."""
 
     name = "triton"
-    BLOCK_N = 64
 
-    def __init__(self, sm_count: int | None = None):
+    def __init__(self, sm_count: int | None = None, combine: str | None = None):
         self.k = _triton_kernels()
         self.gemv_choice: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
         if sm_count is None:
             sm_count = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
                         if torch.cuda.is_available() else 8)
         self.sm_count = sm_count
+        combine = combine or os.environ.get("SPLITLAB_DECODE_COMBINE") or "atomic"
+        if combine not in self.COMBINE_MODES:
+            raise ValueError(f"combine must be one of {self.COMBINE_MODES}, got {combine!r}")
+        self.combine = combine
+        # split-K counters, per device: zero between launches (the combining program resets its
+        # own); one instance's kernels run one at a time per stream, so one set suffices
+        self._counters: dict[str, torch.Tensor] = {}
+
+    def _counter(self, n: int, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        cnt = self._counters.get(key)
+        if cnt is None or cnt.numel() < n:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("decode attention: split-K counters must exist before CUDA-graph capture "
+                                   "(run the step once eagerly first, as ModelRunner does)")
+            cnt = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+            self._counters[key] = cnt
+        return cnt
 
     def add_rmsnorm(self, x, residual, weight, eps):
         n, cols = x.shape
@@ -317,23 +457,43 @@ class TritonKernels:
         block = _next_pow2(cols)
         warps = min(16, max(1, block // 256))
         if residual is None:
-            self.k["add_rmsnorm"][(n,)](x, x, weight, out, x, x.stride(0), 0, out.stride(0), 0, cols, float(eps),
-                                        HAS_RES=False, BLOCK=block, num_warps=warps)
+            self.k["add_rmsnorm"][(n,)](x, x, weight, out, x, x, x.stride(0), 0, out.stride(0), 0, cols, float(eps),
+                                        HAS_RES=False, GATHER=False, BLOCK=block, num_warps=warps)
             return out, x
         res = torch.empty_like(x)
-        self.k["add_rmsnorm"][(n,)](x, residual, weight, out, res, x.stride(0), residual.stride(0), out.stride(0),
-                                    res.stride(0), cols, float(eps), HAS_RES=True, BLOCK=block, num_warps=warps)
+        self.k["add_rmsnorm"][(n,)](x, residual, weight, out, res, x, x.stride(0), residual.stride(0), out.stride(0),
+                                    res.stride(0), cols, float(eps), HAS_RES=True, GATHER=False, BLOCK=block,
+                                    num_warps=warps)
         return out, res
+
+    def embed_rmsnorm(self, tokens, embed, weight, eps):
+        """``x = embed[tokens]``; ``(rmsnorm(x), x)`` in one launch (no separate gather)."""
+        n = tokens.shape[0]
+        cols = embed.shape[1]
+        assert embed.stride(1) == 1
+        out = torch.empty((n, cols), dtype=embed.dtype, device=embed.device)
+        res = torch.empty_like(out)
+        block = _next_pow2(cols)
+        if n:
+            self.k["add_rmsnorm"][(n,)](embed, embed, weight, out, res, tokens, embed.stride(0), 0, out.stride(0),
+                                        res.stride(0), cols, float(eps), HAS_RES=False, GATHER=True, BLOCK=block,
+                                        num_warps=min(16, max(1, block // 256)))
+        return out, res
+
+    ROPE_BLOCK_HEADS = 8
 
     def rope_kv_write(self, qkv, positions, write_index, cos, sin, k_flat, v_flat, num_heads, num_kv_heads, head_dim):
         n = qkv.shape[0]
         if n == 0:
             return
         assert qkv.stride(1) == 1 and k_flat.stride(2) == 1 and k_flat.stride(1) == head_dim
-        self.k["rope_kv_write"][(n, num_heads + num_kv_heads)](
+        bh = self.ROPE_BLOCK_HEADS
+        half_block = _next_pow2(head_dim // 2)
+        self.k["rope_kv_write"][(n, math.ceil((num_heads + num_kv_heads) / bh))](
             qkv, positions, write_index, cos, sin, k_flat, v_flat, qkv.stride(0), cos.stride(0),
             k_flat.stride(0), v_flat.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-            HEAD_DIM=head_dim, HALF_BLOCK=_next_pow2(head_dim // 2), num_warps=1)
+            HEAD_DIM=head_dim, HALF_BLOCK=half_block, BLOCK_HEADS=bh,
+            num_warps=max(1, min(4, bh * half_block // 128)))
 
     def silu_mul(self, gate_up):
         n, two_i = gate_up.shape
@@ -388,45 +548,114 @@ class TritonKernels:
                                "cublas_us": _cuda_time(lambda: F.linear(x, w), iters) * 1e6}
         return report
 
-    def num_splits(self, batch: int, num_kv_heads: int, max_len: int) -> int:
-        """Splits of the KV length per (sequence, KV head): enough programs to fill the GPU twice."""
-        want = math.ceil(2 * self.sm_count / max(1, batch * num_kv_heads))
-        by_len = max(1, math.ceil(max_len / self.BLOCK_N))
-        return int(max(1, min(want, 32, by_len)))
+    # Split-K decode attention. A program handles one (sequence, KV head, split); the split
+    # length is computed in the kernel from the sequence's own length (rounded up to BLOCK_N),
+    # so one launch configuration serves every context length (one CUDA graph per batch).
+    MAX_SPLITS = 64  # also stage 2's fixed block: one compiled variant whatever the split count
+    SPLIT_TARGET_PER_SM = 2  # aim for this many programs with work per SM
+    # How split-K partials are combined: "atomic" = the last program of each (row, KV head)
+    # combines them (a per-(row, KV head) counter; one launch per attention), "kernel" = a
+    # second kernel launch. SPLITLAB_DECODE_COMBINE overrides the default ("atomic").
+    COMBINE_MODES = ("atomic", "kernel")
 
-    def decode_attention(self, q, k_layer, v_layer, slots, seq_lens, scale, max_len=None, num_splits=None):
+    def block_n(self, batch: int, num_kv_heads: int) -> int:
+        """KV positions per loop iteration: 32 when (sequence, KV head) pairs are fewer than the
+        SMs (small batches: more, shorter splits keep every SM loading), else 64."""
+        return 32 if batch * num_kv_heads < self.sm_count else 64
+
+    def num_splits(self, batch: int, num_kv_heads: int, max_len: int, block_n: int | None = None) -> int:
+        """Splits of the KV length per (sequence, KV head).
+
+        Enough programs for ``SPLIT_TARGET_PER_SM`` per SM, at most ``MAX_SPLITS``, at most one
+        per ``block_n`` positions of ``max_len``. Inside a CUDA graph ``max_len`` is the pool's
+        slot length, and the kernel shortens each split to the sequence's real length
+        (``cdiv(cdiv(len, splits), BLOCK_N) * BLOCK_N``), so splits beyond it exit at once.
+        Llama-3.1-8B (8 KV heads) on 132 SMs at 1k context: batch 1 -> 33 splits of 32 keys
+        with work (264 programs, 2 per SM; the previous fixed 64-key blocks gave 17 splits,
+        136 programs, one per SM); batch 8 -> 5 splits; 32 -> 2; 64 -> 1 (512 programs).
+        """
+        block_n = block_n or self.block_n(batch, num_kv_heads)
+        want = math.ceil(self.SPLIT_TARGET_PER_SM * self.sm_count / max(1, batch * num_kv_heads))
+        by_len = max(1, math.ceil(max_len / block_n))
+        return int(max(1, min(want, self.MAX_SPLITS, by_len)))
+
+    def decode_attention(self, q, k_layer, v_layer, slots, seq_lens, scale, max_len=None, num_splits=None,
+                         out=None):
         """``q`` [B, H, D] (any row/head strides, last dim contiguous); ``k_layer``/``v_layer``
-        [slots, T, Hkv, D]; ``slots``/``seq_lens`` [B] int tensors. Returns [B, H, D]."""
+        [slots, T, Hkv, D]; ``slots``/``seq_lens`` [B] int tensors. Returns [B, H, D] (written
+        into ``out`` when given)."""
         b, h, d = q.shape
+        return self._decode(q, q.stride(0), q.stride(1), None, None, k_layer, v_layer, slots, seq_lens, scale,
+                            max_len, num_splits, out, b, h, d, fused=False)
+
+    def decode_attention_rope(self, qkv, slots, seq_lens, cos, sin, k_layer, v_layer, num_heads, num_kv_heads,
+                              head_dim, scale, max_len=None, num_splits=None):
+        """``TorchKernels.decode_attention_rope`` in one launch (plus the split combine): RoPE of
+        q and the new k at ``seq_lens - 1``, the new K/V stored into the pool, attention over
+        the cached positions and the new one. ``qkv`` is read, not modified."""
+        b = qkv.shape[0]
+        assert qkv.stride(1) == 1 and cos.stride(1) == 1 and cos.shape[1] == head_dim
+        assert k_layer.shape[2] == num_kv_heads
+        return self._decode(qkv, qkv.stride(0), head_dim, cos, sin, k_layer, v_layer, slots, seq_lens, scale,
+                            max_len, num_splits, None, b, num_heads, head_dim, fused=True)
+
+    def _decode(self, q, stride_qb, stride_qh, cos, sin, k_layer, v_layer, slots, seq_lens, scale, max_len,
+                num_splits, out, b, h, d, fused):
         hkv = k_layer.shape[2]
         group = h // hkv
+        block_n = self.block_n(b, hkv)
         if num_splits is None:
-            num_splits = self.num_splits(b, hkv, max_len if max_len is not None else k_layer.shape[1])
-        out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
+            num_splits = self.num_splits(b, hkv, max_len if max_len is not None else k_layer.shape[1], block_n)
+        if not 1 <= num_splits <= self.MAX_SPLITS:
+            raise ValueError(f"num_splits must be in 1..{self.MAX_SPLITS}, got {num_splits}")
+        if out is None:
+            out = torch.empty((b, h, d), dtype=k_layer.dtype, device=k_layer.device)
         single = num_splits == 1
         if single:
             mid_o = mid_m = mid_l = out  # unused
             smb = smh = sms = slb = slh = 0
         else:
-            mid_o = torch.empty((b, h, num_splits, d), dtype=torch.float32, device=q.device)
-            mid_m = torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device)
-            mid_l = torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device)
+            mid_o = torch.empty((b, h, num_splits, d), dtype=torch.float32, device=k_layer.device)
+            mid_m = torch.empty((b, h, num_splits), dtype=torch.float32, device=k_layer.device)
+            mid_l = torch.empty((b, h, num_splits), dtype=torch.float32, device=k_layer.device)
             smb, smh, sms = mid_o.stride(0), mid_o.stride(1), mid_o.stride(2)
             slb, slh = mid_m.stride(0), mid_m.stride(1)
         block_d = _next_pow2(d)
-        ieee = q.dtype == torch.float32
+        ieee = k_layer.dtype == torch.float32
+        cos_t = cos if fused else out  # unused pointers when not fused
+        sin_t = sin if fused else out
+        atomic = not single and self.combine == "atomic"
+        cnt = self._counter(b * hkv, k_layer.device) if atomic else out
         self.k["decode_stage1"][(b, hkv, num_splits)](
-            q, k_layer, v_layer, slots, seq_lens, out, mid_o, mid_m, mid_l,
-            q.stride(0), q.stride(1), k_layer.stride(0), k_layer.stride(1), k_layer.stride(2),
+            q, k_layer, v_layer, slots, seq_lens, out, mid_o, mid_m, mid_l, cos_t, sin_t, cnt,
+            stride_qb, stride_qh, k_layer.stride(0), k_layer.stride(1), k_layer.stride(2),
             v_layer.stride(0), v_layer.stride(1), v_layer.stride(2), out.stride(0), out.stride(1),
-            smb, smh, sms, slb, slh, num_splits, float(scale),
+            smb, smh, sms, slb, slh, cos.stride(0) if fused else 0, num_splits, float(scale),
             GROUP=group, BLOCK_H=max(16, _next_pow2(group)), HEAD_DIM=d, BLOCK_D=block_d,
-            BLOCK_N=self.BLOCK_N, SINGLE=single, IEEE=ieee, num_warps=4, num_stages=2)
-        if not single:
+            BLOCK_N=block_n, SINGLE=single, IEEE=ieee, FUSED=fused, NUM_HEADS=h, NUM_KV_HEADS=hkv,
+            COMBINE=atomic, BLOCK_S=self.MAX_SPLITS, num_warps=4, num_stages=2)
+        if not single and not atomic:
             self.k["decode_stage2"][(b, h)](
                 mid_o, mid_m, mid_l, out, num_splits, smb, smh, sms, slb, slh, out.stride(0), out.stride(1),
-                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(2, _next_pow2(num_splits)), num_warps=4)
+                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=self.MAX_SPLITS, num_warps=4)
         return out
+
+    def warm_up(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                batches: tuple[int, ...] = (1,)) -> None:
+        """Compile every decode-attention variant a run can launch (fused or not, one split or
+        several, both KV block sizes), so none compiles mid-run. Writes nothing persistent."""
+        kl = torch.zeros((2, 64, num_kv_heads, head_dim), dtype=dtype, device=device)
+        big = max(batches + (math.ceil(self.sm_count / max(1, num_kv_heads)),))
+        t = torch.arange(64, dtype=torch.float32, device=device)[:, None].expand(64, head_dim).contiguous()
+        for batch in sorted({1, big}):
+            self._counter(batch * num_kv_heads, torch.device(device))
+            idx = torch.zeros(batch, dtype=torch.int64, device=device)
+            q = torch.zeros((batch, num_heads, head_dim), dtype=dtype, device=device)
+            qkv = torch.zeros((batch, (num_heads + 2 * num_kv_heads) * head_dim), dtype=dtype, device=device)
+            for splits in (1, 2):
+                self.decode_attention(q, kl, kl.clone(), idx, idx + 1, 1.0, num_splits=splits)
+                self.decode_attention_rope(qkv, idx, idx + 1, t.cos(), t.sin(), kl, kl.clone(), num_heads,
+                                           num_kv_heads, head_dim, 1.0, num_splits=splits)
 
 
 def _cuda_time(fn, iters: int) -> float:

@@ -1,7 +1,9 @@
 """Prefill vs decode profiling, measured device ceilings, and datasheet peaks.
 
 - ``measure_ceilings()``: this machine's own matmul rate and copy bandwidth (a few seconds,
-  cached per device + dtype for the life of the process).
+  cached per device + dtype for the life of the process). A ceiling is the BEST rate seen over
+  the repeats (what the hardware demonstrably reaches), not the median; the medians are kept
+  beside them (``*_median``) to show the spread.
 - ``DATASHEET`` / ``datasheet_for(name)``: vendor peaks of common GPUs, shown beside the
   measured ceilings (``ceilings_table``). Rooflines use the *measured* ceilings.
 - ``profile_phases(model, ...)``: times prefill steps (B x L tokens) and decode steps (B
@@ -46,6 +48,12 @@ class Ceilings:
 
     ``matmul_flops_s``: FLOP/s of an ``n x n @ n x n`` matmul (2 n^3 FLOPs).
     ``copy_bytes_s``: bytes/s of a device-to-device copy, counting read AND write bytes.
+    Both are ceilings: the best (highest) rate of ``repeats`` timings, each timing a burst of
+    back-to-back operations (10 matmuls, 20 copies on a GPU). A floor computed from them is
+    a true lower bound on the time; a median would put the floor above what the hardware
+    was seen to reach, and flatter every "x floor" ratio. ``matmul_flops_s_median`` and
+    ``copy_bytes_s_median`` are the medians of the same timings (None in records made
+    before they were kept).
     """
 
     device: str
@@ -56,6 +64,8 @@ class Ceilings:
     matmul_n: int
     copy_buffer_bytes: int
     repeats: int
+    matmul_flops_s_median: float | None = None
+    copy_bytes_s_median: float | None = None
 
     @property
     def ridge(self) -> float:
@@ -83,8 +93,10 @@ def measure_ceilings(device: str | torch.device | None = None, dtype: torch.dtyp
     """Measure the matmul FLOP/s and copy bandwidth of ``device`` (default: cuda if present).
 
     GPU defaults: bf16, 8192^3 matmul, a 1 GiB copy. CPU defaults: fp32, 1024^3 matmul, a
-    256 MiB copy. Warmed up, synchronised, median of ``repeats``. The result is cached per
-    (device, dtype, sizes) for the process; ``refresh=True`` measures again.
+    256 MiB copy. Warmed up, synchronised; each of ``repeats`` timings covers a burst of
+    back-to-back operations; the ceiling is the best of them (``Ceilings`` keeps the medians
+    too). The result is cached per (device, dtype, sizes) for the process; ``refresh=True``
+    measures again.
     """
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -113,16 +125,19 @@ def _measure_cached(device: str, dtype: str, n: int, nbytes: int, repeats: int) 
         device=device,
         device_name=device_name(dev),
         dtype=dtype,
-        matmul_flops_s=2.0 * n ** 3 / t_mm,
-        copy_bytes_s=2.0 * real_bytes / t_cp,
+        matmul_flops_s=2.0 * n ** 3 / min(t_mm),
+        copy_bytes_s=2.0 * real_bytes / min(t_cp),
         matmul_n=n,
         copy_buffer_bytes=real_bytes,
         repeats=repeats,
+        matmul_flops_s_median=2.0 * n ** 3 / statistics.median(t_mm),
+        copy_bytes_s_median=2.0 * real_bytes / statistics.median(t_cp),
     )
 
 
-def _time_matmul(dev: torch.device, dt: torch.dtype, n: int, repeats: int) -> float:
-    """Median seconds of one n x n @ n x n matmul (10 back to back per timing on a GPU)."""
+def _time_matmul(dev: torch.device, dt: torch.dtype, n: int, repeats: int) -> list[float]:
+    """Seconds of one n x n @ n x n matmul, one value per repeat (each the mean of a burst of
+    10 back to back on a GPU)."""
     inner = 10 if dev.type == "cuda" else 1
     with torch.inference_mode():
         a = torch.randn(n, n, device=dev, dtype=torch.float32).to(dt)
@@ -133,11 +148,12 @@ def _time_matmul(dev: torch.device, dt: torch.dtype, n: int, repeats: int) -> fl
             for _ in range(inner):
                 torch.matmul(a, b, out=out)
 
-        return _median_time(step, _sync_fn(dev), warmup=2, repeats=repeats) / inner
+        return [t / inner for t in _times(step, _sync_fn(dev), warmup=2, repeats=repeats)]
 
 
-def _time_copy(dev: torch.device, dt: torch.dtype, nbytes: int, repeats: int) -> tuple[int, float]:
-    """(buffer bytes, median seconds of one device-to-device copy of it)."""
+def _time_copy(dev: torch.device, dt: torch.dtype, nbytes: int, repeats: int) -> tuple[int, list[float]]:
+    """(buffer bytes, seconds of one device-to-device copy of it per repeat, each the mean of
+    a burst of 20 back to back on a GPU)."""
     inner = 20 if dev.type == "cuda" else 1
     with torch.inference_mode():
         src = torch.ones(max(1, nbytes // _elem_size(dt)), device=dev, dtype=dt)
@@ -147,8 +163,8 @@ def _time_copy(dev: torch.device, dt: torch.dtype, nbytes: int, repeats: int) ->
             for _ in range(inner):
                 dst.copy_(src)
 
-        t = _median_time(step, _sync_fn(dev), warmup=2, repeats=repeats) / inner
-        return src.numel() * src.element_size(), t
+        times = [t / inner for t in _times(step, _sync_fn(dev), warmup=2, repeats=repeats)]
+        return src.numel() * src.element_size(), times
 
 
 def device_name(device: torch.device | str) -> str:
@@ -548,6 +564,12 @@ def _make_backend(name: str, loaded, max_batch: int, max_len: int, lm_head: str,
 def _median_time(step: Callable[[], Any], sync: Callable[[], None], warmup: int, repeats: int,
                  reset: Callable[[], None] | None = None) -> float:
     """Median seconds of ``step()`` over ``repeats`` (after ``warmup``), synchronised around it."""
+    return statistics.median(_times(step, sync, warmup, repeats, reset))
+
+
+def _times(step: Callable[[], Any], sync: Callable[[], None], warmup: int, repeats: int,
+           reset: Callable[[], None] | None = None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``step()`` (after ``warmup``), synchronised around it."""
     times = []
     for i in range(warmup + repeats):
         if reset is not None:
@@ -561,7 +583,7 @@ def _median_time(step: Callable[[], Any], sync: Callable[[], None], warmup: int,
             times.append(t1 - t0)
     if reset is not None:
         reset()
-    return statistics.median(times)
+    return times
 
 
 def _sync_fn(device: torch.device) -> Callable[[], None]:

@@ -5,11 +5,14 @@ and gate/up fused once, the HF modules rebound to views of the fused tensors so 
 held twice) and owns the KV layout and the kernel launches:
 
 - ``prefill(chunks)``: prompt chunks of several sequences (ragged lengths) packed into ONE
-  token dimension; every projection is one GEMM over all rows, attention runs per chunk
-  (SDPA; a chunk that starts at ``start_pos > 0`` attends to its slot's earlier KV).
+  token dimension; every projection is one GEMM over all rows. Attention (SDPA): adjacent
+  whole-prompt chunks (``start_pos == 0``) of equal length run as ONE batched causal call on
+  strided views of the fused qkv rows (no gather, no GQA head copies); any other chunk runs
+  alone (a chunk that starts at ``start_pos > 0`` attends to its slot's earlier KV).
 - ``decode_step(slots, tokens, positions)``: one token for every running sequence. On CUDA
   it replays a CUDA graph captured per batch-size bucket (batch padded to the bucket; the
   padded rows write the pool's scratch row); attention reads each sequence's valid KV only.
+  The host side is one numpy fill of a pinned staging buffer and ONE host-to-device copy.
 - ``mixed_step(decode, chunks)``: decode rows and prompt chunks in one forward (chunked mode).
 
 Greedy argmax runs on the device, with the model's EOS ids masked (so every request gets
@@ -29,9 +32,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import SDPA_BACKENDS
 from .errors import ConfigError, ModelSpecError, WorkloadError
 from .kernels import TorchKernels, make_kernels
 from .kv_cache import KVPool
@@ -43,6 +48,8 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# SDPA's enable_gqa (torch >= 2.5): query heads share KV heads without copying K/V per head
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +81,27 @@ class _Plan:
     dec_slots: torch.Tensor | None
     dec_lens: torch.Tensor | None
     dec_max_len: int | None  # None inside a CUDA graph (the kernel reads lengths itself)
-    chunks: list[tuple[int, int, int, int]]  # (first row, rows, slot, start_pos), SDPA each
+    chunks: list[tuple[int, int, int, int]]  # (first row, rows, slot, start_pos)
+    # SDPA calls: (first row, count, rows each, slot, start_pos); count > 1 only for adjacent
+    # whole-prompt chunks of equal length (one batched call; slot unused, K/V from qkv)
+    groups: list[tuple[int, int, int, int, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def decode_only(self) -> bool:
+        return not self.chunks and self.num_decode > 0
+
+
+def _attention_groups(chunks: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int, int]]:
+    """Adjacent chunks with ``start_pos == 0`` and the same length become one group."""
+    groups: list[list[int]] = []
+    for row, rows, slot, start in chunks:
+        if start == 0 and rows > 1 and groups:
+            g = groups[-1]
+            if g[4] == 0 and g[2] == rows and g[1] > 0 and g[0] + g[1] * g[2] == row and g[5]:
+                g[1] += 1
+                continue
+        groups.append([row, 1, rows, slot, start, start == 0 and rows > 1])
+    return [(g[0], g[1], g[2], g[3], g[4]) for g in groups]
 
 
 class _Layer(NamedTuple):
@@ -230,11 +257,16 @@ class ModelRunner:
     ``cuda_graphs``: None = on for CUDA; ``kernels``: "auto" | "triton" | "torch";
     ``gemv``: run the linear layers of batches of at most 4 rows through the Triton GEMV kernel
     (tuned per weight shape on first capture) instead of cuBLAS; needs Triton kernels.
+    ``sdpa_backend``: the SDPA backend of prompt-chunk attention: ``"auto"`` (PyTorch's
+    choice), or ``"flash"`` / ``"cudnn"`` / ``"efficient"`` / ``"math"`` to force one
+    (``torch.nn.attention.sdpa_kernel``; its flags are process-wide while a forward runs).
+    ``"cudnn"`` gets K/V with the query-head count (copied), the others share KV heads
+    (``enable_gqa``). ``benchmarks/engine_floor.py`` times each on the prefill shapes.
     """
 
     def __init__(self, arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, *,
                  max_batch: int | None = None, cuda_graphs: bool | None = None, kernels: str = "auto",
-                 gemv: bool = False):
+                 gemv: bool = False, sdpa_backend: str = "auto"):
         self.arch = dict(arch)
         self.kv = kv
         a = self.arch
@@ -293,6 +325,9 @@ class ModelRunner:
             from torch.nn.attention.bias import causal_lower_right
 
             self._causal_lower_right = causal_lower_right
+        self.sdpa_backend = "auto"
+        self._sdpa_ctx = None
+        self.set_sdpa_backend(sdpa_backend)
         self.max_batch = int(max_batch) if max_batch is not None else kv.num_slots
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
@@ -308,13 +343,36 @@ class ModelRunner:
         if self.cuda_graphs:
             self._init_static_inputs()
 
+    def set_sdpa_backend(self, backend: str) -> None:
+        """Force the SDPA backend of prompt-chunk attention (see the class docstring)."""
+        if backend not in SDPA_BACKENDS:
+            raise ConfigError(f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}; got {backend!r}")
+        self.sdpa_backend = backend
+        self._sdpa_ctx = None
+        if backend != "auto":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            member = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                      "math": "MATH"}[backend]
+            if not hasattr(SDPBackend, member):
+                raise ConfigError(f"this torch has no SDPA backend {member}")
+            self._sdpa_ctx = lambda: sdpa_kernel([getattr(SDPBackend, member)])
+        # cuDNN attention takes no enable_gqa: give it K/V with the query-head count
+        self._gqa = _SDPA_GQA and backend != "cudnn"
+
     def _init_static_inputs(self) -> None:
-        """Decode-only static inputs of the graphs: rows tokens, positions, write index, slot,
-        length (device), and their pinned host staging copy."""
+        """Decode-only static inputs of the graphs: for batch bucket ``b`` the first ``5 * b``
+        int64 of one flat device buffer, read as [5, b] (tokens, positions, write index, slot,
+        length), so every bucket's inputs are contiguous; and a pinned host staging copy of
+        the same layout with a numpy view (filled without torch ops, copied in one transfer)."""
         top = self.buckets[-1]
-        self._dec_in = torch.zeros((5, top), dtype=torch.int64, device=self.device)
-        stage = torch.zeros((5, top), dtype=torch.int64)
+        self._dec_in = torch.zeros(5 * top, dtype=torch.int64, device=self.device)
+        stage = torch.zeros(5 * top, dtype=torch.int64)
         self._dec_stage = stage.pin_memory() if self.device.type == "cuda" else stage
+        self._dec_stage_np = self._dec_stage.numpy()
+
+    def _static_inputs(self, bucket: int) -> torch.Tensor:
+        return self._dec_in[: 5 * bucket].view(5, bucket)
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -353,24 +411,28 @@ class ModelRunner:
             return []
         if not (len(tokens) == len(positions) == b):
             raise ConfigError("decode_step: slots, tokens and positions must have the same length")
-        self._check_rows(slots, positions, [1] * b)
         bucket = bucket_for(b, self.buckets) if self.cuda_graphs else None
         if bucket is None:
+            self._check_rows(slots, positions, [1] * b)
             out, _ = self._eager(DecodeBatch(slots, tokens, positions), [])
             return out
         key = (bucket, self._ctx_bucket(max(positions) + 1))
         graph, out = self._graphs.get(key) or self._capture(*key)
-        stage = self._dec_stage
         t = self.kv.max_seq_len
-        pad = self.kv.pad_slot
-        stage[:, :bucket] = torch.tensor([[0], [0], [pad * t], [pad], [1]], dtype=torch.int64)
-        stage[0, :b] = torch.as_tensor(tokens, dtype=torch.int64)
-        stage[1, :b] = torch.as_tensor(positions, dtype=torch.int64)
-        slot_t = torch.as_tensor(slots, dtype=torch.int64)
-        stage[2, :b] = slot_t * t + stage[1, :b]
-        stage[3, :b] = slot_t
-        stage[4, :b] = stage[1, :b] + 1
-        self._dec_in[:, :bucket].copy_(stage[:, :bucket], non_blocking=True)
+        st = self._dec_stage_np[: 5 * bucket].reshape(5, bucket)
+        st[0, :b] = tokens
+        st[1, :b] = positions
+        st[3, :b] = slots
+        pos, slot = st[1, :b], st[3, :b]
+        if pos.min() < 0 or pos.max() >= t or slot.min() < 0 or slot.max() >= self.kv.num_slots:
+            self._check_rows(slots, positions, [1] * b)  # raises with the offending row
+        np.multiply(slot, t, out=st[2, :b])
+        st[2, :b] += pos
+        np.add(pos, 1, out=st[4, :b])
+        if bucket > b:  # padded rows: token 0 at position 0 of the scratch row
+            pad = self.kv.pad_slot
+            st[:, b:] = np.array([[0], [0], [pad * t], [pad], [1]], dtype=np.int64)
+        self._dec_in[: 5 * bucket].copy_(self._dec_stage[: 5 * bucket], non_blocking=True)
         graph.replay()
         return out[:b].tolist()
 
@@ -429,8 +491,8 @@ class ModelRunner:
         self.tune_gemv()
         t = self.kv.max_seq_len
         pad = self.kv.pad_slot
-        self._dec_in[:, :bucket] = torch.tensor([[0], [0], [pad * t], [pad], [1]], dtype=torch.int64,
-                                                device=self.device)
+        self._static_inputs(bucket).copy_(torch.tensor([[0], [0], [pad * t], [pad], [1]], dtype=torch.int64,
+                                                       device=self.device).expand(5, bucket))
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         side = self.capture_stream if self.capture_stream is not None else torch.cuda.Stream(self.device)
@@ -456,9 +518,10 @@ class ModelRunner:
         return entry[0] if entry else None
 
     def _graph_body(self, bucket: int, ctx: int | None = None) -> torch.Tensor:
-        d = self._dec_in[:, :bucket]
+        d = self._static_inputs(bucket)
         plan = _Plan(bucket, d[3], d[4], ctx, [])
-        x = self._hidden(d[0], d[1], d[2], plan)
+        h, residual = self._hidden(d[0], d[1], d[2], plan)
+        x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
         return self._greedy(self._linear(x, self.lm_head))
 
     def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
@@ -476,7 +539,6 @@ class ModelRunner:
         logit_rows: list[int] = []
         plan_chunks: list[tuple[int, int, int, int]] = []
         nd = 0
-        dec_slots = dec_lens = None
         dec_max = None
         batched_decode = decode is not None and not isinstance(self.kernels, TorchKernels)
         if decode is not None:
@@ -489,26 +551,37 @@ class ModelRunner:
                     plan_chunks.append((i, 1, int(slot), int(pos)))
             if batched_decode:
                 nd = len(decode.slots)
-                dec_max = max(int(p) for p in decode.positions) + 1
+                dec_max = max(positions) + 1
         for c in chunks:
             row = len(tokens)
             n = len(c.token_ids)
-            tokens.extend(int(x) for x in c.token_ids)
+            tokens.extend(c.token_ids)
             positions.extend(range(c.start_pos, c.start_pos + n))
-            windex.extend(range(c.slot * t + c.start_pos, c.slot * t + c.start_pos + n))
+            base = c.slot * t
+            windex.extend(range(base + c.start_pos, base + c.start_pos + n))
             plan_chunks.append((row, n, c.slot, c.start_pos))
             if c.last:
                 logit_rows.append(row + n - 1)
-        meta = _to_device(self.device, [tokens, positions, windex])
+        n_rows = len(tokens)
+        # every index the forward needs, in ONE host-to-device copy (pinned on CUDA)
+        flat = tokens + positions + windex + logit_rows
         if batched_decode:
-            extra = _to_device(self.device, [list(decode.slots), [p + 1 for p in decode.positions]])
-            dec_slots, dec_lens = extra[0], extra[1]
-        plan = _Plan(nd, dec_slots, dec_lens, dec_max, plan_chunks)
-        x = self._hidden(meta[0], meta[1], meta[2], plan)
+            flat += [int(s) for s in decode.slots] + [p + 1 for p in positions[:nd]]
+        meta = _to_device(self.device, flat)
+        nl = len(logit_rows)
+        o = 3 * n_rows
+        rows = meta[o:o + nl]
+        dec_slots = meta[o + nl:o + nl + nd] if batched_decode else None
+        dec_lens = meta[o + nl + nd:o + nl + 2 * nd] if batched_decode else None
+        plan = _Plan(nd, dec_slots, dec_lens, dec_max, plan_chunks, _attention_groups(plan_chunks))
+        h, residual = self._hidden(meta[:n_rows], meta[n_rows:2 * n_rows], meta[2 * n_rows:3 * n_rows], plan)
         if all_logits:
+            x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
             return F.linear(x, self.lm_head).float()
-        rows = torch.as_tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        next_tokens = self._greedy(self._linear(x.index_select(0, rows), self.lm_head)).tolist()
+        # the final norm and lm_head only on the rows whose next token is wanted
+        x, _ = self.kernels.add_rmsnorm(h.index_select(0, rows), residual.index_select(0, rows), self.final_norm,
+                                        self.eps)
+        next_tokens = self._greedy(self._linear(x, self.lm_head)).tolist()
         nd_out = len(decode.slots) if decode is not None else 0
         dec_out = next_tokens[:nd_out]
         chunk_out: list[int | None] = []
@@ -537,54 +610,112 @@ class ModelRunner:
         return self.gemv_report
 
     def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, write_index: torch.Tensor,
-                plan: _Plan) -> torch.Tensor:
-        """Final-normed hidden states of every row."""
+                plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, residual)`` after the last layer: the final norm is ``add_rmsnorm(h, residual)``
+        (left to the caller, which may need it on a few rows only)."""
         kern = self.kernels
-        h = F.embedding(tokens, self.embed)
-        residual = None
+        # decode-only forwards with the batched decode kernel (every CUDA-graph step): RoPE,
+        # the KV write and attention in one kernel per layer
+        fused = plan.decode_only and plan.num_decode == tokens.shape[0] and hasattr(kern, "decode_attention_rope")
+        hq, d = self.num_heads, self.head_dim
+        x, residual = kern.embed_rmsnorm(tokens, self.embed, self.layers[0].attn_norm, self.eps)
+        h = None
         for i, layer in enumerate(self.layers):
-            x, residual = kern.add_rmsnorm(h, residual, layer.attn_norm, self.eps)
+            if h is not None:
+                x, residual = kern.add_rmsnorm(h, residual, layer.attn_norm, self.eps)
             qkv = self._linear(x, layer.qkv, layer.qkv_bias)
-            k_flat, v_flat = self._kv_flat[i]
-            kern.rope_kv_write(qkv, positions, write_index, self.cos, self.sin, k_flat, v_flat,
-                               self.num_heads, self.num_kv_heads, self.head_dim)
-            attn = self._attention(i, qkv, plan)
+            if fused:
+                attn = kern.decode_attention_rope(
+                    qkv, plan.dec_slots, plan.dec_lens, self.cos, self.sin, self.kv.k[i], self.kv.v[i], hq,
+                    self.num_kv_heads, d, self.scale,
+                    max_len=plan.dec_max_len if plan.dec_max_len else self.kv.max_seq_len).view(-1, hq * d)
+            else:
+                k_flat, v_flat = self._kv_flat[i]
+                kern.rope_kv_write(qkv, positions, write_index, self.cos, self.sin, k_flat, v_flat,
+                                   hq, self.num_kv_heads, d)
+                attn = self._attention(i, qkv, plan)
             h = self._linear(attn, layer.o, layer.o_bias)
             x, residual = kern.add_rmsnorm(h, residual, layer.mlp_norm, self.eps)
             gu = self._linear(x, layer.gate_up, layer.gate_up_bias)
             h = self._linear(kern.silu_mul(gu), layer.down, layer.down_bias)
-        x, _ = kern.add_rmsnorm(h, residual, self.final_norm, self.eps)
-        return x
+        return h, residual
 
     def _attention(self, layer: int, qkv: torch.Tensor, plan: _Plan) -> torch.Tensor:
         n = qkv.shape[0]
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        hq, d = self.num_heads, self.head_dim
         q_all = qkv[:, : hq * d].view(n, hq, d)
         k_layer, v_layer = self.kv.k[layer], self.kv.v[layer]
         if plan.num_decode == n and not plan.chunks:
             out = self.kernels.decode_attention(q_all, k_layer, v_layer, plan.dec_slots, plan.dec_lens, self.scale,
                                                 max_len=plan.dec_max_len if plan.dec_max_len else self.kv.max_seq_len)
             return out.view(n, hq * d)
+        groups = plan.groups or _attention_groups(plan.chunks)
+        if self._sdpa_ctx is not None:
+            with self._sdpa_ctx():
+                return self._chunk_attention(layer, qkv, q_all, plan, groups)
+        return self._chunk_attention(layer, qkv, q_all, plan, groups)
+
+    def _chunk_attention(self, layer: int, qkv: torch.Tensor, q_all: torch.Tensor, plan: _Plan,
+                         groups: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
+        n = qkv.shape[0]
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        group_size = hq // hkv
+        if len(groups) == 1 and not plan.num_decode and groups[0][4] == 0 and groups[0][1] * groups[0][2] == n:
+            row, count, rows, _, _ = groups[0]  # the whole forward is whole prompts of one length
+            return self._fresh_attention(qkv, row, count, rows).reshape(n, hq * d)
+        k_layer, v_layer = self.kv.k[layer], self.kv.v[layer]
         out = torch.empty((n, hq, d), dtype=qkv.dtype, device=qkv.device)
         if plan.num_decode:
             nd = plan.num_decode
-            out[:nd] = self.kernels.decode_attention(q_all[:nd], k_layer, v_layer, plan.dec_slots, plan.dec_lens,
-                                                     self.scale, max_len=plan.dec_max_len)
-        group = hq // hkv
-        for row, rows, slot, start in plan.chunks:
+            self.kernels.decode_attention(q_all[:nd], k_layer, v_layer, plan.dec_slots, plan.dec_lens, self.scale,
+                                          max_len=plan.dec_max_len, out=out[:nd])
+        for row, count, rows, slot, start in groups:
+            if start == 0 and rows > 1:  # whole prompts: K/V straight from the qkv rows
+                o = self._fresh_attention(qkv, row, count, rows)  # [count * rows, H, D] (a view when possible)
+                out[row:row + count * rows] = o
+                continue
             kv_len = start + rows
             q = q_all[row:row + rows].transpose(0, 1).unsqueeze(0)  # [1, H, rows, D]
-            k = _expand_heads(k_layer[slot, :kv_len], group)  # [1, H, kv_len, D]
-            v = _expand_heads(v_layer[slot, :kv_len], group)
+            # a later chunk on CUDA goes through CausalBias (bottom-right causal), kept on the
+            # query-head-count K/V it was validated with
+            bias = start > 0 and rows > 1 and self._causal_lower_right is not None
+            if self._gqa and not bias:
+                k = k_layer[slot, :kv_len].transpose(0, 1).unsqueeze(0)  # [1, Hkv, kv_len, D], a view
+                v = v_layer[slot, :kv_len].transpose(0, 1).unsqueeze(0)
+                kw = {"enable_gqa": True} if group_size > 1 else {}
+            else:
+                k = _expand_heads(k_layer[slot, :kv_len], group_size)  # [1, H, kv_len, D]
+                v = _expand_heads(v_layer[slot, :kv_len], group_size)
+                kw = {}
             if rows == 1:
-                o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+                o = F.scaled_dot_product_attention(q, k, v, scale=self.scale, **kw)
             elif start == 0:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **kw)
             else:  # a later chunk: row i sees positions 0 .. start + i (bottom-right causal)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._chunk_mask(rows, kv_len),
-                                                   scale=self.scale)
+                                                   scale=self.scale, **kw)
             out[row:row + rows] = o[0].transpose(0, 1)
         return out.view(n, hq * d)
+
+    def _fresh_attention(self, qkv: torch.Tensor, row: int, count: int, rows: int) -> torch.Tensor:
+        """Causal attention of ``count`` whole prompts of ``rows`` tokens each, packed from
+        ``row`` on: one batched SDPA call on strided views of the qkv rows (their K/V are the
+        ones just written to the pool). Returns [count * rows, H, D]."""
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        group_size = hq // hkv
+        block = qkv[row:row + count * rows]
+        q = block[:, : hq * d].view(count, rows, hq, d).transpose(1, 2)  # [count, H, rows, D]
+        k = block[:, hq * d:(hq + hkv) * d].view(count, rows, hkv, d).transpose(1, 2)
+        v = block[:, (hq + hkv) * d:].view(count, rows, hkv, d).transpose(1, 2)
+        kw = {}
+        if group_size > 1:
+            if self._gqa:
+                kw["enable_gqa"] = True
+            else:
+                k = k[:, :, None].expand(count, hkv, group_size, rows, d).reshape(count, hq, rows, d)
+                v = v[:, :, None].expand(count, hkv, group_size, rows, d).reshape(count, hq, rows, d)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **kw)
+        return o.transpose(1, 2).reshape(count * rows, hq, d)  # a view when SDPA returns [B, L, H, D] memory
 
     def _chunk_mask(self, rows: int, kv_len: int):
         if self._causal_lower_right is not None:  # CUDA: lets SDPA pick flash attention
@@ -625,9 +756,9 @@ def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.unsqueeze(0)
 
 
-def _to_device(device: torch.device, rows: list[list[int]]) -> torch.Tensor:
-    """Equal-length int lists -> one [len(rows), n] int64 tensor on ``device`` (one copy)."""
-    t = torch.tensor(rows, dtype=torch.int64)
+def _to_device(device: torch.device, values: list[int]) -> torch.Tensor:
+    """An int list -> one int64 tensor on ``device`` (one copy, from pinned memory on CUDA)."""
+    t = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t

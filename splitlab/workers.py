@@ -161,7 +161,8 @@ def build_engine(model, config: EngineConfig) -> EngineParts:
     kv = KVPool.for_model(model, max_seq_len, num_slots=config.num_slots, memory_budget_bytes=config.kv_budget_bytes,
                           memory_fraction=config.kv_memory_fraction, max_slots=config.max_batch)
     runner = ModelRunner.from_model(model, kv, max_batch=min(config.max_batch, kv.num_slots),
-                                    cuda_graphs=config.cuda_graphs, kernels=config.kernels, gemv=config.gemv)
+                                    cuda_graphs=config.cuda_graphs, kernels=config.kernels, gemv=config.gemv,
+                                    sdpa_backend=config.sdpa_backend)
     return EngineParts(kv, runner, SlotAllocator(kv.num_slots), config, max_seq_len)
 
 
@@ -177,12 +178,11 @@ def warm_up(runner: ModelRunner) -> None:
     if kv.num_slots > 1:
         runner.mixed_step(DecodeBatch([0], [first[0]], [n]), [PrefillChunk(1, ids[:8], 0, False)])
     runner.decode_step([0], [first[0]], [n])
-    if hasattr(runner.kernels, "decode_attention") and runner.kernels.name == "triton":
-        # both variants of the split-K kernel (one split / several), whatever batches come later
-        q = torch.zeros((2, runner.num_heads, runner.head_dim), dtype=runner.dtype, device=runner.device)
-        idx = torch.zeros(2, dtype=torch.int64, device=runner.device)
-        for splits in (1, 2):
-            runner.kernels.decode_attention(q, kv.k[0], kv.v[0], idx, idx + 1, runner.scale, num_splits=splits)
+    if hasattr(runner.kernels, "warm_up") and runner.kernels.name == "triton":
+        # every variant of the split-K kernels (fused or not, one split or several, both KV
+        # block sizes), whatever batches come later (scratch tensors: the pool is not written)
+        runner.kernels.warm_up(runner.num_heads, runner.num_kv_heads, runner.head_dim, runner.dtype, runner.device,
+                               batches=(1, runner.max_batch))
     runner.capture_graphs()
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
@@ -255,6 +255,8 @@ def run_continuous(workload: Workload, model, mode: str, config: EngineConfig | 
             "max_batch": runner.max_batch,
             "kernels": runner.kernels.name,
             "gemv": runner.gemv_report is not None or bool(config.gemv),
+            "sdpa_backend": runner.sdpa_backend,
+            "decode_combine": getattr(runner.kernels, "combine", None),
             "cuda_graphs": runner.cuda_graphs,
             "device": str(runner.device),
             "dtype": str(runner.dtype).replace("torch.", ""),

@@ -20,6 +20,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _triton_interpreter_without_gpu() -> None:
+    """On a machine without a CUDA GPU the Triton kernels run in Triton's CPU interpreter
+    (tests/test_kernels.py). Triton reads TRITON_INTERPRET once, when it is first imported
+    (HF generate imports it through torch._dynamo), so it is set here, before any test
+    module is collected."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_triton_interpreter_without_gpu()
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The random 2-layer Llama with the byte tokenizer, fp32 on CPU (built in milliseconds)."""

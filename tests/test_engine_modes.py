@@ -122,6 +122,34 @@ def test_arrivals_are_waited_for_in_real_time(tiny):
     assert run.wall_s >= 0.25 and run.wall_s == max(t.token_times_s[-1] for t in run.traces)
 
 
+def test_chunked_steps_without_a_prompt_chunk_take_the_decode_path(tiny, workload, expected, monkeypatch):
+    """In chunked mode a step that carries no prompt chunk is a plain decode step: it goes
+    through ``decode_step`` (the CUDA-graph replay on a GPU), never the eager mixed forward."""
+    from splitlab.runner import ModelRunner
+
+    calls = []
+    real_decode, real_mixed = ModelRunner.decode_step, ModelRunner.mixed_step
+
+    def decode_step(self, slots, tokens, positions):
+        calls.append(("decode", len(slots)))
+        return real_decode(self, slots, tokens, positions)
+
+    def mixed_step(self, decode, chunks):
+        chunks = list(chunks)
+        calls.append(("mixed", len(chunks)))
+        assert chunks, "a mixed step without a prompt chunk"
+        return real_mixed(self, decode, chunks)
+
+    monkeypatch.setattr(ModelRunner, "decode_step", decode_step)
+    monkeypatch.setattr(ModelRunner, "mixed_step", mixed_step)
+    config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, chunk_size=16, warmup=False)
+    run = run_continuous(workload, tiny, "chunked", config, progress=False)
+    assert run.output_ids() == expected
+    kinds = [s.kind for s in run.steps]
+    assert kinds.count("decode") == sum(1 for c in calls if c[0] == "decode") > 0
+    assert kinds.count("mixed") + kinds.count("prefill") == sum(1 for c in calls if c[0] == "mixed")
+
+
 def test_run_record_is_complete_and_round_trips(tiny, workload, tmp_path):
     config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, chunk_size=16)
     run = run_continuous(workload, tiny, "chunked", config, progress=False)

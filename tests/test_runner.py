@@ -239,3 +239,46 @@ def test_graph_decode_path_pads_to_buckets_and_keeps_live_slots_intact():
     assert {b for b, _ in runner.captured} == {6, 4, 2}
     assert all(ctx == 256 for _, ctx in runner.captured)  # torch kernels: context-bucketed graphs
     assert torch.count_nonzero(kv.k[:, kv.pad_slot]) > 0  # padded rows wrote the scratch row
+
+
+def test_equal_length_prompts_share_one_batched_attention_call(monkeypatch):
+    """Adjacent whole prompts of one length run as ONE SDPA call on views of the qkv rows;
+    the logits stay HF's. Covers a forward that is one group, and groups beside other chunks."""
+    import splitlab.runner as runner_mod
+
+    loaded = make_model("llama", head_dim=16)
+    prompts = [[5, 9, 11, 40, 7], [8, 8, 3, 99, 1], [250, 2, 3, 4, 5], [60, 61, 62], [70, 71, 72], [44]]
+    refs = [hf_logits(loaded, p) for p in prompts]
+    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=7))
+    calls = []
+    real = runner_mod.F.scaled_dot_product_attention
+
+    def counting(q, *a, **k):
+        calls.append(tuple(q.shape))
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(runner_mod.F, "scaled_dot_product_attention", counting)
+    got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts[:3])])  # one group of 3
+    assert calls == [(3, 4, 5, 16)] * 2  # [prompts, heads, rows, dim], once per layer
+    torch.testing.assert_close(got, torch.cat(refs[:3]), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts)])  # groups of 3, 2 and a 1-token prompt
+    assert calls == [(3, 4, 5, 16), (2, 4, 3, 16), (1, 4, 1, 16)] * 2
+    torch.testing.assert_close(got, torch.cat(refs), rtol=1e-5, atol=1e-5)
+    # the greedy tokens of a prefill through the same paths
+    assert runner.prefill([(s, p, 0) for s, p in enumerate(prompts)]) == [int(r[-1].argmax()) for r in refs]
+
+
+def test_sdpa_backend_choice(tiny):
+    from splitlab.runner import SDPA_BACKENDS
+
+    assert SDPA_BACKENDS[0] == "auto"
+    kv = KVPool.for_model(tiny, 32, num_slots=2)
+    p = [5, 6, 7, 8, 9, 10]
+    want = ModelRunner.from_model(tiny, kv).forward_logits([(0, p, 0), (1, p[:4], 0)])
+    forced = ModelRunner.from_model(tiny, kv, sdpa_backend="math")
+    torch.testing.assert_close(forced.forward_logits([(0, p, 0), (1, p[:4], 0)]), want, rtol=1e-5, atol=1e-5)
+    forced._gqa = False  # the cuDNN layout: K/V copied up to the query-head count
+    torch.testing.assert_close(forced.forward_logits([(0, p, 0), (1, p[:4], 0)]), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="sdpa_backend"):
+        ModelRunner.from_model(tiny, kv, sdpa_backend="fast")
