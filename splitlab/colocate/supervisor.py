@@ -1,0 +1,557 @@
+"""Run worker functions in spawned processes and watch them.
+
+The parent never hangs on a dead child: it polls the shared event queue with a short
+timeout and checks every child's exit code between polls, so a worker that raises or is
+killed turns into a ``WorkerError`` naming it within about a second. Whatever happens
+(error, Ctrl-C, SIGTERM), ``close()`` terminates and joins every child it started, removes
+what a killed child could not remove itself (its ``/tmp/pymp-*`` folder), and drops the
+group's queues so their POSIX semaphores (``/dev/shm/sem.mp-*``) are unlinked.
+
+A child runs ``target(channel, *args)``. Through its ``Channel`` it sends events to the
+parent (``channel.send(kind, payload)``) and receives commands (``channel.recv()``), so one
+set of children can serve several runs (load and warm up once, then ``arm`` / ``go`` per
+run). Every child, before its target runs:
+
+- has ``WorkerSpec.env`` in its environment from its first instruction (the variables are
+  set in the parent around ``Process.start()``, so the spawned interpreter inherits them;
+  ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` is read when CUDA creates its context);
+- is named ``splitlab-<name>`` in the process table (``/proc/<pid>/comm``, 15 characters);
+- dies with its parent (``PR_SET_PDEATHSIG``: a parent killed with SIGKILL leaves no
+  orphan; the signal follows the parent *thread* that started the group, so start a
+  group from a thread that outlives it, e.g. the main thread);
+- exits through Python on SIGTERM (``close()`` and a dead parent send it), so its own
+  finalizers remove its semaphores and temp folder; SIGKILL follows if it does not;
+- ignores SIGINT: Ctrl-C is the parent's to handle (it stops the children itself);
+- uses a thread lock for tqdm instead of a multiprocessing one (a /dev/shm semaphore
+  that a killed child could not remove);
+- reports ``started`` with its pid and temp folder, then ``error`` (with the traceback) if
+  its target raises, or ``done`` when it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+from ..errors import WorkerError
+
+POLL_S = 0.2
+PROCESS_PREFIX = "splitlab-"
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """One child: its name, the function it runs, its arguments and extra environment.
+
+    ``env`` is in the child's environment before its interpreter starts, i.e. before CUDA
+    initialises there (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE is read at context creation).
+    A value of ``None`` removes that variable from the child's environment.
+    """
+
+    name: str
+    target: Callable[..., None]
+    args: tuple = ()
+    env: dict[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+class ParentGone(SystemExit):
+    """Raised in a child whose parent process is gone: nothing is left to report to."""
+
+
+class Channel:
+    """What a child uses to talk to the parent: events out, commands in, the one-shot go."""
+
+    def __init__(self, name: str, events, go, commands=None, parent_pid: int | None = None) -> None:
+        self.name = name
+        self._events = events
+        self._go = go
+        self._commands = commands
+        self._parent_pid = parent_pid
+
+    def send(self, kind: str, payload: Any = None) -> None:
+        self._events.put((self.name, kind, payload))
+
+    def parent_alive(self) -> bool:
+        return self._parent_pid is None or os.getppid() == self._parent_pid
+
+    def check_parent(self) -> None:
+        if not self.parent_alive():
+            raise ParentGone(f"worker {self.name}: the parent process is gone")
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """The next command from the parent; ``None`` after ``timeout`` seconds (``None``:
+        wait for ever, checking every ``POLL_S`` that the parent is still alive)."""
+        if self._commands is None:
+            raise RuntimeError("this channel has no command queue")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+            try:
+                return self._commands.get(timeout=wait)
+            except queue.Empty:
+                self.check_parent()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+
+    def ready_and_wait(self, timeout_s: float = 600.0, info: Any = None) -> float:
+        """Tell the parent this worker is warmed up; block until the run starts; return t0
+        (the one-shot start of ``ProcessGroup.start``)."""
+        self.send("ready", info)
+        if not self._go.wait(timeout_s):
+            raise WorkerError(f"worker {self.name}: the run never started (no go signal in {timeout_s:.0f} s)")
+        return self._go_time()
+
+    def _go_time(self) -> float:
+        return float(self._go.t0.value)
+
+
+class _GoSignal:
+    """An Event plus the shared start time, so every worker measures from one t0."""
+
+    def __init__(self, ctx) -> None:
+        self._event = ctx.Event()
+        self.t0 = ctx.Value("d", 0.0)
+
+    def set(self, t0: float) -> None:
+        self.t0.value = t0
+        self._event.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._event.wait(timeout_s)
+
+
+def _prctl(option: int, value: Any) -> None:
+    """Linux prctl(2), best effort (no-op where libc or the call is unavailable)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(option, value, 0, 0, 0)
+    except Exception:
+        pass
+
+
+class _Terminated(SystemExit):
+    """SIGTERM from the parent (``close()``): exit through Python, so finalizers run."""
+
+
+def _child_main(spec_name: str, target, args, env, events, go, commands=None, parent_pid=None) -> None:
+    for key, value in (env or {}).items():  # already inherited at spawn; kept for direct calls
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        # The parent is closing the group and reads no more events: do not wait at exit for
+        # them to be flushed; then leave through Python, so this process's own semaphores
+        # and temp folder are removed by their finalizers.
+        events.cancel_join_thread()
+        raise _Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:  # tqdm would make a multiprocessing lock (a /dev/shm semaphore) that a killed child
+        import threading  # cannot remove; children draw no bars, a thread lock is enough
+
+        from tqdm import tqdm as _tqdm
+
+        _tqdm.set_lock(threading.RLock())
+    except Exception:
+        pass
+    _prctl(_PR_SET_NAME, (PROCESS_PREFIX + spec_name)[:15].encode())
+    if parent_pid is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))  # on_sigterm: it exits through Python
+        if os.getppid() != parent_pid:  # the parent died before the line above took effect
+            os._exit(1)
+    channel = Channel(spec_name, events, go, commands, parent_pid)
+    try:
+        from multiprocessing import util
+
+        tmpdir = util.get_temp_dir()  # where this child's resource sharer puts its socket
+    except Exception:
+        tmpdir = None
+    channel.send("started", {"pid": os.getpid(), "tmpdir": tmpdir})
+    try:
+        target(channel, *args)
+    except (ParentGone, _Terminated):
+        raise
+    except BaseException as exc:  # report everything, KeyboardInterrupt included
+        channel.send("error", f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc()}")
+        _exiting()
+        raise SystemExit(1)
+    channel.send("done")
+    _exiting()
+
+
+def _exiting() -> None:
+    """From here the child only exits: a SIGTERM now (the parent closing while this process
+    is still in its exit handlers) ends it at once; the parent removes its temp folder."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
+
+
+@contextlib.contextmanager
+def _patched_environ(env: dict[str, str | None]) -> Iterator[None]:
+    """``env`` in ``os.environ`` for the block (``None`` removes a variable), then restored.
+    Not thread-safe (os.environ is process-wide): keep the block short."""
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class ProcessGroup:
+    """Spawned workers sharing one event queue; a context manager that always cleans up.
+
+    Children are started in ``specs`` order and stopped in reverse order, so a worker that
+    owns shared memory (listed first) outlives the workers that map it.
+    """
+
+    def __init__(self, specs: list[WorkerSpec], start_method: str = "spawn") -> None:
+        import torch.multiprocessing as mp
+
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker names must be unique, got {names}")
+        self._ctx = mp.get_context(start_method)
+        self.events = self._ctx.Queue()
+        self.go = _GoSignal(self._ctx)
+        self.specs = list(specs)
+        self._commands = {s.name: self._ctx.Queue() for s in self.specs}
+        self._extra_queues: list[Any] = []
+        self.procs: dict[str, Any] = {}
+        self.finished: set[str] = set()
+        self.started: dict[str, dict[str, Any]] = {}  # name -> {"pid", "tmpdir"}
+        self.exitcodes: dict[str, int | None] = {}
+        self._failed: set[str] = set()
+        self._closed = False
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def add(self, spec: WorkerSpec) -> None:
+        """One more child, before ``__enter__`` (e.g. once the queues it takes exist)."""
+        if self.procs:
+            raise RuntimeError("add workers before the group starts")
+        if spec.name in self._commands:
+            raise ValueError(f"worker names must be unique, got {spec.name!r} twice")
+        self.specs.append(spec)
+        self._commands[spec.name] = self._ctx.Queue()
+
+    def queue(self):
+        """A queue for the children to talk to each other (pass it in a spec's args before
+        ``__enter__``); it supports CUDA tensors (CUDA IPC) and CPU tensors (shared memory)."""
+        q = self._ctx.Queue()
+        self._extra_queues.append(q)
+        return q
+
+    def __enter__(self) -> "ProcessGroup":
+        try:
+            parent = os.getpid()
+            for spec in self.specs:
+                proc = self._ctx.Process(
+                    target=_child_main,
+                    args=(spec.name, spec.target, spec.args, spec.env, self.events, self.go,
+                          self._commands[spec.name], parent),
+                    name=PROCESS_PREFIX + spec.name,
+                    daemon=True,
+                )
+                with _patched_environ(spec.env):
+                    proc.start()
+                self.procs[spec.name] = proc
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self.procs.items()}
+
+    # ---- talking to the children ----------------------------------------------------------------
+    def send(self, name: str, message: Any) -> None:
+        """A command for one child (read there with ``channel.recv()``)."""
+        self._commands[name].put(message)
+
+    def next_event(self, timeout: float = POLL_S) -> tuple[str, str, Any] | None:
+        """The next event ``(worker, kind, payload)``, or None after ``timeout`` seconds.
+
+        Raises ``WorkerError`` when a worker reported an error or died without finishing.
+        ``started`` events are absorbed here; ``done`` marks the worker finished and is
+        returned like any other event.
+        """
+        while True:
+            event = self._get(timeout)
+            if event is None:
+                self._check_alive()
+                return None
+            name, kind, payload = event
+            if kind == "started":
+                self.started[name] = dict(payload or {})
+                continue
+            if kind == "error":
+                self._failed.add(name)
+                raise WorkerError(f"worker {name} failed: {payload}")
+            if kind == "done":
+                self.finished.add(name)
+            return name, kind, payload
+
+    def wait_for(self, kind: str, names=None, timeout_s: float = 900.0, what: str | None = None
+                 ) -> dict[str, Any]:
+        """Block until each of ``names`` (default: all) sent an event ``kind``; return their
+        payloads by name. Any other event in between is a protocol error."""
+        want = set(self.procs if names is None else names)
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while want - set(got):
+            event = self.next_event()
+            if event is None:
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"workers {sorted(want - set(got))} did not {what or 'send ' + repr(kind)} within "
+                        f"{timeout_s:.0f} s; stopped them"
+                    )
+                continue
+            name, got_kind, payload = event
+            if got_kind != kind or name not in want:
+                raise WorkerError(f"worker {name} sent {got_kind!r} while the parent waited for {kind!r}")
+            got[name] = payload
+        return got
+
+    # ---- the one-shot protocol (ready_and_wait in the children) ----------------------------------
+    def events_until_done(self, timeout_s: float | None = None) -> Iterator[tuple[str, str, Any]]:
+        """Yield (worker, kind, payload) until every worker said done; raise if one fails."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while len(self.finished) < len(self.procs):
+            event = self.next_event()
+            if event is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise WorkerError(f"workers {sorted(set(self.procs) - self.finished)} did not finish "
+                                      f"within {timeout_s:.0f} s; stopped them")
+                continue
+            if event[1] == "done":
+                continue
+            yield event
+
+    def wait_ready(self, timeout_s: float = 900.0) -> list[tuple[str, str, Any]]:
+        """Block until every worker sent 'ready'; return the other events seen meanwhile."""
+        ready: set[str] = set()
+        other = []
+        deadline = time.monotonic() + timeout_s
+        while len(ready) < len(self.procs):
+            event = self.next_event()
+            if event is None:
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"workers {sorted(set(self.procs) - ready)} were not ready within "
+                                      f"{timeout_s:.0f} s; stopped them")
+                continue
+            name, kind, payload = event
+            if kind == "ready":
+                ready.add(name)
+            else:
+                other.append((name, kind, payload))
+        return other
+
+    def start(self) -> float:
+        t0 = time.perf_counter()
+        self.go.set(t0)
+        return t0
+
+    # ---- watching ------------------------------------------------------------------------------
+    def _get(self, timeout: float):
+        """One event or None; never raises inside an ``except`` block, so an error raised
+        after it does not carry a ``queue.Empty`` whose traceback holds the queue."""
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if name in self.finished or proc.is_alive():
+                continue
+            # A last look: the error message may have been queued just before exit.
+            while (event := self._get(0.05)) is not None:
+                other, kind, payload = event
+                if kind == "error":
+                    self._failed.add(other)
+                    raise WorkerError(f"worker {other} failed: {payload}")
+                if kind == "done":
+                    self.finished.add(other)
+                if kind == "started":
+                    self.started[other] = dict(payload or {})
+            if name not in self.finished:
+                code = proc.exitcode
+                del proc  # nothing in a traceback should keep a Process (and its queues) alive
+                raise WorkerError(
+                    f"worker {name} died without finishing (exit code {code}"
+                    f"{', killed by signal ' + _signal_name(-code) if (code or 0) < 0 else ''}); "
+                    "the run was stopped and its other workers terminated"
+                )
+
+    # ---- cleaning up ---------------------------------------------------------------------------
+    def close(self, grace_s: float = 3.0, exit_wait_s: float = 5.0) -> None:
+        """Terminate and join every child (reverse start order); kill the ones that ignore
+        SIGTERM; then remove what killed children left and release the group's queues."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # children that said done (or failed) are exiting on their own: let them finish
+            ending = [p for n, p in self.procs.items() if n in self.finished or n in self._failed]
+            deadline = time.monotonic() + exit_wait_s
+            for proc in ending:
+                proc.join(max(0.0, deadline - time.monotonic()))
+            for name in reversed(list(self.procs)):
+                proc = self.procs[name]
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(min(grace_s, 1.0))  # the owner of shared memory goes last
+            deadline = time.monotonic() + grace_s
+            for proc in self.procs.values():
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(2.0)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for name, proc in self.procs.items():
+            self.exitcodes[name] = proc.exitcode
+            tmpdir = self.started.get(name, {}).get("tmpdir")
+            if proc.exitcode != 0 and tmpdir:
+                _remove_pymp_dir(tmpdir)  # a killed child cannot remove its own
+            # A Process keeps its arguments (our queues) for life, and a traceback may keep
+            # the Process: drop them, so the queues' semaphores can go.
+            if not proc.is_alive():
+                proc._args, proc._kwargs = (), {}
+        for q in self._commands.values():  # let a feeder thread blocked on a full pipe finish
+            _drain(q)
+        queues = [self.events, *self._commands.values(), *self._extra_queues]
+        for q in queues:
+            with contextlib.suppress(Exception):
+                q.cancel_join_thread()
+                q.close()
+        # Drop every reference to the queues, locks and processes: their semaphores are
+        # unlinked from /dev/shm when they are collected, even if this object lives on (in a
+        # traceback, say).
+        self.procs = {}
+        self.specs = []  # their args hold queues too
+        self._commands = {}
+        self._extra_queues = []
+        self.events = None
+        self.go = None
+        gc.collect()
+
+
+def _drain(q) -> None:
+    """Read what is left in a queue the parent wrote to (its reader is dead), so that the
+    parent's feeder thread is never stuck on a full pipe."""
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        try:
+            q.get(timeout=0.02)
+        except queue.Empty:
+            if not getattr(q, "_buffer", None):
+                return
+        except Exception:
+            return
+
+
+def _remove_pymp_dir(path: str) -> None:
+    """Remove a dead child's multiprocessing temp folder (``<tmp>/pymp-*``), nothing else."""
+    real = os.path.realpath(path)
+    base = os.path.basename(real)
+    if base.startswith("pymp-") and os.path.dirname(real) == os.path.realpath(tempfile.gettempdir()):
+        shutil.rmtree(real, ignore_errors=True)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return f"{num} ({signal.Signals(num).name})"
+    except ValueError:
+        return str(num)
+
+
+# ---- what is left behind (for checks: tests, benchmarks) --------------------------------------------
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, state) of every visible process (Linux /proc)."""
+    out: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        rest = text[text.rfind(")") + 2:].split()
+        out[int(entry)] = (int(rest[1]), rest[0])
+    return out
+
+
+def descendants(root: int | None = None) -> set[int]:
+    """Live (not zombie) descendants of ``root`` (default: this process), multiprocessing's
+    resource tracker left out (it lives as long as its parent, by design)."""
+    root = os.getpid() if root is None else root
+    table = _proc_table()
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    out: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                cmd = b""
+            if table[child][1] in ("Z", "X") or b"resource_tracker" in cmd:
+                continue
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def shm_mapped_elsewhere() -> set[str]:
+    """Names of /dev/shm entries mapped by a process that is neither this one nor one of its
+    descendants: other programs' live objects, not something this process left behind."""
+    mine = descendants() | {os.getpid()}
+    out: set[str] = set()
+    for pid in _proc_table():
+        if pid in mine:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        out.add(line[i + len("/dev/shm/"):].split()[0])
+        except OSError:
+            continue
+    return out

@@ -1,0 +1,185 @@
+"""Helpers of the co-location tests (split, replicas, robustness): the greedy oracle, a ragged
+workload, run invariants, and snapshots of what a run could leave behind (processes,
+/dev/shm entries, multiprocessing temp folders)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+
+from splitlab.workload import Workload, from_prompts
+
+PREFIX = "splitlab-"
+
+
+def hf_greedy(loaded, prompt, n: int) -> list[int]:
+    """The oracle: HF generate(do_sample=False, min_new_tokens=n, max_new_tokens=n), one prompt."""
+    ids = torch.tensor([list(prompt)])
+    with torch.no_grad():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                    min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def ragged_workload(seed: int = 0, n: int = 12, spread_s: float = 0.4, name: str | None = None) -> Workload:
+    """Ragged prompts (2..59 tokens) and outputs (1..16 tokens; one request asks for a single
+    token, so the prefill side frees its slot itself); half arrive at once (more than the
+    slots, so some wait), the rest spread over ``spread_s`` seconds."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(4, 260) for _ in range(rng.randrange(2, 60))] for _ in range(n)]
+    news = [rng.randrange(2, 17) for _ in range(n)]
+    news[:3] = [16, 12, 9]  # the first burst holds its slots a while
+    news[4] = 1
+    arrivals = [0.0] * (n // 2) + sorted(rng.uniform(0.05, spread_s) for _ in range(n - n // 2))
+    return from_prompts(prompts, news, arrivals, name=name or f"ragged-{seed}")
+
+
+def expected_tokens(loaded, workload) -> dict[int, list[int]]:
+    return {r.id: hf_greedy(loaded, r.prompt_ids, r.max_new_tokens) for r in workload}
+
+
+def check_split_run(run, workload, num_slots: int) -> None:
+    """What every split run must satisfy, whatever the backend."""
+    by_id = {t.id: t for t in run.traces}
+    assert sorted(by_id) == sorted(r.id for r in workload)
+    for r in workload:
+        t = by_id[r.id]
+        assert t.finished and len(t.output_ids) == r.max_new_tokens == len(t.token_times_s)
+        assert t.prefill_start_s >= r.arrival_s  # never prefilled before it arrived
+        assert t.prefill_end_s >= t.prefill_start_s
+        assert t.token_times_s[0] == t.prefill_end_s
+        assert all(b >= a for a, b in zip(t.token_times_s, t.token_times_s[1:]))
+    assert {s.worker for s in run.steps} <= {"prefill", "decode"}
+    assert {s.kind for s in run.steps if s.worker == "prefill"} == {"prefill"}
+    assert {s.kind for s in run.steps if s.worker == "decode"} <= {"decode"}
+    for worker in ("prefill", "decode"):  # each worker's own steps are sequential
+        own = sorted((s for s in run.steps if s.worker == worker), key=lambda s: s.start_s)
+        assert all(b.start_s >= a.end_s for a, b in zip(own, own[1:]))
+    for s in run.steps:  # decode only runs sequences whose prefill is done
+        if s.worker == "decode":
+            assert all(by_id[rid].prefill_end_s <= s.start_s for rid in s.request_ids)
+    # every prompt position and every output token but the last computed exactly once
+    rows = sum(s.num_tokens for s in run.steps)
+    assert rows == sum(r.prompt_len + r.max_new_tokens - 1 for r in workload)
+    # a request holds a slot at least from its prefill start to its last token
+    events = sorted([(t.prefill_start_s, 1) for t in run.traces] + [(t.token_times_s[-1], -1) for t in run.traces],
+                    key=lambda e: (e[0], e[1]))
+    live = peak = 0
+    for _, d in events:
+        live += d
+        peak = max(peak, live)
+    assert peak <= num_slots
+    assert any(t.prefill_start_s > t.arrival_s for t in run.traces)  # some waited for a slot
+
+
+# ---- what a run may leave behind ------------------------------------------------------------------
+# Other sessions may run tests on the same machine at the same time, so nothing here looks
+# at the whole process table or the whole /dev/shm: only at this process's descendants, at
+# the children a session reports (pids, temp folders), and at /dev/shm entries that no
+# process outside this test maps.
+
+def _ppids() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, state) of every process."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        rest = text[text.rfind(")") + 2:].split()
+        out[int(pid)] = (int(rest[1]), rest[0])
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def descendants(root: int | None = None) -> set[int]:
+    """Live (not zombie) descendants of ``root`` (default: this process), multiprocessing's
+    resource tracker left out (it lives as long as its parent, by design)."""
+    root = os.getpid() if root is None else root
+    table = _ppids()
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = set(), [root]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            if table[child][1] in ("Z", "X") or b"resource_tracker" in _cmdline(child):
+                continue
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _shm_mapped_by_others() -> set[str]:
+    """/dev/shm entries mapped by any process that is neither this one nor its descendants."""
+    mine = descendants() | {os.getpid()}
+    out: set[str] = set()
+    for pid in _ppids():
+        if pid in mine:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        out.add(line[i + len("/dev/shm/"):].split()[0])
+        except OSError:
+            continue
+    return out
+
+
+def snapshot() -> dict[str, set]:
+    # tqdm makes one multiprocessing lock per process, the first time a bar is made: make it
+    # now, so it is not mistaken for something a run left behind
+    from tqdm.auto import tqdm
+
+    tqdm(disable=True).close()
+    return {"descendants": descendants(), "shm": set(os.listdir("/dev/shm"))}
+
+
+def assert_clean(before: dict[str, set], children: dict | None = None, timeout_s: float = 5.0) -> None:
+    """Since ``before``: no new live descendant of this process; every child in ``children``
+    (``{name: {"pid", "tmpdir", ...}}``, as sessions report them) gone with its temp folder;
+    no new /dev/shm entry that only this test could have made (given ``timeout_s`` for the
+    kernel to reap what was just killed)."""
+    import multiprocessing
+
+    children = children or {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        procs = descendants() - before["descendants"]
+        known = {n: c["pid"] for n, c in children.items() if c.get("pid") and alive(c["pid"])}
+        dirs = [c["tmpdir"] for c in children.values() if c.get("tmpdir") and os.path.exists(c["tmpdir"])]
+        shm = set(os.listdir("/dev/shm")) - before["shm"]
+        if shm:
+            shm -= _shm_mapped_by_others()
+        if not (procs or known or dirs or shm) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith(PREFIX)]
+    assert not procs, f"processes left behind: {sorted(procs)}"
+    assert not known, f"workers still alive: {known}"
+    assert not dirs, f"multiprocessing temp folders left behind: {dirs}"
+    assert not shm, f"/dev/shm entries left behind: {sorted(shm)}"

@@ -1,0 +1,85 @@
+"""The ``replicas`` mode on CPU: N spawned full engines (or generate() loops) side by side.
+
+Each replica serves its round-robin share of the requests from one t0; replica 0 loads the
+weights and shares them (shared memory on CPU, CUDA IPC on GPU); each engine replica has
+its own KV pool with 1/N of the slots. Outputs equal HF greedy ``generate()`` exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import splitlab
+from splitlab.colocate import run_replicas
+from splitlab.config import EngineConfig
+from splitlab.errors import ConfigError, ModeError
+
+from _colocation import assert_clean, expected_tokens, ragged_workload, snapshot
+
+CONFIG = EngineConfig(max_seq_len=96, num_slots=4, max_batch=4, token_budget=64)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return ragged_workload(seed=2)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny, workload):
+    return expected_tokens(tiny, workload)
+
+
+def _check_replica_run(run, workload, n):
+    by_id = {t.id: t for t in run.traces}
+    ordered = sorted(workload.requests, key=lambda r: (r.arrival_s, r.id))
+    for i, r in enumerate(ordered):  # dealt round-robin in arrival order
+        t = by_id[r.id]
+        assert t.worker == f"replica-{i % n}"
+        assert t.finished and t.prefill_start_s >= r.arrival_s and t.token_times_s[0] == t.prefill_end_s
+    assert {s.worker for s in run.steps} == {f"replica-{i}" for i in range(n)}
+    for i in range(n):  # one replica's own steps never overlap
+        own = sorted((s for s in run.steps if s.worker == f"replica-{i}"), key=lambda s: s.start_s)
+        assert all(b.start_s >= a.end_s for a, b in zip(own, own[1:]))
+    assert set(run.memory["per_worker"]) == {f"replica-{i}" for i in range(n)}
+    assert run.config["replicas"] == n and run.config["mode"] == "replicas"
+
+
+def test_engine_replicas_match_generate(tiny, workload, expected):
+    before = snapshot()
+    run = splitlab.run(workload, tiny, mode="replicas", config=CONFIG, num_replicas=2, engine="serial",
+                       progress=False)
+    assert run.output_ids() == expected
+    _check_replica_run(run, workload, 2)
+    # each replica has its OWN pool with half the slots: two pools of 2 slots (+1 scratch row each)
+    assert [p["num_slots"] for p in run.config["per_replica"]] == [2, 2]
+    assert run.memory["kv_pools"] == 2
+    assert run.memory["kv_pool_bytes"] == 2 * (2 * 2 * 3 * 96 * 2 * 16 * 4)
+    assert run.memory["weight_bytes"] == tiny.facts.weight_bytes
+    assert run.config["backend"] == "serial" and run.config["mps"] is False
+    # the second replica runs on replica 0's weights, mapped from shared memory (no copy)
+    assert run.config["per_replica"][1]["weights_shared"] is True
+    assert_clean(before)
+
+
+def test_generate_replicas_match_generate(tiny, workload, expected):
+    run = run_replicas(workload, tiny, batch_size=3, num_replicas=2, engine="generate", progress=False)
+    assert run.output_ids() == expected
+    _check_replica_run(run, workload, 2)
+    assert run.config["engine"] == "generate" and run.config["batch_size"] == 3
+    assert run.memory["kv_pools"] == 0
+    assert run.config["per_replica"][1]["weights_shared"] is True
+    # static batching per replica: every step holds at most batch_size requests of that replica
+    assert all(len(s.request_ids) <= 3 for s in run.steps)
+
+
+def test_replicas_arguments_are_checked(tiny, workload):
+    with pytest.raises(ConfigError, match="unknown keyword"):
+        run_replicas(workload, tiny, progress=False, replicas=2)
+    with pytest.raises(ConfigError, match="engine must be one of"):
+        run_replicas(workload, tiny, progress=False, engine="vllm")
+    with pytest.raises(ConfigError, match="num_replicas"):
+        run_replicas(workload, tiny, progress=False, num_replicas=0)
+    with pytest.raises(ModeError, match="mps=True needs an NVIDIA GPU"):
+        run_replicas(workload, tiny, progress=False, mps=True)
+    with pytest.raises(splitlab.WorkloadError, match="max_seq_len"):
+        run_replicas(workload, tiny, config=EngineConfig(max_seq_len=32, max_batch=2, chunk_size=8), progress=False)
