@@ -51,6 +51,8 @@ class SLO(FrozenConfig):
 
 # prefill-attention backends of the engine ("auto": PyTorch's own choice)
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+# decode-attention variants (splitlab.kernels.DECODE_VARIANTS holds what each one is)
+DECODE_VARIANT_NAMES = ("fused", "split", "fused-kernel", "fused-b64", "split-atomic", "split-b32", "fused-b64-s1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,9 @@ class EngineConfig(FrozenConfig):
     ``sdpa_backend``: SDPA backend of prompt-chunk attention: ``"auto"`` (PyTorch's choice)
     or ``"flash"`` / ``"cudnn"`` / ``"efficient"`` / ``"math"`` (see ``ModelRunner``);
     ``benchmarks/engine_floor.py`` times each on the prefill shapes.
+    ``decode_variant``: the decode attention variant (``ModelRunner``): ``"auto"`` times the
+    candidates at warm-up on CUDA and keeps the fastest; a name of ``DECODE_VARIANT_NAMES``
+    (or ``"small:large"``, one per batch class) fixes it, e.g. to reuse an earlier run's choice.
     """
 
     max_seq_len: int = 2048
@@ -102,6 +107,7 @@ class EngineConfig(FrozenConfig):
     gemv: bool = False
     warmup: bool = True
     sdpa_backend: str = "auto"
+    decode_variant: str = "auto"
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -131,6 +137,11 @@ class EngineConfig(FrozenConfig):
         if self.sdpa_backend not in SDPA_BACKENDS:
             raise ConfigError(f"EngineConfig.sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}; "
                               f"got {self.sdpa_backend!r}")
+        parts = self.decode_variant.split(":") if isinstance(self.decode_variant, str) else [None]
+        if not (self.decode_variant == "auto" or (len(parts) in (1, 2) and all(p in DECODE_VARIANT_NAMES
+                                                                                for p in parts))):
+            raise ConfigError(f"EngineConfig.decode_variant must be 'auto', one of {', '.join(DECODE_VARIANT_NAMES)} "
+                              f"or 'small:large' of those; got {self.decode_variant!r}")
         for name in ("warmup", "gemv"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")

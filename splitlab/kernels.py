@@ -27,6 +27,10 @@ Split-K attention combines its per-split partials in the same launch by default:
 launch instead. The decode CUDA graph of a Llama layer is then 8 launches: RMSNorm, qkv GEMM,
 fused RoPE/KV-write/attention, o GEMM, RMSNorm, gate/up GEMM, SiLU-mul, down GEMM.
 
+``DECODE_VARIANTS`` names the ways to run decode attention (fused or separate RoPE/KV write,
+in-kernel or second-launch combine, KV block size, split count, K/V load order); all are exact
+against the reference, and ``ModelRunner`` times them on CUDA and keeps the fastest.
+
 Triton is imported lazily and only when a CUDA runner asks for it. The kernels also run under
 Triton's CPU interpreter (``TRITON_INTERPRET=1``, fp32), which is how tests check them on a
 machine without a GPU.
@@ -34,6 +38,7 @@ machine without a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -41,6 +46,50 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeVariant:
+    """One way to run the decode step's attention (all exact against the torch reference; they
+    differ in launches and memory traffic only, so the fastest is picked by timing on CUDA).
+
+    ``rope_fused``: RoPE + the new K/V write inside the attention kernel (``decode_attention_rope``)
+    instead of a separate ``rope_kv_write`` launch; ``combine``: split-K partials combined by the
+    last program ("atomic", no extra launch) or by a second launch ("kernel"); ``block_n``: KV
+    positions per loop iteration (0: 32 for small batches, 64 otherwise; see ``block_n``);
+    ``split_target``: programs with work per SM the split count aims for; ``early_v``: V loaded
+    together with K (else after the scores, the round-1 order).
+    """
+
+    name: str
+    rope_fused: bool
+    combine: str
+    block_n: int
+    split_target: float
+    early_v: bool
+
+
+# The candidates ModelRunner times on CUDA (the first is the default where nothing is timed).
+# "fused" is round 2 (one kernel per layer, in-kernel combine, 32-key blocks for small batches);
+# "split" is round 1 (separate rope_kv_write, 64-key blocks, V after the scores, a combine launch).
+DECODE_VARIANTS: dict[str, DecodeVariant] = {v.name: v for v in (
+    DecodeVariant("fused", True, "atomic", 0, 2.0, True),
+    DecodeVariant("split", False, "kernel", 64, 2.0, False),
+    DecodeVariant("fused-kernel", True, "kernel", 0, 2.0, True),
+    DecodeVariant("fused-b64", True, "atomic", 64, 2.0, False),
+    DecodeVariant("split-atomic", False, "atomic", 0, 2.0, True),
+    DecodeVariant("split-b32", False, "kernel", 32, 2.0, False),
+    DecodeVariant("fused-b64-s1", True, "atomic", 64, 1.0, False),
+)}
+
+
+def _check_names() -> None:
+    from .config import DECODE_VARIANT_NAMES
+
+    assert tuple(DECODE_VARIANTS) == DECODE_VARIANT_NAMES, "config.DECODE_VARIANT_NAMES is out of date"
+
+
+_check_names()
 
 
 def triton_importable() -> bool:
@@ -99,7 +148,7 @@ class TorchKernels:
     def decode_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
                          slots: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                          max_len: int | None = None, num_splits: int = 1,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, variant: DecodeVariant | None = None) -> torch.Tensor:
         """Batched reference: gather each sequence's KV (padded to ``max_len``), masked softmax.
 
         ``q``: [B, H, D]; ``k_layer``/``v_layer``: [slots, T, Hkv, D]; returns [B, H, D]
@@ -128,7 +177,7 @@ class TorchKernels:
     def decode_attention_rope(cls, qkv: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
                               cos: torch.Tensor, sin: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
                               num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                              max_len: int | None = None) -> torch.Tensor:
+                              max_len: int | None = None, variant: DecodeVariant | None = None) -> torch.Tensor:
         """One decode token per row: RoPE on q and k at position ``seq_lens - 1``, the new K/V
         stored at that position of each row's slot, then attention over ``seq_lens`` positions.
 
@@ -241,7 +290,8 @@ def _triton_kernels():
                            GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
                            IEEE: tl.constexpr, FUSED: tl.constexpr, NUM_HEADS: tl.constexpr,
-                           NUM_KV_HEADS: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr):
+                           NUM_KV_HEADS: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
+                           EARLY_V: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -294,9 +344,12 @@ def _triton_kernels():
             offs_n = n0 + tl.arange(0, BLOCK_N)
             nmask = offs_n < end_cache
             kvmask = nmask[:, None] & dmask[None, :]
-            # K and V issued together: one DRAM round trip per block, not two
+            # EARLY_V: K and V issued together (one DRAM round trip per block, more registers
+            # live); else V is loaded after the scores (the round-1 order)
             k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kvmask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kvmask, other=0.0)
+            if EARLY_V:
+                v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kvmask,
+                            other=0.0)
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -306,6 +359,9 @@ def _triton_kernels():
             p = tl.exp(qk - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
+            if not EARLY_V:
+                v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kvmask,
+                            other=0.0)
             if IEEE:
                 pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -563,7 +619,8 @@ class TritonKernels:
         SMs (small batches: more, shorter splits keep every SM loading), else 64."""
         return 32 if batch * num_kv_heads < self.sm_count else 64
 
-    def num_splits(self, batch: int, num_kv_heads: int, max_len: int, block_n: int | None = None) -> int:
+    def num_splits(self, batch: int, num_kv_heads: int, max_len: int, block_n: int | None = None,
+                   split_target: float | None = None) -> int:
         """Splits of the KV length per (sequence, KV head).
 
         Enough programs for ``SPLIT_TARGET_PER_SM`` per SM, at most ``MAX_SPLITS``, at most one
@@ -575,21 +632,22 @@ class TritonKernels:
         136 programs, one per SM); batch 8 -> 5 splits; 32 -> 2; 64 -> 1 (512 programs).
         """
         block_n = block_n or self.block_n(batch, num_kv_heads)
-        want = math.ceil(self.SPLIT_TARGET_PER_SM * self.sm_count / max(1, batch * num_kv_heads))
+        target = self.SPLIT_TARGET_PER_SM if split_target is None else split_target
+        want = math.ceil(target * self.sm_count / max(1, batch * num_kv_heads))
         by_len = max(1, math.ceil(max_len / block_n))
         return int(max(1, min(want, self.MAX_SPLITS, by_len)))
 
     def decode_attention(self, q, k_layer, v_layer, slots, seq_lens, scale, max_len=None, num_splits=None,
-                         out=None):
+                         out=None, variant: DecodeVariant | None = None):
         """``q`` [B, H, D] (any row/head strides, last dim contiguous); ``k_layer``/``v_layer``
         [slots, T, Hkv, D]; ``slots``/``seq_lens`` [B] int tensors. Returns [B, H, D] (written
         into ``out`` when given)."""
         b, h, d = q.shape
         return self._decode(q, q.stride(0), q.stride(1), None, None, k_layer, v_layer, slots, seq_lens, scale,
-                            max_len, num_splits, out, b, h, d, fused=False)
+                            max_len, num_splits, out, b, h, d, fused=False, variant=variant)
 
     def decode_attention_rope(self, qkv, slots, seq_lens, cos, sin, k_layer, v_layer, num_heads, num_kv_heads,
-                              head_dim, scale, max_len=None, num_splits=None):
+                              head_dim, scale, max_len=None, num_splits=None, variant: DecodeVariant | None = None):
         """``TorchKernels.decode_attention_rope`` in one launch (plus the split combine): RoPE of
         q and the new k at ``seq_lens - 1``, the new K/V stored into the pool, attention over
         the cached positions and the new one. ``qkv`` is read, not modified."""
@@ -597,15 +655,19 @@ class TritonKernels:
         assert qkv.stride(1) == 1 and cos.stride(1) == 1 and cos.shape[1] == head_dim
         assert k_layer.shape[2] == num_kv_heads
         return self._decode(qkv, qkv.stride(0), head_dim, cos, sin, k_layer, v_layer, slots, seq_lens, scale,
-                            max_len, num_splits, None, b, num_heads, head_dim, fused=True)
+                            max_len, num_splits, None, b, num_heads, head_dim, fused=True, variant=variant)
 
     def _decode(self, q, stride_qb, stride_qh, cos, sin, k_layer, v_layer, slots, seq_lens, scale, max_len,
-                num_splits, out, b, h, d, fused):
+                num_splits, out, b, h, d, fused, variant=None):
+        """``variant`` (a ``DecodeVariant``) overrides the block size, split target, combine
+        mode and load order; None: this instance's defaults (``combine``, ``block_n``)."""
         hkv = k_layer.shape[2]
         group = h // hkv
-        block_n = self.block_n(b, hkv)
+        block_n = (variant.block_n if variant is not None and variant.block_n else 0) or self.block_n(b, hkv)
+        combine = self.combine if variant is None or self.combine == "kernel" else variant.combine
         if num_splits is None:
-            num_splits = self.num_splits(b, hkv, max_len if max_len is not None else k_layer.shape[1], block_n)
+            num_splits = self.num_splits(b, hkv, max_len if max_len is not None else k_layer.shape[1], block_n,
+                                         variant.split_target if variant is not None else None)
         if not 1 <= num_splits <= self.MAX_SPLITS:
             raise ValueError(f"num_splits must be in 1..{self.MAX_SPLITS}, got {num_splits}")
         if out is None:
@@ -624,7 +686,7 @@ class TritonKernels:
         ieee = k_layer.dtype == torch.float32
         cos_t = cos if fused else out  # unused pointers when not fused
         sin_t = sin if fused else out
-        atomic = not single and self.combine == "atomic"
+        atomic = not single and combine == "atomic"
         cnt = self._counter(b * hkv, k_layer.device) if atomic else out
         self.k["decode_stage1"][(b, hkv, num_splits)](
             q, k_layer, v_layer, slots, seq_lens, out, mid_o, mid_m, mid_l, cos_t, sin_t, cnt,
@@ -633,7 +695,8 @@ class TritonKernels:
             smb, smh, sms, slb, slh, cos.stride(0) if fused else 0, num_splits, float(scale),
             GROUP=group, BLOCK_H=max(16, _next_pow2(group)), HEAD_DIM=d, BLOCK_D=block_d,
             BLOCK_N=block_n, SINGLE=single, IEEE=ieee, FUSED=fused, NUM_HEADS=h, NUM_KV_HEADS=hkv,
-            COMBINE=atomic, BLOCK_S=self.MAX_SPLITS, num_warps=4, num_stages=2)
+            COMBINE=atomic, BLOCK_S=self.MAX_SPLITS, EARLY_V=True if variant is None else variant.early_v,
+            num_warps=4, num_stages=2)
         if not single and not atomic:
             self.k["decode_stage2"][(b, h)](
                 mid_o, mid_m, mid_l, out, num_splits, smb, smh, sms, slb, slh, out.stride(0), out.stride(1),
@@ -641,9 +704,10 @@ class TritonKernels:
         return out
 
     def warm_up(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-                batches: tuple[int, ...] = (1,)) -> None:
+                batches: tuple[int, ...] = (1,), variants: tuple[str, ...] | None = None) -> None:
         """Compile every decode-attention variant a run can launch (fused or not, one split or
-        several, both KV block sizes), so none compiles mid-run. Writes nothing persistent."""
+        several, both KV block sizes; and each ``DECODE_VARIANTS`` name in ``variants``), so none
+        compiles mid-run. Writes nothing persistent."""
         kl = torch.zeros((2, 64, num_kv_heads, head_dim), dtype=dtype, device=device)
         big = max(batches + (math.ceil(self.sm_count / max(1, num_kv_heads)),))
         t = torch.arange(64, dtype=torch.float32, device=device)[:, None].expand(64, head_dim).contiguous()
@@ -652,10 +716,12 @@ class TritonKernels:
             idx = torch.zeros(batch, dtype=torch.int64, device=device)
             q = torch.zeros((batch, num_heads, head_dim), dtype=dtype, device=device)
             qkv = torch.zeros((batch, (num_heads + 2 * num_kv_heads) * head_dim), dtype=dtype, device=device)
-            for splits in (1, 2):
-                self.decode_attention(q, kl, kl.clone(), idx, idx + 1, 1.0, num_splits=splits)
-                self.decode_attention_rope(qkv, idx, idx + 1, t.cos(), t.sin(), kl, kl.clone(), num_heads,
-                                           num_kv_heads, head_dim, 1.0, num_splits=splits)
+            for var in [None] + [DECODE_VARIANTS[n] for n in (variants or ())]:
+                for splits in (1, 2):
+                    self.decode_attention(q, kl, kl.clone(), idx, idx + 1, 1.0, num_splits=splits, variant=var)
+                    if var is None or var.rope_fused:
+                        self.decode_attention_rope(qkv, idx, idx + 1, t.cos(), t.sin(), kl, kl.clone(), num_heads,
+                                                   num_kv_heads, head_dim, 1.0, num_splits=splits, variant=var)
 
 
 def _cuda_time(fn, iters: int) -> float:

@@ -5,10 +5,14 @@ and gate/up fused once, the HF modules rebound to views of the fused tensors so 
 held twice) and owns the KV layout and the kernel launches:
 
 - ``prefill(chunks)``: prompt chunks of several sequences (ragged lengths) packed into ONE
-  token dimension; every projection is one GEMM over all rows. Attention (SDPA): adjacent
-  whole-prompt chunks (``start_pos == 0``) of equal length run as ONE batched causal call on
-  strided views of the fused qkv rows (no gather, no GQA head copies); any other chunk runs
-  alone (a chunk that starts at ``start_pos > 0`` attends to its slot's earlier KV).
+  token dimension; every projection is one GEMM over all rows. Attention (SDPA): ALL whole-
+  prompt chunks (``start_pos == 0``) of a forward run as ONE batched causal call with shared KV
+  heads (``enable_gqa``, no head copies), right-padded to the longest (exact for the real rows
+  under a causal mask; on CUDA to a multiple of ``PREFILL_PAD_CUDA`` rows, so cuDNN, PyTorch's
+  choice on Hopper, meets a few shapes instead of building a plan per prompt length); equal
+  lengths use strided views of the fused qkv rows, ragged ones one row gather, the indices
+  riding the forward's single host-to-device copy. A chunk that starts at ``start_pos > 0``
+  runs alone against its slot's earlier KV (bottom-right causal).
 - ``decode_step(slots, tokens, positions)``: one token for every running sequence. On CUDA
   it replays a CUDA graph captured per batch-size bucket (batch padded to the bucket; the
   padded rows write the pool's scratch row); attention reads each sequence's valid KV only.
@@ -36,9 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SDPA_BACKENDS
+from .config import DECODE_VARIANT_NAMES, SDPA_BACKENDS
 from .errors import ConfigError, ModelSpecError, WorkloadError
-from .kernels import TorchKernels, make_kernels
+from .kernels import DECODE_VARIANTS, DecodeVariant, TorchKernels, make_kernels
 from .kv_cache import KVPool
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
@@ -74,6 +78,28 @@ class DecodeBatch(NamedTuple):
 
 
 @dataclasses.dataclass
+class _Fresh:
+    """The whole prompts (``start_pos == 0``) of one forward, attended in ONE batched causal
+    SDPA call: ``count`` prompts right-padded to ``length`` rows each (right padding is exact
+    for the real rows under a causal mask; the pad rows' outputs are dropped).
+
+    ``row``: the first row of the first prompt; the prompts' rows are contiguous from it
+    (``rows`` in all) unless ``dst`` is given. ``gather``: the qkv row of each of the
+    ``count * length`` padded rows (None: the prompts are already ``count`` adjacent runs of
+    ``length`` rows, so views of the qkv rows serve, no copy); ``select``: the padded row of
+    each real row, in order. All index tensors come from the forward's one host-to-device copy.
+    """
+
+    row: int
+    rows: int
+    count: int
+    length: int
+    gather: torch.Tensor | None = None
+    select: torch.Tensor | None = None
+    dst: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
 class _Plan:
     """Attention metadata of one forward (rows: decode rows first, then chunk rows)."""
 
@@ -82,26 +108,16 @@ class _Plan:
     dec_lens: torch.Tensor | None
     dec_max_len: int | None  # None inside a CUDA graph (the kernel reads lengths itself)
     chunks: list[tuple[int, int, int, int]]  # (first row, rows, slot, start_pos)
-    # SDPA calls: (first row, count, rows each, slot, start_pos); count > 1 only for adjacent
-    # whole-prompt chunks of equal length (one batched call; slot unused, K/V from qkv)
-    groups: list[tuple[int, int, int, int, int]] = dataclasses.field(default_factory=list)
+    # whole prompts: one batched SDPA call (None: no chunk starts at position 0)
+    fresh: _Fresh | None = None
+    # every other chunk (start_pos > 0, or a reference-path decode row): one SDPA call each
+    # against its slot's KV, as (first row, rows, slot, start_pos)
+    rest: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+    variant: DecodeVariant | None = None  # the decode rows' attention variant
 
     @property
     def decode_only(self) -> bool:
         return not self.chunks and self.num_decode > 0
-
-
-def _attention_groups(chunks: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int, int]]:
-    """Adjacent chunks with ``start_pos == 0`` and the same length become one group."""
-    groups: list[list[int]] = []
-    for row, rows, slot, start in chunks:
-        if start == 0 and rows > 1 and groups:
-            g = groups[-1]
-            if g[4] == 0 and g[2] == rows and g[1] > 0 and g[0] + g[1] * g[2] == row and g[5]:
-                g[1] += 1
-                continue
-        groups.append([row, 1, rows, slot, start, start == 0 and rows > 1])
-    return [(g[0], g[1], g[2], g[3], g[4]) for g in groups]
 
 
 class _Layer(NamedTuple):
@@ -262,11 +278,26 @@ class ModelRunner:
     (``torch.nn.attention.sdpa_kernel``; its flags are process-wide while a forward runs).
     ``"cudnn"`` gets K/V with the query-head count (copied), the others share KV heads
     (``enable_gqa``). ``benchmarks/engine_floor.py`` times each on the prefill shapes.
+    ``decode_variant``: how the decode step's attention runs (``kernels.DECODE_VARIANTS``:
+    ``"fused"`` = RoPE, KV write and attention in one kernel with the in-kernel split combine;
+    ``"split"`` = a separate RoPE/KV-write launch, attention, a combine launch; and a few
+    block-size / split-count variants). ``"auto"``: on CUDA with Triton kernels and graphs,
+    ``select_decode_variant()`` (run by ``capture_graphs()``) captures each candidate's graph
+    for a small and a large representative batch bucket, times replays and keeps the fastest
+    per batch class; elsewhere ``"fused"`` (no timing). A name fixes it; ``"small:large"``
+    fixes one per class (batches with ``batch * kv_heads`` below the SM count are "small").
+    All variants are exact against the torch reference (tests/test_kernels.py).
     """
+
+    # CUDA: whole prompts are right-padded to a multiple of this many rows before their batched
+    # SDPA call when the backend may be cuDNN (``"auto"`` picks it on Hopper with torch >= 2.11),
+    # which builds an execution plan per new shape (tens of ms each): ragged prompt lengths then
+    # map onto a few shapes, built once (``warm_prefill_attention``), instead of one per prompt.
+    PREFILL_PAD_CUDA = 256
 
     def __init__(self, arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, *,
                  max_batch: int | None = None, cuda_graphs: bool | None = None, kernels: str = "auto",
-                 gemv: bool = False, sdpa_backend: str = "auto"):
+                 gemv: bool = False, sdpa_backend: str = "auto", decode_variant: str = "auto"):
         self.arch = dict(arch)
         self.kv = kv
         a = self.arch
@@ -342,6 +373,107 @@ class ModelRunner:
         self.capture_stream = None
         if self.cuda_graphs:
             self._init_static_inputs()
+        self._set_decode_variant(decode_variant)
+
+    # ---- decode variants ---------------------------------------------------------------------
+    def _set_decode_variant(self, spec: str) -> None:
+        if not isinstance(spec, str) or not spec:
+            raise ConfigError(f"decode_variant must be 'auto', one of {', '.join(DECODE_VARIANT_NAMES)}, or "
+                              f"'small:large'; got {spec!r}")
+        timed = self.device.type == "cuda" and self.cuda_graphs and self.kernels.name == "triton"
+        self._decode_auto = spec == "auto" and timed
+        self.decode_variant_report: dict[str, Any] | None = None
+        if spec == "auto":
+            names = ["fused", "fused"]
+        else:
+            names = spec.split(":") if ":" in spec else [spec, spec]
+        if len(names) != 2 or any(n not in DECODE_VARIANTS for n in names):
+            raise ConfigError(f"decode_variant must be 'auto', one of {', '.join(DECODE_VARIANT_NAMES)}, or "
+                              f"'small:large' of those; got {spec!r}")
+        self._variant_choice = {"small": names[0], "large": names[1]}
+        self._variant_how = "timed" if self._decode_auto else ("default" if spec == "auto" else "fixed")
+
+    @property
+    def decode_variant(self) -> str:
+        """The decode variant in use: one name, or ``"small:large"`` when the classes differ."""
+        a, b = self._variant_choice["small"], self._variant_choice["large"]
+        return a if a == b else f"{a}:{b}"
+
+    def decode_variant_info(self) -> dict[str, Any]:
+        """What ``Run.config['effective']`` and the benchmark JSON record about the choice."""
+        return {"decode_variant": self.decode_variant, "decode_variant_how": self._variant_how,
+                "decode_variant_timings": self.decode_variant_report}
+
+    def _small_batch(self, batch: int) -> bool:
+        return batch * self.num_kv_heads < getattr(self.kernels, "sm_count", 0)
+
+    def _variant_for(self, batch: int) -> DecodeVariant:
+        return DECODE_VARIANTS[self._variant_choice["small" if self._small_batch(batch) else "large"]]
+
+    def select_decode_variant(self, candidates: Sequence[str] | None = None, context: int = 1024,
+                              iters: int = 20) -> dict[str, Any] | None:
+        """Time each candidate's decode graph and keep the fastest per batch class (CUDA, Triton
+        kernels, graphs, ``decode_variant="auto"``; once). The representative buckets: 1 (small)
+        and the first large bucket from 32 on (else the largest). Their static inputs point at
+        slots 0.. with ``context`` tokens each; replays write one K/V position of those slots
+        (garbage that any later request overwrites before reading it, as ``workers.warm_up``'s
+        writes): run it before serving. Timing: CUDA events around each replay, median of
+        ``iters`` after 3 warm-up replays. Graphs captured before are dropped (recaptured on use).
+        """
+        if not self._decode_auto or self.decode_variant_report is not None:
+            return self.decode_variant_report
+        forced_kernel = getattr(self.kernels, "combine", "atomic") == "kernel"
+        names, seen = [], set()
+        for n in candidates or DECODE_VARIANT_NAMES:
+            v = DECODE_VARIANTS[n]
+            key = (v.rope_fused, "kernel" if forced_kernel else v.combine, v.block_n, v.split_target, v.early_v)
+            if key not in seen:  # with the combine forced to "kernel", some candidates coincide
+                seen.add(key)
+                names.append(n)
+        reps: dict[str, int] = {}
+        small = [b for b in self.buckets if self._small_batch(b)]
+        large = [b for b in self.buckets if not self._small_batch(b)]
+        if small:
+            reps["small"] = small[0]
+        if large:
+            reps["large"] = next((b for b in large if b >= 32), large[-1])
+        t = self.kv.max_seq_len
+        ctx = max(2, min(int(context), t - 1))
+        report: dict[str, Any] = {"context": ctx, "iters": iters, "statistic": "median CUDA-event ms per replay"}
+        for cls, bucket in reps.items():
+            times: dict[str, float] = {}
+            for name in names:
+                self._variant_choice[cls] = name
+                graph, out = self._capture_graph(bucket, None)
+                slots = torch.arange(bucket, device=self.device, dtype=torch.int64) % self.kv.num_slots
+                d = self._static_inputs(bucket)
+                d[0].zero_()
+                d[1].fill_(ctx - 1)
+                d[2].copy_(slots * t + ctx - 1)
+                d[3].copy_(slots)
+                d[4].fill_(ctx)
+                for _ in range(3):
+                    graph.replay()
+                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(iters)]
+                for a, b in ev:
+                    a.record()
+                    graph.replay()
+                    b.record()
+                torch.cuda.synchronize(self.device)
+                times[name] = float(np.median([a.elapsed_time(b) for a, b in ev]))
+                del graph, out
+            best = min(times, key=times.get)
+            self._variant_choice[cls] = best
+            report[cls] = {"bucket": bucket, "ms": times, "chosen": best}
+        if "small" not in reps:
+            self._variant_choice["small"] = self._variant_choice["large"]
+        if "large" not in reps:
+            self._variant_choice["large"] = self._variant_choice["small"]
+        self._graphs.clear()
+        torch.cuda.synchronize(self.device)
+        self.decode_variant_report = report
+        return report
 
     def set_sdpa_backend(self, backend: str) -> None:
         """Force the SDPA backend of prompt-chunk attention (see the class docstring)."""
@@ -472,6 +604,7 @@ class ModelRunner:
         """Capture the decode graphs of these batch buckets (default: all), largest first."""
         if not self.cuda_graphs:
             return []
+        self.select_decode_variant()
         want = sorted({bucket_for(b, self.buckets) for b in (batch_sizes or self.buckets)} - {None}, reverse=True)
         ctx = self._ctx_bucket(1)
         for b in want:
@@ -488,6 +621,11 @@ class ModelRunner:
         return min(self.kv.max_seq_len, max(256, 1 << (int(length) - 1).bit_length()))
 
     def _capture(self, bucket: int, ctx: int | None = None):
+        graph, out = self._capture_graph(bucket, ctx)
+        self._graphs[(bucket, ctx)] = (graph, out)
+        return graph, out
+
+    def _capture_graph(self, bucket: int, ctx: int | None = None):
         self.tune_gemv()
         t = self.kv.max_seq_len
         pad = self.kv.pad_slot
@@ -507,7 +645,6 @@ class ModelRunner:
                               capture_error_mode="thread_local"):
             out = self._graph_body(bucket, ctx)
         torch.cuda.synchronize(self.device)
-        self._graphs[(bucket, ctx)] = (graph, out)
         return graph, out
 
     def graph(self, batch: int, context: int = 1):
@@ -519,7 +656,7 @@ class ModelRunner:
 
     def _graph_body(self, bucket: int, ctx: int | None = None) -> torch.Tensor:
         d = self._static_inputs(bucket)
-        plan = _Plan(bucket, d[3], d[4], ctx, [])
+        plan = _Plan(bucket, d[3], d[4], ctx, [], variant=self._variant_for(bucket))
         h, residual = self._hidden(d[0], d[1], d[2], plan)
         x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
         return self._greedy(self._linear(x, self.lm_head))
@@ -563,17 +700,37 @@ class ModelRunner:
             if c.last:
                 logit_rows.append(row + n - 1)
         n_rows = len(tokens)
+        # whole prompts -> one batched causal SDPA call (right-padded); the rest one call each
+        first_chunk = len(plan_chunks) - len(chunks)
+        fresh_chunks = [pc for pc, c in zip(plan_chunks[first_chunk:], chunks) if c.start_pos == 0]
+        rest = plan_chunks[:first_chunk] + [pc for pc, c in zip(plan_chunks[first_chunk:], chunks)
+                                            if c.start_pos != 0]
+        fresh_idx: list[int] = []
+        fresh = None
+        if fresh_chunks:
+            fresh, fresh_idx = self._fresh_plan(fresh_chunks)
         # every index the forward needs, in ONE host-to-device copy (pinned on CUDA)
         flat = tokens + positions + windex + logit_rows
         if batched_decode:
             flat += [int(s) for s in decode.slots] + [p + 1 for p in positions[:nd]]
+        flat += fresh_idx
         meta = _to_device(self.device, flat)
         nl = len(logit_rows)
         o = 3 * n_rows
         rows = meta[o:o + nl]
         dec_slots = meta[o + nl:o + nl + nd] if batched_decode else None
         dec_lens = meta[o + nl + nd:o + nl + 2 * nd] if batched_decode else None
-        plan = _Plan(nd, dec_slots, dec_lens, dec_max, plan_chunks, _attention_groups(plan_chunks))
+        if fresh is not None and fresh_idx:
+            o = 3 * n_rows + nl + (2 * nd if batched_decode else 0)
+            for name in ("gather", "select", "dst"):
+                k = getattr(fresh, name)  # a count, set by _fresh_plan; becomes the tensor
+                if k:
+                    setattr(fresh, name, meta[o:o + k])
+                    o += k
+                else:
+                    setattr(fresh, name, None)
+        plan = _Plan(nd, dec_slots, dec_lens, dec_max, plan_chunks, fresh, rest,
+                     variant=self._variant_for(nd) if nd else None)
         h, residual = self._hidden(meta[:n_rows], meta[n_rows:2 * n_rows], meta[2 * n_rows:3 * n_rows], plan)
         if all_logits:
             x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
@@ -593,6 +750,75 @@ class ModelRunner:
             else:
                 chunk_out.append(None)
         return dec_out, chunk_out
+
+    def _prefill_pad(self) -> int:
+        """Rows whole prompts are padded to a multiple of (see ``PREFILL_PAD_CUDA``); 1 = only
+        to the forward's longest prompt."""
+        if self.device.type == "cuda" and self.sdpa_backend in ("auto", "cudnn"):
+            return self.PREFILL_PAD_CUDA
+        return 1
+
+    def _fresh_plan(self, fresh_chunks: list[tuple[int, int, int, int]]) -> tuple[_Fresh, list[int]]:
+        """The ``_Fresh`` of these whole-prompt chunks and the host index list it needs (its
+        ``gather`` / ``select`` / ``dst`` hold the lengths of their parts until the forward's
+        one copy turns them into tensors)."""
+        lengths = [n for _, n, _, _ in fresh_chunks]
+        count = len(fresh_chunks)
+        pad = self._prefill_pad()
+        length = -(-max(lengths) // pad) * pad
+        row0 = fresh_chunks[0][0]
+        contiguous = all(fresh_chunks[i + 1][0] == r + n for i, (r, n, _, _) in enumerate(fresh_chunks[:-1]))
+        total = sum(lengths)
+        fresh = _Fresh(row0, total, count, length)
+        if contiguous and all(n == length for n in lengths):
+            return fresh, []  # count adjacent runs of `length` rows: views of the qkv rows
+        gather: list[int] = []
+        select: list[int] = []
+        for i, (r, n, _, _) in enumerate(fresh_chunks):
+            gather.extend(range(r, r + n))
+            gather.extend([r + n - 1] * (length - n))  # pad rows: any real row (their output is dropped)
+            select.extend(range(i * length, i * length + n))
+        dst: list[int] = [] if contiguous else [x for r, n, _, _ in fresh_chunks for x in range(r, r + n)]
+        fresh.gather, fresh.select, fresh.dst = len(gather), len(select), len(dst)
+        return fresh, gather + select + dst
+
+    def warm_prefill_attention(self, counts: Sequence[int] = (1, 2), max_len: int | None = None) -> int:
+        """Run the whole-prompt attention once per padded shape a run will meet (``counts``
+        prompts x every multiple of the pad up to ``max_len``), so a backend that builds a plan
+        per shape (cuDNN) builds them before the clock starts. CUDA only; returns the shapes."""
+        pad = self._prefill_pad()
+        if self.device.type != "cuda" or pad == 1:
+            return 0
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        top = min(max_len or self.kv.max_seq_len, self.kv.max_seq_len)
+        shapes = 0
+        for count in counts:
+            for length in range(pad, top + 1, pad):
+                qkv = torch.zeros(count * length, (hq + 2 * hkv) * d, device=self.device, dtype=self.dtype)
+                if self._sdpa_ctx is not None:
+                    with self._sdpa_ctx():
+                        self._fresh_attention(qkv, 0, count, length)
+                else:
+                    self._fresh_attention(qkv, 0, count, length)
+                shapes += 1
+        torch.cuda.synchronize(self.device)
+        return shapes
+
+    def sdpa_effective_backend(self, count: int = 1, length: int = 1024) -> str:
+        """The SDPA backend PyTorch picks for a whole-prompt call of this shape under this
+        runner's setting (``torch._fused_sdp_choice``), e.g. ``"cudnn"`` for ``"auto"`` on an H200."""
+        if self.sdpa_backend != "auto":
+            return self.sdpa_backend
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = torch.empty(count, hq, length, d, device=self.device, dtype=self.dtype)
+        k = torch.empty(count, hkv, length, d, device=self.device, dtype=self.dtype)
+        kw = {"enable_gqa": True} if self._gqa and hq != hkv else {}
+        try:
+            choice = torch._fused_sdp_choice(q, k, k, is_causal=True, scale=self.scale, **kw)
+        except Exception as exc:  # noqa: BLE001  (a private API: report, never fail)
+            return f"unknown ({type(exc).__name__})"
+        names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+        return names.get(int(choice), str(choice))
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self._gemv is not None and x.shape[0] <= self._gemv.GEMV_MAX_ROWS:
@@ -616,7 +842,8 @@ class ModelRunner:
         kern = self.kernels
         # decode-only forwards with the batched decode kernel (every CUDA-graph step): RoPE,
         # the KV write and attention in one kernel per layer
-        fused = plan.decode_only and plan.num_decode == tokens.shape[0] and hasattr(kern, "decode_attention_rope")
+        fused = plan.decode_only and plan.num_decode == tokens.shape[0] and hasattr(kern, "decode_attention_rope") \
+            and (plan.variant is None or plan.variant.rope_fused)
         hq, d = self.num_heads, self.head_dim
         x, residual = kern.embed_rmsnorm(tokens, self.embed, self.layers[0].attn_norm, self.eps)
         h = None
@@ -628,7 +855,8 @@ class ModelRunner:
                 attn = kern.decode_attention_rope(
                     qkv, plan.dec_slots, plan.dec_lens, self.cos, self.sin, self.kv.k[i], self.kv.v[i], hq,
                     self.num_kv_heads, d, self.scale,
-                    max_len=plan.dec_max_len if plan.dec_max_len else self.kv.max_seq_len).view(-1, hq * d)
+                    max_len=plan.dec_max_len if plan.dec_max_len else self.kv.max_seq_len,
+                    variant=plan.variant).view(-1, hq * d)
             else:
                 k_flat, v_flat = self._kv_flat[i]
                 kern.rope_kv_write(qkv, positions, write_index, self.cos, self.sin, k_flat, v_flat,
@@ -647,33 +875,37 @@ class ModelRunner:
         k_layer, v_layer = self.kv.k[layer], self.kv.v[layer]
         if plan.num_decode == n and not plan.chunks:
             out = self.kernels.decode_attention(q_all, k_layer, v_layer, plan.dec_slots, plan.dec_lens, self.scale,
-                                                max_len=plan.dec_max_len if plan.dec_max_len else self.kv.max_seq_len)
+                                                max_len=plan.dec_max_len if plan.dec_max_len else self.kv.max_seq_len,
+                                                variant=plan.variant)
             return out.view(n, hq * d)
-        groups = plan.groups or _attention_groups(plan.chunks)
+        if plan.fresh is None and not plan.rest:  # a plan built elsewhere: every chunk alone
+            plan.rest = list(plan.chunks)
         if self._sdpa_ctx is not None:
             with self._sdpa_ctx():
-                return self._chunk_attention(layer, qkv, q_all, plan, groups)
-        return self._chunk_attention(layer, qkv, q_all, plan, groups)
+                return self._chunk_attention(layer, qkv, q_all, plan)
+        return self._chunk_attention(layer, qkv, q_all, plan)
 
-    def _chunk_attention(self, layer: int, qkv: torch.Tensor, q_all: torch.Tensor, plan: _Plan,
-                         groups: list[tuple[int, int, int, int, int]]) -> torch.Tensor:
+    def _chunk_attention(self, layer: int, qkv: torch.Tensor, q_all: torch.Tensor, plan: _Plan) -> torch.Tensor:
         n = qkv.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         group_size = hq // hkv
-        if len(groups) == 1 and not plan.num_decode and groups[0][4] == 0 and groups[0][1] * groups[0][2] == n:
-            row, count, rows, _, _ = groups[0]  # the whole forward is whole prompts of one length
-            return self._fresh_attention(qkv, row, count, rows).reshape(n, hq * d)
+        fresh = plan.fresh
+        if fresh is not None and not plan.num_decode and not plan.rest and fresh.row == 0 and fresh.rows == n \
+                and fresh.dst is None:
+            return self._padded_attention(qkv, fresh).reshape(n, hq * d)  # the forward is whole prompts only
         k_layer, v_layer = self.kv.k[layer], self.kv.v[layer]
         out = torch.empty((n, hq, d), dtype=qkv.dtype, device=qkv.device)
         if plan.num_decode:
             nd = plan.num_decode
             self.kernels.decode_attention(q_all[:nd], k_layer, v_layer, plan.dec_slots, plan.dec_lens, self.scale,
-                                          max_len=plan.dec_max_len, out=out[:nd])
-        for row, count, rows, slot, start in groups:
-            if start == 0 and rows > 1:  # whole prompts: K/V straight from the qkv rows
-                o = self._fresh_attention(qkv, row, count, rows)  # [count * rows, H, D] (a view when possible)
-                out[row:row + count * rows] = o
-                continue
+                                          max_len=plan.dec_max_len, out=out[:nd], variant=plan.variant)
+        if fresh is not None:
+            o = self._padded_attention(qkv, fresh)
+            if fresh.dst is None:
+                out[fresh.row:fresh.row + fresh.rows] = o
+            else:
+                out.index_copy_(0, fresh.dst, o)
+        for row, rows, slot, start in plan.rest:
             kv_len = start + rows
             q = q_all[row:row + rows].transpose(0, 1).unsqueeze(0)  # [1, H, rows, D]
             # a later chunk on CUDA goes through CausalBias (bottom-right causal), kept on the
@@ -696,6 +928,15 @@ class ModelRunner:
                                                    scale=self.scale, **kw)
             out[row:row + rows] = o[0].transpose(0, 1)
         return out.view(n, hq * d)
+
+    def _padded_attention(self, qkv: torch.Tensor, fresh: _Fresh) -> torch.Tensor:
+        """The real rows of ``fresh``'s prompts after one batched causal SDPA call over them,
+        right-padded to ``fresh.length`` rows each: [fresh.rows, H, D], in row order."""
+        if fresh.gather is None:  # already adjacent runs of one length: views, no copy
+            return self._fresh_attention(qkv, fresh.row, fresh.count, fresh.length)
+        padded = qkv.index_select(0, fresh.gather)  # [count * length, (H + 2 Hkv) * D]
+        o = self._fresh_attention(padded, 0, fresh.count, fresh.length)
+        return o.index_select(0, fresh.select)
 
     def _fresh_attention(self, qkv: torch.Tensor, row: int, count: int, rows: int) -> torch.Tensor:
         """Causal attention of ``count`` whole prompts of ``rows`` tokens each, packed from

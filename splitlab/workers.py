@@ -162,7 +162,8 @@ def build_engine(model, config: EngineConfig) -> EngineParts:
                           memory_fraction=config.kv_memory_fraction, max_slots=config.max_batch)
     runner = ModelRunner.from_model(model, kv, max_batch=min(config.max_batch, kv.num_slots),
                                     cuda_graphs=config.cuda_graphs, kernels=config.kernels, gemv=config.gemv,
-                                    sdpa_backend=config.sdpa_backend)
+                                    sdpa_backend=config.sdpa_backend,
+                                    decode_variant=getattr(config, "decode_variant", "auto"))
     return EngineParts(kv, runner, SlotAllocator(kv.num_slots), config, max_seq_len)
 
 
@@ -177,12 +178,17 @@ def warm_up(runner: ModelRunner) -> None:
     first = runner.prefill([(0, ids, 0)])
     if kv.num_slots > 1:
         runner.mixed_step(DecodeBatch([0], [first[0]], [n]), [PrefillChunk(1, ids[:8], 0, False)])
+    # CUDA + Triton + graphs, decode_variant="auto": time the decode variants, keep the fastest
+    runner.select_decode_variant()
     runner.decode_step([0], [first[0]], [n])
     if hasattr(runner.kernels, "warm_up") and runner.kernels.name == "triton":
         # every variant of the split-K kernels (fused or not, one split or several, both KV
         # block sizes), whatever batches come later (scratch tensors: the pool is not written)
         runner.kernels.warm_up(runner.num_heads, runner.num_kv_heads, runner.head_dim, runner.dtype, runner.device,
-                               batches=(1, runner.max_batch))
+                               batches=(1, runner.max_batch),
+                               variants=tuple(sorted(set(runner.decode_variant.split(":")))))
+    # the padded whole-prompt attention shapes (cuDNN builds a plan per shape), off the clock
+    runner.warm_prefill_attention()
     runner.capture_graphs()
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
@@ -257,6 +263,8 @@ def run_continuous(workload: Workload, model, mode: str, config: EngineConfig | 
             "gemv": runner.gemv_report is not None or bool(config.gemv),
             "sdpa_backend": runner.sdpa_backend,
             "decode_combine": getattr(runner.kernels, "combine", None),
+            **runner.decode_variant_info(),
+            "sdpa_effective": runner.sdpa_effective_backend() if cuda else runner.sdpa_backend,
             "cuda_graphs": runner.cuda_graphs,
             "device": str(runner.device),
             "dtype": str(runner.dtype).replace("torch.", ""),

@@ -179,9 +179,11 @@ def test_engine_with_triton_kernels_matches_hf(tk, tiny):
 
 
 @interpreter_only
-def test_graph_decode_body_with_triton_kernels(tk):
+@pytest.mark.parametrize("variant", ["fused", "split", "split-atomic:fused-b64-s1"])
+def test_graph_decode_body_with_triton_kernels(tk, variant):
     """The exact CUDA-graph step body of a GPU run (Triton attention reading lengths in-kernel,
-    one graph per batch bucket, padded rows on the scratch row), replayed eagerly on CPU."""
+    one graph per batch bucket, padded rows on the scratch row), replayed eagerly on CPU, for
+    the round-2 fused variant, the round-1 split variant, and one per batch class."""
     from test_runner import EmulatedGraphRunner, make_model
 
     from splitlab.kv_cache import KVPool
@@ -197,7 +199,10 @@ def test_graph_decode_body_with_triton_kernels(tk):
         expected.append(out[0, len(p):].tolist())
     kv = KVPool.for_model(loaded, 64, num_slots=4)
     runner = EmulatedGraphRunner(extract_arch(loaded.model), extract_weights(loaded.model), kv, max_batch=4,
-                                 kernels="triton")
+                                 kernels="triton", decode_variant=variant)
+    assert runner.decode_variant == variant and runner.decode_variant_info()["decode_variant_how"] == "fixed"
+    if ":" in variant:  # the class split of the interpreter's 4 "SMs": 2 KV heads x batch 4 is large
+        assert runner._variant_for(1).name == "split-atomic" and runner._variant_for(4).name == "fused-b64-s1"
     slots = [3, 0, 2]
     outs = [[t] for t in runner.prefill([(s, p, 0) for s, p in zip(slots, prompts)])]
     for _ in range(4):
@@ -347,3 +352,50 @@ def test_split_combine_in_kernel_equals_second_launch_and_rearms(tk):
         assert int(atomic._counters[str(k.device)].abs().sum()) == 0
     with pytest.raises(ValueError):
         TritonKernels(sm_count=4, combine="maybe")
+
+
+def test_every_decode_variant_matches_the_reference(tk):
+    """Each ``DECODE_VARIANTS`` entry (block size, split count, combine, load order; fused with
+    RoPE + KV write or not) == the torch reference, with and without RoPE fused."""
+    from splitlab.kernels import DECODE_VARIANTS
+
+    torch.manual_seed(8)
+    heads, kv_heads, dim, length = 4, 2, 16, 140
+    k = torch.randn(5, length, kv_heads, dim, device=DEVICE)
+    v = torch.randn_like(k)
+    cos, sin = _rope_tables(length, dim)
+    s, n = torch.tensor([3, 0, 2], device=DEVICE), torch.tensor([140, 1, 70], device=DEVICE)
+    q = torch.randn(3, heads, dim, device=DEVICE)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, device=DEVICE)
+    want = ref().decode_attention(q, k, v, s, n, 0.3)
+    kr, vr = k.clone(), v.clone()
+    want_f = ref().decode_attention_rope(qkv.clone(), s, n, cos, sin, kr, vr, heads, kv_heads, dim, 0.3,
+                                         max_len=length)
+    for var in DECODE_VARIANTS.values():
+        got = tk.decode_attention(q, k, v, s, n, 0.3, max_len=length, variant=var)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=var.name)
+        if var.rope_fused:
+            kg, vg = k.clone(), v.clone()
+            got = tk.decode_attention_rope(qkv, s, n, cos, sin, kg, vg, heads, kv_heads, dim, 0.3, max_len=length,
+                                           variant=var)
+            torch.testing.assert_close(got, want_f, rtol=1e-5, atol=1e-5, msg=var.name)
+            torch.testing.assert_close(kg, kr, rtol=1e-6, atol=1e-6, msg=var.name)
+            torch.testing.assert_close(vg, vr, rtol=0, atol=0, msg=var.name)
+
+
+def test_decode_variant_choice_is_fixed_off_cuda(tiny):
+    from splitlab.config import EngineConfig
+    from splitlab.errors import ConfigError
+    from splitlab.kv_cache import KVPool
+    from splitlab.runner import ModelRunner
+
+    kv = KVPool.for_model(tiny, 32, num_slots=2)
+    r = ModelRunner.from_model(tiny, kv, kernels="triton")
+    assert r.decode_variant == "fused" and r.select_decode_variant() is None  # nothing timed on CPU
+    assert r.decode_variant_info()["decode_variant_how"] == "default"
+    assert ModelRunner.from_model(tiny, kv, decode_variant="split").decode_variant == "split"
+    with pytest.raises(ConfigError, match="decode_variant"):
+        ModelRunner.from_model(tiny, kv, decode_variant="fastest")
+    with pytest.raises(ConfigError, match="decode_variant"):
+        EngineConfig(decode_variant="fused:nope")
+    assert EngineConfig(decode_variant="split:fused").decode_variant == "split:fused"

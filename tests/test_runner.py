@@ -241,15 +241,17 @@ def test_graph_decode_path_pads_to_buckets_and_keeps_live_slots_intact():
     assert torch.count_nonzero(kv.k[:, kv.pad_slot]) > 0  # padded rows wrote the scratch row
 
 
-def test_equal_length_prompts_share_one_batched_attention_call(monkeypatch):
-    """Adjacent whole prompts of one length run as ONE SDPA call on views of the qkv rows;
-    the logits stay HF's. Covers a forward that is one group, and groups beside other chunks."""
+def test_whole_prompts_share_one_batched_attention_call(monkeypatch):
+    """Whole prompts (start_pos 0) of ANY lengths run as ONE causal SDPA call per layer, right-
+    padded to the longest (views of the qkv rows, no copy, when the lengths are equal); the
+    logits stay HF's. Covers whole prompts only, and whole prompts beside decode rows and a
+    later chunk (start_pos > 0, its own call)."""
     import splitlab.runner as runner_mod
 
     loaded = make_model("llama", head_dim=16)
     prompts = [[5, 9, 11, 40, 7], [8, 8, 3, 99, 1], [250, 2, 3, 4, 5], [60, 61, 62], [70, 71, 72], [44]]
     refs = [hf_logits(loaded, p) for p in prompts]
-    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=7))
+    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=8))
     calls = []
     real = runner_mod.F.scaled_dot_product_attention
 
@@ -258,15 +260,56 @@ def test_equal_length_prompts_share_one_batched_attention_call(monkeypatch):
         return real(q, *a, **k)
 
     monkeypatch.setattr(runner_mod.F, "scaled_dot_product_attention", counting)
-    got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts[:3])])  # one group of 3
+    got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts[:3])])  # equal lengths: views
     assert calls == [(3, 4, 5, 16)] * 2  # [prompts, heads, rows, dim], once per layer
     torch.testing.assert_close(got, torch.cat(refs[:3]), rtol=1e-5, atol=1e-5)
     calls.clear()
-    got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts)])  # groups of 3, 2 and a 1-token prompt
-    assert calls == [(3, 4, 5, 16), (2, 4, 3, 16), (1, 4, 1, 16)] * 2
+    got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts)])  # lengths 5, 5, 5, 3, 3, 1
+    assert calls == [(6, 4, 5, 16)] * 2  # one call, padded to 5 rows each
     torch.testing.assert_close(got, torch.cat(refs), rtol=1e-5, atol=1e-5)
-    # the greedy tokens of a prefill through the same paths
+    # the greedy tokens of a prefill through the same path
     assert runner.prefill([(s, p, 0) for s, p in enumerate(prompts)]) == [int(r[-1].argmax()) for r in refs]
+    # a mixed step: decode rows, a later chunk of slot 6 (its own call), two whole prompts
+    calls.clear()
+    long = [3, 1, 4, 1, 5, 9, 2, 6]
+    runner.prefill([(6, long[:5], 0, False)])
+    calls.clear()
+    dec, out = runner.mixed_step(DecodeBatch([0, 3], [7, 9], [5, 3]), [(6, long[5:], 5), (7, prompts[3], 0),
+                                                                        (1, prompts[1], 0)])
+    # per layer: each decode row alone (the torch reference path), the later chunk, the 2 prompts
+    assert sorted(calls) == sorted([(1, 4, 1, 16), (1, 4, 1, 16), (1, 4, 3, 16), (2, 4, 5, 16)] * 2)
+    assert out[1:] == [int(refs[3][-1].argmax()), int(refs[1][-1].argmax())]
+    assert out[0] == int(hf_logits(loaded, long)[-1].argmax())
+
+
+def test_ragged_batched_prefill_equals_per_sequence_prefill():
+    """The padded batched attention of ragged whole prompts gives the per-sequence prefill's
+    logits (fp32, to 1e-6: the padded rows never reach a real row; what differs is only which
+    rows share a GEMM, whose summation order may change in the last bit) and HF's."""
+    loaded = make_model("llama", head_dim=16)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 300, (n,), generator=gen).tolist() for n in (17, 3, 40, 1, 29, 8)]
+    refs = [hf_logits(loaded, p) for p in prompts]
+    kv = KVPool.for_model(loaded, 64, num_slots=len(prompts))
+    runner = ModelRunner.from_model(loaded, kv)
+    alone = [runner.forward_logits([(s, p, 0)]) for s, p in enumerate(prompts)]
+    k_alone, v_alone = kv.k.clone(), kv.v.clone()
+    kv.k.zero_()
+    kv.v.zero_()
+    batched = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts)])
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(batched, torch.cat(refs), rtol=1e-5, atol=1e-5)
+    # the same KV written (to fp32 rounding: a GEMM of more rows may sum in another order)
+    torch.testing.assert_close(kv.k, k_alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kv.v, v_alone, rtol=1e-5, atol=1e-6)
+    # and in another order, not adjacent to each other (decode rows in front)
+    order = [4, 0, 5, 2]
+    kv2 = KVPool.for_model(loaded, 64, num_slots=len(prompts))
+    r2 = ModelRunner.from_model(loaded, kv2)
+    r2.prefill([(1, prompts[1], 0)])
+    dec, out = r2.mixed_step(DecodeBatch([1], [7], [3]), [(s, prompts[s], 0) for s in order])
+    assert out == [int(refs[s][-1].argmax()) for s in order]
+    assert dec == [int(hf_logits(loaded, prompts[1] + [7])[-1].argmax())]
 
 
 def test_sdpa_backend_choice(tiny):
