@@ -239,18 +239,46 @@ def _random_model(cls, cfg, device, dtype, seed):
         if getattr(cfg, "tie_word_embeddings", False):
             model.tie_weights()
         return model
-    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for index, (name, p) in enumerate(model.named_parameters()):
             if p.ndim == 1 and ("norm" in name or "layer_norm" in name) and name.endswith("weight"):
                 p.fill_(1.0)
             elif p.ndim == 1:
                 p.zero_()
             else:
-                p.normal_(0.0, 0.02, generator=gen)
+                _fill_hashed_(p, seed, index, std=0.02)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
     return model
+
+
+def _fill_hashed_(param: torch.Tensor, seed: int, index: int, std: float, chunk: int = 1 << 25) -> None:
+    """Fill ``param`` with uniform noise of the given std, a pure function of (seed, index, position).
+
+    Not ``normal_``: CUDA's random kernels pick their launch grid from the SMs a process may
+    use, so under MPS with an active-thread percentage the same seed draws other numbers, and
+    a worker process that rebuilds a dummy model would get other weights than its parent.
+    An integer hash of each element's position gives the same value on any launch grid and
+    any device. Products stay below 2**63 (32-bit values times 31-bit constants).
+    """
+    mask = 0xFFFFFFFF
+    flat = param.view(-1)
+    half_width = std * 3.0 ** 0.5  # uniform(-a, a) has std a / sqrt(3)
+    salt = _hash32_int((seed * 0x9E3779B1 + index * 0x85EBCA6B + 0x27D4EB2F) & mask)
+    for start in range(0, flat.numel(), chunk):
+        stop = min(flat.numel(), start + chunk)
+        x = torch.arange(start, stop, device=flat.device, dtype=torch.int64) ^ salt
+        for _ in range(2):
+            x = (((x >> 16) ^ x) * 0x45D9F3B) & mask
+        x = (x >> 16) ^ x
+        u = (x.to(torch.float64) + 0.5) * (1.0 / 2**32)
+        flat[start:stop] = ((u * 2.0 - 1.0) * half_width).to(flat.dtype)
+
+
+def _hash32_int(x: int) -> int:
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
 
 
 def _load_pretrained(spec, device, dtype):
