@@ -970,7 +970,7 @@ def main(argv=None) -> int:
     if hasattr(runner.kernels, "combine"):
         runner.kernels.combine = os.environ.get("SPLITLAB_DECODE_COMBINE", runner.kernels.combine)
         if runner.kernels.combine != "atomic":  # graphs were captured with the other combine
-            runner._graphs.clear()
+            runner.drop_graphs()
             runner.decode_variant_report = None  # re-time: the atomic-combine candidates are out
             runner.capture_graphs()
             result["runner"].update(runner.decode_variant_info())

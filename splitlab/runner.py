@@ -444,7 +444,7 @@ class ModelRunner:
             times: dict[str, float] = {}
             for name in names:
                 self._variant_choice[cls] = name
-                graph, out = self._capture_graph(bucket, None)
+                graph, out = self._capture_graph(bucket, None, private_pool=True)
                 slots = torch.arange(bucket, device=self.device, dtype=torch.int64) % self.kv.num_slots
                 d = self._static_inputs(bucket)
                 d[0].zero_()
@@ -470,9 +470,16 @@ class ModelRunner:
             self._variant_choice["small"] = self._variant_choice["large"]
         if "large" not in reps:
             self._variant_choice["large"] = self._variant_choice["small"]
-        self._graphs.clear()
-        torch.cuda.synchronize(self.device)
+        self.drop_graphs()
         self.decode_variant_report = report
+
+    def drop_graphs(self) -> None:
+        """Forget every captured decode graph (they are recaptured on use)."""
+        self._graphs.clear()
+        # the dropped graphs may have been the last users of the shared pool: start a new one
+        self._graph_pool = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return report
 
     def set_sdpa_backend(self, backend: str) -> None:
@@ -625,13 +632,16 @@ class ModelRunner:
         self._graphs[(bucket, ctx)] = (graph, out)
         return graph, out
 
-    def _capture_graph(self, bucket: int, ctx: int | None = None):
+    def _capture_graph(self, bucket: int, ctx: int | None = None, private_pool: bool = False):
+        """Capture one decode graph. ``private_pool``: its own memory pool (a throw-away timing
+        candidate), so freeing it never leaves the shared pool without users while its handle
+        lives on (capturing into such a pool trips an allocator assert)."""
         self.tune_gemv()
         t = self.kv.max_seq_len
         pad = self.kv.pad_slot
         self._static_inputs(bucket).copy_(torch.tensor([[0], [0], [pad * t], [pad], [1]], dtype=torch.int64,
                                                        device=self.device).expand(5, bucket))
-        if self._graph_pool is None:
+        if self._graph_pool is None and not private_pool:
             self._graph_pool = torch.cuda.graph_pool_handle()
         side = self.capture_stream if self.capture_stream is not None else torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -641,7 +651,7 @@ class ModelRunner:
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self.capture_stream,
+        with torch.cuda.graph(graph, pool=None if private_pool else self._graph_pool, stream=self.capture_stream,
                               capture_error_mode="thread_local"):
             out = self._graph_body(bucket, ctx)
         torch.cuda.synchronize(self.device)
