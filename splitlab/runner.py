@@ -472,6 +472,7 @@ class ModelRunner:
             self._variant_choice["large"] = self._variant_choice["small"]
         self.drop_graphs()
         self.decode_variant_report = report
+        return report
 
     def drop_graphs(self) -> None:
         """Forget every captured decode graph (they are recaptured on use)."""
@@ -480,7 +481,6 @@ class ModelRunner:
         self._graph_pool = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return report
 
     def set_sdpa_backend(self, backend: str) -> None:
         """Force the SDPA backend of prompt-chunk attention (see the class docstring)."""
