@@ -18,9 +18,16 @@ STAMP := $(VENV)/.splitlab-installed
 demo: $(STAMP)
 	$(BIN)/splitlab demo
 
+# Executed notebooks land here; the last test opens them in JupyterLab in headless Chromium.
+NB_EXECUTED ?= out/notebooks-executed
+
 test: $(STAMP)
+	@# Debian's chromium + the playwright package, for the real-browser check (idempotent)
+	bash tools/install_browser.sh $(VENV)
+	rm -rf $(NB_EXECUTED) && mkdir -p $(NB_EXECUTED)
 	@# pytest exits 5 when it collected no test: that is a failure here, never a pass
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	SPLITLAB_BROWSER=1 SPLITLAB_EXECUTED_DIR=$(abspath $(NB_EXECUTED)) \
+	  $(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 env: $(STAMP)
@@ -39,3 +46,5 @@ $(STAMP): pyproject.toml Makefile
 
 clean-venv:
 	rm -rf $(VENV)
+
+include tools/browser-check.mk

@@ -21,10 +21,13 @@ the cores.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import runpy
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -208,3 +211,25 @@ def test_notebook_runs(path, tmp_path, no_output_widget_sync):
     print(f"{path.name}: {elapsed:.1f} s")
     if failure:
         pytest.fail(failure, pytrace=False)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_executed_notebooks_render_in_jupyterlab(tmp_path):
+    """The real-browser check over the copies ``test_notebook_runs`` wrote (it runs after them:
+    pytest keeps file order). ``make test`` sets SPLITLAB_BROWSER=1 and SPLITLAB_EXECUTED_DIR
+    and installs Chromium first (tools/install_browser.sh); without them this test is skipped."""
+    if os.environ.get("SPLITLAB_BROWSER") != "1":
+        pytest.skip("real-browser check: `make test` runs it (SPLITLAB_BROWSER=1 and SPLITLAB_EXECUTED_DIR)")
+    executed = os.environ.get("SPLITLAB_EXECUTED_DIR")
+    assert executed, "SPLITLAB_EXECUTED_DIR must name the folder test_notebook_runs copies executed notebooks to"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "browser_check.py"
+    out = tmp_path / "browser-check"
+    proc = subprocess.run(
+        [sys.executable, str(tool), executed, "--out", str(out), "--expect", str(NOTEBOOK_DIR)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, f"browser check failed (exit {proc.returncode}); screenshots in {out}\n" \
+                                 f"{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["notebooks"]) == len(NOTEBOOKS), report
