@@ -38,6 +38,11 @@ _LAZY = {
     "profile_phases": ("splitlab.profile", "profile_phases"),
     "mps": ("splitlab.mps", None),
     "report": ("splitlab.report", None),
+    "plots": ("splitlab.plots", None),
+    "widgets": ("splitlab.widgets", None),
+    "results": ("splitlab.results", None),
+    "colocate": ("splitlab.colocate", None),
+    "measure_ceilings": ("splitlab.profile", "measure_ceilings"),
 }
 
 

@@ -79,8 +79,10 @@ def sweep_explorer(results, mode: str | None = "split", slo=None):
     table, runs = _load(results, slo)
     rates = choices(table, "rate")
     shares = choices(table, "prefill_share")
-    rate = W.SelectionSlider(options=rates or [None], description="rate (req/s)", continuous_update=False)
-    share = W.SelectionSlider(options=shares or [None], description="prefill SM %", continuous_update=False)
+    # a slider needs labelled options: when nothing was recorded, one "any" entry that selects all
+    rate = W.SelectionSlider(options=rates or [("any", None)], description="rate (req/s)", continuous_update=False)
+    share = W.SelectionSlider(options=shares or [("any", None)], description="prefill SM %",
+                              continuous_update=False)
     modes = choices(table, "mode")
     mode_box = W.Dropdown(options=modes, value=mode if mode in modes else (modes[0] if modes else None),
                           description="timeline of")
