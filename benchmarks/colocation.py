@@ -82,6 +82,7 @@ from splitlab.config import SLO, EngineConfig, SplitConfig  # noqa: E402
 from splitlab.env import environment  # noqa: E402
 from splitlab.errors import SplitlabError  # noqa: E402
 from splitlab.models import load_model  # noqa: E402
+from splitlab.metrics import to_jsonable  # noqa: E402
 from splitlab.workload import LengthDist, Request, Workload, from_azure_trace, poisson  # noqa: E402
 
 AZURE_CSV = REPO.parent / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_code.csv"
@@ -352,7 +353,7 @@ class Bench:
         }
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_jsonable(data), indent=1))
+        tmp.write_text(json.dumps(to_jsonable(data), indent=1))
         os.replace(tmp, self.out)
 
     # -- step 1: exactness on the device, fp32
@@ -715,21 +716,6 @@ def _ratio(a, b) -> float:
     return a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            return _jsonable(value.item())
-        except Exception:
-            return str(value)
-    return value
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = f"{'step':24} {'workload':13} {'tok/s':>8} {'TTFT50':>7} {'TTFT99':>7} {'TPOT50':>7} {'TPOT99':>7} " \
            f"{'ITL99':>7} {'good/s':>7} {'attain':>6} {'memGiB':>7} {'slowdn':>6}"
@@ -793,10 +779,10 @@ def main(argv=None) -> int:
         "skipped": len(bench.skipped), "failed": len(bench.failed), "checks_ok": checks_ok,
         "fp32_all_exact_vs_hf": fp32.get("all_exact_vs_hf"),
         "chosen_shares": (analysis.get("sm_share_sweep") or {}).get("chosen"),
-        "targets": _jsonable({k: v for k, v in analysis.get("targets", {}).items() if k != "thresholds"}),
+        "targets": to_jsonable({k: v for k, v in analysis.get("targets", {}).items() if k != "thresholds"}),
         "wall_s": round(bench.elapsed(), 1),
     }
-    print(json.dumps(_jsonable(summary)))
+    print(json.dumps(to_jsonable(summary)))
     return 0
 
 

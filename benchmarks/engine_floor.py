@@ -86,8 +86,9 @@ if str(REPO) not in sys.path:
 from splitlab import flops  # noqa: E402
 from splitlab.config import SLO, EngineConfig  # noqa: E402
 from splitlab.env import environment  # noqa: E402
-from splitlab.kernels import DECODE_VARIANTS, TorchKernels, TritonKernels, triton_importable  # noqa: E402
+from splitlab.kernels import DECODE_VARIANTS, TorchKernels, TritonKernels, cuda_time, triton_importable  # noqa: E402
 from splitlab.kv_cache import KVPool  # noqa: E402
+from splitlab.metrics import to_jsonable  # noqa: E402
 from splitlab.models import load_model  # noqa: E402
 from splitlab.profile import measure_ceilings  # noqa: E402  (torch only: pandas is imported lazily there)
 from splitlab.runner import ModelRunner, bucket_for  # noqa: E402
@@ -145,19 +146,6 @@ def median_time(fn: Callable[[], Any], device, iters: int, warmup: int = 1,
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def event_time(fn: Callable[[], Any], iters: int) -> float:
-    """Mean seconds per call of back-to-back ``fn()`` on the GPU (CUDA events)."""
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
 
 
 def rand_ids(gen: random.Random, vocab: int, n: int) -> list[int]:
@@ -530,7 +518,7 @@ def gemm_only_time(runner: ModelRunner, batch: int) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         body()
-    t = event_time(g.replay, 20)
+    t = cuda_time(g.replay, 20)
     del g
     return t
 
@@ -565,7 +553,7 @@ def bench_decode(runner: ModelRunner, loaded, gen, p, ceil) -> list[dict[str, An
         if runner.cuda_graphs:
             bucket = bucket_for(batch, runner.buckets)
             graph = runner.graph(batch, ctx + 1)
-            gpu_s = event_time(graph.replay, p["decode_iters"])
+            gpu_s = cuda_time(graph.replay, p["decode_iters"])
             row.update(bucket=bucket, gpu_ms=gpu_s * 1e3, gpu_vs_floor=gpu_s * 1e3 / row["floor_ms"],
                        host_ms=(step_s - gpu_s) * 1e3)
             row["gemm_only_ms"] = gemm_only_time(runner, bucket) * 1e3
@@ -604,7 +592,7 @@ def bench_gemv(runner: ModelRunner, loaded, gen, p, ceil) -> dict[str, Any]:
             continue
         sl, tk, pos = slots[:batch], toks[:batch], [ctx] * batch
         step_s = median_time(lambda: g.decode_step(sl, tk, pos), g.device, p["decode_iters"], warmup=3)
-        gpu_s = event_time(g.graph(batch, ctx + 1).replay, p["decode_iters"])
+        gpu_s = cuda_time(g.graph(batch, ctx + 1).replay, p["decode_iters"])
         floor_bytes = weights_read(facts) + flops.decode_cost(facts, batch, ctx).kv_read_bytes
         floor_ms = floor_bytes / bw * 1e3
         row = {"batch": batch, "step_ms": step_s * 1e3, "gpu_ms": gpu_s * 1e3, "floor_bytes": floor_bytes,
@@ -640,7 +628,7 @@ def bench_prefill_attention(runner: ModelRunner, p) -> dict[str, Any]:
                 ctx = runner._sdpa_ctx() if runner._sdpa_ctx else contextlib.nullcontext()
                 with ctx:
                     out = runner._fresh_attention(qkv, 0, batch, length).float()
-                    t = event_time(lambda: runner._fresh_attention(qkv, 0, batch, length), 10)
+                    t = cuda_time(lambda: runner._fresh_attention(qkv, 0, batch, length), 10)
             except Exception as exc:  # a backend that does not support these inputs here
                 case[backend] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
                 continue
@@ -1026,10 +1014,10 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_jsonable(result), indent=1))
+        out.write_text(json.dumps(to_jsonable(result), indent=1))
         summary["out"] = str(out)
         log(f"wrote {out}")
-    print(json.dumps(_jsonable(summary)), flush=True)
+    print(json.dumps(to_jsonable(summary)), flush=True)
     return 0 if corr["ok"] else 1
 
 
@@ -1161,16 +1149,6 @@ def print_table(r: dict[str, Any]) -> None:
         if w.get("best_chunked"):
             log(f"  * best chunk size by goodput, then throughput: {w['best_chunked']}")
     log(f"total {r['total_s']:.0f} s")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 if __name__ == "__main__":

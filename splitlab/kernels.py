@@ -596,12 +596,12 @@ class TritonKernels:
                 x = torch.randn(m, k, dtype=w.dtype, device=w.device)
                 best, best_t = None, float("inf")
                 for cfg in self.GEMV_CONFIGS:
-                    t = _cuda_time(lambda: self.gemv(x, w, config=cfg), iters)
+                    t = cuda_time(lambda: self.gemv(x, w, config=cfg), iters)
                     if t < best_t:
                         best, best_t = cfg, t
                 self.gemv_choice[key] = best
                 report[key] = {"config": best, "gemv_us": best_t * 1e6,
-                               "cublas_us": _cuda_time(lambda: F.linear(x, w), iters) * 1e6}
+                               "cublas_us": cuda_time(lambda: F.linear(x, w), iters) * 1e6}
         return report
 
     # Split-K decode attention. A program handles one (sequence, KV head, split); the split
@@ -724,7 +724,7 @@ class TritonKernels:
                                                    num_kv_heads, head_dim, 1.0, num_splits=splits, variant=var)
 
 
-def _cuda_time(fn, iters: int) -> float:
+def cuda_time(fn, iters: int) -> float:
     """Mean seconds per call of ``fn`` run back to back on the current CUDA stream."""
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -201,7 +201,7 @@ class Run:
         """Write the run as one JSON file (everything needed to recompute every metric)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_jsonable(self.to_dict()), indent=1))
+        path.write_text(json.dumps(to_jsonable(self.to_dict()), indent=1))
         return path
 
 
@@ -237,14 +237,18 @@ def summaries_table(runs: Iterable[Run], slo: SLO | None = None):
     return pd.DataFrame([r.summary(slo) for r in runs])
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN/inf become None so the file is strict JSON that browsers and pandas read."""
+def to_jsonable(value: Any) -> Any:
+    """Strict-JSON form of ``value``: NaN/inf become None (browsers and pandas read the file),
+    numpy and torch scalars become Python numbers, dict keys become strings."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.generic) or (hasattr(value, "item") and callable(value.item)):
+        try:
+            return to_jsonable(value.item())
+        except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several elements
+            return str(value)
     return value

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from splitlab.colocate.supervisor import descendants, shm_mapped_elsewhere
 from splitlab.workload import Workload, from_prompts
 
 PREFIX = "splitlab-"
@@ -81,48 +82,6 @@ def check_split_run(run, workload, num_slots: int) -> None:
 # the children a session reports (pids, temp folders), and at /dev/shm entries that no
 # process outside this test maps.
 
-def _ppids() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, state) of every process."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                text = f.read()
-        except OSError:
-            continue
-        rest = text[text.rfind(")") + 2:].split()
-        out[int(pid)] = (int(rest[1]), rest[0])
-    return out
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def descendants(root: int | None = None) -> set[int]:
-    """Live (not zombie) descendants of ``root`` (default: this process), multiprocessing's
-    resource tracker left out (it lives as long as its parent, by design)."""
-    root = os.getpid() if root is None else root
-    table = _ppids()
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        kids.setdefault(ppid, []).append(pid)
-    out, todo = set(), [root]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            if table[child][1] in ("Z", "X") or b"resource_tracker" in _cmdline(child):
-                continue
-            out.add(child)
-            todo.append(child)
-    return out
-
-
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -130,24 +89,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
-
-
-def _shm_mapped_by_others() -> set[str]:
-    """/dev/shm entries mapped by any process that is neither this one nor its descendants."""
-    mine = descendants() | {os.getpid()}
-    out: set[str] = set()
-    for pid in _ppids():
-        if pid in mine:
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    i = line.find("/dev/shm/")
-                    if i >= 0:
-                        out.add(line[i + len("/dev/shm/"):].split()[0])
-        except OSError:
-            continue
-    return out
 
 
 def snapshot() -> dict[str, set]:
@@ -174,7 +115,7 @@ def assert_clean(before: dict[str, set], children: dict | None = None, timeout_s
         dirs = [c["tmpdir"] for c in children.values() if c.get("tmpdir") and os.path.exists(c["tmpdir"])]
         shm = set(os.listdir("/dev/shm")) - before["shm"]
         if shm:
-            shm -= _shm_mapped_by_others()
+            shm -= shm_mapped_elsewhere()
         if not (procs or known or dirs or shm) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
