@@ -234,6 +234,22 @@ def _sync(device: torch.device) -> None:
 
 # ---- facts a run records ----------------------------------------------------------------------------
 
+def check_same_model(model, info: dict[str, Any], who: str, how: str) -> None:
+    """Refuse to run when the process ``who`` loaded other shapes or weights than ``model``.
+
+    Worker processes load the model themselves by (spec, device, dtype, seed) and report its
+    facts and a weight fingerprint in ``info``; ``how`` says what to do instead.
+    """
+    if info.get("facts") != model.facts.to_dict():
+        raise ConfigError(f"{who} loaded {model.spec!r} with other shapes than the model passed in; {how}")
+    mine = weight_fingerprint(model.model)
+    if mine is not None and info.get("fingerprint") != mine:
+        raise ConfigError(
+            f"the weights {who} loaded for {model.spec!r} (seed {model.seed}) differ from those of the model "
+            f"passed in (were they changed after load_model?); {how}"
+        )
+
+
 def weight_fingerprint(hf_model) -> list[float] | None:
     """A few sums over slices of the first, middle and last parameters (float64 on CPU):
     equal for the same weights on the same device and dtype, so a child that loaded the

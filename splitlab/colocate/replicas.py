@@ -40,8 +40,8 @@ from ..config import EngineConfig
 from ..errors import ConfigError, ModeError, WorkerError
 from ..metrics import RequestTrace, Run, StepTrace
 from ..workload import Workload
-from .common import (Outbox, cpu_threads_per_worker, decode_runner, fault_hook, mapped_not_owned, mps_clients,
-                     peak_bytes, reset_peak, round_robin, step_tuple, weight_fingerprint)
+from .common import (Outbox, check_same_model, cpu_threads_per_worker, decode_runner, fault_hook, mapped_not_owned,
+                     mps_clients, peak_bytes, reset_peak, round_robin, step_tuple, weight_fingerprint)
 from .supervisor import ProcessGroup, WorkerSpec
 
 ENGINES = ("serial", "chunked", "generate")
@@ -331,23 +331,13 @@ class ReplicaSession:
             self.group = self._stack.enter_context(group)
             self._group_record = group  # kept after close: who ran, where, how it ended
             self.ready = group.wait_for("ready", timeout_s=ready_timeout_s, what="load the model, share it and warm up")
-            self._check_same_model(self.ready[self.names[0]])
+            check_same_model(self.model, self.ready[self.names[0]], "replica-0",
+                             "replicas load the model by (spec, device, dtype, seed) in their own processes")
             if daemon is not None:
                 self.mps = mps_clients(daemon, group.pids, active_thread_percentage=None)
         except BaseException:
             self._stack.close()
             raise
-
-    def _check_same_model(self, info: dict[str, Any]) -> None:
-        if info.get("facts") != self.model.facts.to_dict():
-            raise ConfigError(f"replica-0 loaded {self.model.spec!r} with other shapes than the model passed in")
-        mine = weight_fingerprint(self.model.model)
-        if mine is not None and info.get("fingerprint") != mine:
-            raise ConfigError(
-                f"the weights replica-0 loaded for {self.model.spec!r} (seed {self.model.seed}) differ from those of "
-                "the model passed in (were they changed after load_model?); replicas load the model by (spec, device, "
-                "dtype, seed) in their own processes"
-            )
 
     @property
     def pids(self) -> dict[str, int]:

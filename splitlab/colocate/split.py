@@ -39,7 +39,7 @@ from ..config import EngineConfig, SplitConfig
 from ..errors import ConfigError, ModeError, WorkerError
 from ..metrics import RequestTrace, Run, StepTrace
 from ..workload import Workload
-from .common import mps_clients
+from .common import check_same_model, mps_clients
 from .supervisor import ProcessGroup, WorkerSpec
 
 MPS_HINT = ("split backend mps needs an NVIDIA GPU with nvidia-cuda-mps-control; "
@@ -136,30 +136,15 @@ class ProcessSplit:
             self._group_record = group  # kept after close: who ran, where, how it ended
             self.ready = group.wait_for("ready", timeout_s=split.ready_timeout_s,
                                         what="load the model, share it and warm up")
-            self._check_same_model(self.ready["prefill"])
+            check_same_model(self.model, self.ready["prefill"], "the prefill worker",
+                             "the processes / mps backends load the model by (spec, device, dtype, seed) in "
+                             "their own process: pass an unmodified model, or use backend='streams'")
             if daemon is not None:
                 self.mps = mps_clients(daemon, group.pids, prefill_share=split.prefill_share,
                                        decode_share=split.decode_share)
         except BaseException:
             self._stack.close()
             raise
-
-    def _check_same_model(self, info: dict[str, Any]) -> None:
-        from .common import weight_fingerprint
-
-        if info.get("facts") != self.model.facts.to_dict():
-            raise ConfigError(
-                f"the prefill worker loaded {self.model.spec!r} with other shapes than the model passed in; the "
-                "processes / mps backends load the model by spec in their own process"
-            )
-        mine = weight_fingerprint(self.model.model)
-        if mine is not None and info.get("fingerprint") != mine:
-            raise ConfigError(
-                f"the weights the prefill worker loaded for {self.model.spec!r} (seed {self.model.seed}) differ from "
-                "those of the model passed in (were they changed after load_model?). The processes / mps backends "
-                "load the model by (spec, device, dtype, seed) in their own process; pass an unmodified model, or use "
-                "backend='streams'"
-            )
 
     @property
     def pids(self) -> dict[str, int]:
