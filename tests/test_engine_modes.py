@@ -11,6 +11,7 @@ import random
 
 import pytest
 import torch
+from _traces import assert_traces_complete
 
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModelSpecError, ModeError, WorkloadError
@@ -50,15 +51,7 @@ def expected(tiny, workload):
 
 def check_invariants(run: Run, workload: Workload, num_slots: int):
     """Arrival respected, every token once, slots never over-committed, steps in sequence."""
-    by_id = {t.id: t for t in run.traces}
-    assert sorted(by_id) == sorted(r.id for r in workload)
-    for r in workload:
-        t = by_id[r.id]
-        assert t.finished and len(t.output_ids) == r.max_new_tokens == len(t.token_times_s)
-        assert t.prefill_start_s >= r.arrival_s  # never run before it arrives
-        assert t.prefill_end_s >= t.prefill_start_s
-        assert t.token_times_s[0] == t.prefill_end_s
-        assert all(b >= a for a, b in zip(t.token_times_s, t.token_times_s[1:]))
+    assert_traces_complete(run, workload)
     # a request holds a slot from its prefill start to its last token: at most num_slots at once
     events = sorted([(t.prefill_start_s, 1) for t in run.traces] + [(t.token_times_s[-1], -1) for t in run.traces],
                     key=lambda e: (e[0], e[1]))
