@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import shutil
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -59,3 +61,26 @@ def environment() -> dict[str, Any]:
         "versions": package_versions(),
     }
     return env
+
+
+@contextlib.contextmanager
+def patched_environ(env: dict[str, str | None]) -> Iterator[None]:
+    """``env`` in ``os.environ`` for the block (``None`` removes a variable), then restored.
+
+    For spawned children, which copy the parent's environment when they start. Not
+    thread-safe (os.environ is process-wide): keep the block short.
+    """
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .env import MPS_CONTROL
+from .env import MPS_CONTROL, patched_environ
 from .errors import ConfigError, MPSError
 
 #: Where an MPS daemon started without ``CUDA_MPS_PIPE_DIRECTORY`` listens (shared, not ours).
@@ -597,18 +597,9 @@ class MPSDaemon:
         parent's environment at ``Process.start()``: start the child inside the block. The
         parent itself must not initialise CUDA inside it. Not thread-safe (os.environ)."""
         env = self.client_env(active_thread_percentage)
-        keys = (*env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
-        saved = {k: os.environ.get(k) for k in keys}
-        try:
-            os.environ.pop("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", None)
-            os.environ.update(env)
+        # no percentage asked for: remove one inherited from the parent's environment
+        with patched_environ({"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": None, **env}):
             yield env
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     def log_excerpt(self, lines: int = 20) -> str:
         """The last lines of the daemon's control.log and server.log ('' if none)."""

@@ -42,6 +42,7 @@ import time
 import traceback
 from typing import Any, Callable, Iterator
 
+from ..env import patched_environ
 from ..errors import WorkerError
 
 POLL_S = 0.2
@@ -201,26 +202,6 @@ def _exiting() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
 
 
-@contextlib.contextmanager
-def _patched_environ(env: dict[str, str | None]) -> Iterator[None]:
-    """``env`` in ``os.environ`` for the block (``None`` removes a variable), then restored.
-    Not thread-safe (os.environ is process-wide): keep the block short."""
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class ProcessGroup:
     """Spawned workers sharing one event queue; a context manager that always cleans up.
 
@@ -275,7 +256,7 @@ class ProcessGroup:
                     name=PROCESS_PREFIX + spec.name,
                     daemon=True,
                 )
-                with _patched_environ(spec.env):
+                with patched_environ(spec.env):
                     proc.start()
                 self.procs[spec.name] = proc
         except BaseException:
