@@ -43,9 +43,9 @@ DEMO_PROMPTS = (
 # ---- helpers ---------------------------------------------------------------------------------
 
 def _json_line(value: Any) -> str:
-    from .metrics import _jsonable
+    from .metrics import to_jsonable
 
-    return json.dumps(_jsonable(value), sort_keys=False)
+    return json.dumps(to_jsonable(value), sort_keys=False)
 
 
 def _length(text: str, flag: str):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import SplitlabError
+from .metrics import to_jsonable
 
 INDEX = "index.json"
 RESULTS_FORMAT = "splitlab.results/1"
@@ -124,7 +125,7 @@ def save_runs(runs: Iterable, folder: str | Path, names: Sequence[str] | None = 
         entries[file] = {"id": stem, "file": file, **meta, "date": meta["date"] or now}
     index["runs"] = list(entries.values())
     path = folder / INDEX
-    path.write_text(json.dumps(_jsonable(index), indent=1))
+    path.write_text(json.dumps(to_jsonable(index), indent=1))
     return path
 
 
@@ -261,7 +262,7 @@ def save_profile(table, ceilings, path: str | Path, command: str | None = None, 
         doc.update(dict(extra))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(doc), indent=1))
+    path.write_text(json.dumps(to_jsonable(doc), indent=1))
     return path
 
 
@@ -336,12 +337,6 @@ def _read_json(path: Path, missing_ok: bool = False):
         if missing_ok:
             return None
         raise SplitlabError(f"{path} is not valid JSON ({exc})") from None
-
-
-def _jsonable(value: Any) -> Any:
-    from .metrics import _jsonable as convert
-
-    return convert(value)
 
 
 def _now() -> str:
