@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from _traces import assert_traces_complete
+from _traces import assert_slots_never_overcommitted, assert_traces_complete
 
 from splitlab.colocate.supervisor import descendants, shm_mapped_elsewhere
 from splitlab.workload import Workload, from_prompts
@@ -60,14 +60,7 @@ def check_split_run(run, workload, num_slots: int) -> None:
     # every prompt position and every output token but the last computed exactly once
     rows = sum(s.num_tokens for s in run.steps)
     assert rows == sum(r.prompt_len + r.max_new_tokens - 1 for r in workload)
-    # a request holds a slot at least from its prefill start to its last token
-    events = sorted([(t.prefill_start_s, 1) for t in run.traces] + [(t.token_times_s[-1], -1) for t in run.traces],
-                    key=lambda e: (e[0], e[1]))
-    live = peak = 0
-    for _, d in events:
-        live += d
-        peak = max(peak, live)
-    assert peak <= num_slots
+    assert_slots_never_overcommitted(run, num_slots)
     assert any(t.prefill_start_s > t.arrival_s for t in run.traces)  # some waited for a slot
 
 

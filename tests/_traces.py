@@ -15,3 +15,16 @@ def assert_traces_complete(run, workload) -> None:
         assert t.prefill_end_s >= t.prefill_start_s
         assert t.token_times_s[0] == t.prefill_end_s
         assert all(b >= a for a, b in zip(t.token_times_s, t.token_times_s[1:]))
+
+
+def assert_slots_never_overcommitted(run, num_slots: int) -> int:
+    """A request holds a KV slot from its prefill start to its last token: at most
+    ``num_slots`` requests may hold one at any moment. Returns the peak number held."""
+    events = sorted([(t.prefill_start_s, 1) for t in run.traces] + [(t.token_times_s[-1], -1) for t in run.traces],
+                    key=lambda e: (e[0], e[1]))
+    live = peak = 0
+    for _, d in events:
+        live += d
+        peak = max(peak, live)
+    assert peak <= num_slots
+    return peak

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from _traces import assert_traces_complete
+from _traces import assert_slots_never_overcommitted, assert_traces_complete
 
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModelSpecError, ModeError, WorkloadError
@@ -52,14 +52,7 @@ def expected(tiny, workload):
 def check_invariants(run: Run, workload: Workload, num_slots: int):
     """Arrival respected, every token once, slots never over-committed, steps in sequence."""
     assert_traces_complete(run, workload)
-    # a request holds a slot from its prefill start to its last token: at most num_slots at once
-    events = sorted([(t.prefill_start_s, 1) for t in run.traces] + [(t.token_times_s[-1], -1) for t in run.traces],
-                    key=lambda e: (e[0], e[1]))
-    live = peak = 0
-    for _, d in events:
-        live += d
-        peak = max(peak, live)
-    assert peak <= num_slots
+    peak = assert_slots_never_overcommitted(run, num_slots)
     for a, b in zip(run.steps, run.steps[1:]):
         assert b.start_s >= a.end_s  # one worker: steps never overlap
     rows = sum(s.num_tokens for s in run.steps)
