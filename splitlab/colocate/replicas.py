@@ -346,9 +346,8 @@ class ReplicaSession:
     @property
     def children(self) -> dict[str, dict[str, Any]]:
         """Each replica process: ``{"pid", "tmpdir", "exitcode"}``, kept after ``close()``."""
-        from .split import _children
-
-        return _children(getattr(self, "_group_record", None))
+        group = getattr(self, "_group_record", None)
+        return group.children if group is not None else {}
 
     def run(self, workload: Workload, progress: bool = True) -> Run:
         from tqdm.auto import tqdm

@@ -152,7 +152,8 @@ class ProcessSplit:
 
     @property
     def children(self) -> dict[str, dict[str, Any]]:
-        return _children(getattr(self, "_group_record", None))
+        group = getattr(self, "_group_record", None)
+        return group.children if group is not None else {}
 
     def facts(self) -> dict[str, Any]:
         info = dict(self.ready["prefill"])
@@ -234,14 +235,6 @@ class ProcessSplit:
         finally:
             self._stack.close()  # terminates what is left, then stops the MPS daemon
             self.group = None
-
-
-def _children(group) -> dict[str, dict[str, Any]]:
-    """Each child of a process group: pid, temp folder and (once it ended) exit code."""
-    if group is None:
-        return {}
-    return {name: {"pid": info.get("pid"), "tmpdir": info.get("tmpdir"), "exitcode": group.exitcodes.get(name)}
-            for name, info in group.started.items()}
 
 
 def _absorb(items, steps, first, rest) -> int:

@@ -271,6 +271,12 @@ class ProcessGroup:
     def pids(self) -> dict[str, int]:
         return {name: proc.pid for name, proc in self.procs.items()}
 
+    @property
+    def children(self) -> dict[str, dict[str, Any]]:
+        """Each child: pid, temp folder and (once it ended) exit code; still valid after close()."""
+        return {name: {"pid": info.get("pid"), "tmpdir": info.get("tmpdir"), "exitcode": self.exitcodes.get(name)}
+                for name, info in self.started.items()}
+
     # ---- talking to the children ----------------------------------------------------------------
     def send(self, name: str, message: Any) -> None:
         """A command for one child (read there with ``channel.recv()``)."""
