@@ -198,19 +198,43 @@ class Run:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write the run as one JSON file (everything needed to recompute every metric)."""
+        """Write the run as one JSON file (everything needed to recompute every metric);
+        gzip-compressed when ``path`` ends in ``.gz`` (a run's step trace compresses ~10x)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(to_jsonable(self.to_dict()), indent=1))
+        write_json_file(path, to_jsonable(self.to_dict()))
         return path
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run written by ``Run.save``."""
+    """Read a run written by ``Run.save`` (``.json`` or ``.json.gz``)."""
     path = Path(path)
     if not path.is_file():
         raise SplitlabError(f"no run file at {path}; give the path of a JSON written by Run.save")
-    return Run.from_dict(json.loads(path.read_text()))
+    return Run.from_dict(read_json_file(path))
+
+
+def write_json_file(path: Path, data: Any) -> None:
+    """JSON to ``path``; gzip-compressed when its name ends in ``.gz``."""
+    text = json.dumps(data, indent=1)
+    if path.suffix == ".gz":
+        import gzip
+
+        # mtime 0: the same run gives the same bytes (no noise in version control)
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(text.encode())
+    else:
+        path.write_text(text)
+
+
+def read_json_file(path: Path) -> Any:
+    """The JSON in ``path`` (``.gz``: gzip-compressed)."""
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
 
 
 def goodput(table, wall_s: float, slo: SLO) -> dict[str, Any]:

@@ -101,10 +101,12 @@ def run_label(run_or_meta) -> str:
 
 # ---- saving and loading runs -------------------------------------------------------------
 
-def save_runs(runs: Iterable, folder: str | Path, names: Sequence[str] | None = None) -> Path:
+def save_runs(runs: Iterable, folder: str | Path, names: Sequence[str] | None = None,
+              compress: bool = False) -> Path:
     """Write each run as ``<name>.json`` in ``folder`` and (re)write ``index.json``.
 
     Entries already in the index are kept unless a new run takes the same file name.
+    ``compress``: ``<name>.json.gz`` instead (for results committed to a repository).
     Returns the index path.
     """
     folder = Path(folder)
@@ -119,7 +121,7 @@ def save_runs(runs: Iterable, folder: str | Path, names: Sequence[str] | None = 
     for i, run in enumerate(runs):
         meta = run_meta(run)
         stem = _slug(names[i]) if names is not None else _unique(_slug(f"{meta['label']} {meta['workload']}"), taken)
-        file = f"{stem}.json"
+        file = f"{stem}.json.gz" if compress else f"{stem}.json"
         taken.add(file)
         run.save(folder / file)
         entries[file] = {"id": stem, "file": file, **meta, "date": meta["date"] or now}
@@ -132,7 +134,7 @@ def save_runs(runs: Iterable, folder: str | Path, names: Sequence[str] | None = 
 def load_results(folder: str | Path, slo=None):
     """``(table, runs)``: one row per run (index entry + ``Run.summary(slo)``), runs by id.
 
-    Without an ``index.json``, every ``*.json`` run file of the folder is read.
+    Without an ``index.json``, every ``*.json`` / ``*.json.gz`` run file of the folder is read.
     """
     import pandas as pd
 
@@ -145,10 +147,10 @@ def load_results(folder: str | Path, slo=None):
         entries = _read_index(folder).get("runs", [])
     else:
         entries = []
-        for path in sorted(folder.glob("*.json")):
+        for path in sorted([*folder.glob("*.json"), *folder.glob("*.json.gz")]):
             data = _read_json(path)
             if isinstance(data, dict) and data.get("format") == RUN_FORMAT:
-                entries.append({"id": path.stem, "file": path.name, "_data": data})
+                entries.append({"id": path.name.split(".json")[0], "file": path.name, "_data": data})
     runs: dict[str, Any] = {}
     rows = []
     for entry in entries:
@@ -327,13 +329,15 @@ def recorded(kind: str = "runs", root: str | Path | None = None) -> list[Path]:
 # ---- helpers -------------------------------------------------------------------------------
 
 def _read_json(path: Path, missing_ok: bool = False):
+    from .metrics import read_json_file
+
     try:
-        return json.loads(Path(path).read_text())
+        return read_json_file(Path(path))
     except FileNotFoundError:
         if missing_ok:
             return None
         raise SplitlabError(f"missing file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as exc:  # OSError: a bad gzip
         if missing_ok:
             return None
         raise SplitlabError(f"{path} is not valid JSON ({exc})") from None

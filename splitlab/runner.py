@@ -773,14 +773,15 @@ class ModelRunner:
         ``gather`` / ``select`` / ``dst`` hold the lengths of their parts until the forward's
         one copy turns them into tensors)."""
         lengths = [n for _, n, _, _ in fresh_chunks]
-        count = len(fresh_chunks)
+        real = len(fresh_chunks)
         pad = self._prefill_pad()
         length = -(-max(lengths) // pad) * pad
+        count = _count_bucket(real) if pad > 1 else real
         row0 = fresh_chunks[0][0]
         contiguous = all(fresh_chunks[i + 1][0] == r + n for i, (r, n, _, _) in enumerate(fresh_chunks[:-1]))
         total = sum(lengths)
         fresh = _Fresh(row0, total, count, length)
-        if contiguous and all(n == length for n in lengths):
+        if contiguous and count == real and all(n == length for n in lengths):
             return fresh, []  # count adjacent runs of `length` rows: views of the qkv rows
         gather: list[int] = []
         select: list[int] = []
@@ -788,22 +789,27 @@ class ModelRunner:
             gather.extend(range(r, r + n))
             gather.extend([r + n - 1] * (length - n))  # pad rows: any real row (their output is dropped)
             select.extend(range(i * length, i * length + n))
+        # pad prompts up to the count bucket: copies of a real row, attended and dropped
+        gather.extend([fresh_chunks[0][0]] * ((count - real) * length))
         dst: list[int] = [] if contiguous else [x for r, n, _, _ in fresh_chunks for x in range(r, r + n)]
         fresh.gather, fresh.select, fresh.dst = len(gather), len(select), len(dst)
         return fresh, gather + select + dst
 
-    def warm_prefill_attention(self, counts: Sequence[int] = (1, 2), max_len: int | None = None) -> int:
-        """Run the whole-prompt attention once per padded shape a run will meet (``counts``
-        prompts x every multiple of the pad up to ``max_len``), so a backend that builds a plan
-        per shape (cuDNN) builds them before the clock starts. CUDA only; returns the shapes."""
+    def warm_prefill_attention(self, token_budget: int | None = None, max_len: int | None = None) -> int:
+        """Run the whole-prompt attention once per padded shape a run can meet (every count
+        bucket x every multiple of the pad up to ``max_len``, as many prompts as a prefill step
+        of ``token_budget`` tokens can hold), so a backend that builds a plan per shape (cuDNN,
+        tens of ms each) builds them before the clock starts. CUDA only; returns the shapes."""
         pad = self._prefill_pad()
         if self.device.type != "cuda" or pad == 1:
             return 0
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         top = min(max_len or self.kv.max_seq_len, self.kv.max_seq_len)
+        budget = token_budget or top
         shapes = 0
-        for count in counts:
-            for length in range(pad, top + 1, pad):
+        for length in range(pad, top + 1, pad):
+            most = min(self.kv.num_slots, max(1, budget // (length - pad + 1)))  # shortest prompt padded to it
+            for count in sorted({_count_bucket(c) for c in range(1, most + 1)}):
                 qkv = torch.zeros(count * length, (hq + 2 * hkv) * d, device=self.device, dtype=self.dtype)
                 if self._sdpa_ctx is not None:
                     with self._sdpa_ctx():
@@ -996,6 +1002,12 @@ def as_chunk(c) -> PrefillChunk:
     if isinstance(c, (tuple, list)) and len(c) in (3, 4):
         return PrefillChunk(int(c[0]), list(c[1]), int(c[2]), bool(c[3]) if len(c) == 4 else True)
     raise ConfigError(f"a prefill chunk is a PrefillChunk or (slot, token_ids, start_pos[, last]); got {c!r}")
+
+
+def _count_bucket(count: int) -> int:
+    """The prompt count a whole-prompt attention call is padded to: the next power of two, so
+    a plan-per-shape backend meets a handful of shapes, not one per count."""
+    return 1 << max(0, count - 1).bit_length()
 
 
 def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:

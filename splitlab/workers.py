@@ -167,8 +167,10 @@ def build_engine(model, config: EngineConfig) -> EngineParts:
     return EngineParts(kv, runner, SlotAllocator(kv.num_slots), config, max_seq_len)
 
 
-def warm_up(runner: ModelRunner) -> None:
-    """Compile kernels, create library handles and capture CUDA graphs before the clock starts.
+def warm_up(runner: ModelRunner, token_budget: int | None = None, prefill_attention: bool = True) -> None:
+    """Compile kernels, create library handles and capture CUDA graphs before the clock starts
+    (on the calling thread: cuDNN keeps its plans per thread). ``token_budget``: the largest
+    prefill step, which bounds the padded attention shapes to build (``prefill_attention``).
 
     Writes only slots 0 and 1, whose positions every later request overwrites before reading.
     """
@@ -188,7 +190,8 @@ def warm_up(runner: ModelRunner) -> None:
                                batches=(1, runner.max_batch),
                                variants=tuple(sorted(set(runner.decode_variant.split(":")))))
     # the padded whole-prompt attention shapes (cuDNN builds a plan per shape), off the clock
-    runner.warm_prefill_attention()
+    if prefill_attention:
+        runner.warm_prefill_attention(token_budget)
     runner.capture_graphs()
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
@@ -233,7 +236,7 @@ def run_continuous(workload: Workload, model, mode: str, config: EngineConfig | 
     parts = build_engine(model, config)
     runner = parts.runner
     if config.warmup:
-        warm_up(runner)
+        warm_up(runner, config.token_budget)
     scheduler = Scheduler(mode, parts.allocator, runner.max_batch, config.token_budget, config.chunk_size)
     import tqdm.auto  # noqa: F401  (imported before the clock starts: the first import is slow)
 

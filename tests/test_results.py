@@ -77,6 +77,27 @@ def test_save_and_load_results(tmp_path):
     assert len(load_results(tmp_path)[0]) == 7
 
 
+def test_compressed_runs_round_trip(tmp_path):
+    """``compress=True`` writes ``.json.gz`` files (byte-identical for the same run) that load
+    back to the same runs, with or without the index."""
+    runs = sweep()
+    index = json.loads(save_runs(runs, tmp_path / "gz", compress=True).read_text())
+    files = [e["file"] for e in index["runs"]]
+    assert all(f.endswith(".json.gz") for f in files)
+    raw = (tmp_path / "gz" / files[0]).read_bytes()
+    assert raw[:2] == b"\x1f\x8b"  # gzip magic
+    table, loaded = load_results(tmp_path / "gz")
+    assert [loaded[i].to_dict() for i in table["id"]] == [r.to_dict() for r in runs]
+    save_runs(runs[:1], tmp_path / "gz", compress=True)
+    assert (tmp_path / "gz" / files[0]).read_bytes() == raw
+    (tmp_path / "gz" / "index.json").unlink()
+    table, _ = load_results(tmp_path / "gz")
+    assert sorted(table["id"]) == sorted(f.split(".json")[0] for f in files)
+    (tmp_path / "gz" / files[1]).write_bytes(b"not gzip")
+    with pytest.raises(SplitlabError, match="not valid JSON"):
+        load_results(tmp_path / "gz")
+
+
 def test_load_without_index_and_errors(tmp_path):
     make_run("serial", 1.0).save(tmp_path / "a.json")
     (tmp_path / "notes.json").write_text('{"hello": 1}')

@@ -21,6 +21,7 @@ import pytest
 import splitlab
 from splitlab.colocate import ReplicaSession, SplitSession, run_split
 from splitlab.colocate.common import fault_hook
+from splitlab.colocate.supervisor import ProcessGroup, WorkerSpec, remove_cuda_ipc_files
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, WorkerError
 
@@ -166,3 +167,33 @@ def test_the_fault_hook_is_parsed_strictly():
     for bad in ("decode:raise", "decode:explode:2", "decode:raise:x"):
         with pytest.raises(ConfigError, match="SPLITLAB_FAULT"):
             fault_hook("decode", bad)
+
+
+def _leave_cuda_ipc_file(channel) -> None:
+    """What an exporter of CUDA IPC events leaves when it exits: a file named by its pid."""
+    with open(f"/dev/shm/cuda.shm.0.{os.getpid():x}.1", "w"):
+        pass
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm (Linux)")
+def test_the_cuda_ipc_files_of_exited_children_are_removed(tmp_path):
+    """The driver's ``cuda.shm.<dev>.<pid hex>.<n>`` files of a child are gone once its group
+    closes; files of another pid (one that may still be alive) or of another form stay."""
+    group = ProcessGroup([WorkerSpec("exporter", _leave_cuda_ipc_file)])
+    left = None
+    try:
+        with group:
+            pid = group.pids["exporter"]
+            left = f"/dev/shm/cuda.shm.0.{pid:x}.1"
+            list(group.events_until_done(timeout_s=60))
+            assert os.path.exists(left)  # the child really made it
+        assert not os.path.exists(left)
+    finally:
+        if left and os.path.exists(left):
+            os.unlink(left)
+    keep = [tmp_path / f"cuda.shm.0.{os.getpid():x}.1", tmp_path / "cuda.shm.0.1a.1.extra",
+            tmp_path / "cuda.shm.1.1a.7"]
+    for path in keep:
+        path.touch()
+    assert remove_cuda_ipc_files(0x1a, str(tmp_path)) == ["cuda.shm.1.1a.7"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep[:2])

@@ -312,6 +312,36 @@ def test_ragged_batched_prefill_equals_per_sequence_prefill():
     assert dec == [int(hf_logits(loaded, prompts[1] + [7])[-1].argmax())]
 
 
+def test_prompts_padded_to_length_and_count_buckets_keep_hf_logits(monkeypatch):
+    """The CUDA path (forced here on the CPU): whole prompts right-padded to a multiple of the
+    pad AND their count padded to the next power of two, so a plan-per-shape SDPA backend
+    meets few shapes; the padding prompts never reach a real row's logits."""
+    import splitlab.runner as runner_mod
+
+    loaded = make_model("llama", head_dim=16)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(4, 300, (n,), generator=gen).tolist() for n in (9, 3, 14, 6, 1)]
+    refs = [hf_logits(loaded, p) for p in prompts]
+    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=8))
+    monkeypatch.setattr(runner, "_prefill_pad", lambda: 8)
+    calls = []
+    real = runner_mod.F.scaled_dot_product_attention
+
+    def counting(q, *a, **k):
+        calls.append(tuple(q.shape))
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(runner_mod.F, "scaled_dot_product_attention", counting)
+    got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts)])  # 5 prompts -> 8, 14 rows -> 16
+    assert calls == [(8, 4, 16, 16)] * 2
+    torch.testing.assert_close(got, torch.cat(refs), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts[:3])])  # 3 prompts -> 4
+    assert calls == [(4, 4, 16, 16)] * 2
+    torch.testing.assert_close(got, torch.cat(refs[:3]), rtol=1e-5, atol=1e-5)
+    assert [runner_mod._count_bucket(n) for n in (1, 2, 3, 4, 5, 9, 64)] == [1, 2, 4, 4, 8, 16, 64]
+
+
 def test_sdpa_backend_choice(tiny):
     from splitlab.runner import SDPA_BACKENDS
 

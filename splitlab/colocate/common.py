@@ -194,15 +194,17 @@ def decode_loop(worker: DecodeWorker, freed: FreedSlots, *,
 
 # ---- warm-up ------------------------------------------------------------------------------------
 
-def warm_prefill(runner: ModelRunner, slot: int = 0) -> None:
+def warm_prefill(runner: ModelRunner, slot: int = 0, token_budget: int | None = None) -> None:
     """Kernels, library handles and allocator blocks of the prefill path, on the caller's
-    current stream: one single-prompt and one two-prompt prefill into ``slot``."""
+    current stream and thread: one single-prompt and one two-prompt prefill into ``slot``,
+    then every padded whole-prompt attention shape a step of ``token_budget`` tokens can meet."""
     kv = runner.kv
     n = max(1, min(128 if runner.device.type == "cuda" else 16, kv.max_seq_len - 1))
     ids = [1] * n
     runner.prefill([(slot, ids, 0)])
     half = max(1, n // 2)
     runner.prefill([PrefillChunk(slot, ids[:half], 0, True), PrefillChunk(slot, ids[:half], 0, True)])
+    runner.warm_prefill_attention(token_budget)
     _sync(runner.device)
 
 
@@ -212,7 +214,7 @@ def warm_decode(runner: ModelRunner) -> list[int]:
     returns the captured buckets. Writes slots 0 and 1 only, before any request."""
     from ..workers import warm_up
 
-    warm_up(runner)
+    warm_up(runner, prefill_attention=False)  # this runner decodes only
     buckets = runner.capture_graphs()  # all captured by warm_up: just the list
     runner.decode_step([runner.kv.num_slots - 1], [1], [0])
     _sync(runner.device)

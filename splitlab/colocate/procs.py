@@ -82,7 +82,7 @@ def prefill_main(channel, model_args: dict[str, Any], engine_cfg: dict[str, Any]
     handoff_q.put(("setup", {"arch": arch, "weights": weights, "k": kv.k, "v": kv.v, "max_batch": runner.max_batch}))
     load_s = time.perf_counter() - started
     if config.warmup:
-        warm_prefill(runner)
+        warm_prefill(runner, token_budget=config.token_budget)
     channel.send("ready", {"pid": os.getpid(), "fingerprint": fingerprint, "facts": loaded.facts.to_dict(),
                            "load_s": load_s, "ready_s": time.perf_counter() - started, **runner_facts(runner, kv)})
     allocator = SlotAllocator(kv.num_slots)

@@ -172,7 +172,7 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine
                               **payload["kv"])
         runner = decode_runner(payload["arch"], payload["weights"], kv, config, min(config.max_batch, kv.num_slots))
         if config.warmup:
-            warm_up(runner)
+            warm_up(runner, config.token_budget)
         info.update({"num_slots": kv.num_slots, "kv_pool_bytes": kv.nbytes, "max_batch": runner.max_batch,
                      "kernels": runner.kernels.name, "cuda_graphs": runner.cuda_graphs,
                      "weight_bytes": runner.weight_bytes})

@@ -4,8 +4,9 @@ The parent never hangs on a dead child: it polls the shared event queue with a s
 timeout and checks every child's exit code between polls, so a worker that raises or is
 killed turns into a ``WorkerError`` naming it within about a second. Whatever happens
 (error, Ctrl-C, SIGTERM), ``close()`` terminates and joins every child it started, removes
-what a killed child could not remove itself (its ``/tmp/pymp-*`` folder), and drops the
-group's queues so their POSIX semaphores (``/dev/shm/sem.mp-*``) are unlinked.
+what a killed child could not remove itself (its ``/tmp/pymp-*`` folder) and the CUDA
+IPC event files an exited child leaves (``/dev/shm/cuda.shm.*``, named by its pid), and
+drops the group's queues so their POSIX semaphores (``/dev/shm/sem.mp-*``) are unlinked.
 
 A child runs ``target(channel, *args)``. Through its ``Channel`` it sends events to the
 parent (``channel.send(kind, payload)``) and receives commands (``channel.recv()``), so one
@@ -431,6 +432,8 @@ class ProcessGroup:
             tmpdir = self.started.get(name, {}).get("tmpdir")
             if proc.exitcode != 0 and tmpdir:
                 _remove_pymp_dir(tmpdir)  # a killed child cannot remove its own
+            if proc.pid is not None and not proc.is_alive():
+                remove_cuda_ipc_files(proc.pid)
             # A Process keeps its arguments (our queues) for life, and a traceback may keep
             # the Process: drop them, so the queues' semaphores can go.
             if not proc.is_alive():
@@ -466,6 +469,28 @@ def _drain(q) -> None:
                 return
         except Exception:
             return
+
+
+def remove_cuda_ipc_files(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove the CUDA driver's IPC event files of the exited process ``pid``.
+
+    Sharing a CUDA tensor with another process (``torch.multiprocessing``) exports an IPC
+    event, which the driver backs with ``/dev/shm/cuda.shm.<device>.<pid in hex>.<n>``; an
+    exporter that exits without destroying its events (torch never does) leaves them behind.
+    Only files of that one pid are touched, so call this after the process has exited."""
+    removed = []
+    tag = f"{pid:x}"
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split(".")
+        if len(parts) == 5 and parts[:2] == ["cuda", "shm"] and parts[3] == tag:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+    return removed
 
 
 def _remove_pymp_dir(path: str) -> None:

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -106,14 +107,24 @@ class ThreadSplit:
                                 (self.decode_runner, self.green["decode_sms"])):
                 if hasattr(runner.kernels, "sm_count"):  # split-K decode attention sizes its grid by it
                     runner.kernels.sm_count = sms
+        # One long-lived thread per worker, kept across runs: cuDNN keeps its attention plans
+        # per thread, and cuBLAS its handles per (thread, stream), so what warm-up builds on
+        # these threads is what the runs use.
+        self.pools = {name: ThreadPoolExecutor(1, thread_name_prefix=f"splitlab-{name}")
+                      for name in ("prefill", "decode")}
         self.graphs: list[int] = []
         if config.warmup:
             # one after the other: a graph capture must not overlap the other stream's work
-            with _stream_ctx(decode_stream):
-                self.graphs = warm_decode(self.decode_runner)
-            with _stream_ctx(prefill_stream):
-                warm_prefill(self.prefill_runner)
+            self.graphs = self.pools["decode"].submit(self._on_stream, decode_stream, warm_decode,
+                                                      self.decode_runner).result()
+            self.pools["prefill"].submit(self._on_stream, prefill_stream, warm_prefill, self.prefill_runner,
+                                         token_budget=config.token_budget).result()
         self.runs = 0
+
+    @staticmethod
+    def _on_stream(stream, fn, *args, **kwargs):
+        with _stream_ctx(stream):
+            return fn(*args, **kwargs)
 
     def facts(self) -> dict[str, Any]:
         out = runner_facts(self.prefill_runner, self.kv)
@@ -214,16 +225,15 @@ class ThreadSplit:
                     stop.set()
             return body
 
-        threads = [threading.Thread(target=guarded(n, f), name=f"splitlab-{n}", daemon=True)
-                   for n, f in (("prefill", prefill_main), ("decode", decode_main))]
         bar = None
+        futures = []
         try:
-            for t in threads:
-                t.start()
+            futures = [self.pools[n].submit(guarded(n, f)) for n, f in (("prefill", prefill_main),
+                                                                        ("decode", decode_main))]
             deadline = time.monotonic() + split.ready_timeout_s
             while not all(e.is_set() for e in ready.values()):
                 _raise_first(errors)
-                if not any(t.is_alive() for t in threads) or time.monotonic() > deadline:
+                if all(f.done() for f in futures) or time.monotonic() > deadline:
                     _raise_first(errors)
                     raise WorkerError("the split worker threads did not get ready")
                 time.sleep(0.01)
@@ -233,9 +243,8 @@ class ThreadSplit:
             t0_box[0] = time.perf_counter()
             go.set()
             shown = 0
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(0.1)
+            while not all(f.done() for f in futures):
+                wait(futures, timeout=0.1)
                 _raise_first(errors)
                 now = tokens["prefill"] + tokens["decode"]
                 bar.update(now - shown)
@@ -243,8 +252,7 @@ class ThreadSplit:
             _raise_first(errors)
         except BaseException:
             stop.set()
-            for t in threads:
-                t.join(30.0)
+            wait(futures, timeout=30.0)
             raise
         finally:
             if bar is not None:
@@ -261,6 +269,9 @@ class ThreadSplit:
         }
 
     def close(self) -> None:
+        for pool in getattr(self, "pools", {}).values():
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.pools = {}
         self.prefill_runner = self.decode_runner = None  # graphs and buffers go with them
         self.kv = None
 
