@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.splitlab-installed
 
-.PHONY: demo test env clean-venv
+.PHONY: demo test env clean-venv binder-check
 
 demo: $(STAMP)
 	$(BIN)/splitlab demo
@@ -48,3 +48,7 @@ clean-venv:
 	rm -rf $(VENV)
 
 include tools/browser-check.mk
+
+# Binder's build (binder/), minus the conda solve, then every notebook in that environment
+binder-check:
+	bash tools/binder_check.sh

@@ -9,6 +9,9 @@ sharing the weights and the KV pool through shared memory) gives exactly HF
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import multiprocessing
 
 import pytest
@@ -117,8 +120,12 @@ def test_a_split_config_object_and_keywords_combine(tiny, workload, expected):
 
 def test_split_config_defaults_and_validation():
     mps = SplitConfig(backend="mps")
+    # the default shares are the ones the recorded H200 sweep chose (benchmarks/colocation.py)
+    recorded = json.loads((Path(__file__).resolve().parents[1] / "results" / "colocation_h200.json").read_text())
+    chosen = recorded["analysis"]["sm_share_sweep"]["chosen"]
     assert (mps.prefill_share, mps.decode_share) == (SplitConfig.DEFAULT_PREFILL_SHARE,
-                                                      SplitConfig.DEFAULT_DECODE_SHARE) == (50, 50)
+                                                      SplitConfig.DEFAULT_DECODE_SHARE) == (
+        chosen["prefill_share"], chosen["decode_share"])
     assert SplitConfig(backend="mps", decode_share=30, prefill_share=70).to_dict()["decode_share"] == 30
     assert SplitConfig().backend == "streams" and SplitConfig().prefill_share is None
     for bad in (dict(backend="mps", prefill_share=0), dict(backend="mps", decode_share=101),
