@@ -58,6 +58,21 @@ def hf_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
         return loaded.model(torch.tensor([ids])).logits[0].float()
 
 
+def record_sdpa_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """The query shape of every SDPA call the runner makes from now on, in order."""
+    import splitlab.runner as runner_mod
+
+    calls: list[tuple[int, ...]] = []
+    real = runner_mod.F.scaled_dot_product_attention
+
+    def counting(q, *a, **k):
+        calls.append(tuple(q.shape))
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(runner_mod.F, "scaled_dot_product_attention", counting)
+    return calls
+
+
 PROMPTS = [[5, 17, 33, 120, 7, 9, 250, 11, 64, 3, 19], [44, 45, 46], [201] * 6 + [9, 8, 7]]
 
 
@@ -246,20 +261,11 @@ def test_whole_prompts_share_one_batched_attention_call(monkeypatch):
     padded to the longest (views of the qkv rows, no copy, when the lengths are equal); the
     logits stay HF's. Covers whole prompts only, and whole prompts beside decode rows and a
     later chunk (start_pos > 0, its own call)."""
-    import splitlab.runner as runner_mod
-
     loaded = make_model("llama", head_dim=16)
     prompts = [[5, 9, 11, 40, 7], [8, 8, 3, 99, 1], [250, 2, 3, 4, 5], [60, 61, 62], [70, 71, 72], [44]]
     refs = [hf_logits(loaded, p) for p in prompts]
     runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=8))
-    calls = []
-    real = runner_mod.F.scaled_dot_product_attention
-
-    def counting(q, *a, **k):
-        calls.append(tuple(q.shape))
-        return real(q, *a, **k)
-
-    monkeypatch.setattr(runner_mod.F, "scaled_dot_product_attention", counting)
+    calls = record_sdpa_shapes(monkeypatch)
     got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts[:3])])  # equal lengths: views
     assert calls == [(3, 4, 5, 16)] * 2  # [prompts, heads, rows, dim], once per layer
     torch.testing.assert_close(got, torch.cat(refs[:3]), rtol=1e-5, atol=1e-5)
@@ -324,14 +330,7 @@ def test_prompts_padded_to_length_and_count_buckets_keep_hf_logits(monkeypatch):
     refs = [hf_logits(loaded, p) for p in prompts]
     runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=8))
     monkeypatch.setattr(runner, "_prefill_pad", lambda: 8)
-    calls = []
-    real = runner_mod.F.scaled_dot_product_attention
-
-    def counting(q, *a, **k):
-        calls.append(tuple(q.shape))
-        return real(q, *a, **k)
-
-    monkeypatch.setattr(runner_mod.F, "scaled_dot_product_attention", counting)
+    calls = record_sdpa_shapes(monkeypatch)
     got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts)])  # 5 prompts -> 8, 14 rows -> 16
     assert calls == [(8, 4, 16, 16)] * 2
     torch.testing.assert_close(got, torch.cat(refs), rtol=1e-5, atol=1e-5)
