@@ -59,6 +59,9 @@ for a backlog, and 50 ms per output token (20 tokens/s per user, faster than rea
 ~8x a normal decode step: only decode stalls behind prefill (MPS 100/100 measured 56.8 ms a
 step) or overload break it. Change with ``--slo-ttft`` / ``--slo-tpot``.
 
+The analysis also counts, per compared run, the steps that took over 5x their kind's median
+(``*_step_stalls``): a baseline that lost its time to one-off stalls is flagged, not beaten.
+
 Per run: throughput, p50/p99 TTFT, TPOT and ITL, mean E2E, goodput and SLO attainment (also
 under a grid of tighter and looser TPOT and TTFT bounds), peak
 memory (a process's ``torch.cuda.max_memory_allocated``; for process backends each child's
@@ -105,6 +108,7 @@ DEFAULT_OUT = REPO / "results" / "colocation_h200.json"
 # (prefill, decode) MPS percentages of the sweep at the near-saturation rate: 100/100 is no
 # partition (FACTS.md section 3: decode starves), the rest trade prefill against decode SMs
 DEFAULT_SHARES = [(50, 50), (100, 100), (70, 30), (30, 70), (60, 40)]
+STALL_FACTOR = 5.0  # a step this many times its kind's median is a stall (a cold shape, a compile)
 SWEEP_TIE = 0.05  # goodputs within 5% of the sweep's best are treated as equal
 RATE_MULTIPLES = [0.6, 1.0, 1.3]  # of serial's measured capacity: low, near saturation, overload
 TPOT_GRID = [0.015, 0.02, 0.03, 0.05, 0.1]  # seconds, for goodput under other SLOs
@@ -685,6 +689,25 @@ class Bench:
                 log(f"{name} left behind: {left}")
 
     # -- the analysis
+    def step_stalls(self, step: str, key: str) -> dict[str, Any] | None:
+        """Steps of a saved run that took over ``STALL_FACTOR`` x the median of their kind
+        (decode / prefill / mixed): their count and seconds. None when the run file is absent."""
+        from splitlab.metrics import load_run
+
+        path = next((p for p in (self.runs_dir / f"{step}--{key}.json.gz", self.runs_dir / f"{step}--{key}.json")
+                     if p.is_file()), None)
+        if path is None:
+            return None
+        steps = load_run(path).steps
+        out = {"steps": 0, "stall_s": 0.0}
+        for kind in {s.kind for s in steps}:
+            durations = sorted(s.end_s - s.start_s for s in steps if s.kind == kind)
+            median = durations[len(durations) // 2]
+            slow = [d for d in durations if d > STALL_FACTOR * median]
+            out["steps"] += len(slow)
+            out["stall_s"] += sum(slow)
+        return out
+
     def analysis(self) -> dict[str, Any]:
         rows = [r for r in self.rows if r["workload_key"] != "check"]
 
@@ -725,9 +748,20 @@ class Bench:
             t = {"best_split": best["step"], "goodput": best["goodput_req_s"],
                  "goodput_vs_serial": _ratio(best["goodput_req_s"], serial["goodput_req_s"]),
                  "throughput_vs_serial": _ratio(best["throughput_tok_s"], serial["throughput_tok_s"]),
-                 "e2e_mean_reduction_vs_serial": 1 - _ratio(best["e2e_mean_s"], serial["e2e_mean_s"])}
+                 "e2e_mean_reduction_vs_serial": 1 - _ratio(best["e2e_mean_s"], serial["e2e_mean_s"]),
+                 "serial_step_stalls": self.step_stalls("serial", key),
+                 "best_split_step_stalls": self.step_stalls(best["step"], key)}
             if chunked:
                 t["goodput_vs_chunked"] = _ratio(best["goodput_req_s"], chunked["goodput_req_s"])
+                stalls = self.step_stalls("chunked", key)
+                if stalls:
+                    t["chunked_step_stalls"] = stalls
+                    if stalls["stall_s"] > 0.1 * chunked["wall_s"]:
+                        t["goodput_vs_chunked_caveat"] = (
+                            f"{stalls['steps']} chunked steps ran over {STALL_FACTOR:g}x their kind's median "
+                            f"({stalls['stall_s']:.1f} s of a {chunked['wall_s']:.1f} s run), each a one-off "
+                            "beside steps of the same kind and size: a warm-up gap by the look of it, not the "
+                            "policy; not a fair baseline")
             targets[key] = t
         mps_mem = [r for r in rows if r["step"].startswith("split-mps") and r.get("peak_memory_bytes")]
         serial_mem = [r for r in rows if r["step"] == "serial" and r.get("peak_memory_bytes")]

@@ -998,7 +998,10 @@ else:
 In the recorded heatmap each row is one benchmark step (mode, backend, shares) and each column a
 Poisson arrival rate; the number in a cell is the goodput. The table under it, when present, holds
 the benchmark's own verdict on the project's targets (split against serial and chunked near
-saturation, memory against serial, throughput against hf-generate).
+saturation, memory against serial, throughput against hf-generate). Its `*_step_stalls` columns
+count steps that took over 5x their kind's median: the recorded `chunked` runs lost about 4 s of
+14 to a handful of such one-off steps, so their low goodput says more about a warm-up gap than
+about chunked prefill (the `goodput_vs_chunked_caveat` column).
 """),
     code('''\
 sweep = (rec or {}).get("analysis", {}).get("sm_share_sweep") if rec else None
