@@ -720,28 +720,28 @@ class ModelRunner:
         if fresh_chunks:
             fresh, fresh_idx = self._fresh_plan(fresh_chunks)
         # every index the forward needs, in ONE host-to-device copy (pinned on CUDA)
-        flat = tokens + positions + windex + logit_rows
+        parts = [tokens, positions, windex, logit_rows]
         if batched_decode:
-            flat += [int(s) for s in decode.slots] + [p + 1 for p in positions[:nd]]
-        flat += fresh_idx
-        meta = _to_device(self.device, flat)
-        nl = len(logit_rows)
-        o = 3 * n_rows
-        rows = meta[o:o + nl]
-        dec_slots = meta[o + nl:o + nl + nd] if batched_decode else None
-        dec_lens = meta[o + nl + nd:o + nl + 2 * nd] if batched_decode else None
+            parts += [[int(s) for s in decode.slots], [p + 1 for p in positions[:nd]]]
+        fresh_names = []
         if fresh is not None and fresh_idx:
-            o = 3 * n_rows + nl + (2 * nd if batched_decode else 0)
+            o = 0
             for name in ("gather", "select", "dst"):
                 k = getattr(fresh, name)  # a count, set by _fresh_plan; becomes the tensor
                 if k:
-                    setattr(fresh, name, meta[o:o + k])
+                    parts.append(fresh_idx[o:o + k])
+                    fresh_names.append(name)
                     o += k
                 else:
                     setattr(fresh, name, None)
+        views = _index_tensors(self.device, parts)
+        tok_t, pos_t, widx_t, rows = views[:4]
+        dec_slots, dec_lens = views[4:6] if batched_decode else (None, None)
+        for name, view in zip(fresh_names, views[6 if batched_decode else 4:]):
+            setattr(fresh, name, view)
         plan = _Plan(nd, dec_slots, dec_lens, dec_max, plan_chunks, fresh, rest,
                      variant=self._variant_for(nd) if nd else None)
-        h, residual = self._hidden(meta[:n_rows], meta[n_rows:2 * n_rows], meta[2 * n_rows:3 * n_rows], plan)
+        h, residual = self._hidden(tok_t, pos_t, widx_t, plan)
         if all_logits:
             x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
             return F.linear(x, self.lm_head).float()
@@ -1017,6 +1017,21 @@ def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
         hkv, length, d = x.shape
         x = x[:, None].expand(hkv, group, length, d).reshape(hkv * group, length, d)
     return x.unsqueeze(0)
+
+
+def _index_tensors(device: torch.device, parts: list[list[int]]) -> list[torch.Tensor]:
+    """Int lists -> int64 views of ONE tensor on ``device`` (one copy), each view starting on
+    a 16-byte boundary: Triton specializes a pointer argument on 16-byte alignment, so an
+    index list at an odd int64 offset would compile another kernel variant mid-run."""
+    flat: list[int] = []
+    offsets = []
+    for part in parts:
+        offsets.append(len(flat))
+        flat.extend(part)
+        if len(flat) % 2:
+            flat.append(0)
+    t = _to_device(device, flat)
+    return [t[o:o + len(part)] for o, part in zip(offsets, parts)]
 
 
 def _to_device(device: torch.device, values: list[int]) -> torch.Tensor:

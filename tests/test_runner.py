@@ -341,6 +341,19 @@ def test_prompts_padded_to_length_and_count_buckets_keep_hf_logits(monkeypatch):
     assert [runner_mod._count_bucket(n) for n in (1, 2, 3, 4, 5, 9, 64)] == [1, 2, 4, 4, 8, 16, 64]
 
 
+def test_index_lists_go_over_in_one_copy_each_on_a_16_byte_boundary():
+    """A forward's index lists share one device tensor; each starts 16-byte aligned, because
+    Triton compiles a kernel variant per pointer alignment (an odd offset would mean a compile
+    mid-run, the first time a step had that parity)."""
+    from splitlab.runner import _index_tensors
+
+    parts = [[1, 2, 3], [4], [], [5, 6], [7, 8, 9, 10, 11]]
+    views = _index_tensors(torch.device("cpu"), parts)
+    assert [v.tolist() for v in views] == parts
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1  # one tensor, one copy
+    assert all(v.data_ptr() % 16 == 0 for v in views)
+
+
 def test_sdpa_backend_choice(tiny):
     from splitlab.runner import SDPA_BACKENDS
 
