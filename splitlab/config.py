@@ -169,7 +169,8 @@ class SplitConfig(FrozenConfig):
     (``results/colocation_h200.json``, Llama-3.1-8B shapes, Poisson at 21 req/s): goodput
     within 5% of the best share (100 / 100 had 4% more) at the lowest decode stall; 100 / 100
     slowed co-running decode steps 2.4x (p99 ITL 38 ms against 16 ms), 30 / 70 starved
-    prefill (TTFT p50 1.4 s at 16 req/s), 70 / 30 slowed decode enough to miss the SLO.
+    prefill (TTFT p50 1.4 s at 16 req/s), 70 / 30 slowed decode so that sequences held their
+    KV slots longer and new requests queued (a third missed the TTFT bound).
     ``prefill_sms``: ``green`` only, SMs of the prefill context (the driver rounds it up to
     its granularity, multiples of 8 on Hopper); the decode context gets every other SM.
     ``None``: half the device's SMs, rounded down to the granularity.
