@@ -172,7 +172,8 @@ def parse_args(argv=None):
                         "several device calls (pass the same --requests and --rates)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--analyse-only", action="store_true",
-                   help="with --merge-from: recompute the analysis of the merged runs (no GPU, nothing runs)")
+                   help="with --merge-from: recompute the analysis of the merged runs (no GPU, nothing runs); "
+                        "--runs-dir names the folder of their saved runs (read for the step-stall counts)")
     return p.parse_args(argv)
 
 
