@@ -345,6 +345,18 @@ class Outbox:
         self._last = time.perf_counter()
 
 
+def worker_model_args(model) -> dict[str, Any]:
+    """What a worker process needs to load ``model`` itself: (spec, device, dtype, seed)."""
+    return {"spec": model.spec, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+            "seed": int(getattr(model, "seed", 0))}
+
+
+def no_mps_env() -> dict[str, None]:
+    """A worker environment that removes every ``CUDA_MPS_*`` variable of the caller, so no
+    process joins an MPS daemon it was not asked to (a daemon's client_env adds them back)."""
+    return {k: None for k in os.environ if k.startswith("CUDA_MPS_")}
+
+
 def mps_clients(daemon, pids: dict[str, int], **extra: Any) -> dict[str, Any]:
     """What an MPS daemon reports while the workers run: its servers, their clients, and
     whether every worker is among them (recorded in the run; a mismatch warns)."""

@@ -41,7 +41,8 @@ from ..errors import ConfigError, ModeError, WorkerError
 from ..metrics import RequestTrace, Run, StepTrace
 from ..workload import Workload
 from .common import (Outbox, check_same_model, cpu_threads_per_worker, decode_runner, fault_hook, mapped_not_owned,
-                     mps_clients, peak_bytes, reset_peak, round_robin, step_tuple, weight_fingerprint)
+                     mps_clients, no_mps_env, peak_bytes, reset_peak, round_robin, step_tuple, weight_fingerprint,
+                     worker_model_args)
 from .supervisor import ProcessGroup, WorkerSpec
 
 ENGINES = ("serial", "chunked", "generate")
@@ -312,7 +313,7 @@ class ReplicaSession:
         self._closed = False
         self._stack = contextlib.ExitStack()
         try:
-            env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CUDA_MPS_")}
+            env: dict[str, str | None] = no_mps_env()
             daemon = None
             if mps:
                 from ..mps import MPSDaemon
@@ -321,8 +322,7 @@ class ReplicaSession:
                 env.update(daemon.client_env())
             group = ProcessGroup([])
             share_q, bye_q = group.queue(), group.queue()
-            model_args = {"spec": model.spec, "device": str(model.device),
-                          "dtype": str(model.dtype).replace("torch.", ""), "seed": int(getattr(model, "seed", 0))}
+            model_args = worker_model_args(model)
             for i, name in enumerate(self.names):
                 group.add(WorkerSpec(name, replica_main, (i, num_replicas, model_args, engine, config.to_dict(),
                                                           batch_size, share_q, bye_q, event_flush_s,
@@ -448,12 +448,7 @@ class ReplicaSession:
         self._closed = True
         try:
             if graceful and self.group is not None:
-                group = self.group
-                for name in reversed(self.names):  # replica 0, the owner of the weights, last
-                    group.send(name, ("close",))
-                deadline = time.monotonic() + 60.0
-                while len(group.finished) < self.num_replicas and time.monotonic() < deadline:
-                    group.next_event(timeout=0.2)
+                self.group.ask_to_finish(list(reversed(self.names)))  # replica 0, the owner of the weights, last
         except WorkerError as exc:
             warnings.warn(f"a replica failed while closing: {exc}", stacklevel=2)
         finally:

@@ -39,7 +39,7 @@ from ..config import EngineConfig, SplitConfig
 from ..errors import ConfigError, ModeError, WorkerError
 from ..metrics import RequestTrace, Run, StepTrace
 from ..workload import Workload
-from .common import check_same_model, mps_clients
+from .common import check_same_model, mps_clients, no_mps_env, worker_model_args
 from .supervisor import ProcessGroup, WorkerSpec
 
 MPS_HINT = ("split backend mps needs an NVIDIA GPU with nvidia-cuda-mps-control; "
@@ -115,8 +115,7 @@ class ProcessSplit:
         self._stack = contextlib.ExitStack()
         try:
             # no MPS unless asked: a CUDA_MPS_* variable of the caller must not leak in
-            base_env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CUDA_MPS_")}
-            env = {"prefill": dict(base_env), "decode": dict(base_env)}
+            env: dict[str, dict[str, str | None]] = {"prefill": no_mps_env(), "decode": no_mps_env()}
             daemon = None
             if split.backend == "mps":
                 from ..mps import MPSDaemon
@@ -126,8 +125,7 @@ class ProcessSplit:
                 env["decode"].update(daemon.client_env(split.decode_share))
             group = ProcessGroup([])
             handoff_q, freed_q = group.queue(), group.queue()
-            model_args = {"spec": model.spec, "device": str(model.device),
-                          "dtype": str(model.dtype).replace("torch.", ""), "seed": int(getattr(model, "seed", 0))}
+            model_args = worker_model_args(model)
             cfg, sp = config.to_dict(), split.to_dict()
             group.add(WorkerSpec("prefill", prefill_main, (model_args, cfg, sp, handoff_q, freed_q), env["prefill"]))
             group.add(WorkerSpec("decode", decode_main, (cfg, sp, handoff_q, freed_q), env["decode"]))
@@ -224,12 +222,7 @@ class ProcessSplit:
         self._closed = True
         try:
             if graceful and self.group is not None:
-                group = self.group
-                for name in ("decode", "prefill"):  # the decode child lets go of the shared memory first
-                    group.send(name, ("close",))
-                deadline = time.monotonic() + 60.0
-                while len(group.finished) < 2 and time.monotonic() < deadline:
-                    group.next_event(timeout=0.2)
+                self.group.ask_to_finish(["decode", "prefill"])  # the decode child lets go of the shared memory first
         except WorkerError as exc:
             warnings.warn(f"a split worker failed while closing: {exc}", stacklevel=2)
         finally:

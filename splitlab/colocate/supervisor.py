@@ -41,7 +41,7 @@ import signal
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from ..env import patched_environ
 from ..errors import WorkerError
@@ -305,6 +305,15 @@ class ProcessGroup:
             if kind == "done":
                 self.finished.add(name)
             return name, kind, payload
+
+    def ask_to_finish(self, names: Sequence[str], timeout_s: float = 60.0) -> None:
+        """Send ``("close",)`` to ``names`` in that order and wait (at most ``timeout_s``) until
+        each said done, so they release what they share before ``close()`` terminates the rest."""
+        for name in names:
+            self.send(name, ("close",))
+        deadline = time.monotonic() + timeout_s
+        while not set(names) <= self.finished and time.monotonic() < deadline:
+            self.next_event(timeout=0.2)
 
     def wait_for(self, kind: str, names=None, timeout_s: float = 900.0, what: str | None = None
                  ) -> dict[str, Any]:
