@@ -257,11 +257,10 @@ RECORDED_FLOOR = "engine_floor_h200.json"  # under results/
 SMOKE = False           # True: the smallest grid (the CI run)''',
 ) + [
     code('''\
-import json
 import pandas as pd
 from splitlab import plots, widgets
 from splitlab.profile import ceilings_table, datasheet_for, measure_ceilings
-from splitlab.results import load_profile, results_root
+from splitlab.results import load_profile, load_recorded, results_root
 
 MODEL = MODEL or ("dummy:llama-3.2-1b" if GPU else "smollm2-135m")
 if GPU:
@@ -408,22 +407,16 @@ the valid KV cache, divided by the measured copy bandwidth), and prefill against
 with Huggingface's eager forward beside it.
 """),
     code('''\
-floor_path = results_root() / RECORDED_FLOOR
-if floor_path.is_file():
-    floor = json.loads(floor_path.read_text())
-    print(f"RECORDED on {floor.get('gpu')}, {floor.get('date')}, model {floor.get('model')} ({floor.get('dtype')})"
-          f"\\ncommand: {floor.get('command')}")
+floor = load_recorded(RECORDED_FLOOR, "python benchmarks/engine_floor.py --out results/engine_floor_h200.json",
+                      show=("model", "dtype"))
+if floor is not None:
     dec = pd.DataFrame(floor["decode"])[["batch", "context", "step_ms", "floor_ms", "vs_floor"]]
     if floor.get("hf", {}).get("decode"):
         dec = dec.merge(pd.DataFrame(floor["hf"]["decode"])[["batch", "step_ms"]].rename(
             columns={"step_ms": "hf_step_ms"}), on="batch", how="left")
     display(dec.style.format(precision=3).set_caption("decode step vs its bandwidth floor"))
     display(pd.DataFrame(floor["prefill"]).style.format(precision=3).set_caption("prefill vs the matmul rate"))
-    assert (dec.vs_floor > 0.9).all(), "a decode step cannot beat the time to read its bytes once"
-else:
-    floor = None
-    print(f"No recorded GPU result yet: {floor_path} does not exist. It is written by "
-          "`python benchmarks/engine_floor.py --out results/engine_floor_h200.json` on an H200.")'''),
+    assert (dec.vs_floor > 0.9).all(), "a decode step cannot beat the time to read its bytes once"'''),
     md("""
 `vs_floor` is the step time over its floor: 1.0 would mean the GPU did nothing but stream the
 bytes the step needs. Huggingface's eager decode (`hf_step_ms`) is many times slower than the
@@ -667,13 +660,13 @@ RECORDED = "colocation_h200.json"   # under results/; its runs are in the folder
 SMOKE = False''',
 ) + [
     code('''\
-import json, tempfile
+import tempfile
 from pathlib import Path
 import pandas as pd
 from splitlab import plots, widgets
 from splitlab.colocate import decode_interference
 from splitlab.config import EngineConfig
-from splitlab.results import load_results, results_root, save_runs
+from splitlab.results import load_recorded, load_results, results_root, save_runs
 
 MODEL = MODEL or ("dummy:llama-3.2-1b" if GPU else "smollm2-135m")
 NUM_REQUESTS = NUM_REQUESTS or (64 if GPU else (5 if SMOKE else 8))
@@ -809,14 +802,9 @@ live_dir = Path(tempfile.mkdtemp(prefix="splitlab-03-"))
 save_runs(list(runs.values()), live_dir, names=[l.replace(" ", "-").replace("/", "-") for l in runs])
 widgets.runs_explorer(live_dir, slo)'''),
     code('''\
-recorded_path = results_root() / RECORDED
-recorded_dir = recorded_path.with_suffix("")
-rec = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
-if rec is None:
-    print(f"No recorded GPU result yet: {recorded_path} does not exist. It is written by "
-          "`python benchmarks/colocation.py --out results/colocation_h200.json` on an H200.")
-else:
-    print(f"RECORDED on {rec.get('gpu')}, {rec.get('date')}\\ncommand: {rec.get('command')}\\nSLO: {rec.get('slo')}")
+recorded_dir = results_root() / Path(RECORDED).stem
+rec = load_recorded(RECORDED, "python benchmarks/colocation.py --out results/colocation_h200.json", show=("slo",))
+if rec is not None:
     rows = pd.DataFrame([r for r in rec["runs"] if r["workload_key"] != "check"])
     shown = ["step", "workload_key", "rate", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
              "goodput_req_s", "slo_attainment", "peak_memory_bytes"]
@@ -886,13 +874,13 @@ RECORDED = "colocation_h200.json"   # under results/
 SMOKE = False''',
 ) + [
     code('''\
-import json, tempfile
+import tempfile
 from pathlib import Path
 import pandas as pd
 from splitlab import plots, widgets
 from splitlab.colocate import SplitSession
 from splitlab.config import EngineConfig
-from splitlab.results import load_results, results_root, save_runs
+from splitlab.results import load_recorded, load_results, results_root, save_runs
 
 MODEL = MODEL or ("dummy:llama-3.2-1b" if GPU else "smollm2-135m")
 NUM_REQUESTS = NUM_REQUESTS or (64 if GPU else (5 if SMOKE else 8))
@@ -979,14 +967,9 @@ near-saturation rate. It always includes the 100/100 case (no partition), as eve
 field should report beside its gains.
 """),
     code('''\
-recorded_path = results_root() / RECORDED
-recorded_dir = recorded_path.with_suffix("")
-rec = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
-if rec is None:
-    print(f"No recorded GPU result yet: {recorded_path} does not exist. It is written by "
-          "`python benchmarks/colocation.py --out results/colocation_h200.json` on an H200.")
-else:
-    print(f"RECORDED on {rec.get('gpu')}, {rec.get('date')}\\ncommand: {rec.get('command')}\\nSLO: {rec.get('slo')}")
+recorded_dir = results_root() / Path(RECORDED).stem
+rec = load_recorded(RECORDED, "python benchmarks/colocation.py --out results/colocation_h200.json", show=("slo",))
+if rec is not None:
     rrows = pd.DataFrame([r for r in rec["runs"] if r["workload_key"] not in ("check",)])
     rrows["label"] = rrows["step"]
     plots.heatmap(rrows[rrows.workload_key.str.startswith("poisson")], x="rate", y="label", z="goodput_req_s",

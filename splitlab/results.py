@@ -311,6 +311,24 @@ def results_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "results"
 
 
+def load_recorded(name: str, made_by: str, show: Sequence[str] = (), root: str | Path | None = None
+                  ) -> dict[str, Any] | None:
+    """A benchmark's JSON under ``results/`` (``name``), after printing where it came from (GPU,
+    date, command and the keys in ``show``); None, after printing which command writes it
+    (``made_by``), when it is not recorded. What every notebook shows beside a recorded figure."""
+    path = (Path(root) if root is not None else results_root()) / name
+    if not path.is_file():
+        print(f"No recorded GPU result yet: {path} does not exist. It is written by `{made_by}` on an H200.")
+        return None
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise SplitlabError(f"{path} holds no benchmark result (a JSON object); rewrite it with `{made_by}`")
+    extra = "".join(f"\n{key}: {data.get(key)}" for key in show)
+    print(f"RECORDED on {data.get('gpu') or data.get('gpu_name')}, {data.get('date')}\n"
+          f"command: {data.get('command')}{extra}")
+    return data
+
+
 def recorded(kind: str = "runs", root: str | Path | None = None) -> list[Path]:
     """Recorded results under ``results/``: ``"profile"`` -> profile JSONs (top level and one
     folder down); ``"runs"`` -> folders holding an ``index.json`` (the root included).

@@ -98,6 +98,19 @@ def test_compressed_runs_round_trip(tmp_path):
         load_results(tmp_path / "gz")
 
 
+def test_load_recorded_says_where_a_result_came_from_or_how_to_make_it(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-11-29", "command": "b.py",
+                                                     "slo": {"ttft_s": 1.0}, "value": 3}))
+    data = results.load_recorded("bench.json", "python b.py", show=("slo",), root=tmp_path)
+    assert data["value"] == 3
+    assert capsys.readouterr().out == "RECORDED on NVIDIA H200, 2026-11-29\ncommand: b.py\nslo: {'ttft_s': 1.0}\n"
+    assert results.load_recorded("missing.json", "python b.py", root=tmp_path) is None
+    assert "does not exist. It is written by `python b.py`" in capsys.readouterr().out
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(SplitlabError, match="rewrite it with `python b.py`"):
+        results.load_recorded("list.json", "python b.py", root=tmp_path)
+
+
 def test_load_without_index_and_errors(tmp_path):
     make_run("serial", 1.0).save(tmp_path / "a.json")
     (tmp_path / "notes.json").write_text('{"hello": 1}')
