@@ -18,7 +18,7 @@ and a smoke run of the same script on a CPU (``tiny`` model, fp32, a minute or t
     python benchmarks/colocation.py --quick --device cpu --out /tmp/colocation_cpu.json
 
 What it does, in order (every number lands in the JSON; each Run is also saved under
-``results/colocation_h200/`` with ``splitlab.results.save_runs``; the last printed line is
+``results/colocation_h200/`` with ``splitlab.present.results.save_runs``; the last printed line is
 a JSON summary):
 
 1. **Exactness on the device** (``--check-model``, default ``dummy:llama-3.2-1b`` in fp32):
@@ -66,7 +66,7 @@ Per run: throughput, p50/p99 TTFT, TPOT and ITL, mean E2E, goodput and SLO attai
 under a grid of tighter and looser TPOT and TTFT bounds), peak
 memory (a process's ``torch.cuda.max_memory_allocated``; for process backends each child's
 and their sum), and for split runs the decode slowdown while prefill co-runs
-(``splitlab.colocate.decode_interference``: decode step time when a prefill step covers it
+(``splitlab.modes.decode_interference``: decode step time when a prefill step covers it
 vs alone, overall and batch-size matched).
 
 ``--budget-s`` (default 470) stops starting new sessions and runs when the time is spent;
@@ -95,12 +95,14 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 import splitlab  # noqa: E402
-from splitlab.colocate import ReplicaSession, SplitSession, decode_interference  # noqa: E402
+from splitlab.modes.replicas import ReplicaSession
+from splitlab.modes.split import SplitSession
+from splitlab.measure.analysis import decode_interference  # noqa: E402
 from splitlab.config import SLO, EngineConfig, SplitConfig  # noqa: E402
-from splitlab.env import environment  # noqa: E402
+from splitlab.system.env import environment  # noqa: E402
 from splitlab.errors import SplitlabError  # noqa: E402
 from splitlab.models import load_model  # noqa: E402
-from splitlab.metrics import to_jsonable  # noqa: E402
+from splitlab.measure.metrics import to_jsonable  # noqa: E402
 from splitlab.workload import LengthDist, Request, Workload, from_azure_trace, poisson  # noqa: E402
 
 AZURE_CSV = REPO.parent / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_code.csv"
@@ -225,7 +227,7 @@ def token_match(got: dict[int, list[int]], ref: dict[int, list[int]]) -> dict[st
 
 
 def hf_greedy(loaded, prompt, n: int) -> list[int]:
-    from splitlab.baseline import generate_ids
+    from splitlab.modes.hf_generate import generate_ids
 
     return generate_ids(loaded, prompt, n)
 
@@ -253,10 +255,10 @@ def leftovers() -> dict[str, Any]:
     """What runs could leave behind: live descendants of this process, /dev/shm entries,
     MPS processes of splitlab's private daemons. (Other programs on the machine may create
     /dev/shm entries too: ``leftover_diff`` leaves out those that another process maps.)"""
-    from splitlab.colocate.supervisor import descendants
+    from splitlab.system.procs import descendants
 
     try:
-        from splitlab.mps import find_mps_processes
+        from splitlab.system.mps import find_mps_processes
 
         mps = [p.pid for p in find_mps_processes() if p.pipe_dir and "splitlab-mps-" in p.pipe_dir]
     except Exception:
@@ -267,7 +269,7 @@ def leftovers() -> dict[str, Any]:
 
 def leftover_diff(before: dict[str, Any], timeout_s: float = 10.0) -> dict[str, list]:
     """New leftovers since ``before`` (waiting up to ``timeout_s`` for exits to settle)."""
-    from splitlab.colocate.supervisor import shm_mapped_elsewhere
+    from splitlab.system.procs import shm_mapped_elsewhere
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -395,7 +397,7 @@ class Bench:
         self.rows.append(row)
         name = f"{step}--{key}"
         try:
-            from splitlab.results import save_runs
+            from splitlab.present.results import save_runs
 
             save_runs([run], self.runs_dir, [name], compress=True)
         except Exception as exc:  # noqa: BLE001 - results stay in the JSON
@@ -693,7 +695,7 @@ class Bench:
     def step_stalls(self, step: str, key: str) -> dict[str, Any] | None:
         """Steps of a saved run that took over ``STALL_FACTOR`` x the median of their kind
         (decode / prefill / mixed): their count and seconds. None when the run file is absent."""
-        from splitlab.metrics import load_run
+        from splitlab.measure.metrics import load_run
 
         path = next((p for p in (self.runs_dir / f"{step}--{key}.json.gz", self.runs_dir / f"{step}--{key}.json")
                      if p.is_file()), None)
@@ -945,7 +947,7 @@ def main(argv=None) -> int:
     log(f"plan: {plan['model']} ({plan['dtype']}) on {plan['device']}, {plan['requests']} requests per workload, "
         f"budget {plan['budget_s']:.0f} s, SLO TTFT {bench.slo.ttft_s} s / TPOT {bench.slo.tpot_s * 1e3:.0f} ms")
     if plan["device"] == "cuda":
-        from splitlab.mps import mps_status
+        from splitlab.system.mps import mps_status
 
         bench.checks["mps_status_before"] = mps_status()
     bench.exactness()

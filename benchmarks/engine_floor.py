@@ -10,7 +10,7 @@ and a smoke run of the same script on a CPU::
 
 Sections, in order (every number lands in the JSON; the last printed line is a summary JSON):
 
-1. ceilings measured in this run by ``splitlab.profile.measure_ceilings``: device-to-device
+1. ceilings measured in this run by ``splitlab.measure.profile.measure_ceilings``: device-to-device
    copy bandwidth (read + write bytes, 20 back-to-back 1 GiB copies per timing) and the
    dense matmul rate (bf16 8192^3, 10 back to back per timing); measured again after the
    runner sections. A ceiling is the BEST rate of all its timings (what the GPU was seen to
@@ -29,7 +29,7 @@ Sections, in order (every number lands in the JSON; the last printed line is a s
    same step, to show how much of the gap is the matmuls themselves; and the opt-in Triton
    GEMV (``EngineConfig(gemv=True)``) against cuBLAS for batches of 1 and 4;
 4. prefill of 1x512, 8x512, 1x4096, 4x2048 tokens against the matmul rate (FLOPs as
-   ``splitlab.flops.prefill_cost``: linear layers on every token, lm_head on the last
+   ``splitlab.measure.flops.prefill_cost``: linear layers on every token, lm_head on the last
    token of each prompt, causal attention pairs); before it, the prefill attention alone
    under each SDPA backend (auto / flash / cudnn / efficient); when another backend beats
    PyTorch's own choice the prefill is timed again with it (both reported) and the
@@ -83,16 +83,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from splitlab import flops  # noqa: E402
+from splitlab.measure import flops  # noqa: E402
 from splitlab.config import SLO, EngineConfig  # noqa: E402
-from splitlab.env import environment  # noqa: E402
-from splitlab.kernels import DECODE_VARIANTS, TorchKernels, TritonKernels, cuda_time, triton_importable  # noqa: E402
-from splitlab.kv_cache import KVPool  # noqa: E402
-from splitlab.metrics import to_jsonable  # noqa: E402
+from splitlab.system.env import environment  # noqa: E402
+from splitlab.engine.kernels import DECODE_VARIANTS, TorchKernels, TritonKernels, cuda_time, triton_importable  # noqa: E402
+from splitlab.engine.kv import KVPool  # noqa: E402
+from splitlab.measure.metrics import to_jsonable  # noqa: E402
 from splitlab.models import load_model  # noqa: E402
-from splitlab.profile import measure_ceilings  # noqa: E402  (torch only: pandas is imported lazily there)
-from splitlab.runner import ModelRunner, bucket_for  # noqa: E402
-from splitlab.workers import run_continuous  # noqa: E402
+from splitlab.measure.profile import measure_ceilings  # noqa: E402  (torch only: pandas is imported lazily there)
+from splitlab.engine.runner import ModelRunner, bucket_for  # noqa: E402
+from splitlab.modes.continuous import run_continuous  # noqa: E402
 from splitlab.workload import Request, Workload  # noqa: E402
 
 TARGETS = {"decode_b1_vs_floor": 1.25, "decode_b32_vs_floor": 1.30, "prefill_4k_frac_of_matmul": 0.85}
@@ -165,7 +165,7 @@ def free(device) -> None:
 # ---- 1. ceilings ------------------------------------------------------------------------------
 
 def ceilings(device, dtype, p, label: str = "ceilings") -> dict[str, Any]:
-    """``splitlab.profile.measure_ceilings`` (best of ``ceiling_repeats`` burst timings)."""
+    """``splitlab.measure.profile.measure_ceilings`` (best of ``ceiling_repeats`` burst timings)."""
     mdt = dtype if device.type == "cuda" else torch.float32
     c = measure_ceilings(device, mdt, matmul_n=p["matmul_n"], copy_bytes=p["copy_bytes"],
                          repeats=p["ceiling_repeats"], refresh=True)
@@ -174,7 +174,7 @@ def ceilings(device, dtype, p, label: str = "ceilings") -> dict[str, Any]:
            "copy_bytes": c.copy_buffer_bytes, "matmul_n": c.matmul_n, "matmul_dtype": c.dtype, "repeats": c.repeats,
            "statistic": "best (max rate) of the repeats, each timing a burst of 20 copies / 10 matmuls; "
                         "medians beside; floors and fractions use the best",
-           "source": "splitlab.profile.measure_ceilings"}
+           "source": "splitlab.measure.profile.measure_ceilings"}
     log(f"{label}: copy {out['copy_GBps']:.0f} GB/s best, {out['copy_GBps_median']:.0f} median (read+write of "
         f"{c.copy_buffer_bytes / 2**20:.0f} MiB x20 per timing); matmul {out['matmul_TFLOPs']:.1f} TFLOP/s best, "
         f"{out['matmul_TFLOPs_median']:.1f} median ({c.matmul_n}^3 {c.dtype}); {c.repeats} timings each")
@@ -842,9 +842,9 @@ def bench_workload(loaded, gen, p, rate: float, skip_hf: bool, micro: dict[str, 
         res["hf-generate"] = {"skipped": "--skip-hf"}
         return res
     try:
-        from splitlab.baseline import run_hf_generate
+        from splitlab.modes.hf_generate import run_hf_generate
     except ImportError as exc:
-        log(f"hf-generate: skipped (splitlab.baseline.run_hf_generate not importable: {exc})")
+        log(f"hf-generate: skipped (splitlab.modes.hf_generate.run_hf_generate not importable: {exc})")
         res["hf-generate"] = {"skipped": f"not importable: {exc}"}
         return res
     n_hf = p.get("hf_requests") or len(wl)

@@ -16,7 +16,7 @@ elementwise kernel instead), rate in TB/s counting read + write bytes. Cases:
 Every job runs in a fresh process (or thread) that warms up, reports ready, and waits for a
 start time the parent hands out once all are ready, so co-running jobs start together; each
 then runs for ``--duration`` seconds, synchronising the device every few steps, and reports
-work done / time. The MPS daemon is private to this run (splitlab.mps) and stopped even on
+work done / time. The MPS daemon is private to this run (splitlab.system.mps) and stopped even on
 error; client variables are in each child's environment before CUDA initialises there.
 
     python benchmarks/mps_corun.py              # GPU: writes results/mps_corun_h200.json
@@ -211,7 +211,7 @@ def worker_main(args: argparse.Namespace) -> int:
         streams = [torch.cuda.Stream() if cfg["device"] != "cpu" else None for _ in JOBS]
         results = _run_jobs(list(zip(JOBS, streams)), cfg, ctrl, args.name)
     elif args.worker == "green":
-        from splitlab.colocate.green import split_sms
+        from splitlab.system.green import split_sms
         from splitlab.errors import SplitlabError
 
         try:
@@ -398,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from splitlab.env import environment
+    from splitlab.system.env import environment
     from splitlab.errors import MPSError
-    from splitlab.mps import MPSDaemon, mps_status
+    from splitlab.system.mps import MPSDaemon, mps_status
 
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA GPU here: run with --dry-run to exercise the orchestration on CPU")

@@ -13,7 +13,7 @@ CPU smoke test:
 Grid (GPU default): prefill B in 1,4,16 x L in 128,512,2048; decode B in 1,8,32,64,128 at
 C in 512,2048; models dummy:llama-3.2-1b and dummy:llama-3.1-8b in bf16 (random weights in
 the real shapes). Backends: hf (Huggingface forward + DynamicCache) and, where
-splitlab.runner imports, engine (splitlab's ModelRunner). The last printed line is a JSON
+splitlab.engine.runner imports, engine (splitlab's ModelRunner). The last printed line is a JSON
 summary. Needs torch + transformers only (no plotly, pandas or pynvml).
 """
 
@@ -35,8 +35,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from splitlab.models import load_model  # noqa: E402
-from splitlab.profile import datasheet_for, measure_ceilings, profile_records, resolve_backend  # noqa: E402
-from splitlab.results import save_profile  # noqa: E402
+from splitlab.measure.profile import datasheet_for, measure_ceilings, profile_records, resolve_backend  # noqa: E402
+from splitlab.present.results import save_profile  # noqa: E402
 
 GPU_GRID = dict(batch_sizes=(1, 4, 16), prompt_lens=(128, 512, 2048), decode_batch_sizes=(1, 8, 32, 64, 128),
                 context_lens=(512, 2048), repeats=5, warmup=2)
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--backends", default="hf,engine",
-                   help="comma list of hf, engine (engine is skipped where splitlab.runner is absent)")
+                   help="comma list of hf, engine (engine is skipped where splitlab.engine.runner is absent)")
     p.add_argument("--quick", action="store_true", help="tiny grid, small ceilings: a CPU smoke test")
     p.add_argument("--budget-s", type=float, default=220.0,
                    help="stop starting new cases after this many seconds (they are recorded as skipped)")

@@ -259,8 +259,8 @@ SMOKE = False           # True: the smallest grid (the CI run)''',
     code('''\
 import pandas as pd
 from splitlab import plots, widgets
-from splitlab.profile import ceilings_table, datasheet_for, measure_ceilings
-from splitlab.results import load_profile, load_recorded, results_root
+from splitlab.measure.profile import ceilings_table, datasheet_for, measure_ceilings
+from splitlab.present.results import load_profile, load_recorded, results_root
 
 MODEL = MODEL or ("dummy:llama-3.2-1b" if GPU else "smollm2-135m")
 if GPU:
@@ -455,7 +455,7 @@ NB02 = header(
 
 - what NVIDIA MPS (Multi-Process Service) is, and how it differs from the GPU's default
   time-slicing between processes;
-- how splitlab starts, uses and stops a private MPS daemon (`splitlab.mps`);
+- how splitlab starts, uses and stops a private MPS daemon (`splitlab.system.mps`);
 - how much two jobs that want different resources, a compute-bound matrix multiply and a
   memory-bound copy, get done when they share one GPU: time-sliced, on two streams, under MPS,
   and under MPS with SM shares. This is the whole bet of co-locating prefill and decode,
@@ -495,8 +495,8 @@ import json, subprocess, tempfile
 from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
-from splitlab.mps import MPSDaemon, mps_status
-from splitlab.results import results_root
+from splitlab.system.mps import MPSDaemon, mps_status
+from splitlab.present.results import results_root
 
 status = mps_status()
 print(f"MPS available here: {status['available']}" + (f" (why not: {status['reason']})" if status["reason"] else ""))
@@ -612,7 +612,7 @@ print("checked: time-slicing sums to about 1; MPS, and MPS with SM shares, do be
 ## What was shown
 
 - MPS lets kernels of different processes run at the same time; without it, processes take turns.
-- `splitlab.mps.MPSDaemon` starts a private daemon, gives clients their variables (with an SM
+- `splitlab.system.mps.MPSDaemon` starts a private daemon, gives clients their variables (with an SM
   share), and stops it; `mps_status()` says why MPS cannot run where it cannot.
 - Co-running a compute-bound and a memory-bound job: time-slicing sums to about 1 (no gain), MPS
   to a little more, MPS with SM shares to the most, and all far from 2.
@@ -664,9 +664,9 @@ import tempfile
 from pathlib import Path
 import pandas as pd
 from splitlab import plots, widgets
-from splitlab.colocate import decode_interference
+from splitlab.measure.analysis import decode_interference
 from splitlab.config import EngineConfig
-from splitlab.results import load_recorded, load_results, results_root, save_runs
+from splitlab.present.results import load_recorded, load_results, results_root, save_runs
 
 MODEL = MODEL or ("dummy:llama-3.2-1b" if GPU else "smollm2-135m")
 NUM_REQUESTS = NUM_REQUESTS or (64 if GPU else (5 if SMOKE else 8))
@@ -878,9 +878,9 @@ import tempfile
 from pathlib import Path
 import pandas as pd
 from splitlab import plots, widgets
-from splitlab.colocate import SplitSession
+from splitlab.modes.split import SplitSession
 from splitlab.config import EngineConfig
-from splitlab.results import load_recorded, load_results, results_root, save_runs
+from splitlab.present.results import load_recorded, load_results, results_root, save_runs
 
 MODEL = MODEL or ("dummy:llama-3.2-1b" if GPU else "smollm2-135m")
 NUM_REQUESTS = NUM_REQUESTS or (64 if GPU else (5 if SMOKE else 8))
@@ -1083,7 +1083,7 @@ import json, time
 import pandas as pd
 from splitlab import plots
 from splitlab.config import EngineConfig
-from splitlab.results import results_root
+from splitlab.present.results import results_root
 
 NUM_REQUESTS = NUM_REQUESTS or (100 if GPU else (8 if SMOKE else 20))
 BATCH = BATCH or (20 if GPU else (4 if SMOKE else 10))

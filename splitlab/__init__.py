@@ -14,35 +14,25 @@ Names from modules that may be absent on a given machine or version (``profile_p
 
 from importlib import import_module as _import_module
 
-from .config import SLO
-from .engine import MODES, available_modes, run
-from .env import environment
-from .errors import (
-    ConfigError,
-    DeviceError,
-    ModelSpecError,
-    ModeError,
-    MPSError,
-    SplitlabError,
-    WorkerError,
-    WorkloadError,
-)
-from .metrics import Run, load_run, summaries_table
-from .models import LoadedModel, load_model
-from .workload import LengthDist, Request, Workload, fixed_batch, from_azure_trace, from_prompts, poisson
+from splitlab.config import SLO
+from splitlab.api import MODES, available_modes, run
+from splitlab.system.env import environment
+from splitlab.errors import (ConfigError, DeviceError, ModelSpecError, ModeError, MPSError, SplitlabError, WorkerError, WorkloadError)
+from splitlab.measure.metrics import Run, load_run, summaries_table
+from splitlab.models import LoadedModel, load_model
+from splitlab.workload import LengthDist, Request, Workload, fixed_batch, from_azure_trace, from_prompts, poisson
 
 __version__ = "0.1.0"
 
 # name -> (module, attribute or None for the module itself)
 _LAZY = {
-    "profile_phases": ("splitlab.profile", "profile_phases"),
-    "mps": ("splitlab.mps", None),
-    "report": ("splitlab.report", None),
-    "plots": ("splitlab.plots", None),
-    "widgets": ("splitlab.widgets", None),
-    "results": ("splitlab.results", None),
-    "colocate": ("splitlab.colocate", None),
-    "measure_ceilings": ("splitlab.profile", "measure_ceilings"),
+    "profile_phases": ("splitlab.measure.profile", "profile_phases"),
+    "mps": ("splitlab.system.mps", None),
+    "report": ("splitlab.present.report", None),
+    "plots": ("splitlab.present.plots", None),
+    "widgets": ("splitlab.present.widgets", None),
+    "results": ("splitlab.present.results", None),
+    "measure_ceilings": ("splitlab.measure.profile", "measure_ceilings"),
 }
 
 

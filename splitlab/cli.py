@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError, SplitlabError
+from splitlab.errors import ConfigError, SplitlabError
 
 # columns of the printed tables (the JSON line has every summary field)
 TABLE_COLUMNS = [
@@ -43,14 +43,14 @@ DEMO_PROMPTS = (
 # ---- helpers ---------------------------------------------------------------------------------
 
 def _json_line(value: Any) -> str:
-    from .metrics import to_jsonable
+    from splitlab.measure.metrics import to_jsonable
 
     return json.dumps(to_jsonable(value), sort_keys=False)
 
 
 def _length(text: str, flag: str):
     """``N`` -> fixed N; ``LO:HI`` -> uniform in [LO, HI]."""
-    from .workload import LengthDist
+    from splitlab.workload import LengthDist
 
     try:
         values = [int(x) for x in text.split(":", 1)]
@@ -93,7 +93,7 @@ def _table(summaries: list[dict[str, Any]]) -> str:
 
 
 def _build_workload(args, model):
-    from . import workload as W
+    from splitlab import workload as W
 
     if args.workload == "fixed":
         return W.fixed_batch(args.num_requests, _length(args.prompt_len, "--prompt-len"),
@@ -125,9 +125,9 @@ _DEFAULTS = {"prompt_len": "128", "output_len": "32"}
 # ---- commands --------------------------------------------------------------------------------
 
 def cmd_run(args) -> int:
-    from .config import SLO
-    from .engine import run
-    from .models import load_model
+    from splitlab.config import SLO
+    from splitlab.api import run
+    from splitlab.models import load_model
 
     _quiet_transformers()
     slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
@@ -152,11 +152,11 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from .config import SLO
-    from .engine import available_modes, run
-    from .metrics import summaries_table
-    from .models import load_model
-    from .workload import from_prompts, poisson, poisson_arrivals
+    from splitlab.config import SLO
+    from splitlab.api import available_modes, run
+    from splitlab.measure.metrics import summaries_table
+    from splitlab.models import load_model
+    from splitlab.workload import from_prompts, poisson, poisson_arrivals
 
     _quiet_transformers()
     t_start = time.perf_counter()
@@ -220,9 +220,9 @@ def cmd_demo(args) -> int:
     print(f"runs saved under {out_dir}/")
     report_path = None
     try:
-        from . import report as report_module  # written by another part of the project
+        from splitlab.present import report as report_module  # written by another part of the project
     except ModuleNotFoundError as exc:
-        if exc.name != "splitlab.report":
+        if exc.name != "splitlab.present.report":
             raise
         report_module = None
     if report_module is not None and hasattr(report_module, "write_report"):
@@ -240,7 +240,7 @@ def cmd_demo(args) -> int:
 
 
 def _save_demo_runs(runs, out_dir: Path) -> None:
-    """Save the runs as ``<mode>.json`` (+ ``index.json`` where splitlab.results exists).
+    """Save the runs as ``<mode>.json`` (+ ``index.json`` where splitlab.present.results exists).
 
     The runs of an earlier demo in the same folder (those its index lists) are removed first,
     so the folder always holds exactly this demo's runs.
@@ -257,7 +257,7 @@ def _save_demo_runs(runs, out_dir: Path) -> None:
                 (out_dir / name).unlink(missing_ok=True)
         index.unlink()
     try:
-        from .results import save_runs
+        from splitlab.present.results import save_runs
     except ImportError:
         save_runs = None
     if save_runs is not None:
@@ -297,8 +297,8 @@ def _agreement(runs) -> str | None:
 
 
 def cmd_env(args) -> int:
-    from .env import environment
-    from .engine import available_modes, MODES
+    from splitlab.system.env import environment
+    from splitlab.api import available_modes, MODES
 
     env = environment()
     env["modes_built"] = [m for m in MODES if m in available_modes(gpu=True)]
@@ -335,13 +335,13 @@ def cmd_report(args) -> int:
     if not results.is_dir():
         raise ConfigError(f"no results folder at {str(results)!r}; give a folder of runs saved with Run.save")
     try:
-        from .report import write_report
+        from splitlab.present.report import write_report
     except ModuleNotFoundError as exc:
-        if exc.name != "splitlab.report":
+        if exc.name != "splitlab.present.report":
             raise
-        raise SplitlabError("the report command is not built yet in this version (splitlab.report is missing)") from None
+        raise SplitlabError("the report command is not built yet in this version (splitlab.present.report is missing)") from None
     except ImportError as exc:
-        raise SplitlabError(f"splitlab.report has no write_report yet ({exc})") from None
+        raise SplitlabError(f"splitlab.present.report has no write_report yet ({exc})") from None
     path = write_report(results, args.output)
     print(f"HTML report: {path}")
     print(_json_line({"report": str(path)}))
@@ -371,7 +371,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import MODES
+    from splitlab.api import MODES
 
     parser = argparse.ArgumentParser(
         prog="splitlab", description="Phase-split LLM inference on one GPU: run, compare, report.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Mapping, TypeVar
 
-from .errors import ConfigError
+from splitlab.errors import ConfigError
 
 T = TypeVar("T", bound="FrozenConfig")
 
@@ -51,7 +51,7 @@ class SLO(FrozenConfig):
 
 # prefill-attention backends of the engine ("auto": PyTorch's own choice)
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-# decode-attention variants (splitlab.kernels.DECODE_VARIANTS holds what each one is)
+# decode-attention variants (splitlab.engine.kernels.DECODE_VARIANTS holds what each one is)
 DECODE_VARIANT_NAMES = ("fused", "split", "fused-kernel", "fused-b64", "split-atomic", "split-b32", "fused-b64-s1")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelSpecError
+from splitlab.errors import ModelSpecError
 
 BUNDLED = ("tiny", "smollm2-135m")
 # Architectures whose decoder block our functional runner implements (RMSNorm, RoPE, GQA, SwiGLU).

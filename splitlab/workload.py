@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import WorkloadError
+from splitlab.errors import WorkloadError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 
 from _traces import assert_slots_never_overcommitted, assert_traces_complete
 
-from splitlab.colocate.supervisor import descendants, shm_mapped_elsewhere
+from splitlab.system.procs import descendants, shm_mapped_elsewhere
 from splitlab.workload import Workload, from_prompts
 
 PREFIX = "splitlab-"

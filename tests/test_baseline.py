@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import splitlab
-from splitlab.baseline import run_hf_generate
+from splitlab.modes.hf_generate import run_hf_generate
 from splitlab.workload import LengthDist, fixed_batch, from_prompts
 
 

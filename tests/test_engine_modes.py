@@ -15,9 +15,10 @@ from _traces import assert_slots_never_overcommitted, assert_traces_complete
 
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModelSpecError, ModeError, WorkloadError
-from splitlab.metrics import Run, load_run
-from splitlab.scheduler import SeqState
-from splitlab.workers import DecodeWorker, PrefillWorker, build_engine, run_continuous, warm_up
+from splitlab.measure.metrics import Run, load_run
+from splitlab.engine.scheduler import SeqState
+from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine, warm_up
+from splitlab.modes.continuous import run_continuous
 from splitlab.workload import Workload, from_prompts
 
 
@@ -111,7 +112,7 @@ def test_arrivals_are_waited_for_in_real_time(tiny):
 def test_chunked_steps_without_a_prompt_chunk_take_the_decode_path(tiny, workload, expected, monkeypatch):
     """In chunked mode a step that carries no prompt chunk is a plain decode step: it goes
     through ``decode_step`` (the CUDA-graph replay on a GPU), never the eager mixed forward."""
-    from splitlab.runner import ModelRunner
+    from splitlab.engine.runner import ModelRunner
 
     calls = []
     real_decode, real_mixed = ModelRunner.decode_step, ModelRunner.mixed_step

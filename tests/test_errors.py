@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import splitlab
-from splitlab import engine
+from splitlab import api as engine
 from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkloadError
 from splitlab.workload import Request, Workload, fixed_batch, from_prompts
 
@@ -63,7 +63,7 @@ def test_a_mode_whose_code_is_missing_says_so(tiny, monkeypatch):
     with pytest.raises(ModeError, match="not built yet"):
         splitlab.run(wl, tiny, mode="serial", progress=False)
     assert "serial" not in engine.available_modes(gpu=True)
-    monkeypatch.setitem(engine._TARGETS, "serial", ("splitlab.baseline", "no_such_function"))
+    monkeypatch.setitem(engine._TARGETS, "serial", ("splitlab.modes.hf_generate", "no_such_function"))
     with pytest.raises(ModeError, match="not built yet"):
         splitlab.run(wl, tiny, mode="serial", progress=False)
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from splitlab import flops
+from splitlab.measure import flops
 from splitlab.errors import ConfigError
 from splitlab.models import ModelFacts, load_model
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from splitlab.colocate import green
-from splitlab.colocate.green import check_sm_counts, plan_split, sm_granularity, split_sms
+from splitlab.system import green
+from splitlab.system.green import check_sm_counts, plan_split, sm_granularity, split_sms
 from splitlab.errors import ConfigError, DeviceError, ModeError
 
 

@@ -41,7 +41,7 @@ def tk():
     if not HAVE_TRITON:
         pytest.fail("triton is not installed, but this platform has it as part of the dev extra: "
                     "pip install -e '.[dev]' (a kernel test never counts as passed without running)")
-    from splitlab import kernels
+    from splitlab.engine import kernels
 
     if not CUDA:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -76,7 +76,7 @@ def _patch_interpreter_scalars():
 
 
 def ref():
-    from splitlab.kernels import TorchKernels
+    from splitlab.engine.kernels import TorchKernels
 
     return TorchKernels
 
@@ -160,7 +160,7 @@ def test_decode_attention_strided_query(tk):
 def test_engine_with_triton_kernels_matches_hf(tk, tiny):
     """The whole engine with the GPU kernels (batched decode attention, fused RoPE/KV write)."""
     from splitlab.config import EngineConfig
-    from splitlab.workers import run_continuous
+    from splitlab.modes.continuous import run_continuous
     from splitlab.workload import from_prompts
 
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40] * 14, [99, 98]]
@@ -186,8 +186,8 @@ def test_graph_decode_body_with_triton_kernels(tk, variant):
     the round-2 fused variant, the round-1 split variant, and one per batch class."""
     from test_runner import EmulatedGraphRunner, make_model
 
-    from splitlab.kv_cache import KVPool
-    from splitlab.runner import extract_arch, extract_weights
+    from splitlab.engine.kv import KVPool
+    from splitlab.engine.runner import extract_arch, extract_weights
 
     loaded = make_model("qwen2")
     prompts = [[7, 30, 99, 4], [250, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -229,8 +229,8 @@ def test_graph_decode_body_with_triton_gemv(tk):
     """gemv=True: decode batches of <= 4 rows run every linear layer through the GEMV kernel."""
     from test_runner import EmulatedGraphRunner, make_model
 
-    from splitlab.kv_cache import KVPool
-    from splitlab.runner import extract_arch, extract_weights
+    from splitlab.engine.kv import KVPool
+    from splitlab.engine.runner import extract_arch, extract_weights
 
     loaded = make_model("llama", head_dim=16, tie_word_embeddings=True)
     prompts = [[7, 30, 99, 4], [250, 3]]
@@ -312,7 +312,7 @@ def test_embed_rmsnorm(tk):
 def test_decode_split_counts_fill_an_h200(tk):
     """Llama-3.1-8B's 8 KV heads on 132 SMs: small batches get 32-key blocks and enough splits
     for two programs with work per SM at 1k context; large batches one split of 64-key blocks."""
-    from splitlab.kernels import TritonKernels
+    from splitlab.engine.kernels import TritonKernels
 
     h200 = TritonKernels(sm_count=132)
 
@@ -337,7 +337,7 @@ def test_split_combine_in_kernel_equals_second_launch_and_rearms(tk):
     """combine="atomic" (the last split program of each (row, KV head) combines, counted by an
     atomic) == combine="kernel" (a second launch); the counters are back at zero after every
     call, as a CUDA-graph replay needs."""
-    from splitlab.kernels import TritonKernels
+    from splitlab.engine.kernels import TritonKernels
 
     torch.manual_seed(7)
     k = torch.randn(5, 90, 2, 16, device=DEVICE)
@@ -357,7 +357,7 @@ def test_split_combine_in_kernel_equals_second_launch_and_rearms(tk):
 def test_every_decode_variant_matches_the_reference(tk):
     """Each ``DECODE_VARIANTS`` entry (block size, split count, combine, load order; fused with
     RoPE + KV write or not) == the torch reference, with and without RoPE fused."""
-    from splitlab.kernels import DECODE_VARIANTS
+    from splitlab.engine.kernels import DECODE_VARIANTS
 
     torch.manual_seed(8)
     heads, kv_heads, dim, length = 4, 2, 16, 140
@@ -386,8 +386,8 @@ def test_every_decode_variant_matches_the_reference(tk):
 def test_decode_variant_choice_is_fixed_off_cuda(tiny):
     from splitlab.config import EngineConfig
     from splitlab.errors import ConfigError
-    from splitlab.kv_cache import KVPool
-    from splitlab.runner import ModelRunner
+    from splitlab.engine.kv import KVPool
+    from splitlab.engine.runner import ModelRunner
 
     kv = KVPool.for_model(tiny, 32, num_slots=2)
     r = ModelRunner.from_model(tiny, kv, kernels="triton")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitlab.errors import ConfigError, DeviceError
-from splitlab.kv_cache import CPU_DEFAULT_SLOTS, KVPool, SlotAllocator, slot_bytes
+from splitlab.engine.kv import CPU_DEFAULT_SLOTS, KVPool, SlotAllocator, slot_bytes
 
 
 def test_allocate_shape_scratch_row_and_bytes():

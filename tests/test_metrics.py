@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from splitlab import SLO, SplitlabError, load_run
-from splitlab.metrics import RequestTrace, Run, StepTrace, summaries_table
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace, summaries_table
 
 
 def hand_run(**kwargs) -> Run:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitlab import ModelSpecError, load_model
-from splitlab.baseline import generate_ids
+from splitlab.modes.hf_generate import generate_ids
 from splitlab.models import model_facts, presets
 
 

@@ -7,10 +7,10 @@ import types
 
 import pytest
 
-from splitlab import monitor as monitor_mod
-from splitlab.env import nvml_available
-from splitlab.metrics import Run
-from splitlab.monitor import NvmlMonitor
+from splitlab.system import monitor as monitor_mod
+from splitlab.system.env import nvml_available
+from splitlab.measure.metrics import Run
+from splitlab.system.monitor import NvmlMonitor
 
 
 class FakeNVMLError(Exception):
@@ -91,13 +91,13 @@ def test_unsupported_field_is_none(monkeypatch):
 def test_failed_init_records_nothing_and_says_so_once(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(fail_init=True))
     monkeypatch.setattr(monitor_mod, "_said_unavailable", monitor_mod.threading.Event())
-    caplog.set_level(logging.INFO, logger="splitlab.monitor")
+    caplog.set_level(logging.INFO, logger="splitlab.system.monitor")
     for _ in range(3):
         with NvmlMonitor(interval_s=0.01) as mon:
             time.sleep(0.02)
         assert mon.available is False and mon.samples == []
         assert "NVML could not start" in mon.reason
-    said = [r for r in caplog.records if r.name == "splitlab.monitor"]
+    said = [r for r in caplog.records if r.name == "splitlab.system.monitor"]
     assert len(said) == 1 and "no GPU monitoring" in said[0].getMessage()
     assert mon.attach(make_run()).monitor == []
 

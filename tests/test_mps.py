@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from splitlab import mps as mpsmod
+from splitlab.system import mps as mpsmod
 from splitlab.errors import ConfigError, MPSError
-from splitlab.mps import MPSDaemon, find_mps_processes, mps_status
+from splitlab.system.mps import MPSDaemon, find_mps_processes, mps_status
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ("compute", "memory")
@@ -335,8 +335,8 @@ def test_cleanup_on_keyboard_interrupt(fake_mps):
 SIGTERM_CHILD = textwrap.dedent(
     """
     import sys, time
-    from splitlab.mps import MPSDaemon
-    import splitlab.mps as m
+    from splitlab.system.mps import MPSDaemon
+    import splitlab.system.mps as m
     m.gpu_compute_modes = lambda: ([], None)
     mps = MPSDaemon(timeout=10).start()
     print(mps.root, flush=True)
@@ -366,8 +366,8 @@ def test_sigterm_stops_daemon(fake_mps):
 def test_atexit_fallback(fake_mps):
     code = textwrap.dedent(
         """
-        from splitlab.mps import MPSDaemon
-        import splitlab.mps as m
+        from splitlab.system.mps import MPSDaemon
+        import splitlab.system.mps as m
         m.gpu_compute_modes = lambda: ([], None)
         mps = MPSDaemon(timeout=10).start()
         print(mps.root, flush=True)
@@ -578,8 +578,8 @@ def test_sigterm_chains_to_previous_handler(fake_mps):
         def previous(signum, frame):
             raise SystemExit(7)
         signal.signal(signal.SIGTERM, previous)
-        from splitlab.mps import MPSDaemon
-        import splitlab.mps as m
+        from splitlab.system.mps import MPSDaemon
+        import splitlab.system.mps as m
         m.gpu_compute_modes = lambda: ([], None)
         with MPSDaemon(timeout=10) as mps:
             print(mps.root, flush=True)
@@ -632,7 +632,7 @@ def test_benchmark_does_not_import_plotly():
         "import sys, importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('b', {bench!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "import splitlab.mps, splitlab.colocate.green, splitlab.env\n"
+        "import splitlab.system.mps, splitlab.system.green, splitlab.system.env\n"
         "print(sorted(k for k in sys.modules if k.split('.')[0] in ('plotly', 'ipywidgets')))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -169,7 +169,7 @@ def no_output_widget_sync(monkeypatch):
     """Work around nbclient's headless ``Output`` widget mimic hanging a cell (jupyter/nbclient#312).
 
     For every output the kernel routes into an ``ipywidgets.Output`` (the explorers of
-    ``splitlab.widgets`` draw into one), nbclient's ``OutputWidget`` sends the new widget state
+    ``splitlab.present.widgets`` draw into one), nbclient's ``OutputWidget`` sends the new widget state
     back to the kernel on the shell channel while the cell's own execute reply is awaited on
     that channel; now and then the reply is never seen and the cell hangs until the timeout
     (every time when the figure carries plotly's "notebook" HTML). That state echo is useless

@@ -6,10 +6,10 @@ import pytest
 
 pytest.importorskip("plotly")
 
-from splitlab import plots
+from splitlab.present import plots
 from splitlab.errors import SplitlabError
-from splitlab.metrics import RequestTrace, Run, StepTrace
-from splitlab.profile import DATASHEET, Ceilings
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.measure.profile import DATASHEET, Ceilings
 
 
 def make_run(mode="split", backend="mps", shares=(40, 60), monitor=True, scale=1.0, workload="poisson-r2-n3"):

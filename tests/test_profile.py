@@ -6,10 +6,11 @@ import time
 import pytest
 import torch
 
-from splitlab import flops, profile
+from splitlab.measure import flops
+from splitlab.measure import profile
 from splitlab.errors import ModeError
 from splitlab.models import load_model
-from splitlab.profile import Ceilings, ceilings_table, datasheet_for, measure_ceilings, profile_phases
+from splitlab.measure.profile import Ceilings, ceilings_table, datasheet_for, measure_ceilings, profile_phases
 
 # A fixed machine for deterministic roofline judgements: ridge = 1e11 / 2e10 = 5 FLOP/byte.
 FAKE = Ceilings(device="cpu", device_name="test cpu", dtype="float32", matmul_flops_s=1e11, copy_bytes_s=2e10,
@@ -131,7 +132,7 @@ def test_backend_choice(tiny):
             profile.resolve_backend(tiny, "engine")
 
 
-@pytest.mark.skipif(not profile._engine_importable(), reason="splitlab.runner not built yet")
+@pytest.mark.skipif(not profile._engine_importable(), reason="splitlab.engine.runner not built yet")
 def test_profile_phases_engine_tiny(tiny):
     df = profile_phases(tiny, batch_sizes=(1, 2), prompt_lens=(8,), context_lens=(12,), repeats=2, warmup=1,
                         backend="engine", ceilings=FAKE, progress=False)
@@ -160,7 +161,7 @@ def test_profile_sweep_benchmark_quick_on_cpu(tmp_path, capsys):
     import json
     from pathlib import Path
 
-    from splitlab.results import load_profile
+    from splitlab.present.results import load_profile
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_sweep.py"
     spec = importlib.util.spec_from_file_location("profile_sweep", path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import splitlab
-from splitlab.colocate import run_replicas
+from splitlab.modes.replicas import run_replicas
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModeError
 

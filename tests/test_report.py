@@ -9,12 +9,12 @@ import pytest
 pytest.importorskip("plotly")
 
 import splitlab as sl
-from splitlab import report
+from splitlab.present import report
 from splitlab.errors import SplitlabError
-from splitlab.metrics import RequestTrace, Run, StepTrace
-from splitlab.profile import Ceilings
-from splitlab.report import write_report
-from splitlab.results import save_profile, save_runs
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.measure.profile import Ceilings
+from splitlab.present.report import write_report
+from splitlab.present.results import save_profile, save_runs
 
 
 def make_run(mode, rate, share=None, tpot=0.1):

@@ -5,12 +5,11 @@ import json
 import pandas as pd
 import pytest
 
-from splitlab import results
+from splitlab.present import results
 from splitlab.errors import SplitlabError
-from splitlab.metrics import RequestTrace, Run, StepTrace
-from splitlab.profile import Ceilings
-from splitlab.results import (load_profile, load_results, nearest, recorded, run_label, save_profile, save_runs,
-                              select_runs)
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.measure.profile import Ceilings
+from splitlab.present.results import (load_profile, load_results, nearest, recorded, run_label, save_profile, save_runs, select_runs)
 
 
 def make_run(mode, rate, share=None, backend=None, tpot=0.1):
@@ -54,7 +53,7 @@ def test_save_and_load_results(tmp_path):
     runs = sweep()
     index_path = save_runs(runs, tmp_path)
     index = json.loads(index_path.read_text())
-    assert index["format"] == "splitlab.results/1" and len(index["runs"]) == 6
+    assert index["format"] == "splitlab.present.results/1" and len(index["runs"]) == 6
     files = [e["file"] for e in index["runs"]]
     assert len(set(files)) == 6 and all((tmp_path / f).is_file() for f in files)
     entry = index["runs"][3]
@@ -118,7 +117,7 @@ def test_load_without_index_and_errors(tmp_path):
     assert list(table["id"]) == ["a"] and table["mode"].iloc[0] == "serial"
     with pytest.raises(SplitlabError):
         load_results(tmp_path / "missing")
-    (tmp_path / "index.json").write_text('{"format": "splitlab.results/1", "runs": [{"id": "b", "file": "b.json"}]}')
+    (tmp_path / "index.json").write_text('{"format": "splitlab.present.results/1", "runs": [{"id": "b", "file": "b.json"}]}')
     with pytest.raises(SplitlabError, match="b.json"):
         load_results(tmp_path)
 
@@ -148,7 +147,7 @@ def test_profile_round_trip(tmp_path):
                         "time_s": 0.004, "frac_of_roof": float("nan")}])
     path = save_profile(df, ceil, tmp_path / "p" / "profile_h200.json", command="python benchmarks/profile_sweep.py")
     raw = json.loads(path.read_text())
-    assert raw["format"] == "splitlab.profile/1" and raw["gpu"] == "NVIDIA H200"
+    assert raw["format"] == "splitlab.measure.profile/1" and raw["gpu"] == "NVIDIA H200"
     assert raw["command"] == "python benchmarks/profile_sweep.py" and raw["versions"]["torch"]
     assert raw["table"][0]["frac_of_roof"] is None  # strict JSON
     prof = load_profile(path)

@@ -19,9 +19,11 @@ import time
 import pytest
 
 import splitlab
-from splitlab.colocate import ReplicaSession, SplitSession, run_split
-from splitlab.colocate.common import fault_hook
-from splitlab.colocate.supervisor import ProcessGroup, WorkerSpec, remove_cuda_ipc_files
+from splitlab.modes.replicas import ReplicaSession
+from splitlab.modes.split import SplitSession
+from splitlab.modes.split import run_split
+from splitlab.modes.common import fault_hook
+from splitlab.system.procs import ProcessGroup, WorkerSpec, remove_cuda_ipc_files
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, WorkerError
 
@@ -130,7 +132,7 @@ def test_children_die_with_a_killed_parent(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent("""
         import json, sys, time
-        from splitlab.colocate import SplitSession
+        from splitlab.modes.split import SplitSession
         from splitlab.config import EngineConfig
         from splitlab.models import load_model
         if __name__ == "__main__":

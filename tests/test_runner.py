@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from splitlab.errors import ConfigError, ModelSpecError, WorkloadError
-from splitlab.kv_cache import KVPool
+from splitlab.engine.kv import KVPool
 from splitlab.models import LoadedModel, model_facts
-from splitlab.runner import DecodeBatch, ModelRunner, PrefillChunk, extract_arch, extract_weights, graph_buckets
+from splitlab.engine.runner import DecodeBatch, ModelRunner, PrefillChunk, extract_arch, extract_weights, graph_buckets
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -60,7 +60,7 @@ def hf_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
 
 def record_sdpa_shapes(monkeypatch) -> list[tuple[int, ...]]:
     """The query shape of every SDPA call the runner makes from now on, in order."""
-    import splitlab.runner as runner_mod
+    import splitlab.engine.runner as runner_mod
 
     calls: list[tuple[int, ...]] = []
     real = runner_mod.F.scaled_dot_product_attention
@@ -322,7 +322,7 @@ def test_prompts_padded_to_length_and_count_buckets_keep_hf_logits(monkeypatch):
     """The CUDA path (forced here on the CPU): whole prompts right-padded to a multiple of the
     pad AND their count padded to the next power of two, so a plan-per-shape SDPA backend
     meets few shapes; the padding prompts never reach a real row's logits."""
-    import splitlab.runner as runner_mod
+    import splitlab.engine.runner as runner_mod
 
     loaded = make_model("llama", head_dim=16)
     gen = torch.Generator().manual_seed(5)
@@ -345,7 +345,7 @@ def test_index_lists_go_over_in_one_copy_each_on_a_16_byte_boundary():
     """A forward's index lists share one device tensor; each starts 16-byte aligned, because
     Triton compiles a kernel variant per pointer alignment (an odd offset would mean a compile
     mid-run, the first time a step had that parity)."""
-    from splitlab.runner import _index_tensors
+    from splitlab.engine.runner import _index_tensors
 
     parts = [[1, 2, 3], [4], [], [5, 6], [7, 8, 9, 10, 11]]
     views = _index_tensors(torch.device("cpu"), parts)
@@ -355,7 +355,7 @@ def test_index_lists_go_over_in_one_copy_each_on_a_16_byte_boundary():
 
 
 def test_sdpa_backend_choice(tiny):
-    from splitlab.runner import SDPA_BACKENDS
+    from splitlab.engine.runner import SDPA_BACKENDS
 
     assert SDPA_BACKENDS[0] == "auto"
     kv = KVPool.for_model(tiny, 32, num_slots=2)

@@ -13,10 +13,10 @@ import pytest
 
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError
-from splitlab.kv_cache import SlotAllocator
-from splitlab.runner import as_chunk
-from splitlab.scheduler import Scheduler, SeqState
-from splitlab.workers import Worker
+from splitlab.engine.kv import SlotAllocator
+from splitlab.engine.runner import as_chunk
+from splitlab.engine.scheduler import Scheduler, SeqState
+from splitlab.engine.loop import Worker
 from splitlab.workload import Request
 
 

@@ -17,10 +17,12 @@ import multiprocessing
 import pytest
 
 import splitlab
-from splitlab.colocate import SplitSession, decode_interference, run_split
+from splitlab.modes.split import SplitSession
+from splitlab.measure.analysis import decode_interference
+from splitlab.modes.split import run_split
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ConfigError, ModeError
-from splitlab.metrics import Run, StepTrace
+from splitlab.measure.metrics import Run, StepTrace
 
 from _colocation import check_split_run, expected_tokens, ragged_workload, snapshot, assert_clean
 

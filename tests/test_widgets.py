@@ -6,10 +6,10 @@ import pytest
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
-from splitlab import widgets
-from splitlab.metrics import RequestTrace, Run, StepTrace
-from splitlab.profile import Ceilings
-from splitlab.results import load_results, save_profile, save_runs
+from splitlab.present import widgets
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.measure.profile import Ceilings
+from splitlab.present.results import load_results, save_profile, save_runs
 
 
 def make_run(mode, rate, share=None, tpot=0.1):

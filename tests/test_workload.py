@@ -9,16 +9,7 @@ import numpy as np
 import pytest
 
 from splitlab import WorkloadError
-from splitlab.workload import (
-    LengthDist,
-    fixed_batch,
-    from_azure_trace,
-    from_prompts,
-    poisson,
-    poisson_arrivals,
-    read_azure_trace,
-    token_space,
-)
+from splitlab.workload import (LengthDist, fixed_batch, from_azure_trace, from_prompts, poisson, poisson_arrivals, read_azure_trace, token_space)
 
 
 def _as_tuples(wl):

@@ -4,9 +4,9 @@ N spawned processes (``replica-0`` ... ``replica-{N-1}``), each a full engine se
 share of the requests (dealt round-robin in arrival order), all measured from one t0:
 
 - ``engine="serial"`` / ``"chunked"``: the continuous-batching worker loop of those modes
-  (``splitlab.workers.drive``) over the process's own KV pool;
+  (``splitlab.engine.loop.drive``) over the process's own KV pool;
 - ``engine="generate"``: Huggingface ``generate()`` on static batches of ``batch_size``
-  (``splitlab.baseline.serve_static_batches``), as the paper's HF pipeline did.
+  (``splitlab.modes.hf_generate.serve_static_batches``), as the paper's HF pipeline did.
 
 Weights exist once: ``replica-0`` loads the model by (spec, device, dtype, seed) and shares
 its weight tensors with the others through a ``torch.multiprocessing`` queue (CUDA IPC on
@@ -36,14 +36,12 @@ from typing import Any
 
 import torch
 
-from ..config import EngineConfig
-from ..errors import ConfigError, ModeError, WorkerError
-from ..metrics import RequestTrace, Run, StepTrace
-from ..workload import Workload
-from .common import (Outbox, check_same_model, cpu_threads_per_worker, decode_runner, fault_hook, mapped_not_owned,
-                     mps_clients, no_mps_env, peak_bytes, reset_peak, round_robin, step_tuple, weight_fingerprint,
-                     worker_model_args)
-from .supervisor import ProcessGroup, WorkerSpec
+from splitlab.config import EngineConfig
+from splitlab.errors import ConfigError, ModeError, WorkerError
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.workload import Workload
+from splitlab.modes.common import (Outbox, check_same_model, cpu_threads_per_worker, decode_runner, fault_hook, mapped_not_owned, mps_clients, no_mps_env, peak_bytes, reset_peak, round_robin, step_tuple, weight_fingerprint, worker_model_args)
+from splitlab.system.procs import ProcessGroup, WorkerSpec
 
 ENGINES = ("serial", "chunked", "generate")
 MPS_HINT = ("replicas with mps=True needs an NVIDIA GPU with nvidia-cuda-mps-control; "
@@ -115,11 +113,11 @@ def _kv_plan(config: EngineConfig, n: int, device: torch.device) -> dict[str, An
 
 def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine: str, engine_cfg: dict[str, Any],
                  batch_size: int, share_q, bye_q, flush_s: float, ready_timeout_s: float) -> None:
-    from ..kv_cache import KVPool, SlotAllocator
-    from ..models import LoadedModel, load_model
-    from ..runner import extract_arch, extract_weights
-    from ..scheduler import Scheduler
-    from ..workers import Worker, drive, warm_up
+    from splitlab.engine.kv import KVPool, SlotAllocator
+    from splitlab.models import LoadedModel, load_model
+    from splitlab.engine.runner import extract_arch, extract_weights
+    from splitlab.engine.scheduler import Scheduler
+    from splitlab.engine.loop import Worker, drive, warm_up
 
     name = channel.name
     config = EngineConfig.from_dict(engine_cfg)
@@ -203,7 +201,7 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine
                 raise RuntimeError(f"{name}: unexpected command {cmd!r}")
             _, run_id, requests = cmd
             if engine == "generate" and requests and config.warmup:
-                from ..baseline import warm_up_static
+                from splitlab.modes.hf_generate import warm_up_static
 
                 warm_up_static(loaded, requests, batch_size)  # this run's first batch shapes, off the clock
             reset_peak(device)
@@ -229,7 +227,7 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine
             traces: dict[int, RequestTrace] = {}
             steps: list[StepTrace] = []
             if requests and engine == "generate":
-                from ..baseline import serve_static_batches
+                from splitlab.modes.hf_generate import serve_static_batches
 
                 traces, steps = serve_static_batches(loaded, requests, batch_size, t0, worker=name,
                                                      on_batch=lambda batch: on_step(sum(r.max_new_tokens
@@ -297,7 +295,7 @@ class ReplicaSession:
             model.require_engine_support("replicas")
         device = torch.device(model.device)
         if mps:
-            from ..env import MPS_CONTROL
+            from splitlab.system.env import MPS_CONTROL
 
             if device.type != "cuda" or not torch.cuda.is_available():
                 raise ModeError(MPS_HINT)
@@ -316,7 +314,7 @@ class ReplicaSession:
             env: dict[str, str | None] = no_mps_env()
             daemon = None
             if mps:
-                from ..mps import MPSDaemon
+                from splitlab.system.mps import MPSDaemon
 
                 daemon = self._stack.enter_context(MPSDaemon())
                 env.update(daemon.client_env())
@@ -352,12 +350,12 @@ class ReplicaSession:
     def run(self, workload: Workload, progress: bool = True) -> Run:
         from tqdm.auto import tqdm
 
-        from ..engine import validate
-        from ..env import environment
+        from splitlab.api import validate
+        from splitlab.system.env import environment
 
         validate(workload, self.model)
         if self.engine != "generate":
-            from ..workers import check_requests
+            from splitlab.engine.loop import check_requests
 
             check_requests(workload, min(self.config.max_seq_len, self.model.facts.max_positions),
                            self.model.facts.max_positions)
@@ -479,11 +477,11 @@ def run_replicas(workload: Workload, model, batch_size: int = 8, config: EngineC
     if unknown:
         raise ConfigError(f"mode 'replicas' got unknown keyword(s) {sorted(unknown)}; accepted: batch_size, config, "
                           "progress, num_replicas, engine, mps")
-    from ..engine import validate
+    from splitlab.api import validate
 
     validate(workload, model)
     if engine in ("serial", "chunked") and hasattr(model, "require_engine_support"):
-        from ..workers import check_requests
+        from splitlab.engine.loop import check_requests
 
         model.require_engine_support("replicas")
         cfg = config if isinstance(config, EngineConfig) else EngineConfig()

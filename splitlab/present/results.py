@@ -2,9 +2,9 @@
 
 A results folder holds::
 
-    index.json            {"format": "splitlab.results/1", "runs": [entry, ...]}
+    index.json            {"format": "splitlab.present.results/1", "runs": [entry, ...]}
     <run>.json            one file per run, written by Run.save (format splitlab.run/1)
-    profile_<gpu>.json    free-form benchmark JSONs, e.g. save_profile (format splitlab.profile/1)
+    profile_<gpu>.json    free-form benchmark JSONs, e.g. save_profile (format splitlab.measure.profile/1)
 
 Each index entry names the run's file and what a person selects runs by: ``mode``,
 ``backend``, ``model``, ``workload``, ``rate`` (requests/s, when the workload had one),
@@ -29,12 +29,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import SplitlabError
-from .metrics import to_jsonable
+from splitlab.errors import SplitlabError
+from splitlab.measure.metrics import to_jsonable
 
 INDEX = "index.json"
-RESULTS_FORMAT = "splitlab.results/1"
-PROFILE_FORMAT = "splitlab.profile/1"
+RESULTS_FORMAT = "splitlab.present.results/1"
+PROFILE_FORMAT = "splitlab.measure.profile/1"
 RUN_FORMAT = "splitlab.run/1"
 INDEX_COLUMNS = ("id", "file", "mode", "backend", "model", "workload", "rate", "prefill_share",
                  "decode_share", "label", "date", "gpu")
@@ -138,7 +138,7 @@ def load_results(folder: str | Path, slo=None):
     """
     import pandas as pd
 
-    from .metrics import Run
+    from splitlab.measure.metrics import Run
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -243,8 +243,8 @@ class Profile:
 def save_profile(table, ceilings, path: str | Path, command: str | None = None, datasheet: Any = "auto",
                  extra: Mapping[str, Any] | None = None) -> Path:
     """Write a profile sweep (DataFrame or list of dicts) with its ceilings and provenance."""
-    from .env import environment
-    from .profile import GPUSpec, datasheet_for
+    from splitlab.system.env import environment
+    from splitlab.measure.profile import GPUSpec, datasheet_for
 
     records = table.to_dict(orient="records") if hasattr(table, "to_dict") and not isinstance(table, list) else list(table)
     spec = datasheet_for(ceilings.device_name) if datasheet == "auto" else datasheet
@@ -272,7 +272,7 @@ def load_profile(path: str | Path) -> Profile:
     """Read a file written by ``save_profile``."""
     import pandas as pd
 
-    from .profile import DATASHEET, Ceilings, GPUSpec
+    from splitlab.measure.profile import DATASHEET, Ceilings, GPUSpec
 
     path = Path(path)
     if not path.is_file():
@@ -292,7 +292,7 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def find_profiles(folder: str | Path) -> list[Path]:
-    """Profile JSONs (format splitlab.profile/1) directly in ``folder``."""
+    """Profile JSONs (format splitlab.measure.profile/1) directly in ``folder``."""
     out = []
     for path in sorted(Path(folder).glob("*.json")):
         if path.name == INDEX:
@@ -347,7 +347,7 @@ def recorded(kind: str = "runs", root: str | Path | None = None) -> list[Path]:
 # ---- helpers -------------------------------------------------------------------------------
 
 def _read_json(path: Path, missing_ok: bool = False):
-    from .metrics import read_json_file
+    from splitlab.measure.metrics import read_json_file
 
     try:
         return read_json_file(Path(path))

@@ -36,11 +36,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..kv_cache import KVPool
-from ..runner import ModelRunner, PrefillChunk
-from ..scheduler import SeqState
-from ..workers import DecodeWorker, Handoff, PrefillWorker
+from splitlab.errors import ConfigError
+from splitlab.engine.kv import KVPool
+from splitlab.engine.runner import ModelRunner, PrefillChunk
+from splitlab.engine.scheduler import SeqState
+from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker
 
 FAULT_ENV = "SPLITLAB_FAULT"
 FAULT_ACTIONS = ("raise", "exit", "kill")
@@ -209,10 +209,10 @@ def warm_prefill(runner: ModelRunner, slot: int = 0, token_budget: int | None = 
 
 
 def warm_decode(runner: ModelRunner) -> list[int]:
-    """The engine's own warm-up (``splitlab.workers.warm_up``: every kernel variant, the CUDA
+    """The engine's own warm-up (``splitlab.engine.loop.warm_up``: every kernel variant, the CUDA
     graphs of every batch bucket), then one decode step on the caller's current stream;
     returns the captured buckets. Writes slots 0 and 1 only, before any request."""
-    from ..workers import warm_up
+    from splitlab.engine.loop import warm_up
 
     warm_up(runner, prefill_attention=False)  # this runner decodes only
     buckets = runner.capture_graphs()  # all captured by warm_up: just the list

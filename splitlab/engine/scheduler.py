@@ -25,9 +25,9 @@ import collections
 import dataclasses
 from typing import Any
 
-from .errors import ConfigError
-from .metrics import RequestTrace
-from .workload import Request
+from splitlab.errors import ConfigError
+from splitlab.measure.metrics import RequestTrace
+from splitlab.workload import Request
 
 POLICIES = ("serial", "chunked", "prefill", "decode")
 

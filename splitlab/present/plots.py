@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import SplitlabError
-from .results import run_label
+from splitlab.errors import SplitlabError
+from splitlab.present.results import run_label
 
 PHASE_COLORS = {
     "prefill": "#4C78A8",

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import plots
-from .errors import SplitlabError
-from .results import INDEX, RUN_FORMAT, find_profiles, load_profile, load_results
+from splitlab.present import plots
+from splitlab.errors import SplitlabError
+from splitlab.present.results import INDEX, RUN_FORMAT, find_profiles, load_profile, load_results
 
 SUMMARY_COLUMNS = (
     "label", "workload", "model", "gpu", "rate", "num_requests", "completed", "throughput_tok_s",
@@ -45,7 +45,7 @@ def write_report(results_dir: str | Path, out_path: str | Path, *, slo=None, png
     """Write the HTML report of ``results_dir`` to ``out_path``; return the path written."""
     root = Path(results_dir)
     if not root.is_dir():
-        raise SplitlabError(f"no results folder at {root}; give a folder written by splitlab.results.save_runs "
+        raise SplitlabError(f"no results folder at {root}; give a folder written by splitlab.present.results.save_runs "
                             "or holding profile JSONs")
     table, runs = _collect_runs(root, slo)
     profiles = [load_profile(p) for folder in _folders(root) for p in find_profiles(folder)]
@@ -180,7 +180,7 @@ def _timeline_pick(table, runs) -> str | None:
 
 
 def _profile_section(prof) -> tuple[str, list[Any]]:
-    from .profile import ceilings_table
+    from splitlab.measure.profile import ceilings_table
 
     meta = prof.meta
     versions = meta.get("versions") or {}

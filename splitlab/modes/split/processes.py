@@ -32,12 +32,10 @@ from typing import Any
 
 import torch
 
-from ..config import EngineConfig, SplitConfig
-from ..kv_cache import KVPool, SlotAllocator
-from ..workers import DecodeWorker, PrefillWorker, build_engine
-from .common import (FreedSlots, Outbox, cpu_threads_per_worker, decode_loop, decode_runner, fault_hook,
-                     mapped_not_owned, peak_bytes, prefill_loop, reset_peak, runner_facts, step_tuple, warm_decode,
-                     warm_prefill, weight_fingerprint)
+from splitlab.config import EngineConfig, SplitConfig
+from splitlab.engine.kv import KVPool, SlotAllocator
+from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
+from splitlab.modes.common import (FreedSlots, Outbox, cpu_threads_per_worker, decode_loop, decode_runner, fault_hook, mapped_not_owned, peak_bytes, prefill_loop, reset_peak, runner_facts, step_tuple, warm_decode, warm_prefill, weight_fingerprint)
 
 
 def _get(q, channel, timeout: float, what: str):
@@ -62,7 +60,7 @@ def _arm_and_go(channel, run_id: int) -> float:
 
 def prefill_main(channel, model_args: dict[str, Any], engine_cfg: dict[str, Any], split_cfg: dict[str, Any],
                  handoff_q, freed_q) -> None:
-    from ..models import load_model
+    from splitlab.models import load_model
 
     config = EngineConfig.from_dict(engine_cfg)
     split = SplitConfig.from_dict(split_cfg)

@@ -13,7 +13,7 @@ sample period (1/6 s to 1 s depending on the GPU), so a 50 ms series is smoothed
 
 On a machine without NVML (``pynvml`` missing, or ``nvmlInit`` failing: no driver) the
 monitor records nothing and says so once per process through ``logging`` (INFO, logger
-``splitlab.monitor``): no exception, no warning spam.
+``splitlab.system.monitor``): no exception, no warning spam.
 
 Usage::
 
@@ -42,7 +42,7 @@ class NvmlMonitor:
 
     def __init__(self, interval_s: float = 0.05, device_index: int = 0, t0: float | None = None):
         if interval_s <= 0:
-            from .errors import ConfigError
+            from splitlab.errors import ConfigError
 
             raise ConfigError(f"interval_s must be > 0, got {interval_s}")
         self.interval_s = float(interval_s)
@@ -119,7 +119,7 @@ class NvmlMonitor:
         self.reason = reason
         if not _said_unavailable.is_set():
             _said_unavailable.set()
-            log.info("splitlab.monitor: no GPU monitoring: %s; runs record no NVML samples", reason)
+            log.info("splitlab.system.monitor: no GPU monitoring: %s; runs record no NVML samples", reason)
         return False
 
     def sample(self) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, DeviceError
+from splitlab.errors import ConfigError, DeviceError
 
 CPU_DEFAULT_SLOTS = 8
 

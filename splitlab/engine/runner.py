@@ -40,10 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DECODE_VARIANT_NAMES, SDPA_BACKENDS
-from .errors import ConfigError, ModelSpecError, WorkloadError
-from .kernels import DECODE_VARIANTS, DecodeVariant, TorchKernels, make_kernels
-from .kv_cache import KVPool
+from splitlab.config import DECODE_VARIANT_NAMES, SDPA_BACKENDS
+from splitlab.errors import ConfigError, ModelSpecError, WorkloadError
+from splitlab.engine.kernels import DECODE_VARIANTS, DecodeVariant, TorchKernels, make_kernels
+from splitlab.engine.kv import KVPool
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 # rope types whose frequencies do not change with the sequence length (so a table works)

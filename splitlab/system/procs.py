@@ -43,8 +43,8 @@ import time
 import traceback
 from typing import Any, Callable, Iterator, Sequence
 
-from ..env import patched_environ
-from ..errors import WorkerError
+from splitlab.system.env import patched_environ
+from splitlab.errors import WorkerError
 
 POLL_S = 0.2
 PROCESS_PREFIX = "splitlab-"

@@ -7,7 +7,7 @@
 - ``DATASHEET`` / ``datasheet_for(name)``: vendor peaks of common GPUs, shown beside the
   measured ceilings (``ceilings_table``). Rooflines use the *measured* ceilings.
 - ``profile_phases(model, ...)``: times prefill steps (B x L tokens) and decode steps (B
-  sequences at context C) and puts each beside the analytic model of ``splitlab.flops``:
+  sequences at context C) and puts each beside the analytic model of ``splitlab.measure.flops``:
   achieved FLOP/s and bytes/s, arithmetic intensity, compute- or memory-bound, fraction of
   the roofline.
 
@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from . import flops as _flops
-from .errors import ConfigError, DeviceError, ModeError
+from splitlab.measure import flops as _flops
+from splitlab.errors import ConfigError, DeviceError, ModeError
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def profile_phases(model, batch_sizes: Sequence[int] = (1, 4, 16), prompt_lens: 
     ``PROFILE_COLUMNS``; ``tokens`` is the prompt length (prefill) or the context (decode);
     ``tokens_per_s`` counts every processed token (B*L for prefill, B for decode).
 
-    What the numbers mean: FLOPs and bytes are the analytic model of ``splitlab.flops``
+    What the numbers mean: FLOPs and bytes are the analytic model of ``splitlab.measure.flops``
     (useful work; activations ignored), so ``frac_of_roof`` is the step's roofline time over
     its measured time. The hf backend's decode also pays what the model does not count:
     ``DynamicCache`` concatenates the whole cache every step and every layer is a separate
@@ -408,17 +408,17 @@ def _roofline_numbers(cost: _flops.StepCost, time_s: float, ceilings: Ceilings) 
 
 
 def resolve_backend(loaded, backend: str = "auto") -> str:
-    """``"auto"`` -> ``"engine"`` when splitlab.runner imports and the arch is Llama-family, else ``"hf"``."""
+    """``"auto"`` -> ``"engine"`` when splitlab.engine.runner imports and the arch is Llama-family, else ``"hf"``."""
     if backend not in BACKENDS:
         raise ModeError(f"unknown profiling backend {backend!r}; accepted: {', '.join(BACKENDS)}")
-    from .models import ENGINE_ARCHS
+    from splitlab.models import ENGINE_ARCHS
 
     if backend == "hf":
         return "hf"
     engine_ok = _engine_importable() and loaded.facts.arch in ENGINE_ARCHS
     if backend == "engine":
         if not _engine_importable():
-            raise ModeError("backend='engine' needs splitlab.runner and splitlab.kv_cache, which do not import "
+            raise ModeError("backend='engine' needs splitlab.engine.runner and splitlab.engine.kv, which do not import "
                             "here; use backend='hf'")
         loaded.require_engine_support("profile (engine backend)")
         return "engine"
@@ -427,8 +427,8 @@ def resolve_backend(loaded, backend: str = "auto") -> str:
 
 def _engine_importable() -> bool:
     try:
-        importlib.import_module("splitlab.runner")
-        importlib.import_module("splitlab.kv_cache")
+        importlib.import_module("splitlab.engine.runner")
+        importlib.import_module("splitlab.engine.kv")
     except Exception:  # ImportError, or a half-written module of another engineer
         return False
     return True
@@ -512,8 +512,8 @@ class _EngineBackend:
     name = "engine"
 
     def __init__(self, loaded, max_batch: int, max_len: int, seed: int):
-        from .kv_cache import KVPool
-        from .runner import ModelRunner
+        from splitlab.engine.kv import KVPool
+        from splitlab.engine.runner import ModelRunner
 
         self.loaded = loaded
         self.kv = KVPool.for_model(loaded, max_len, num_slots=max_batch)
@@ -602,7 +602,7 @@ def _forward_params(model) -> set[str]:
 
 
 def _as_loaded(model):
-    from .models import LoadedModel, load_model
+    from splitlab.models import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
         return model
@@ -614,7 +614,7 @@ def _as_loaded(model):
 def _parse_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    from .models import _parse_dtype as parse
+    from splitlab.models import _parse_dtype as parse
 
     return parse(str(dtype).replace("torch.", ""))
 

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .env import environment
-from .errors import ConfigError, WorkloadError
-from .metrics import RequestTrace, Run, StepTrace
-from .workload import Workload
+from splitlab.system.env import environment
+from splitlab.errors import ConfigError, WorkloadError
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.workload import Workload
 
 MODE = "hf-generate"
 WORKER = "generate"

@@ -84,7 +84,7 @@ DECODE_VARIANTS: dict[str, DecodeVariant] = {v.name: v for v in (
 
 
 def _check_names() -> None:
-    from .config import DECODE_VARIANT_NAMES
+    from splitlab.config import DECODE_VARIANT_NAMES
 
     assert tuple(DECODE_VARIANTS) == DECODE_VARIANT_NAMES, "config.DECODE_VARIANT_NAMES is out of date"
 
@@ -739,7 +739,7 @@ def cuda_time(fn, iters: int) -> float:
 
 def make_kernels(choice: str, device: torch.device):
     """``choice``: "auto" (Triton on CUDA when it imports, else torch), "triton" or "torch"."""
-    from .errors import ConfigError
+    from splitlab.errors import ConfigError
 
     if choice == "torch":
         return TorchKernels()

@@ -1,7 +1,7 @@
-"""Thin ipywidgets explorers over ``splitlab.plots``: selection only, no logic of their own.
+"""Thin ipywidgets explorers over ``splitlab.present.plots``: selection only, no logic of their own.
 
-Which runs a slider or dropdown picks is decided by ``splitlab.results.select_runs`` (a pure,
-tested function); what is drawn is a ``splitlab.plots`` figure. Each explorer returns an
+Which runs a slider or dropdown picks is decided by ``splitlab.present.results.select_runs`` (a pure,
+tested function); what is drawn is a ``splitlab.present.plots`` figure. Each explorer returns an
 ipywidgets ``VBox``; its ``state`` attribute holds the current selection (a DataFrame) and
 figures (dict name -> plotly Figure), so a notebook (or a test) can read what is shown.
 ipywidgets and plotly are imported inside the functions.
@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import plots
-from .results import choices, load_profile, load_results, select_runs
+from splitlab.present import plots
+from splitlab.present.results import choices, load_profile, load_results, select_runs
 
 LATENCIES = ("ttft_s", "tpot_s", "e2e_s", "itl")
 PERCENTILES = (50, 90, 99)

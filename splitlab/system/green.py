@@ -23,7 +23,7 @@ import math
 import threading
 from typing import Any, Sequence
 
-from ..errors import ConfigError, DeviceError, ModeError
+from splitlab.errors import ConfigError, DeviceError, ModeError
 
 HINT = (
     "green contexts need an NVIDIA GPU, a CUDA 12.4+ driver and cuda-python "

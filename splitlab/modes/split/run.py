@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import EngineConfig, SplitConfig
-from ..errors import ConfigError, ModeError, WorkerError
-from ..metrics import RequestTrace, Run, StepTrace
-from ..workload import Workload
-from .common import check_same_model, mps_clients, no_mps_env, worker_model_args
-from .supervisor import ProcessGroup, WorkerSpec
+from splitlab.config import EngineConfig, SplitConfig
+from splitlab.errors import ConfigError, ModeError, WorkerError
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.workload import Workload
+from splitlab.modes.common import check_same_model, mps_clients, no_mps_env, worker_model_args
+from splitlab.system.procs import ProcessGroup, WorkerSpec
 
 MPS_HINT = ("split backend mps needs an NVIDIA GPU with nvidia-cuda-mps-control; "
             "use backend='processes' or 'streams'")
@@ -77,21 +77,21 @@ def _engine_config(config) -> EngineConfig:
 def check_backend_here(split: SplitConfig, device: torch.device) -> None:
     """Refuse, with what to do instead, a backend this machine / device cannot run."""
     if split.backend == "mps":
-        from ..env import MPS_CONTROL
+        from splitlab.system.env import MPS_CONTROL
 
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ModeError(MPS_HINT)
         if shutil.which(MPS_CONTROL) is None:
             raise ModeError(f"{MPS_HINT} ({MPS_CONTROL} is not on PATH)")
     if split.backend == "green" and (device.type != "cuda" or not torch.cuda.is_available()):
-        from .threads import GREEN_HINT
+        from splitlab.modes.split.threads import GREEN_HINT
 
         raise ModeError(GREEN_HINT)
 
 
 def _check_workload(workload: Workload, model, config: EngineConfig) -> None:
-    from ..engine import validate
-    from ..workers import check_requests
+    from splitlab.api import validate
+    from splitlab.engine.loop import check_requests
 
     validate(workload, model)
     check_requests(workload, min(config.max_seq_len, model.facts.max_positions), model.facts.max_positions)
@@ -103,7 +103,7 @@ class ProcessSplit:
     """The two children of ``processes`` / ``mps`` (and the MPS daemon), up between runs."""
 
     def __init__(self, model, config: EngineConfig, split: SplitConfig):
-        from .procs import decode_main, prefill_main
+        from splitlab.modes.split.processes import decode_main, prefill_main
 
         self.model = model
         self.config = config
@@ -118,7 +118,7 @@ class ProcessSplit:
             env: dict[str, dict[str, str | None]] = {"prefill": no_mps_env(), "decode": no_mps_env()}
             daemon = None
             if split.backend == "mps":
-                from ..mps import MPSDaemon
+                from splitlab.system.mps import MPSDaemon
 
                 daemon = self._stack.enter_context(MPSDaemon())
                 env["prefill"].update(daemon.client_env(split.prefill_share))
@@ -288,7 +288,7 @@ class SplitSession:
         if self.split.backend in ("processes", "mps"):
             self._impl: Any = ProcessSplit(model, self.config, self.split)
         else:
-            from .threads import ThreadSplit
+            from splitlab.modes.split.threads import ThreadSplit
 
             self._impl = ThreadSplit(model, self.config, self.split)
 
@@ -314,7 +314,7 @@ class SplitSession:
         return dict(self._children)
 
     def run(self, workload: Workload, progress: bool = True) -> Run:
-        from ..env import environment
+        from splitlab.system.env import environment
 
         _check_workload(workload, self.model, self.config)
         out = self._impl.run(workload, progress=progress)
@@ -409,50 +409,3 @@ def run_split(workload: Workload, model, config: EngineConfig | None = None, pro
 
 
 # ---- what co-location costs decode ----------------------------------------------------------------
-
-def decode_interference(run: Run, min_coverage: float = 0.5) -> dict[str, Any]:
-    """Decode step times while a prefill step runs beside them vs alone, from ``run.steps``.
-
-    A decode step is *overlapped* when prefill steps cover at least ``min_coverage`` of its
-    duration, *alone* when none overlaps it at all. ``slowdown_p50`` is the ratio of the
-    median step times; ``slowdown_batch_matched`` compares medians within each decode batch
-    size seen both ways (weighted by the overlapped steps), so a bigger batch while
-    prefill runs does not pass for interference. NaN where a group is empty.
-    """
-    pre = sorted((s.start_s, s.end_s) for s in run.steps if s.worker == "prefill")
-    dec = sorted((s for s in run.steps if s.worker == "decode" and s.kind == "decode"), key=lambda s: s.start_s)
-    alone: dict[int, list[float]] = collections.defaultdict(list)
-    over: dict[int, list[float]] = collections.defaultdict(list)
-    j = 0
-    for d in dec:
-        dur = d.end_s - d.start_s
-        while j < len(pre) and pre[j][1] <= d.start_s:
-            j += 1
-        covered = 0.0
-        k = j
-        while k < len(pre) and pre[k][0] < d.end_s:
-            covered += max(0.0, min(d.end_s, pre[k][1]) - max(d.start_s, pre[k][0]))
-            k += 1
-        if covered <= 0.0:
-            alone[d.num_tokens].append(dur)
-        elif dur > 0 and covered / dur >= min_coverage:
-            over[d.num_tokens].append(dur)
-    all_alone = [x for v in alone.values() for x in v]
-    all_over = [x for v in over.values() for x in v]
-    med_alone = float(np.median(all_alone)) if all_alone else float("nan")
-    med_over = float(np.median(all_over)) if all_over else float("nan")
-    num = den = 0.0
-    for batch, times in over.items():
-        if alone.get(batch):
-            num += len(times) * float(np.median(times)) / float(np.median(alone[batch]))
-            den += len(times)
-    return {
-        "decode_steps": len(dec),
-        "alone_steps": len(all_alone),
-        "overlapped_steps": len(all_over),
-        "overlap_fraction": len(all_over) / len(dec) if dec else float("nan"),
-        "decode_step_alone_p50_s": med_alone,
-        "decode_step_overlapped_p50_s": med_over,
-        "slowdown_p50": med_over / med_alone if all_alone and all_over else float("nan"),
-        "slowdown_batch_matched": num / den if den else float("nan"),
-    }

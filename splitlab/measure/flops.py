@@ -41,7 +41,7 @@ import dataclasses
 import numbers
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from splitlab.errors import ConfigError
 
 # Architectures whose MLP is gated (gate, up, down = 3 matrices); others have 2 (up, down).
 GATED_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2", "phi3", "olmo", "granite")
@@ -166,7 +166,7 @@ def facts_from_config(config: Mapping[str, Any] | Any, dtype_bytes: int = 2):
     RMSNorm weights of a Llama-style block; biases and learned position tables are not
     counted (use ``models.model_facts`` on a built model for exact counts).
     """
-    from .models import ModelFacts
+    from splitlab.models import ModelFacts
 
     get = config.get if isinstance(config, Mapping) else (lambda k, d=None: getattr(config, k, d))
     arch = get("model_type")
@@ -189,8 +189,8 @@ def facts_from_config(config: Mapping[str, Any] | Any, dtype_bytes: int = 2):
 
 def facts_from_preset(name: str, dtype_bytes: int = 2):
     """ModelFacts of a shipped ``dummy:<name>`` preset, computed from its config values."""
-    from .errors import ModelSpecError
-    from .models import presets
+    from splitlab.errors import ModelSpecError
+    from splitlab.models import presets
 
     table = presets()
     key = name.split(":", 1)[1] if name.startswith("dummy:") else name

@@ -3,7 +3,7 @@
 Modes (see README.md):
 
 - ``hf-generate``: Huggingface ``generate()`` on static batches (the paper's baseline and the
-  correctness oracle), in ``splitlab.baseline``.
+  correctness oracle), in ``splitlab.modes.hf_generate``.
 - ``serial``: one worker, continuous batching, prefill and decode interleaved on one stream.
 - ``chunked``: one worker, decode tokens and a prefill chunk fused in one batch.
 - ``split``: a prefill worker and a decode worker at the same time (co-location on).
@@ -19,19 +19,19 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from .config import SLO
-from .errors import ConfigError, ModeError, WorkloadError
-from .workload import Workload
+from splitlab.config import SLO
+from splitlab.errors import ConfigError, ModeError, WorkloadError
+from splitlab.workload import Workload
 
 MODES = ("hf-generate", "serial", "chunked", "split", "replicas")
 
 # mode -> (module, function)
 _TARGETS = {
-    "hf-generate": ("splitlab.baseline", "run_hf_generate"),
-    "serial": ("splitlab.workers", "run_continuous"),
-    "chunked": ("splitlab.workers", "run_continuous"),
-    "split": ("splitlab.colocate", "run_split"),
-    "replicas": ("splitlab.colocate", "run_replicas"),
+    "hf-generate": ("splitlab.modes.hf_generate", "run_hf_generate"),
+    "serial": ("splitlab.modes.continuous", "run_continuous"),
+    "chunked": ("splitlab.modes.continuous", "run_continuous"),
+    "split": ("splitlab.modes.split", "run_split"),
+    "replicas": ("splitlab.modes.replicas", "run_replicas"),
 }
 # modes that need a CUDA GPU to run at all: none. On CPU, split runs with backend "streams"
 # or "processes" (its "mps" and "green" backends raise ModeError there) and replicas with
@@ -112,7 +112,7 @@ def validate(workload: Workload, model) -> None:
 
 def run(workload: Workload, model, mode: str = "hf-generate", *, batch_size: int = 8,
         config=None, slo: SLO | None = None, progress: bool = True, **mode_kwargs):
-    """Run ``workload`` on ``model`` in ``mode``; return a ``splitlab.metrics.Run``.
+    """Run ``workload`` on ``model`` in ``mode``; return a ``splitlab.measure.metrics.Run``.
 
     ``model`` is a ``LoadedModel`` or a spec string for ``load_model`` (``"tiny"``,
     ``"smollm2-135m"``, ``"dummy:<arch>"``, a folder or HF id). ``batch_size`` is the static
@@ -132,7 +132,7 @@ def run(workload: Workload, model, mode: str = "hf-generate", *, batch_size: int
         )
     func = _target(mode)  # before loading a model: an unbuilt mode fails fast
     if isinstance(model, str):
-        from .models import load_model
+        from splitlab.models import load_model
 
         model = load_model(model)
     if not hasattr(model, "facts") or not hasattr(model, "model"):
@@ -149,7 +149,7 @@ def run(workload: Workload, model, mode: str = "hf-generate", *, batch_size: int
         model.require_engine_support(mode)
         cfg = config
         if cfg is None:
-            from . import config as config_module
+            from splitlab import config as config_module
 
             engine_config = getattr(config_module, "EngineConfig", None)
             if engine_config is None:

@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .env import MPS_CONTROL, patched_environ
-from .errors import ConfigError, MPSError
+from splitlab.system.env import MPS_CONTROL, patched_environ
+from splitlab.errors import ConfigError, MPSError
 
 #: Where an MPS daemon started without ``CUDA_MPS_PIPE_DIRECTORY`` listens (shared, not ours).
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"

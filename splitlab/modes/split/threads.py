@@ -7,7 +7,7 @@ prefills, the decode runner owns the CUDA graphs and their static inputs).
 - ``streams``: on CUDA, each thread runs on its own ``torch.cuda.Stream`` (the decode stream
   at the highest priority when ``high_priority_decode``); on CPU, plain threads.
 - ``green``: each thread runs on the stream of its own green context; the two contexts hold
-  disjoint SM sets (``splitlab.colocate.green.split_sms``). The decode graphs are captured
+  disjoint SM sets (``splitlab.system.green.split_sms``). The decode graphs are captured
   on the decode context's stream, so the captured kernels belong to its SMs.
 
 Ordering without events: a prefill step ends with ``.tolist()`` of its tokens, a host sync
@@ -30,12 +30,11 @@ from typing import Any
 
 import torch
 
-from ..config import EngineConfig, SplitConfig
-from ..errors import ModeError, WorkerError
-from ..kv_cache import SlotAllocator
-from ..workers import DecodeWorker, PrefillWorker, build_engine
-from .common import (FreedSlots, Stopped, decode_loop, decode_runner, fault_hook, peak_bytes, prefill_loop,
-                     reset_peak, runner_facts, warm_decode, warm_prefill)
+from splitlab.config import EngineConfig, SplitConfig
+from splitlab.errors import ModeError, WorkerError
+from splitlab.engine.kv import SlotAllocator
+from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
+from splitlab.modes.common import (FreedSlots, Stopped, decode_loop, decode_runner, fault_hook, peak_bytes, prefill_loop, reset_peak, runner_facts, warm_decode, warm_prefill)
 
 _END = object()
 GREEN_HINT = ("split backend green needs an NVIDIA GPU with green contexts (CUDA 12.4+ driver, cuda-python); "
@@ -50,7 +49,7 @@ _GREEN_LOCK = threading.Lock()
 
 def green_partition(device: torch.device, prefill_sms: int | None, high_priority_decode: bool):
     """``(partition, prefill_sms, decode_sms)``: disjoint green contexts, prefill first."""
-    from . import green
+    from splitlab.system import green
 
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ModeError(GREEN_HINT)

@@ -23,8 +23,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .config import SLO
-from .errors import SplitlabError
+from splitlab.config import SLO
+from splitlab.errors import SplitlabError
 
 PERCENTILES = (50, 90, 99)
 

@@ -1,0 +1,1 @@
+"""What a run measured: ``Run`` and its metrics, analysis, profiles, ceilings, FLOP counts, sweeps."""

@@ -1,0 +1,1 @@
+"""Recorded results, plots, widgets and the HTML report; nothing below this package imports it."""
