@@ -24,7 +24,7 @@ from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModeError, WorkloadError
 from splitlab.engine.kv import KVPool, SlotAllocator
 from splitlab.measure.metrics import RequestTrace, Run, StepTrace
-from splitlab.engine.runner import DecodeBatch, ModelRunner, PrefillChunk
+from splitlab.engine.runner import DecodeBatch, ModelRunner, PrefillChunk, extract_arch, extract_weights
 from splitlab.engine.scheduler import ScheduledBatch, Scheduler, SeqState, StepOutcome
 from splitlab.workload import Workload
 
@@ -160,10 +160,8 @@ def build_engine(model, config: EngineConfig) -> EngineParts:
     max_seq_len = min(config.max_seq_len, model.facts.max_positions)
     kv = KVPool.for_model(model, max_seq_len, num_slots=config.num_slots, memory_budget_bytes=config.kv_budget_bytes,
                           memory_fraction=config.kv_memory_fraction, max_slots=config.max_batch)
-    runner = ModelRunner.from_model(model, kv, max_batch=min(config.max_batch, kv.num_slots),
-                                    cuda_graphs=config.cuda_graphs, kernels=config.kernels, gemv=config.gemv,
-                                    sdpa_backend=config.sdpa_backend,
-                                    decode_variant=getattr(config, "decode_variant", "auto"))
+    model.require_engine_support("engine")
+    runner = ModelRunner.for_config(extract_arch(model.model), extract_weights(model.model), kv, config)
     return EngineParts(kv, runner, SlotAllocator(kv.num_slots), config, max_seq_len)
 
 

@@ -520,6 +520,18 @@ class ModelRunner:
         loaded.require_engine_support("engine")
         return cls(extract_arch(loaded.model), extract_weights(loaded.model), kv, **kwargs)
 
+    @classmethod
+    def for_config(cls, arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, config,
+                   max_batch: int | None = None) -> "ModelRunner":
+        """THE way every mode builds a runner: every runner setting comes from ``config`` (an
+        ``EngineConfig``), so no mode can forget one. ``max_batch`` defaults to
+        ``min(config.max_batch, kv.num_slots)``."""
+        if max_batch is None:
+            max_batch = min(config.max_batch, kv.num_slots)
+        return cls(arch, weights, kv, max_batch=max_batch, cuda_graphs=config.cuda_graphs,
+                   kernels=config.kernels, gemv=config.gemv, sdpa_backend=config.sdpa_backend,
+                   decode_variant=config.decode_variant)
+
     def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """``(arch, weights)``: enough, with the shared KV pool, to rebuild this runner elsewhere."""
         return dict(self.arch), dict(self._weights)

@@ -224,9 +224,7 @@ def warm_decode(runner: ModelRunner) -> list[int]:
 def decode_runner(arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, config, max_batch: int
                   ) -> ModelRunner:
     """A runner over shared weights and a shared KV pool, with the engine options of ``config``."""
-    return ModelRunner(arch, weights, kv, max_batch=max_batch, cuda_graphs=config.cuda_graphs,
-                       kernels=config.kernels, gemv=getattr(config, "gemv", False),
-                       sdpa_backend=getattr(config, "sdpa_backend", "auto"))
+    return ModelRunner.for_config(arch, weights, kv, config, max_batch=max_batch)
 
 
 def _sync(device: torch.device) -> None:
