@@ -1,0 +1,123 @@
+"""Can ONE process under MPS hold contexts with different SM limits? A measured answer.
+
+MPS lets a client create a context with an SM-count execution affinity
+(``cuCtxCreate`` with ``CU_EXEC_AFFINITY_TYPE_SM_COUNT``). If one process could hold two
+such contexts (say 40 and 92 SMs) and launch into either, the ``mps`` split backend could
+change its shares per step as the ``green`` backend does, instead of restarting workers.
+
+``probe(sm_counts)`` must run inside an MPS client (a daemon answering on
+``CUDA_MPS_PIPE_DIRECTORY``). In each context it launches a spin kernel of a fixed number
+of cycles per block, with more blocks than fit the GPU at once, and times it: the time
+grows as the SMs a context may use shrink. It reports, per context, what the driver says
+(``cuCtxGetExecAffinity``) and what the timing implies.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+SPIN_SRC = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}
+"""
+THREADS = 1024  # two such blocks fill an SM's 2048 threads
+
+
+def _check(result: Any, what: str) -> Any:
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {err!r}")
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def _spin_function(driver, nvrtc, capability: tuple[int, int]):
+    prog = _check(nvrtc.nvrtcCreateProgram(SPIN_SRC.encode(), b"spin.cu", 0, [], []), "nvrtcCreateProgram")
+    arch = f"--gpu-architecture=sm_{capability[0]}{capability[1]}".encode()
+    _check(nvrtc.nvrtcCompileProgram(prog, 1, [arch]), "nvrtcCompileProgram")
+    size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+    cubin = b" " * size
+    _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+    module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    return _check(driver.cuModuleGetFunction(module, b"spin"), "cuModuleGetFunction")
+
+
+def _time_spin(driver, function, blocks: int, cycles: int) -> float:
+    import ctypes
+
+    import numpy as np
+
+    arg = np.array([cycles], dtype=np.int64)
+    params = np.array([arg.ctypes.data], dtype=np.uint64)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        _check(driver.cuLaunchKernel(function, blocks, 1, 1, THREADS, 1, 1, 0, 0, params.ctypes.data, 0), "launch")
+        _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+        best = min(best, time.perf_counter() - start)
+    del ctypes
+    return best
+
+
+def _affinity_context(driver, device, sm_count: int):
+    param = driver.CUexecAffinityParam()
+    param.type = driver.CUexecAffinityType.CU_EXEC_AFFINITY_TYPE_SM_COUNT
+    param.param.smCount.val = int(sm_count)
+    if hasattr(driver, "CUctxCreateParams"):  # CUDA 13 bindings
+        create = driver.CUctxCreateParams()
+        create.execAffinityParams = [param]
+        create.numExecAffinityParams = 1
+        return _check(driver.cuCtxCreate(create, 0, device), f"cuCtxCreate({sm_count} SMs)")
+    return _check(driver.cuCtxCreate_v3([param], 1, 0, device), f"cuCtxCreate_v3({sm_count} SMs)")
+
+
+def probe(sm_counts: Sequence[int] = (40, 92), device_index: int = 0, cycles: int = 2_000_000) -> dict[str, Any]:
+    """Create one SM-limited context per count in this process and time a spin kernel in each."""
+    from cuda.bindings import driver, nvrtc
+
+    _check(driver.cuInit(0), "cuInit")
+    device = _check(driver.cuDeviceGet(device_index), "cuDeviceGet")
+    total = _check(driver.cuDeviceGetAttribute(
+        driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device), "attribute")
+    major = _check(driver.cuDeviceGetAttribute(
+        driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "attribute")
+    minor = _check(driver.cuDeviceGetAttribute(
+        driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "attribute")
+    supported = _check(driver.cuDeviceGetExecAffinitySupport(
+        driver.CUexecAffinityType.CU_EXEC_AFFINITY_TYPE_SM_COUNT, device), "cuDeviceGetExecAffinitySupport")
+    out: dict[str, Any] = {"total_sms": int(total), "affinity_supported": bool(supported), "contexts": []}
+    blocks = 8 * int(total)  # 4 waves on the whole GPU at 2 blocks per SM
+    contexts = []
+    try:
+        for n in [int(total), *sm_counts]:
+            ctx = _affinity_context(driver, device, n)
+            contexts.append(ctx)
+            got = _check(driver.cuCtxGetExecAffinity(driver.CUexecAffinityType.CU_EXEC_AFFINITY_TYPE_SM_COUNT),
+                         "cuCtxGetExecAffinity")
+            function = _spin_function(driver, nvrtc, (int(major), int(minor)))
+            seconds = _time_spin(driver, function, blocks, cycles)
+            _check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")
+            out["contexts"].append({"asked_sms": n, "driver_sms": int(got.param.smCount.val), "spin_s": seconds})
+        # the same contexts again, alternating, to show both stay usable side by side
+        again = []
+        for entry, ctx in zip(out["contexts"], contexts):
+            _check(driver.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
+            function = _spin_function(driver, nvrtc, (int(major), int(minor)))
+            again.append(_time_spin(driver, function, blocks, cycles))
+            _check(driver.cuCtxPopCurrent(), "cuCtxPopCurrent")
+        whole = out["contexts"][0]["spin_s"]
+        for entry, seconds in zip(out["contexts"], again):
+            entry["spin_again_s"] = seconds
+            entry["implied_sms"] = round(int(total) * whole / entry["spin_s"], 1)
+    finally:
+        for ctx in contexts:
+            driver.cuCtxDestroy(ctx)
+    return out
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(probe(), indent=1))
