@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, TypeVar
+import math
+import numbers
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 from splitlab.errors import ConfigError
 
@@ -12,16 +14,27 @@ T = TypeVar("T", bound="FrozenConfig")
 
 @dataclasses.dataclass(frozen=True)
 class FrozenConfig:
-    """Base for config dataclasses: ``from_dict`` refuses keys the class does not know."""
+    """Base for config dataclasses: the constructor and ``from_dict`` refuse keys the class
+    does not know with a ConfigError naming the accepted ones (a bare dataclass raises TypeError)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # runs before the dataclass __init__, so a wrong keyword never reaches its TypeError
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ConfigError(f"{cls.__name__} got unknown key(s) {unknown}; accepted keys: {sorted(names)}")
+        if len(args) > len(names):
+            raise ConfigError(f"{cls.__name__} takes at most {len(names)} positional values ({', '.join(names)}), "
+                              f"got {len(args)}; pass them by name")
+        twice = sorted(set(names[:len(args)]) & set(kwargs))
+        if twice:
+            raise ConfigError(f"{cls.__name__} got {twice} both by position and by name; give each once")
+        return super().__new__(cls)
 
     @classmethod
     def from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"{cls.__name__} got unknown key(s) {unknown}; accepted keys: {sorted(known)}"
-            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{cls.__name__}.from_dict needs a mapping of field names to values, got {values!r}")
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
@@ -33,20 +46,117 @@ class FrozenConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SLO(FrozenConfig):
-    """Latency objectives a request must meet to count towards goodput.
+    """Latency bounds a request must meet, all of them, to count towards goodput.
 
-    ``ttft_s``: bound on time to first token (arrival -> first token), seconds.
-    ``tpot_s``: bound on time per output token after the first, seconds.
+    Every bound is in seconds; ``None`` leaves that metric unbounded.
+
+    ``ttft_s``: time to first token (arrival -> first token).
+    ``tpot_s``: time per output token after the first, (E2E - TTFT) / (tokens - 1): a
+    request's MEAN gap, blind to one long stall between two tokens.
+    ``itl_s``: the inter-token gaps of each request. By default (``itl_quantile`` 1.0) the
+    request's LARGEST gap must be within it: every gap is bounded. ``itl_quantile`` q < 1
+    judges the q-quantile of the request's own gaps instead (numpy's linear interpolation,
+    as the ``itl_p99_s`` column of ``Run.requests``), e.g. 0.99 lets about 1% of them run over.
+    ``e2e_s``: end-to-end latency (arrival -> last token).
+
+    A one-token request has no gaps and no TPOT: it is judged on TTFT and E2E only. The
+    defaults (TTFT 1 s, TPOT 50 ms) are the SLO every recorded run was scored with.
+    ``SLO.from_vllm("ttft:1000 tpot:50 itl:30 e2el:5000")`` takes vLLM's ``--goodput``
+    syntax (milliseconds).
     """
 
-    ttft_s: float = 1.0
-    tpot_s: float = 0.05
+    ttft_s: float | None = 1.0
+    tpot_s: float | None = 0.05
+    itl_s: float | None = None
+    itl_quantile: float = 1.0
+    e2e_s: float | None = None
+
+    BOUNDS: ClassVar[tuple[str, ...]] = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+    # vLLM's --goodput names (its own: ttft, tpot, e2el; itl is splitlab's addition)
+    VLLM_NAMES: ClassVar[dict[str, str]] = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "itl_s", "e2el": "e2e_s"}
 
     def __post_init__(self) -> None:
-        for name in ("ttft_s", "tpot_s"):
+        for name in self.BOUNDS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"SLO.{name} must be a positive number of seconds, got {value!r}")
+            if value is None:
+                continue
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"SLO.{name} must be a positive, finite number of seconds "
+                                  f"(or None to leave it unbounded), got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if all(getattr(self, name) is None for name in self.BOUNDS):
+            raise ConfigError("an SLO needs at least one bound: give ttft_s, tpot_s, itl_s or e2e_s (seconds)")
+        q = self.itl_quantile
+        if not _is_real(q) or not 0 < q <= 1:
+            raise ConfigError(f"SLO.itl_quantile must be in (0, 1] (1 = the largest gap of a request, "
+                              f"0.99 = its p99 gap), got {q!r}")
+        object.__setattr__(self, "itl_quantile", float(q))
+        if q != 1 and self.itl_s is None:
+            raise ConfigError(f"SLO.itl_quantile={q!r} applies to a gap bound: give itl_s too, "
+                              "or leave itl_quantile at 1.0")
+
+    @classmethod
+    def from_vllm(cls, spec: str | Sequence[str], itl_quantile: float = 1.0) -> "SLO":
+        """The SLO of vLLM's ``bench serve --goodput`` syntax: ``"ttft:1000 tpot:50 e2el:5000"``.
+
+        Values are milliseconds; ``spec`` is one string (tokens separated by spaces or commas)
+        or a list of tokens. Only the named bounds apply (the others are None), as in vLLM.
+        Names: ``ttft``, ``tpot``, ``e2el`` (vLLM's) and ``itl`` (every gap, or the
+        ``itl_quantile`` of a request's gaps).
+        """
+        if isinstance(spec, str):
+            tokens = spec.replace(",", " ").split()
+        elif isinstance(spec, Sequence) and all(isinstance(t, str) for t in spec):
+            tokens = [t for item in spec for t in item.replace(",", " ").split()]
+        else:
+            raise ConfigError(f"SLO.from_vllm takes a string like 'ttft:1000 tpot:50' or a list of such "
+                              f"tokens, got {spec!r}")
+        names = ", ".join(f"{n}:MS" for n in cls.VLLM_NAMES)
+        if not tokens:
+            raise ConfigError(f"an empty goodput SLO; give at least one of {names} (milliseconds)")
+        bounds: dict[str, float] = {}
+        for token in tokens:
+            name, sep, text = token.partition(":")
+            if not sep or name not in cls.VLLM_NAMES:
+                raise ConfigError(f"goodput SLO token {token!r} is not NAME:MILLISECONDS; names: {names}")
+            if cls.VLLM_NAMES[name] in bounds:
+                raise ConfigError(f"goodput SLO names {name!r} twice; give each bound once")
+            try:
+                ms = float(text)
+            except ValueError:
+                ms = math.nan
+            if not math.isfinite(ms) or ms <= 0:
+                raise ConfigError(f"goodput SLO token {token!r}: the bound must be a positive number of "
+                                  "milliseconds, e.g. ttft:1000")
+            bounds[cls.VLLM_NAMES[name]] = ms / 1000.0
+        return cls(**{name: bounds.get(name) for name in cls.BOUNDS}, itl_quantile=itl_quantile)
+
+    def scaled(self, factor: float) -> "SLO":
+        """This SLO with every bound multiplied by ``factor`` (DistServe's SLO scale)."""
+        if not _is_real(factor) or not math.isfinite(factor) or factor <= 0:
+            raise ConfigError(f"an SLO scale must be a positive, finite number, got {factor!r}")
+        return self.replace(**{n: getattr(self, n) * factor for n in self.BOUNDS if getattr(self, n) is not None})
+
+    def describe(self) -> str:
+        """The bounds in words, e.g. ``"TTFT ≤ 1 s, every gap ≤ 30 ms"``."""
+        parts = []
+        for name, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", None), ("e2e_s", "E2E")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if label is None:
+                label = "every gap" if self.itl_quantile == 1 else f"p{self.itl_quantile * 100:.4g} gap"
+            parts.append(f"{label} ≤ {_duration(value)}")
+        return ", ".join(parts)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _duration(seconds: float) -> str:
+    """``0.03`` -> ``"30 ms"``, ``2.0`` -> ``"2 s"``."""
+    return f"{seconds * 1000:.4g} ms" if seconds < 1 else f"{seconds:.4g} s"
 
 
 # prefill-attention backends of the engine ("auto": PyTorch's own choice)

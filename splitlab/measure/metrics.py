@@ -1,13 +1,14 @@
 """The ``Run`` every mode returns, and the metrics computed from it.
 
-Definitions (FACTS.md section 6), all times in seconds, all relative to the run's start:
+Definitions, all times in seconds, all relative to the run's start:
 
 - TTFT: arrival to first output token (queueing delay included).
 - TPOT: (E2E - TTFT) / (output tokens - 1); undefined (NaN) for a one-token output.
 - ITL: every gap between consecutive output tokens of a request; p50/p99 over all gaps.
 - E2E: arrival to last output token.
 - Throughput: output tokens of the run / wall time of the run.
-- Goodput: requests that meet every SLO bound (TTFT and TPOT) / wall time of the run.
+- Goodput: requests that meet every bound of the SLO (TTFT, TPOT, inter-token gaps, E2E:
+  whichever it sets) / wall time of the run (DistServe; vLLM ``bench serve --goodput``).
 
 The wall time runs from the run's start (time 0, the reference of every ``arrival_s``) to
 the last token of the last request.
@@ -24,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from splitlab.config import SLO
-from splitlab.errors import SplitlabError
+from splitlab.errors import ConfigError, SplitlabError
 
 PERCENTILES = (50, 90, 99)
 
@@ -131,7 +132,8 @@ class Run:
         """Throughput, request rate, p50/p90/p99 of TTFT/TPOT/ITL/E2E, and goodput at ``slo``.
 
         Without ``slo``: the SLO the run was made with (``config["slo"]``, set by
-        ``splitlab.run(..., slo=...)``), else ``SLO()``'s defaults.
+        ``splitlab.run(..., slo=...)``), else ``SLO()``'s defaults. The goodput keys are those
+        of ``goodput``: which requests met every bound, and the attainment of each bound.
         """
         if slo is None:
             recorded = self.config.get("slo") if isinstance(self.config, dict) else None
@@ -157,7 +159,8 @@ class Run:
         gaps = self.itl_gaps()
         for p in PERCENTILES:
             out[f"itl_p{p}_s"] = float(np.percentile(gaps, p)) if gaps.size else math.nan
-        out.update(goodput(table, wall, slo))
+        itl = itl_statistic(request_gaps(self.traces), slo.itl_quantile) if slo.itl_s is not None else None
+        out.update(goodput(table, wall, slo, itl=itl))
         if self.memory:
             out["peak_memory_bytes"] = self.memory.get("peak_bytes")
         return out
@@ -237,25 +240,83 @@ def read_json_file(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def goodput(table, wall_s: float, slo: SLO) -> dict[str, Any]:
-    """Requests meeting both SLO bounds, per second of wall time, and their fraction.
+def request_gaps(traces: Iterable[RequestTrace]) -> list[np.ndarray]:
+    """The inter-token gaps of each request, in the row order of ``Run.requests`` (by id)."""
+    return [np.diff(t.token_times_s) for t in sorted(traces, key=lambda t: t.id)]
 
-    A one-token request has no TPOT; it is judged on TTFT alone.
+
+def itl_statistic(gaps: Iterable[np.ndarray], quantile: float = 1.0) -> np.ndarray:
+    """Per request, the gap statistic an ITL bound judges: its largest gap (``quantile`` 1)
+    or the ``quantile`` of its own gaps (numpy's linear interpolation); NaN without gaps."""
+    return np.array([float(np.quantile(g, quantile)) if len(g) else math.nan for g in gaps], dtype=float)
+
+
+def slo_checks(table, slo: SLO, itl=None):
+    """Per request (a row of ``Run.requests``), whether it meets each bound of ``slo``.
+
+    Columns ``ttft``, ``tpot``, ``itl``, ``e2e`` and ``all``. An unbounded metric is met by
+    every request that produced a token; a request without tokens meets nothing. A
+    one-token request has no TPOT and no gap: those bounds do not judge it. ``itl``: the
+    per-request gap statistic (``itl_statistic``) in the table's row order; without it the
+    table's ``itl_max_s`` (quantile 1) or ``itl_p99_s`` (quantile 0.99) column is used.
     """
-    ttft_ok = table["ttft_s"] <= slo.ttft_s
-    tpot_ok = table["tpot_s"].isna() | (table["tpot_s"] <= slo.tpot_s)
-    met = int((ttft_ok & tpot_ok & (table["output_len"] > 0)).sum())
-    return {
+    import pandas as pd
+
+    produced = (table["output_len"] > 0).to_numpy()
+    if slo.itl_s is not None and itl is None:
+        column = {1.0: "itl_max_s", 0.99: "itl_p99_s"}.get(slo.itl_quantile)
+        if column is None or column not in table:
+            raise ConfigError(f"judging the p{slo.itl_quantile * 100:g} gap of each request needs its gaps: "
+                              "pass itl=itl_statistic(request_gaps(run.traces), quantile), or use Run.summary")
+        itl = table[column].to_numpy(float)
+    values = {"ttft": table["ttft_s"].to_numpy(float), "tpot": table["tpot_s"].to_numpy(float),
+              "itl": None if itl is None else np.asarray(itl, dtype=float), "e2e": table["e2e_s"].to_numpy(float)}
+    if values["itl"] is not None and len(values["itl"]) != len(table):
+        raise ConfigError(f"itl has {len(values['itl'])} values for {len(table)} requests; give one per row")
+    checks = {}
+    for key, bound in (("ttft", slo.ttft_s), ("tpot", slo.tpot_s), ("itl", slo.itl_s), ("e2e", slo.e2e_s)):
+        if bound is None:
+            checks[key] = produced.copy()
+            continue
+        v = values[key]
+        # NaN TPOT / gap statistic: a one-token request, which these bounds do not judge
+        exempt = np.isnan(v) if key in ("tpot", "itl") else np.zeros(len(v), dtype=bool)
+        checks[key] = produced & (exempt | (v <= bound))
+    checks["all"] = np.logical_and.reduce([checks[k] for k in ("ttft", "tpot", "itl", "e2e")])
+    return pd.DataFrame(checks, index=table.index)
+
+
+def goodput(table, wall_s: float, slo: SLO, itl=None) -> dict[str, Any]:
+    """Requests meeting EVERY bound of ``slo``, per second of wall time, and which bound failed.
+
+    ``slo_met`` / ``slo_attainment`` / ``goodput_req_s``: requests meeting every bound
+    (count, fraction of all requests, per second of ``wall_s``). ``slo_attainment_<bound>``
+    (ttft, tpot, itl, e2e): the fraction meeting that bound alone, NaN when the SLO leaves
+    it unbounded. ``slo_<bound>_s``: the bounds (None = unbounded); ``slo``: in words.
+    ``itl``: as in ``slo_checks``.
+    """
+    checks = slo_checks(table, slo, itl)
+    n = len(table)
+    met = int(checks["all"].sum())
+    out: dict[str, Any] = {
+        "slo": slo.describe(),
         "slo_ttft_s": slo.ttft_s,
         "slo_tpot_s": slo.tpot_s,
+        "slo_itl_s": slo.itl_s,
+        "slo_itl_quantile": slo.itl_quantile,
+        "slo_e2e_s": slo.e2e_s,
         "slo_met": met,
-        "slo_attainment": met / len(table) if len(table) else math.nan,
+        "slo_attainment": met / n if n else math.nan,
         "goodput_req_s": met / wall_s if wall_s and wall_s > 0 else math.nan,
     }
+    for key in ("ttft", "tpot", "itl", "e2e"):
+        bounded = getattr(slo, f"{key}_s") is not None
+        out[f"slo_attainment_{key}"] = float(checks[key].sum()) / n if bounded and n else math.nan
+    return out
 
 
 def summaries_table(runs: Iterable[Run], slo: SLO | None = None):
-    """One summary row per run, as a pandas DataFrame."""
+    """One summary row per run, as a pandas DataFrame (``slo``: as in ``Run.summary``)."""
     import pandas as pd
 
     return pd.DataFrame([r.summary(slo) for r in runs])
