@@ -452,3 +452,126 @@ def _tick(value) -> str:
     if isinstance(value, float) and value.is_integer():
         return f"{value:g}"
     return str(value)
+
+
+# ---- SLO curves (tables of splitlab.measure.slo) -----------------------------------------------
+
+def _target_trace(go, x_range: Sequence[float], target: float):
+    return go.Scatter(x=list(x_range), y=[target * 100] * 2, mode="lines", name=f"{target:.0%} attainment",
+                      line=dict(color="#555555", dash="dot"), hoverinfo="skip")
+
+
+def _slo_words(table, scale_col: str | None = None) -> str:
+    """The SLO of a curve table in words (the scale-1 row's, on a scale curve)."""
+    if "slo" not in table or not len(table):
+        return ""
+    rows = table[table[scale_col] == 1] if scale_col and (table[scale_col] == 1).any() else table
+    return str(rows["slo"].iloc[0])
+
+
+def slo_scale_curve(table, target: float = 0.9, title: str | None = None):
+    """SLO attainment against the SLO scale (every bound multiplied by it), one line per run.
+
+    ``table``: ``splitlab.measure.slo.attainment_vs_scale``. A dotted line marks ``target``.
+    """
+    go = _go()
+    for col in ("label", "scale", "slo_attainment"):
+        if col not in table:
+            raise SplitlabError(f"the table has no {col!r} column; give the table of attainment_vs_scale")
+    fig = go.Figure()
+    for label, g in table.groupby("label", sort=False):
+        g = g.sort_values("scale")
+        fig.add_trace(go.Scatter(x=g["scale"].tolist(), y=(g["slo_attainment"] * 100).tolist(), mode="lines+markers",
+                                 name=str(label),
+                                 hovertemplate=f"{label}: %{{y:.1f}}% at %{{x:g}}× the SLO<extra></extra>"))
+    fig.add_trace(_target_trace(go, (float(table["scale"].min()), float(table["scale"].max())), target))
+    words = _slo_words(table, "scale")
+    fig.update_layout(template="plotly_white",
+                      title=title or "SLO attainment against SLO scale" + (f" (1× = {words})" if words else ""),
+                      xaxis=dict(title=dict(text="SLO scale (× every bound)")),
+                      yaxis=dict(title=dict(text="SLO attainment (% of requests)"), range=[0, 105]))
+    return fig
+
+
+def attainment_rate_curve(table, target: float = 0.9, title: str | None = None):
+    """SLO attainment against arrival rate, one line per mode, the ``target`` line dotted and
+    each mode's highest sustained rate (``splitlab.measure.slo.max_rates``) marked on it.
+
+    ``table``: ``splitlab.measure.slo.attainment_vs_rate``. A mode that meets the target at
+    every rate measured gets a triangle at its highest rate (≥); one that misses it at every
+    rate gets no marker (its legend entry says so).
+    """
+    from splitlab.measure.slo import max_rates
+
+    go = _go()
+    limits = max_rates(table, target)
+    fig = go.Figure()
+    for label, g in table.groupby("label", sort=False):
+        g = g.sort_values("rate")
+        fig.add_trace(go.Scatter(x=g["rate"].tolist(), y=(g["slo_attainment"] * 100).tolist(), mode="lines+markers",
+                                 name=str(label),
+                                 hovertemplate=f"{label}: %{{y:.1f}}% at %{{x:.3g}} req/s<extra></extra>"))
+    fig.add_trace(_target_trace(go, (float(table["rate"].min()), float(table["rate"].max())), target))
+    for label, limit in limits.items():
+        name = f"{label}: max rate at {target:.0%} {limit}"
+        if limit.status == "below_lowest":
+            name = f"{label}: below {target:.0%} at every rate measured"
+        fig.add_trace(go.Scatter(x=[] if limit.status == "below_lowest" else [limit.rate],
+                                 y=[] if limit.status == "below_lowest" else [target * 100], mode="markers",
+                                 name=name, marker=dict(symbol="triangle-right" if limit.at_least else "x", size=12),
+                                 hovertemplate=f"{label}: {limit.reason}<extra></extra>"))
+    words = _slo_words(table)
+    fig.update_layout(template="plotly_white",
+                      title=title or "SLO attainment against arrival rate" + (f" ({words})" if words else ""),
+                      xaxis=dict(title=dict(text="arrival rate (req/s)")),
+                      yaxis=dict(title=dict(text="SLO attainment (% of requests)"), range=[0, 105]))
+    return fig
+
+
+_RATIO_TICKS = (0.01, 0.03, 0.1, 0.3, 0.5, 1, 2, 3, 10, 30, 100, 300, 1000)
+
+
+def goodput_ratio_map(grid, split: str = "split", title: str | None = None):
+    """Heatmap of split's goodput over its best peer's, arrival rate × gap bound.
+
+    ``grid``: ``splitlab.measure.slo.goodput_ratio_grid``. The colour is the ratio on a log
+    scale centred on 1 (blue: split ahead); each cell's text is the ratio and the peer it
+    beat or lost to. A cell whose peers all had zero goodput shows ``∞`` at the top colour.
+    """
+    go = _go()
+    for col in ("rate", "itl_s", "ratio", "best_peer"):
+        if col not in grid:
+            raise SplitlabError(f"the grid has no {col!r} column; give the table of goodput_ratio_grid")
+    rates = sorted(grid["rate"].unique())
+    gaps = sorted(grid["itl_s"].unique())
+    cells = {(r, g): row for r, g, row in zip(grid["rate"], grid["itl_s"], grid.to_dict("records"))}
+    ratios = np.array([[cells[(r, g)]["ratio"] if (r, g) in cells else math.nan for r in rates] for g in gaps], float)
+    logs = np.log10(np.where(np.isfinite(ratios) & (ratios > 0), ratios, math.nan))
+    finite = np.abs(logs[np.isfinite(logs)])
+    top = max(float(finite.max()) if finite.size else 0.0, math.log10(2))
+    z = np.where(np.isposinf(ratios), top, np.clip(logs, -top, top))
+    text = [[_ratio_text(cells.get((r, g))) for r in rates] for g in gaps]
+    ticks = [t for t in _RATIO_TICKS if abs(math.log10(t)) <= top + 1e-9]
+    fig = go.Figure(go.Heatmap(
+        z=[[None if not np.isfinite(v) else float(v) for v in row] for row in z],
+        x=[f"{r:.3g}" for r in rates], y=[f"{g * 1000:.3g} ms" for g in gaps],
+        text=text, texttemplate="%{text}", colorscale="RdBu", zmid=0, zmin=-top, zmax=top,
+        name="goodput ratio", hovertemplate="%{x} req/s, gap ≤ %{y}: %{text}<extra></extra>",
+        colorbar=dict(title=dict(text=f"goodput {split} / best peer"),
+                      tickvals=[math.log10(t) for t in ticks], ticktext=[f"{t:g}×" for t in ticks])))
+    fig.update_layout(template="plotly_white",
+                      title=title or f"Goodput of {split} over its best peer, arrival rate × gap bound",
+                      xaxis=dict(title=dict(text="arrival rate (req/s)"), type="category"),
+                      yaxis=dict(title=dict(text="bound on every inter-token gap (ms)"), type="category"))
+    return fig
+
+
+def _ratio_text(row) -> str:
+    if row is None:
+        return ""
+    ratio, peer = row["ratio"], row.get("best_peer")
+    if math.isinf(ratio):
+        return "∞ (peers 0)"
+    if not math.isfinite(ratio):
+        return "no goodput" if peer else "no peer"
+    return f"{ratio:.3g}×<br>vs {peer}"
