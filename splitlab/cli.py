@@ -130,7 +130,12 @@ def cmd_run(args) -> int:
     from splitlab.models import load_model
 
     _quiet_transformers()
-    slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
+    if args.goodput and (args.slo_ttft is not None or args.slo_tpot is not None):
+        raise ConfigError("give the SLO either as --goodput ttft:MS tpot:MS itl:MS e2el:MS or as "
+                          "--slo-ttft/--slo-tpot (seconds), not both")
+    slo = (SLO.from_vllm(args.goodput) if args.goodput else
+           SLO(ttft_s=1.0 if args.slo_ttft is None else args.slo_ttft,
+               tpot_s=0.1 if args.slo_tpot is None else args.slo_tpot))
     spec = args.model or default_model()
     model = load_model(spec, device=args.device, dtype=args.dtype, seed=args.seed)
     wl = _build_workload(args, model)
@@ -397,8 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default=None, metavar="PATH", help="write the run as JSON here")
-    p.add_argument("--slo-ttft", type=_positive_float, default=1.0, help="TTFT bound, seconds (goodput)")
-    p.add_argument("--slo-tpot", type=_positive_float, default=0.1, help="TPOT bound, seconds (goodput)")
+    p.add_argument("--slo-ttft", type=_positive_float, default=None, help="TTFT bound, seconds (goodput; default 1)")
+    p.add_argument("--slo-tpot", type=_positive_float, default=None, help="TPOT bound, seconds (goodput; default 0.1)")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="the SLO in vLLM's syntax, milliseconds: ttft:1000 tpot:50 itl:30 e2el:5000 (itl: every "
+                        "inter-token gap); only the named bounds apply; instead of --slo-ttft/--slo-tpot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
