@@ -1,7 +1,11 @@
-"""The notebooks: committed clean, generated from notebooks/_build.py, and executed by papermill.
+"""The notebooks: committed clean, in sync with their readable sources, and executed by papermill.
+
+Each notebook ``notebooks/NN_name.ipynb`` is paired with ``notebooks/NN_name.py`` (jupytext
+percent format, paired by ``notebooks/jupytext.toml``). To change a notebook, edit the .py, then
+run ``jupytext --sync notebooks/NN_name.py`` and commit both.
 
 Fast checks (every run): each notebook is committed WITHOUT outputs (every code cell has
-``outputs == []`` and ``execution_count`` None), equals what ``notebooks/_build.py`` writes,
+``outputs == []`` and ``execution_count`` None), holds the cells jupytext reads from its .py,
 starts with the Colab install cell, the versions cell and a cell tagged ``parameters``, checks
 its own claims with ``assert``, and defines no function or class (logic lives in the package).
 
@@ -24,7 +28,6 @@ import ast
 import json
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
@@ -77,6 +80,10 @@ def _params_cell(nb):
     return cells[0]
 
 
+def _cells(nb):
+    return [(c.cell_type, c.source, dict(c.metadata)) for c in nb.cells]
+
+
 def _ids(paths):
     return [p.stem for p in paths]
 
@@ -96,16 +103,32 @@ def test_committed_without_outputs(path):
     dirty = [i for i, c in enumerate(nb.cells)
              if c.cell_type == "code" and (c.get("outputs") != [] or c.get("execution_count") is not None)]
     assert not dirty, (f"{path.name}: code cells {dirty} carry outputs or an execution count; notebooks are "
-                       "committed clean: run `python notebooks/_build.py` to rewrite them")
+                       "committed clean: run `jupytext --sync` on its .py (that writes no outputs) or clear them")
     assert "widgets" not in nb.metadata, f"{path.name}: saved widget state in the metadata"
 
 
-def test_notebooks_equal_their_source():
-    build = runpy.run_path(str(NOTEBOOK_DIR / "_build.py"))
-    built = set(build["NOTEBOOKS"])
-    assert built == {p.name for p in NOTEBOOKS}, f"_build.py and notebooks/ disagree: {sorted(built ^ {p.name for p in NOTEBOOKS})}"
-    stale = [name for name in sorted(built) if (NOTEBOOK_DIR / name).read_text() != build["render"](name)]
-    assert not stale, f"{stale} differ from notebooks/_build.py: edit _build.py, then run `python notebooks/_build.py`"
+def test_every_notebook_has_its_paired_source():
+    """Each NN_name.ipynb has NN_name.py beside it, and notebooks/jupytext.toml pairs them."""
+    sources = {p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py")}
+    assert sources == {p.stem for p in NOTEBOOKS}, f"unpaired: {sorted(sources ^ {p.stem for p in NOTEBOOKS})}"
+    config = (NOTEBOOK_DIR / "jupytext.toml").read_text()
+    assert re.search(r'^formats\s*=\s*"ipynb,py:percent"', config, re.M), "jupytext.toml must pair ipynb with py:percent"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_equals_its_source(path):
+    """The .ipynb holds exactly the cells jupytext reads from the .py (type, source, tags)."""
+    import jupytext  # the notebooks extra installs it
+    source = path.with_suffix(".py")
+    assert source.is_file(), f"{path.name} has no paired source {source.name}"
+    text = jupytext.read(source)
+    nb = _read(path)
+    want, have = _cells(text), _cells(nb)
+    differ = [i for i, (a, b) in enumerate(zip(want, have)) if a != b]
+    assert len(want) == len(have) and not differ, (
+        f"{path.name} is out of sync with {source.name} ({len(have)} vs {len(want)} cells; first differing cell: "
+        f"{differ[:1] or 'the count'}): edit the .py, then run `jupytext --sync notebooks/{source.name}`")
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", f"{path.name}: kernelspec must be python3"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
