@@ -30,11 +30,13 @@ def mps_probe() -> dict:
 
     with MPSDaemon() as daemon:
         env = {**os.environ, **daemon.client_env(), "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-m", "splitlab.system.mps_affinity"], env=env,
-                              capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        return {"ok": False, "error": done.stderr[-3000:]}
-    return {"ok": True, **json.loads(done.stdout)}
+        answers = {}
+        for what in ("driver", "torch"):
+            done = subprocess.run([sys.executable, "-m", "splitlab.system.mps_affinity", what], env=env,
+                                  capture_output=True, text=True, timeout=120)
+            answers[what] = ({"ok": True, **json.loads(done.stdout)} if done.returncode == 0
+                             else {"ok": False, "error": done.stderr[-3000:]})
+    return answers
 
 
 def main() -> None:

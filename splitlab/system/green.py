@@ -307,3 +307,28 @@ def split_sms(
         contexts=(contexts[0], contexts[1]),
         raw_streams=(raw_streams[0], raw_streams[1]),
     )
+
+
+_PARTITIONS: dict[tuple, GreenPartition] = {}
+
+
+def cached_split_sms(sm_counts: Sequence[int], device: int = 0, priorities: tuple[int, int] = (0, 0)
+                     ) -> GreenPartition:
+    """``split_sms``, made once per (device, counts, priorities) in this process and reused:
+    green contexts are never destroyed, so making them per session would only leak more."""
+    key = (int(device), *check_sm_counts(sm_counts), *priorities)
+    with _KEEP_ALIVE_LOCK:
+        if key in _PARTITIONS:
+            return _PARTITIONS[key]
+    part = split_sms(sm_counts, device=device, priorities=priorities)
+    with _KEEP_ALIVE_LOCK:
+        return _PARTITIONS.setdefault(key, part)
+
+
+def decode_first_split(device: int, decode_sms: int, priority: int = 0) -> GreenPartition:
+    """A partition whose FIRST group (``decode_sms``, rounded up) is decode's and the rest
+    prefill's: first groups of different sizes nest, so moving SMs between the two sides
+    only ever moves the SMs at the boundary."""
+    total, capability = _device_info(device)
+    first, second = plan_split((decode_sms, sm_granularity(capability)), total, sm_granularity(capability))
+    return cached_split_sms((first, second), device=device, priorities=(priority, 0))

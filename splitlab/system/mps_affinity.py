@@ -117,7 +117,41 @@ def probe(sm_counts: Sequence[int] = (40, 92), device_index: int = 0, cycles: in
     return out
 
 
+def probe_torch(sm_count: int = 40, size: int = 8192) -> dict[str, Any]:
+    """Can PyTorch launch into an SM-limited context of its own process? Time a bf16 matmul
+    in the primary context, with an affinity context current, and after popping it."""
+    import torch
+    from cuda.bindings import driver
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+
+    def matmul_s() -> float:
+        a @ b
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / 5
+
+    out: dict[str, Any] = {"primary_s": matmul_s()}
+    device = _check(driver.cuDeviceGet(0), "cuDeviceGet")
+    ctx = _affinity_context(driver, device, sm_count)  # made current on this thread
+    try:
+        out["affinity_ctx_s"] = matmul_s()
+    except Exception as exc:  # noqa: BLE001 - the answer is that it failed, and how
+        out["affinity_ctx_error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        driver.cuCtxPopCurrent()
+        driver.cuCtxDestroy(ctx)
+    out["after_pop_s"] = matmul_s()
+    out["sm_count"] = sm_count
+    return out
+
+
 if __name__ == "__main__":
     import json
+    import sys
 
-    print(json.dumps(probe(), indent=1))
+    print(json.dumps(probe_torch() if sys.argv[1:] == ["torch"] else probe(), indent=1))

@@ -1,0 +1,128 @@
+"""The adaptive green split: partitions made once, the SM split chosen per step.
+
+A CUDA graph keeps the SM set of the context it was captured in, so a decode graph captured
+on 16 SMs runs on 16 SMs wherever it is launched, and one captured on the whole GPU ignores
+a partition. So every decode SM count the policy may pick gets its own green partition
+(decode first, prefill the rest: the decode groups nest, 16 inside 32 inside 64), its own
+decode runner over the shared weights and KV pool, and graphs captured on that partition's
+stream. The whole GPU (no green context) is one more choice, for when one side is idle.
+
+Both worker threads ask one ``SMController`` before each step: the decode thread tells it
+its batch and context, the prefill thread the prompt tokens it is about to run, and the
+policy (``splitlab.modes.split.policy``) maps that state to an ``SMChoice``. A step
+then runs on the runner and stream of its side of that choice. Switching is a Python
+attribute change: every step ends with a host sync (its tokens), so no kernel of the last
+step is still queued on the stream left behind. While one side's step is in flight on the
+old split, the other's next step may already run on the new one: the two overlap on the
+SMs that moved, for at most one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import torch
+
+from splitlab.engine.runner import ModelRunner
+from splitlab.modes.split.policy import SMChoice, SplitState
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    """Where one side runs for one SM count: its stream, and for decode its runner."""
+
+    sms: int
+    stream: Any
+    runner: ModelRunner | None = None
+
+
+class GreenPlan:
+    """Green partitions for each decode SM count in ``choices``, made once per process, and
+    a decode runner with its graphs captured on each (plus the whole GPU)."""
+
+    def __init__(self, prefill_runner: ModelRunner, config, choices, high_priority_decode: bool = True):
+        from splitlab.system.green import decode_first_split
+
+        device = prefill_runner.device
+        self.total_sms = int(torch.cuda.get_device_properties(device).multi_processor_count)
+        arch, weights = prefill_runner.export()
+        priority = -1 if high_priority_decode else 0
+        self.decode: dict[int, Lane] = {}
+        self.prefill: dict[int, Lane] = {}
+        self.capture: dict[int, dict[str, float]] = {}
+        variant = None
+        lanes = [(self.total_sms, None)] + [(d, decode_first_split(device.index or 0, d, priority))
+                                            for d in sorted(set(choices))]
+        for sms, part in lanes:
+            if part is None:
+                dec_stream = torch.cuda.Stream(device, priority=priority)
+                pre_stream = torch.cuda.Stream(device)
+                dec_sms, pre_sms = self.total_sms, self.total_sms
+            else:
+                dec_stream, pre_stream = part.streams
+                dec_sms, pre_sms = int(part.sm_counts[0]), int(part.sm_counts[1])
+            runner = ModelRunner.for_config(arch, weights, prefill_runner.kv,
+                                            config if variant is None else config.replace(decode_variant=variant))
+            runner.capture_stream = dec_stream
+            if part is not None and hasattr(runner.kernels, "sm_count"):
+                runner.kernels.sm_count = dec_sms
+            self.capture[dec_sms] = self._capture(runner, dec_stream)
+            variant = variant or runner.decode_variant
+            self.decode[dec_sms] = Lane(dec_sms, dec_stream, runner)
+            self.prefill.setdefault(pre_sms, Lane(pre_sms, pre_stream))
+        self.decode_variant = variant
+
+    @staticmethod
+    def _capture(runner: ModelRunner, stream) -> dict[str, float]:
+        """Capture every decode graph bucket on ``stream``; its time and graph-pool bytes."""
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_reserved()
+        start = time.perf_counter()
+        with torch.cuda.stream(stream):
+            runner.decode_step([runner.kv.num_slots - 1], [1], [0])
+            runner.capture_graphs()
+            torch.cuda.synchronize()
+        return {"seconds": time.perf_counter() - start, "bytes": int(torch.cuda.memory_reserved() - before)}
+
+    def lanes_for(self, choice: SMChoice) -> tuple[Lane, Lane]:
+        """(decode lane, prefill lane) of a choice; a side given 0 SMs idles, so the other's
+        whole-GPU lane is what it would use if it ran anyway."""
+        dec = self.decode[choice.decode_sms if choice.decode_sms else self.total_sms]
+        pre = self.prefill[choice.prefill_sms if choice.prefill_sms else self.total_sms]
+        return dec, pre
+
+    def facts(self) -> dict[str, Any]:
+        return {"decode_sms_choices": sorted(self.decode), "prefill_sms_choices": sorted(self.prefill),
+                "graph_capture": {str(k): v for k, v in sorted(self.capture.items())},
+                "graph_bytes_total": sum(v["bytes"] for v in self.capture.values()),
+                "decode_variant": self.decode_variant}
+
+
+class SMController:
+    """The state both threads publish and the split the policy makes of it, per step."""
+
+    def __init__(self, policy, plan: GreenPlan):
+        self.policy = policy
+        self.plan = plan
+        self.decode_batch = 0
+        self.decode_context = 0
+        self.prefill_tokens = 0
+        self._lock = threading.Lock()
+        self.decisions: list[dict[str, float]] = []
+
+    def choose(self, side: str, clock) -> tuple[Lane, float]:
+        """The lane ``side`` ("decode" or "prefill") runs its next step on, and the seconds
+        the decision and switch took."""
+        start = time.perf_counter()
+        state = SplitState(self.decode_batch, self.decode_context, self.prefill_tokens)
+        choice = self.policy.choose(state)
+        dec, pre = self.plan.lanes_for(choice)
+        lane = dec if side == "decode" else pre
+        spent = time.perf_counter() - start
+        with self._lock:
+            self.decisions.append({"t_s": clock(), "side": side, "decode_sms": choice.decode_sms,
+                                   "prefill_sms": choice.prefill_sms, "decide_s": spent})
+        return lane, spent
