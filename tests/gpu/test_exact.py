@@ -1,0 +1,88 @@
+"""fp32 on the GPU: every mode and every split backend gives HF generate()'s exact greedy tokens.
+
+Ragged prompts (3..120 tokens) and outputs (1..16 tokens; one request asks for a single
+token), arriving over 0.2 s, more requests than KV slots: the engine's graphs, both decode
+attention variants and both split-K combines, the split handoff through each backend (CUDA
+IPC of weights and KV for processes and MPS, graphs on a green context's stream, MPS client
+environments) and the replicas all meet the oracle, and the co-location mechanics hold
+(the decode process maps the prefill process's weights and KV; MPS lists both workers as its
+clients; green contexts get disjoint SM groups).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import splitlab
+from splitlab.config import EngineConfig
+from splitlab.measure.analysis import config_fields, token_match
+from splitlab.workload import Request, Workload
+
+from _gpu_helpers import hf_greedy, rand_ids
+
+pytestmark = pytest.mark.gpu
+
+LENS = [37, 120, 5, 64, 90, 17, 48, 3]
+NEWS = [16, 12, 16, 8, 14, 1, 10, 12]
+ARRIVALS = [0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2]
+CONFIG = EngineConfig(max_seq_len=256, num_slots=4, max_batch=4, token_budget=256, chunk_size=48)
+
+
+@pytest.fixture(scope="module")
+def workload(fp32_model) -> Workload:
+    gen = random.Random(11)
+    vocab = fp32_model.facts.vocab_size
+    return Workload("fp32-check", tuple(Request(i, tuple(rand_ids(gen, vocab, n)), NEWS[i], ARRIVALS[i])
+                                        for i, n in enumerate(LENS)))
+
+
+@pytest.fixture(scope="module")
+def expected(fp32_model, workload) -> dict[int, list[int]]:
+    return {r.id: hf_greedy(fp32_model, r.prompt_ids, r.max_new_tokens) for r in workload}
+
+
+def assert_exact(run, expected) -> None:
+    match = token_match(run.output_ids(), expected)
+    assert match["exact"], f"{run.mode} differs from HF generate: {match}"
+
+
+@pytest.mark.parametrize("mode, engine", [
+    ("serial", {}),
+    ("chunked", {}),
+    ("serial", {"decode_variant": "fused"}),
+    ("chunked", {"decode_variant": "split"}),
+    ("serial", {"decode_combine": "kernel"}),
+], ids=["serial", "chunked", "serial-fused", "chunked-split", "serial-combine-kernel"])
+def test_the_engine_modes_are_exact(fp32_model, workload, expected, mode, engine):
+    run = splitlab.run(workload, fp32_model, mode=mode, config=CONFIG.replace(**engine), progress=False)
+    assert_exact(run, expected)
+
+
+def test_hf_generate_mode_is_exact(fp32_model, workload, expected):
+    assert_exact(splitlab.run(workload, fp32_model, mode="hf-generate", batch_size=4, progress=False), expected)
+
+
+@pytest.mark.parametrize("backend", ["streams", "processes", "green", "mps"])
+def test_every_split_backend_is_exact(fp32_model, workload, expected, backend):
+    run = splitlab.run(workload, fp32_model, mode="split", config=CONFIG, backend=backend, progress=False)
+    assert_exact(run, expected)
+    fields = config_fields(run)
+    if backend in ("processes", "mps"):  # the decode process maps the weights and KV, holds no copy
+        assert (fields["effective"] or {}).get("decode_weights_shared") is True, fields["effective"]
+    if backend == "mps":
+        clients = (fields["mps_daemon"] or {}).get("workers_are_clients")
+        assert clients and all(clients.values()), f"MPS did not list every worker as a client: {clients}"
+    if backend == "green":
+        g = fields["green"]
+        assert g and min(g["sm_counts"]) > 0 and sum(g["sm_counts"]) <= g["total_sms"], g
+
+
+@pytest.mark.parametrize("mps", [False, True], ids=["replicas-2", "replicas-2-mps"])
+def test_replicas_are_exact(fp32_model, workload, expected, mps):
+    run = splitlab.run(workload, fp32_model, mode="replicas", config=CONFIG, num_replicas=2, engine="serial",
+                       mps=mps, progress=False)
+    assert_exact(run, expected)
+    shared = [rep.get("weights_shared") for rep in (config_fields(run)["per_replica"] or [])[1:]]
+    assert shared and all(shared), f"a replica holds its own copy of the weights: {shared}"
