@@ -17,7 +17,8 @@ from importlib import import_module as _import_module
 from splitlab.config import SLO
 from splitlab.api import MODES, available_modes, run
 from splitlab.system.env import environment
-from splitlab.errors import (ConfigError, DeviceError, ModelSpecError, ModeError, MPSError, SplitlabError, WorkerError, WorkloadError)
+from splitlab.errors import (ConfigError, DeviceError, ModelSpecError, ModeError, MPSError, RunFileError, SplitlabError,
+                             WorkerError, WorkloadError)
 from splitlab.measure.metrics import Run, load_run, summaries_table
 from splitlab.models import LoadedModel, load_model
 from splitlab.workload import LengthDist, Request, Workload, fixed_batch, from_azure_trace, from_prompts, poisson
@@ -56,6 +57,7 @@ __all__ = [
     "ModelSpecError",
     "Request",
     "Run",
+    "RunFileError",
     "SplitlabError",
     "WorkerError",
     "Workload",

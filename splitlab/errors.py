@@ -18,7 +18,7 @@ class ModelSpecError(SplitlabError, ValueError):
 
 
 class WorkloadError(SplitlabError, ValueError):
-    """A workload or request is invalid (empty, prompt too long, bad lengths, bad trace file)."""
+    """A workload or request is invalid (empty, prompt too long, bad lengths or arrival times, bad trace file)."""
 
 
 class ModeError(SplitlabError, ValueError):
@@ -26,7 +26,7 @@ class ModeError(SplitlabError, ValueError):
 
 
 class DeviceError(SplitlabError, RuntimeError):
-    """The device cannot do what was asked (no GPU, out of memory for the KV pool, ...)."""
+    """An unknown device, or one that cannot do what was asked (no GPU, out of memory for the KV pool, ...)."""
 
 
 class MPSError(SplitlabError, RuntimeError):
@@ -35,3 +35,7 @@ class MPSError(SplitlabError, RuntimeError):
 
 class WorkerError(SplitlabError, RuntimeError):
     """A worker (thread or process) of a run raised or died; the message names it."""
+
+
+class RunFileError(SplitlabError, ValueError):
+    """A saved run cannot be read (missing, truncated, corrupted, not a run) or written where asked."""
