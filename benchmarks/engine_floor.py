@@ -67,7 +67,6 @@ import datetime as _dt
 import gc
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -86,12 +85,15 @@ if str(REPO) not in sys.path:
 from splitlab.measure import flops  # noqa: E402
 from splitlab.config import SLO, EngineConfig  # noqa: E402
 from splitlab.system.env import environment  # noqa: E402
-from splitlab.engine.kernels import DECODE_VARIANTS, TorchKernels, TritonKernels, cuda_time, triton_importable  # noqa: E402
+from splitlab.engine.kernels import DECODE_VARIANTS, TorchKernels, TritonKernels, triton_importable  # noqa: E402
+from splitlab.engine.tuning import cuda_time  # noqa: E402
 from splitlab.engine.kv import KVPool  # noqa: E402
 from splitlab.measure.metrics import to_jsonable  # noqa: E402
 from splitlab.models import load_model  # noqa: E402
 from splitlab.measure.profile import measure_ceilings  # noqa: E402  (torch only: pandas is imported lazily there)
-from splitlab.engine.runner import ModelRunner, bucket_for  # noqa: E402
+from splitlab.engine.graphs import bucket_for  # noqa: E402
+from splitlab.engine.runner import ModelRunner  # noqa: E402
+from splitlab.engine.weights import extract_arch, extract_weights  # noqa: E402
 from splitlab.modes.continuous import run_continuous  # noqa: E402
 from splitlab.workload import Request, Workload  # noqa: E402
 
@@ -209,8 +211,9 @@ def final_ceilings(result: dict[str, Any]) -> dict[str, Any]:
 def check_kernels_all(device, dtype) -> dict[str, Any]:
     """``check_kernels`` with the split-K partials combined in-kernel (atomic counter, the
     default); if that fails while the two-launch combine passes, the run continues on the
-    two-launch combine (``SPLITLAB_DECODE_COMBINE=kernel`` for every runner built after) and
-    says so: the in-kernel combine is then a bug to fix, not a reason to lose the run."""
+    two-launch combine (``EngineConfig(decode_combine="kernel")`` for every runner built after;
+    the result then holds ``atomic_combine_failed``) and says so: the in-kernel combine is then
+    a bug to fix, not a reason to lose the run."""
     if device.type != "cuda" or not triton_importable():
         return {"skipped": "needs CUDA and triton"}
     first = check_kernels(device, dtype, "atomic")
@@ -218,7 +221,6 @@ def check_kernels_all(device, dtype) -> dict[str, Any]:
         return first
     second = check_kernels(device, dtype, "kernel")
     if second["ok"]:
-        os.environ["SPLITLAB_DECODE_COMBINE"] = "kernel"
         log("!!! the in-kernel split-K combine FAILED its check; this run uses the two-launch combine")
         second["atomic_combine_failed"] = first
     return second
@@ -463,7 +465,7 @@ def check_vs_hf(loaded, runner: ModelRunner, gen, prompt_len: int, n_new: int) -
     return res
 
 
-def check_fp32_exact(spec: str, device, gen) -> dict[str, Any]:
+def check_fp32_exact(spec: str, device, gen, decode_combine: str = "atomic") -> dict[str, Any]:
     """serial and chunked against per-prompt HF generate, fp32: must match exactly. serial runs
     the "fused" decode variant, chunked the "split" one (fixed, not timed), so both variants
     are checked exactly on the device."""
@@ -475,7 +477,8 @@ def check_fp32_exact(spec: str, device, gen) -> dict[str, Any]:
     expected = {i: hf_generate(loaded, p, news[i]) for i, p in enumerate(prompts)}
     res: dict[str, Any] = {"model": spec}
     for mode, variant in (("serial", "fused"), ("chunked", "split")):
-        cfg = EngineConfig(max_seq_len=256, num_slots=4, max_batch=4, chunk_size=48, decode_variant=variant)
+        cfg = EngineConfig(max_seq_len=256, num_slots=4, max_batch=4, chunk_size=48, decode_variant=variant,
+                           decode_combine=decode_combine)
         run = run_continuous(wl, loaded, mode, cfg, progress=False)
         got = run.output_ids()
         match = sum(sum(x == y for x, y in zip(got[i], expected[i])) for i in expected) / sum(news)
@@ -573,7 +576,9 @@ def bench_gemv(runner: ModelRunner, loaded, gen, p, ceil) -> dict[str, Any]:
         return {"skipped": "needs CUDA and the Triton kernels"}
     facts, ctx = loaded.facts, p["decode_ctx"]
     arch, weights = runner.export()
-    g = ModelRunner(arch, weights, runner.kv, max_batch=4, gemv=True, decode_variant=runner.decode_variant)
+    g = ModelRunner.for_config(arch, weights, runner.kv, EngineConfig(gemv=True, decode_variant=runner.decode_variant,
+                                                                      decode_combine=runner.kernels.combine),
+                               max_batch=4)
     t = time.perf_counter()
     g.capture_graphs()  # tunes the GEMV configs first
     res: dict[str, Any] = {"tune_and_capture_s": time.perf_counter() - t, "per_shape": g.gemv_report}
@@ -793,7 +798,8 @@ def step_breakdown(run, micro: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def bench_workload(loaded, gen, p, rate: float, skip_hf: bool, micro: dict[str, Any] | None = None,
-                   sdpa_backend: str = "auto", decode_variant: str = "auto") -> dict[str, Any]:
+                   sdpa_backend: str = "auto", decode_variant: str = "auto",
+                   decode_combine: str = "atomic") -> dict[str, Any]:
     """The Poisson workload through every engine mode. ``decode_variant``: the runner section's
     timed choice, reused (the engines' warm-up does not time the candidates again)."""
     w = p["workload"]
@@ -809,7 +815,7 @@ def bench_workload(loaded, gen, p, rate: float, skip_hf: bool, micro: dict[str, 
         name = mode if cs is None else f"chunked-{cs}"
         cfg = EngineConfig(max_seq_len=e["max_seq_len"], max_batch=e["max_batch"],
                            chunk_size=cs if cs is not None else max(e["chunk_sizes"] + [e["max_batch"] + 1]),
-                           sdpa_backend=sdpa_backend, decode_variant=decode_variant)
+                           sdpa_backend=sdpa_backend, decode_variant=decode_variant, decode_combine=decode_combine)
         t0 = time.perf_counter()
         run = run_continuous(wl, loaded, mode, cfg, progress=False)
         s = run.summary(slo)
@@ -933,7 +939,9 @@ def main(argv=None) -> int:
     slots = max(max(p["decode_batches"]), max(b for b, _ in p["prefill_cases"]), 16)  # 16: check_decode_path
     kv = KVPool.for_model(loaded, min(max_len, facts.max_positions), num_slots=slots)
     t = time.perf_counter()
-    runner = ModelRunner.from_model(loaded, kv, max_batch=max(p["decode_batches"]))
+    weights = extract_weights(loaded.model, share_storage=True)  # the HF model keeps views: held once
+    runner = ModelRunner.for_config(extract_arch(loaded.model), weights, kv, EngineConfig(),
+                                    max_batch=max(p["decode_batches"]))
     runner.capture_graphs()
     result["runner"] = {"kernels": runner.kernels.name, "cuda_graphs": runner.cuda_graphs, "buckets": runner.buckets,
                         "kv_pool": kv.describe(), "build_and_capture_s": time.perf_counter() - t,
@@ -955,8 +963,9 @@ def main(argv=None) -> int:
     # 2. correctness before any timing
     corr: dict[str, Any] = {}
     corr["kernels"] = check_kernels_all(device, dtype)
+    decode_combine = "kernel" if "atomic_combine_failed" in corr["kernels"] else "atomic"
     if hasattr(runner.kernels, "combine"):
-        runner.kernels.combine = os.environ.get("SPLITLAB_DECODE_COMBINE", runner.kernels.combine)
+        runner.kernels.combine = decode_combine
         if runner.kernels.combine != "atomic":  # graphs were captured with the other combine
             runner.drop_graphs()
             runner.decode_variant_report = None  # re-time: the atomic-combine candidates are out
@@ -964,16 +973,17 @@ def main(argv=None) -> int:
             result["runner"].update(runner.decode_variant_info())
     result["runner"]["decode_combine"] = getattr(runner.kernels, "combine", None)
     corr["graphs"] = check_graphs(runner, gen, facts.vocab_size, p["check_prompt_len"])
-    ref = ModelRunner.from_model(loaded, kv, cuda_graphs=False, kernels="torch")
+    ref = ModelRunner.for_config(extract_arch(loaded.model), weights, kv,
+                                 EngineConfig(cuda_graphs=False, kernels="torch"), max_batch=kv.num_slots)
     corr["decode_path"] = check_decode_path(runner, ref, gen, facts.vocab_size, p["check_prompt_len"],
                                             loaded=None if args.skip_hf else loaded)
     del ref
     if not args.skip_hf:
         corr["vs_hf"] = check_vs_hf(loaded, runner, gen, p["check_prompt_len"], p["check_new"])
     if device.type == "cuda" and p["fp32_model"]:
-        corr["fp32_exact"] = check_fp32_exact(p["fp32_model"], device, gen)
+        corr["fp32_exact"] = check_fp32_exact(p["fp32_model"], device, gen, decode_combine)
     elif device.type == "cpu" and dtype == torch.float32:
-        corr["fp32_exact"] = check_fp32_exact(args.model, device, gen)
+        corr["fp32_exact"] = check_fp32_exact(args.model, device, gen, decode_combine)
     corr["ok"] = all(v.get("ok", True) for v in corr.values() if isinstance(v, dict))
     result["correctness"] = corr
     if not corr["ok"]:
@@ -1004,7 +1014,8 @@ def main(argv=None) -> int:
         big = max(best_prefill_rows(result).values(), key=lambda r: r["tokens"])
         result["workload"] = bench_workload(loaded, gen, p, rate, args.skip_hf,
                                             micro={"decode": result["decode"], "prefill": big},
-                                            sdpa_backend=big.get("sdpa_backend", "auto"), decode_variant=decode_variant)
+                                            sdpa_backend=big.get("sdpa_backend", "auto"), decode_variant=decode_variant,
+                                            decode_combine=decode_combine)
 
     result["ceilings"] = final_ceilings(result)
     result["total_s"] = time.perf_counter() - t_start

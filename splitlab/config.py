@@ -163,6 +163,8 @@ def _duration(seconds: float) -> str:
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 # decode-attention variants (splitlab.engine.kernels.DECODE_VARIANTS holds what each one is)
 DECODE_VARIANT_NAMES = ("fused", "split", "fused-kernel", "fused-b64", "split-atomic", "split-b32", "fused-b64-s1")
+# how the split-K decode attention combines its partials (splitlab.engine.kernels.variants)
+DECODE_COMBINE_MODES = ("atomic", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +205,10 @@ class EngineConfig(FrozenConfig):
     ``decode_variant``: the decode attention variant (``ModelRunner``): ``"auto"`` times the
     candidates at warm-up on CUDA and keeps the fastest; a name of ``DECODE_VARIANT_NAMES``
     (or ``"small:large"``, one per batch class) fixes it, e.g. to reuse an earlier run's choice.
+    ``decode_combine``: how the Triton split-K decode attention combines its partial results:
+    ``"atomic"`` (the last program of each row and KV head combines them, in the same launch;
+    each decode variant may choose) or ``"kernel"`` (a second launch, for every variant: the
+    fallback if the in-kernel combine ever misbehaves on a GPU).
     """
 
     max_seq_len: int = 2048
@@ -218,6 +224,7 @@ class EngineConfig(FrozenConfig):
     warmup: bool = True
     sdpa_backend: str = "auto"
     decode_variant: str = "auto"
+    decode_combine: str = "atomic"
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -252,6 +259,9 @@ class EngineConfig(FrozenConfig):
                                                                                 for p in parts))):
             raise ConfigError(f"EngineConfig.decode_variant must be 'auto', one of {', '.join(DECODE_VARIANT_NAMES)} "
                               f"or 'small:large' of those; got {self.decode_variant!r}")
+        if self.decode_combine not in DECODE_COMBINE_MODES:
+            raise ConfigError(f"EngineConfig.decode_combine must be one of {', '.join(DECODE_COMBINE_MODES)}; "
+                              f"got {self.decode_combine!r}")
         for name in ("warmup", "gemv"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")

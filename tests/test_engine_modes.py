@@ -17,7 +17,8 @@ from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModelSpecError, ModeError, WorkloadError
 from splitlab.measure.metrics import Run, load_run
 from splitlab.engine.scheduler import SeqState
-from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine, warm_up
+from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
+from splitlab.engine.warmup import warm_up
 from splitlab.modes.continuous import run_continuous
 from splitlab.workload import Workload, from_prompts
 

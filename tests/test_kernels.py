@@ -41,7 +41,7 @@ def tk():
     if not HAVE_TRITON:
         pytest.fail("triton is not installed, but this platform has it as part of the dev extra: "
                     "pip install -e '.[dev]' (a kernel test never counts as passed without running)")
-    from splitlab.engine import kernels
+    from splitlab.engine.kernels import TritonKernels
 
     if not CUDA:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -52,9 +52,7 @@ def tk():
         if not isinstance(tl.standard.cdiv, InterpretedFunction):
             pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; run these tests in a fresh process")
         _patch_interpreter_scalars()
-    kernels._triton_kernels.cache_clear()
-    yield kernels.TritonKernels(sm_count=4 if not CUDA else None)
-    kernels._triton_kernels.cache_clear()
+    return TritonKernels(sm_count=4 if not CUDA else None)
 
 
 def _patch_interpreter_scalars():
@@ -183,11 +181,11 @@ def test_engine_with_triton_kernels_matches_hf(tk, tiny):
 def test_graph_decode_body_with_triton_kernels(tk, variant):
     """The exact CUDA-graph step body of a GPU run (Triton attention reading lengths in-kernel,
     one graph per batch bucket, padded rows on the scratch row), replayed eagerly on CPU, for
-    the round-2 fused variant, the round-1 split variant, and one per batch class."""
-    from test_runner import EmulatedGraphRunner, make_model
+    the default fused variant, the split variant (separate RoPE/KV-write launch, second-launch
+    combine), and one per batch class."""
+    from test_runner import EmulatedGraphRunner, make_model, runner_for
 
     from splitlab.engine.kv import KVPool
-    from splitlab.engine.runner import extract_arch, extract_weights
 
     loaded = make_model("qwen2")
     prompts = [[7, 30, 99, 4], [250, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -198,8 +196,8 @@ def test_graph_decode_body_with_triton_kernels(tk, variant):
                                     min_new_tokens=5, pad_token_id=0)
         expected.append(out[0, len(p):].tolist())
     kv = KVPool.for_model(loaded, 64, num_slots=4)
-    runner = EmulatedGraphRunner(extract_arch(loaded.model), extract_weights(loaded.model), kv, max_batch=4,
-                                 kernels="triton", decode_variant=variant)
+    runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner, max_batch=4, kernels="triton",
+                        decode_variant=variant)
     assert runner.decode_variant == variant and runner.decode_variant_info()["decode_variant_how"] == "fixed"
     if ":" in variant:  # the class split of the interpreter's 4 "SMs": 2 KV heads x batch 4 is large
         assert runner._variant_for(1).name == "split-atomic" and runner._variant_for(4).name == "fused-b64-s1"
@@ -227,10 +225,9 @@ def test_gemv_matches_linear(tk, rows):
 @interpreter_only
 def test_graph_decode_body_with_triton_gemv(tk):
     """gemv=True: decode batches of <= 4 rows run every linear layer through the GEMV kernel."""
-    from test_runner import EmulatedGraphRunner, make_model
+    from test_runner import EmulatedGraphRunner, make_model, runner_for
 
     from splitlab.engine.kv import KVPool
-    from splitlab.engine.runner import extract_arch, extract_weights
 
     loaded = make_model("llama", head_dim=16, tie_word_embeddings=True)
     prompts = [[7, 30, 99, 4], [250, 3]]
@@ -241,8 +238,8 @@ def test_graph_decode_body_with_triton_gemv(tk):
                                     min_new_tokens=4, pad_token_id=0)
         expected.append(out[0, len(p):].tolist())
     kv = KVPool.for_model(loaded, 32, num_slots=2)
-    runner = EmulatedGraphRunner(extract_arch(loaded.model), extract_weights(loaded.model), kv, max_batch=2,
-                                 kernels="triton", gemv=True)
+    runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner, max_batch=2, kernels="triton", gemv=True)
+    assert runner.gemv and not runner_for(loaded, kv, kernels="triton").gemv
     calls = []
     original = runner.kernels.gemv
     runner.kernels.gemv = lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)
@@ -354,6 +351,25 @@ def test_split_combine_in_kernel_equals_second_launch_and_rearms(tk):
         TritonKernels(sm_count=4, combine="maybe")
 
 
+def test_decode_combine_comes_from_the_engine_config_only(tk, tiny, monkeypatch):
+    """``EngineConfig.decode_combine`` reaches the runner's kernels through ``for_config``; the
+    environment has no say (the old environment switch is read nowhere)."""
+    from test_runner import runner_for
+
+    from splitlab.config import EngineConfig
+    from splitlab.errors import ConfigError
+    from splitlab.engine.kv import KVPool
+
+    monkeypatch.setenv("SPLITLAB_DECODE_COMBINE", "kernel")
+    kv = KVPool.for_model(tiny, 32, num_slots=2)
+    assert runner_for(tiny, kv, kernels="triton").kernels.combine == "atomic"
+    forced = runner_for(tiny, kv, kernels="triton", decode_combine="kernel")
+    assert forced.kernels.combine == "kernel"
+    assert forced._distinct_candidates(["fused", "fused-kernel"]) == ["fused"]  # the same launches when forced
+    with pytest.raises(ConfigError, match="decode_combine"):
+        EngineConfig(decode_combine="both")
+
+
 def test_every_decode_variant_matches_the_reference(tk):
     """Each ``DECODE_VARIANTS`` entry (block size, split count, combine, load order; fused with
     RoPE + KV write or not) == the torch reference, with and without RoPE fused."""
@@ -384,18 +400,19 @@ def test_every_decode_variant_matches_the_reference(tk):
 
 
 def test_decode_variant_choice_is_fixed_off_cuda(tiny):
+    from test_runner import runner_for
+
     from splitlab.config import EngineConfig
     from splitlab.errors import ConfigError
     from splitlab.engine.kv import KVPool
-    from splitlab.engine.runner import ModelRunner
 
     kv = KVPool.for_model(tiny, 32, num_slots=2)
-    r = ModelRunner.from_model(tiny, kv, kernels="triton")
+    r = runner_for(tiny, kv, kernels="triton")
     assert r.decode_variant == "fused" and r.select_decode_variant() is None  # nothing timed on CPU
     assert r.decode_variant_info()["decode_variant_how"] == "default"
-    assert ModelRunner.from_model(tiny, kv, decode_variant="split").decode_variant == "split"
+    assert runner_for(tiny, kv, decode_variant="split").decode_variant == "split"
     with pytest.raises(ConfigError, match="decode_variant"):
-        ModelRunner.from_model(tiny, kv, decode_variant="fastest")
+        runner_for(tiny, kv, decode_variant="fastest")
     with pytest.raises(ConfigError, match="decode_variant"):
         EngineConfig(decode_variant="fused:nope")
     assert EngineConfig(decode_variant="split:fused").decode_variant == "split:fused"

@@ -2,7 +2,8 @@
 
 Covers the Llama family's variants the runner claims: Llama (GQA, untied and tied
 embeddings, llama3 rope scaling), Qwen2 (q/k/v bias), Mistral; packed ragged prefill,
-chunked prefill (start_pos > 0), decode and mixed steps; rebuilding from exported tensors.
+chunked prefill (start_pos > 0), decode and mixed steps; rebuilding from exported tensors;
+reading the weights with and without sharing the HF model's storage; the engine warm-up.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import json
 import pytest
 import torch
 
+from splitlab.config import SDPA_BACKENDS, EngineConfig
 from splitlab.errors import ConfigError, ModelSpecError, WorkloadError
+from splitlab.engine.graphs import graph_buckets
 from splitlab.engine.kv import KVPool
+from splitlab.engine.plan import DecodeBatch, PrefillChunk, count_bucket, index_tensors
+from splitlab.engine.runner import ModelRunner
+from splitlab.engine.warmup import warm_up
+from splitlab.engine.weights import extract_arch, extract_weights
 from splitlab.models import LoadedModel, model_facts
-from splitlab.engine.runner import DecodeBatch, ModelRunner, PrefillChunk, extract_arch, extract_weights, graph_buckets
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -53,6 +59,23 @@ def make_model(model_type: str, seed: int = 0, **overrides) -> LoadedModel:
                        device=torch.device("cpu"), dtype=torch.float32)
 
 
+def runner_for(loaded: LoadedModel, kv: KVPool, *, runner_cls: type[ModelRunner] = ModelRunner,
+               max_batch: int | None = None, share_storage: bool = False, **engine) -> ModelRunner:
+    """``runner_cls.for_config`` over ``loaded``'s weights with ``EngineConfig(**engine)``; by
+    default the HF model is left untouched (the fused tensors are copies)."""
+    m = loaded.model
+    return runner_cls.for_config(extract_arch(m), extract_weights(m, share_storage=share_storage), kv,
+                                 EngineConfig(**engine), max_batch=max_batch)
+
+
+def hf_generate(loaded: LoadedModel, ids: list[int], n: int) -> list[int]:
+    """HF greedy ``generate`` of exactly ``n`` new tokens (EOS suppressed, as the engine does)."""
+    t = torch.tensor([ids])
+    out = loaded.model.generate(t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=n,
+                                min_new_tokens=n, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
 def hf_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return loaded.model(torch.tensor([ids])).logits[0].float()
@@ -60,16 +83,14 @@ def hf_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
 
 def record_sdpa_shapes(monkeypatch) -> list[tuple[int, ...]]:
     """The query shape of every SDPA call the runner makes from now on, in order."""
-    import splitlab.engine.runner as runner_mod
-
     calls: list[tuple[int, ...]] = []
-    real = runner_mod.F.scaled_dot_product_attention
+    real = torch.nn.functional.scaled_dot_product_attention
 
     def counting(q, *a, **k):
         calls.append(tuple(q.shape))
         return real(q, *a, **k)
 
-    monkeypatch.setattr(runner_mod.F, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     return calls
 
 
@@ -80,8 +101,8 @@ PROMPTS = [[5, 17, 33, 120, 7, 9, 250, 11, 64, 3, 19], [44, 45, 46], [201] * 6 +
 def test_packed_prefill_logits_match_hf(variant):
     model_type, overrides = VARIANTS[variant]
     loaded = make_model(model_type, **overrides)
-    refs = [hf_logits(loaded, p) for p in PROMPTS]  # before the runner fuses the weights
-    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=4))
+    refs = [hf_logits(loaded, p) for p in PROMPTS]
+    runner = runner_for(loaded, KVPool.for_model(loaded, 64, num_slots=4), share_storage=True)
     got = runner.forward_logits([(slot, p, 0) for slot, p in enumerate(PROMPTS)])
     assert got.shape == (sum(map(len, PROMPTS)), BASE["vocab_size"])
     row = 0
@@ -89,6 +110,7 @@ def test_packed_prefill_logits_match_hf(variant):
         torch.testing.assert_close(got[row:row + len(p)], ref, rtol=1e-5, atol=1e-5)
         row += len(p)
     # the HF model still works on the fused weights (views) and gives the same answer
+    assert loaded.model.model.layers[0].self_attn.q_proj.weight.data_ptr() == runner.layers[0].qkv.data_ptr()
     torch.testing.assert_close(hf_logits(loaded, PROMPTS[0]), refs[0], rtol=0, atol=0)
 
 
@@ -98,7 +120,7 @@ def test_chunked_prefill_then_decode_logits_match_hf(variant):
     loaded = make_model(model_type, **overrides)
     full = PROMPTS[0] + [77, 78, 79, 80]
     ref = hf_logits(loaded, full)
-    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=3))
+    runner = runner_for(loaded, KVPool.for_model(loaded, 64, num_slots=3))
     parts = [
         runner.forward_logits([PrefillChunk(2, full[:4], 0, last=False)]),
         runner.forward_logits([PrefillChunk(2, full[4:9], 4, last=False)]),
@@ -111,7 +133,7 @@ def test_chunked_prefill_then_decode_logits_match_hf(variant):
 
 def test_decode_and_mixed_steps_return_hf_argmax():
     loaded = make_model("llama", head_dim=16)
-    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=4))
+    runner = runner_for(loaded, KVPool.for_model(loaded, 64, num_slots=4))
     a, b = PROMPTS[0], PROMPTS[1]
     first = runner.prefill([(0, a, 0), (1, b, 0)])
     assert first == [int(hf_logits(loaded, a)[-1].argmax()), int(hf_logits(loaded, b)[-1].argmax())]
@@ -133,25 +155,72 @@ def test_decode_and_mixed_steps_return_hf_argmax():
 def test_export_rebuilds_an_identical_runner_without_the_hf_model():
     loaded = make_model("qwen2")
     kv = KVPool.for_model(loaded, 32, num_slots=2)
-    runner = ModelRunner.from_model(loaded, kv)
+    runner = runner_for(loaded, kv)
     arch, weights = runner.export()
     arch = json.loads(json.dumps(arch))  # JSON-able: it can cross a process boundary as text
     assert arch["model_type"] == "qwen2" and arch["qkv_bias"] is True
     assert all(isinstance(t, torch.Tensor) for t in weights.values())
-    # q/k/v exist once: the HF modules now hold views of the fused tensor
-    attn = loaded.model.model.layers[0].self_attn
-    qkv = weights["layers.0.qkv"]
-    assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
-    assert attn.k_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
     assert runner.weight_bytes == loaded.facts.weight_bytes
-    # a second runner on the same model reuses the fused tensors (no second copy)
-    again = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 32, num_slots=2))
-    assert again.export()[1]["layers.1.gate_up"].data_ptr() == weights["layers.1.gate_up"].data_ptr()
     kv2 = KVPool.from_tensors(torch.zeros_like(kv.k), torch.zeros_like(kv.v))
-    rebuilt = ModelRunner(arch, weights, kv2)
+    rebuilt = ModelRunner.for_config(arch, weights, kv2, EngineConfig())
     p = PROMPTS[0][:8]
     torch.testing.assert_close(rebuilt.forward_logits([(1, p, 0)]), runner.forward_logits([(0, p, 0)]),
                                rtol=0, atol=0)
+
+
+def _snapshot(model) -> dict[str, tuple[int, torch.Tensor]]:
+    return {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+
+
+def test_extract_weights_leaves_the_hf_model_untouched_by_default():
+    loaded = make_model("qwen2")  # q/k/v biases: fused too
+    before = _snapshot(loaded.model)
+    weights = extract_weights(loaded.model)
+    after = dict(loaded.model.named_parameters())
+    for name, (ptr, value) in before.items():
+        assert after[name].data_ptr() == ptr, name
+        torch.testing.assert_close(after[name].detach(), value, rtol=0, atol=0, msg=name)
+    assert not hasattr(loaded.model, "_splitlab_weights")  # nothing cached on the model either
+    attn, mlp = loaded.model.model.layers[1].self_attn, loaded.model.model.layers[1].mlp
+    qkv = weights["layers.1.qkv"]
+    assert qkv.untyped_storage().data_ptr() != attn.q_proj.weight.untyped_storage().data_ptr()  # a copy
+    torch.testing.assert_close(qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(weights["layers.1.qkv_bias"],
+                               torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), rtol=0, atol=0)
+    torch.testing.assert_close(weights["layers.1.gate_up"], torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                               rtol=0, atol=0)
+    # a second call makes new copies: the first caller's tensors are its own
+    assert extract_weights(loaded.model)["layers.1.qkv"].data_ptr() != qkv.data_ptr()
+
+
+def test_share_storage_makes_the_hf_model_hold_views_and_generate_is_unchanged():
+    loaded = make_model("qwen2")
+    prompt = PROMPTS[0]
+    expected = hf_generate(loaded, prompt, 6)
+    before = _snapshot(loaded.model)
+    weights = extract_weights(loaded.model, share_storage=True)
+    attn, mlp = loaded.model.model.layers[0].self_attn, loaded.model.model.layers[0].mlp
+    qkv, gate_up = weights["layers.0.qkv"], weights["layers.0.gate_up"]
+    # q/k/v and gate/up exist once: the HF modules now hold views of the fused tensors
+    assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
+    for lin in (attn.k_proj, attn.v_proj):
+        assert lin.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert attn.v_proj.bias.untyped_storage().data_ptr() == weights["layers.0.qkv_bias"].untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+    # unfused tensors are the model's own; every value is what it was
+    assert weights["layers.0.o"].data_ptr() == before["model.layers.0.self_attn.o_proj.weight"][0]
+    for name, p in loaded.model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name][1], rtol=0, atol=0, msg=name)
+    assert hf_generate(loaded, prompt, 6) == expected
+    # later shared reads reuse the same tensors (no second copy), and serve the same tokens
+    again = extract_weights(loaded.model, share_storage=True)
+    assert all(again[k].data_ptr() == t.data_ptr() for k, t in weights.items())
+    runner = runner_for(loaded, KVPool.for_model(loaded, 32, num_slots=2), share_storage=True)
+    out = runner.prefill([(0, prompt, 0)])
+    for i in range(5):
+        out += runner.decode_step([0], [out[-1]], [len(prompt) + i])
+    assert out == expected
 
 
 def test_unsupported_architecture_is_refused():
@@ -170,7 +239,7 @@ def test_unsupported_architecture_is_refused():
 
 def test_bad_rows_and_mismatched_pools_raise_clear_errors(tiny):
     kv = KVPool.for_model(tiny, 16, num_slots=2)
-    runner = ModelRunner.from_model(tiny, kv)
+    runner = runner_for(tiny, kv)
     with pytest.raises(ConfigError, match="outside"):
         runner.prefill([(2, [1, 2], 0)])  # slot 2 is the scratch row, not a usable slot
     with pytest.raises(WorkloadError, match="max_seq_len"):
@@ -182,17 +251,21 @@ def test_bad_rows_and_mismatched_pools_raise_clear_errors(tiny):
     with pytest.raises(ConfigError):
         runner.decode_step([0, 1], [1], [0, 0])
     with pytest.raises(ConfigError, match="does not match"):
-        ModelRunner.from_model(tiny, KVPool.allocate(3, 2, 16, 2, 16, torch.float32, "cpu"))
+        runner_for(tiny, KVPool.allocate(3, 2, 16, 2, 16, torch.float32, "cpu"))
     with pytest.raises(ConfigError, match="CUDA"):
-        ModelRunner.from_model(tiny, kv, cuda_graphs=True)
+        runner_for(tiny, kv, cuda_graphs=True)
+    with pytest.raises(ConfigError, match="Triton"):
+        runner_for(tiny, kv, kernels="torch", gemv=True)
+    with pytest.raises(ConfigError, match="EngineConfig"):
+        ModelRunner.for_config(*runner.export(), kv, {"kernels": "torch"})
     assert runner.decode_step([], [], []) == [] and runner.prefill([]) == []
 
 
 def test_sliding_window_models_need_short_slots():
     loaded = make_model("mistral", head_dim=16, sliding_window=32)
     with pytest.raises(ModelSpecError, match="sliding"):
-        ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=1))
-    ModelRunner.from_model(loaded, KVPool.for_model(loaded, 32, num_slots=1))  # within the window: fine
+        runner_for(loaded, KVPool.for_model(loaded, 64, num_slots=1))
+    runner_for(loaded, KVPool.for_model(loaded, 32, num_slots=1))  # within the window: fine
 
 
 def test_graph_buckets():
@@ -206,8 +279,8 @@ class EmulatedGraphRunner(ModelRunner):
     body eagerly on the static input buffers. Everything but the CUDA graph itself is the real
     code: staging, padding to the bucket, the scratch row, the batched decode attention."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, cuda_graphs=False, **kwargs)
+    def __init__(self, arch, weights, kv, config, max_batch=None):
+        super().__init__(arch, weights, kv, config.replace(cuda_graphs=False), max_batch)
         self.cuda_graphs = True
         self._init_static_inputs()
         self.captured: list[tuple[int, int | None]] = []
@@ -229,14 +302,9 @@ def test_graph_decode_path_pads_to_buckets_and_keeps_live_slots_intact():
     loaded = make_model("llama", head_dim=16)
     prompts = [[7 + i, 30 + 2 * i, 99, 4 + i, 250 - i][: 2 + i % 4] for i in range(6)]
     n_new = 6
-    expected = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_new,
-                                    min_new_tokens=n_new, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
+    expected = [hf_generate(loaded, p, n_new) for p in prompts]
     kv = KVPool.for_model(loaded, 256, num_slots=7)
-    runner = EmulatedGraphRunner(extract_arch(loaded.model), extract_weights(loaded.model), kv, max_batch=6)
+    runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner, max_batch=6)
     assert runner.buckets == [1, 2, 4, 6]
     slots = [6, 0, 3, 1, 5, 2]  # arbitrary slot order
     toks = runner.prefill([(s, p, 0) for s, p in zip(slots, prompts)])
@@ -264,7 +332,7 @@ def test_whole_prompts_share_one_batched_attention_call(monkeypatch):
     loaded = make_model("llama", head_dim=16)
     prompts = [[5, 9, 11, 40, 7], [8, 8, 3, 99, 1], [250, 2, 3, 4, 5], [60, 61, 62], [70, 71, 72], [44]]
     refs = [hf_logits(loaded, p) for p in prompts]
-    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=8))
+    runner = runner_for(loaded, KVPool.for_model(loaded, 64, num_slots=8))
     calls = record_sdpa_shapes(monkeypatch)
     got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts[:3])])  # equal lengths: views
     assert calls == [(3, 4, 5, 16)] * 2  # [prompts, heads, rows, dim], once per layer
@@ -297,7 +365,7 @@ def test_ragged_batched_prefill_equals_per_sequence_prefill():
     prompts = [torch.randint(4, 300, (n,), generator=gen).tolist() for n in (17, 3, 40, 1, 29, 8)]
     refs = [hf_logits(loaded, p) for p in prompts]
     kv = KVPool.for_model(loaded, 64, num_slots=len(prompts))
-    runner = ModelRunner.from_model(loaded, kv)
+    runner = runner_for(loaded, kv)
     alone = [runner.forward_logits([(s, p, 0)]) for s, p in enumerate(prompts)]
     k_alone, v_alone = kv.k.clone(), kv.v.clone()
     kv.k.zero_()
@@ -311,7 +379,7 @@ def test_ragged_batched_prefill_equals_per_sequence_prefill():
     # and in another order, not adjacent to each other (decode rows in front)
     order = [4, 0, 5, 2]
     kv2 = KVPool.for_model(loaded, 64, num_slots=len(prompts))
-    r2 = ModelRunner.from_model(loaded, kv2)
+    r2 = runner_for(loaded, kv2)
     r2.prefill([(1, prompts[1], 0)])
     dec, out = r2.mixed_step(DecodeBatch([1], [7], [3]), [(s, prompts[s], 0) for s in order])
     assert out == [int(refs[s][-1].argmax()) for s in order]
@@ -322,13 +390,11 @@ def test_prompts_padded_to_length_and_count_buckets_keep_hf_logits(monkeypatch):
     """The CUDA path (forced here on the CPU): whole prompts right-padded to a multiple of the
     pad AND their count padded to the next power of two, so a plan-per-shape SDPA backend
     meets few shapes; the padding prompts never reach a real row's logits."""
-    import splitlab.engine.runner as runner_mod
-
     loaded = make_model("llama", head_dim=16)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(4, 300, (n,), generator=gen).tolist() for n in (9, 3, 14, 6, 1)]
     refs = [hf_logits(loaded, p) for p in prompts]
-    runner = ModelRunner.from_model(loaded, KVPool.for_model(loaded, 64, num_slots=8))
+    runner = runner_for(loaded, KVPool.for_model(loaded, 64, num_slots=8))
     monkeypatch.setattr(runner, "_prefill_pad", lambda: 8)
     calls = record_sdpa_shapes(monkeypatch)
     got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts)])  # 5 prompts -> 8, 14 rows -> 16
@@ -338,32 +404,61 @@ def test_prompts_padded_to_length_and_count_buckets_keep_hf_logits(monkeypatch):
     got = runner.forward_logits([(s, p, 0) for s, p in enumerate(prompts[:3])])  # 3 prompts -> 4
     assert calls == [(4, 4, 16, 16)] * 2
     torch.testing.assert_close(got, torch.cat(refs[:3]), rtol=1e-5, atol=1e-5)
-    assert [runner_mod._count_bucket(n) for n in (1, 2, 3, 4, 5, 9, 64)] == [1, 2, 4, 4, 8, 16, 64]
+    assert [count_bucket(n) for n in (1, 2, 3, 4, 5, 9, 64)] == [1, 2, 4, 4, 8, 16, 64]
 
 
 def test_index_lists_go_over_in_one_copy_each_on_a_16_byte_boundary():
     """A forward's index lists share one device tensor; each starts 16-byte aligned, because
     Triton compiles a kernel variant per pointer alignment (an odd offset would mean a compile
     mid-run, the first time a step had that parity)."""
-    from splitlab.engine.runner import _index_tensors
-
     parts = [[1, 2, 3], [4], [], [5, 6], [7, 8, 9, 10, 11]]
-    views = _index_tensors(torch.device("cpu"), parts)
+    views = index_tensors(torch.device("cpu"), parts)
     assert [v.tolist() for v in views] == parts
     assert len({v.untyped_storage().data_ptr() for v in views}) == 1  # one tensor, one copy
     assert all(v.data_ptr() % 16 == 0 for v in views)
 
 
 def test_sdpa_backend_choice(tiny):
-    from splitlab.engine.runner import SDPA_BACKENDS
-
     assert SDPA_BACKENDS[0] == "auto"
     kv = KVPool.for_model(tiny, 32, num_slots=2)
     p = [5, 6, 7, 8, 9, 10]
-    want = ModelRunner.from_model(tiny, kv).forward_logits([(0, p, 0), (1, p[:4], 0)])
-    forced = ModelRunner.from_model(tiny, kv, sdpa_backend="math")
+    want = runner_for(tiny, kv).forward_logits([(0, p, 0), (1, p[:4], 0)])
+    forced = runner_for(tiny, kv, sdpa_backend="math")
     torch.testing.assert_close(forced.forward_logits([(0, p, 0), (1, p[:4], 0)]), want, rtol=1e-5, atol=1e-5)
     forced._gqa = False  # the cuDNN layout: K/V copied up to the query-head count
     torch.testing.assert_close(forced.forward_logits([(0, p, 0), (1, p[:4], 0)]), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="sdpa_backend"):
-        ModelRunner.from_model(tiny, kv, sdpa_backend="fast")
+        runner_for(tiny, kv, sdpa_backend="fast")
+    with pytest.raises(ConfigError, match="sdpa_backend"):
+        forced.set_sdpa_backend("fast")
+
+
+def _written_slots(kv: KVPool) -> set[int]:
+    """The usable slots (the scratch row left out) whose K holds anything."""
+    return {s for s in range(kv.num_slots) if torch.count_nonzero(kv.k[:, s])}
+
+
+@pytest.mark.parametrize("prefill,decode,slots", [(True, True, {0, 1}), (True, False, {0}), (False, True, {0})])
+def test_warm_up_warms_the_paths_asked_for_and_writes_only_the_first_slots(prefill, decode, slots):
+    """The one engine warm-up: a whole-request runner (both paths), a split prefill worker
+    (prefill only: no graphs) and a split decode worker (decode only: every graph bucket).
+    Slots 0 and 1 are the only ones written, and a request served after it is still exact."""
+    loaded = make_model("llama", head_dim=16)
+    kv = KVPool.for_model(loaded, 64, num_slots=4)
+    runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner)
+    buckets = warm_up(runner, prefill=prefill, decode=decode)
+    assert _written_slots(kv) == slots
+    if decode:
+        assert buckets == [4, 2, 1] and sorted(b for b, _ in runner.captured) == [1, 2, 4]
+    else:
+        assert buckets == [] and runner.captured == []
+    p = PROMPTS[0]
+    out = runner.prefill([(0, p, 0)])
+    for i in range(3):
+        out += runner.decode_step([0], [out[-1]], [len(p) + i])
+    assert out == hf_generate(loaded, p, 4)
+
+
+def test_warm_up_needs_a_path(tiny):
+    with pytest.raises(ConfigError, match="nothing to warm"):
+        warm_up(runner_for(tiny, KVPool.for_model(tiny, 16, num_slots=1)), prefill=False, decode=False)

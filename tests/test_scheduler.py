@@ -14,7 +14,7 @@ import pytest
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError
 from splitlab.engine.kv import SlotAllocator
-from splitlab.engine.runner import as_chunk
+from splitlab.engine.plan import as_chunk
 from splitlab.engine.scheduler import Scheduler, SeqState
 from splitlab.engine.loop import Worker
 from splitlab.workload import Request

@@ -2,10 +2,11 @@
 
 ``Worker.step()`` is the whole loop body: the scheduler picks a ``ScheduledBatch``, the
 runner runs it (a decode step, a prefill, or a mixed step), and the scheduler records the
-tokens and frees what finished. ``run_continuous`` drives one worker in real time for the
-``serial`` and ``chunked`` modes.
+tokens and frees what finished. ``drive`` feeds one worker its arrivals in real time (the
+``serial`` and ``chunked`` modes, and each replica); ``build_engine`` makes the KV pool, the
+runner and the slot allocator of a model (warm it with ``splitlab.engine.warmup.warm_up``).
 
-A split engine (issue 4) reuses the same pieces: ``PrefillWorker`` (policy ``prefill``)
+A split engine reuses the same pieces: ``PrefillWorker`` (policy ``prefill``)
 prefills arrived prompts into KV slots and emits a ``Handoff`` per finished prompt;
 ``DecodeWorker`` (policy ``decode``) accepts handoffs and batches them. Both address the
 same KV pool, so a handoff carries a slot number, never KV bytes.
@@ -18,17 +19,15 @@ import dataclasses
 import time
 from typing import Any, Callable
 
-import torch
-
 from splitlab.config import EngineConfig
-from splitlab.errors import ConfigError, ModeError, WorkloadError
+from splitlab.errors import WorkloadError
 from splitlab.engine.kv import KVPool, SlotAllocator
-from splitlab.measure.metrics import RequestTrace, Run, StepTrace
-from splitlab.engine.runner import DecodeBatch, ModelRunner, PrefillChunk, extract_arch, extract_weights
+from splitlab.measure.metrics import RequestTrace, StepTrace
+from splitlab.engine.plan import DecodeBatch, PrefillChunk
+from splitlab.engine.runner import ModelRunner
+from splitlab.engine.weights import extract_arch, extract_weights
 from splitlab.engine.scheduler import ScheduledBatch, Scheduler, SeqState, StepOutcome
 from splitlab.workload import Workload
-
-MODES = ("serial", "chunked")
 
 
 # ---- handoff between a prefill worker and a decode worker --------------------------------------
@@ -144,7 +143,7 @@ class _HandedRequest:
     arrival_s: float
 
 
-# ---- building and warming an engine ------------------------------------------------------------
+# ---- building an engine ----------------------------------------------------------------------
 
 @dataclasses.dataclass
 class EngineParts:
@@ -161,38 +160,10 @@ def build_engine(model, config: EngineConfig) -> EngineParts:
     kv = KVPool.for_model(model, max_seq_len, num_slots=config.num_slots, memory_budget_bytes=config.kv_budget_bytes,
                           memory_fraction=config.kv_memory_fraction, max_slots=config.max_batch)
     model.require_engine_support("engine")
-    runner = ModelRunner.for_config(extract_arch(model.model), extract_weights(model.model), kv, config)
+    # the HF model's q/k/v and gate/up become views of the fused tensors: no weight held twice
+    weights = extract_weights(model.model, share_storage=True)
+    runner = ModelRunner.for_config(extract_arch(model.model), weights, kv, config)
     return EngineParts(kv, runner, SlotAllocator(kv.num_slots), config, max_seq_len)
-
-
-def warm_up(runner: ModelRunner, token_budget: int | None = None, prefill_attention: bool = True) -> None:
-    """Compile kernels, create library handles and capture CUDA graphs before the clock starts
-    (on the calling thread: cuDNN keeps its plans per thread). ``token_budget``: the largest
-    prefill step, which bounds the padded attention shapes to build (``prefill_attention``).
-
-    Writes only slots 0 and 1, whose positions every later request overwrites before reading.
-    """
-    kv = runner.kv
-    n = min(128 if runner.device.type == "cuda" else 16, kv.max_seq_len - 2)
-    ids = [1] * n
-    first = runner.prefill([(0, ids, 0)])
-    if kv.num_slots > 1:
-        runner.mixed_step(DecodeBatch([0], [first[0]], [n]), [PrefillChunk(1, ids[:8], 0, False)])
-    # CUDA + Triton + graphs, decode_variant="auto": time the decode variants, keep the fastest
-    runner.select_decode_variant()
-    runner.decode_step([0], [first[0]], [n])
-    if hasattr(runner.kernels, "warm_up") and runner.kernels.name == "triton":
-        # every variant of the split-K kernels (fused or not, one split or several, both KV
-        # block sizes), whatever batches come later (scratch tensors: the pool is not written)
-        runner.kernels.warm_up(runner.num_heads, runner.num_kv_heads, runner.head_dim, runner.dtype, runner.device,
-                               batches=(1, runner.max_batch),
-                               variants=tuple(sorted(set(runner.decode_variant.split(":")))))
-    # the padded whole-prompt attention shapes (cuDNN builds a plan per shape), off the clock
-    if prefill_attention:
-        runner.warm_prefill_attention(token_budget)
-    runner.capture_graphs()
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize(runner.device)
 
 
 def check_requests(workload: Workload, max_seq_len: int, model_positions: int) -> None:

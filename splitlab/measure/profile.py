@@ -512,8 +512,10 @@ class _EngineBackend:
     name = "engine"
 
     def __init__(self, loaded, max_batch: int, max_len: int, seed: int):
+        from splitlab.config import EngineConfig
         from splitlab.engine.kv import KVPool
         from splitlab.engine.runner import ModelRunner
+        from splitlab.engine.weights import extract_arch, extract_weights
 
         self.loaded = loaded
         self.kv = KVPool.for_model(loaded, max_len, num_slots=max_batch)
@@ -521,7 +523,9 @@ class _EngineBackend:
             gen = torch.Generator(device=self.kv.device).manual_seed(seed)
             for t in self.kv.tensors():
                 t.normal_(0.0, 1.0, generator=gen)
-        self.runner = ModelRunner.from_model(loaded, self.kv)
+        m = loaded.model  # its q/k/v and gate/up become views of the fused tensors: held once
+        self.runner = ModelRunner.for_config(extract_arch(m), extract_weights(m, share_storage=True), self.kv,
+                                             EngineConfig(), max_batch=self.kv.num_slots)
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def _ids(self, length: int) -> list[int]:

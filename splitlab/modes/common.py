@@ -38,7 +38,7 @@ import torch
 
 from splitlab.errors import ConfigError
 from splitlab.engine.kv import KVPool
-from splitlab.engine.runner import ModelRunner, PrefillChunk
+from splitlab.engine.runner import ModelRunner
 from splitlab.engine.scheduler import SeqState
 from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker
 
@@ -192,44 +192,12 @@ def decode_loop(worker: DecodeWorker, freed: FreedSlots, *,
             return seqs
 
 
-# ---- warm-up ------------------------------------------------------------------------------------
-
-def warm_prefill(runner: ModelRunner, slot: int = 0, token_budget: int | None = None) -> None:
-    """Kernels, library handles and allocator blocks of the prefill path, on the caller's
-    current stream and thread: one single-prompt and one two-prompt prefill into ``slot``,
-    then every padded whole-prompt attention shape a step of ``token_budget`` tokens can meet."""
-    kv = runner.kv
-    n = max(1, min(128 if runner.device.type == "cuda" else 16, kv.max_seq_len - 1))
-    ids = [1] * n
-    runner.prefill([(slot, ids, 0)])
-    half = max(1, n // 2)
-    runner.prefill([PrefillChunk(slot, ids[:half], 0, True), PrefillChunk(slot, ids[:half], 0, True)])
-    runner.warm_prefill_attention(token_budget)
-    _sync(runner.device)
-
-
-def warm_decode(runner: ModelRunner) -> list[int]:
-    """The engine's own warm-up (``splitlab.engine.loop.warm_up``: every kernel variant, the CUDA
-    graphs of every batch bucket), then one decode step on the caller's current stream;
-    returns the captured buckets. Writes slots 0 and 1 only, before any request."""
-    from splitlab.engine.loop import warm_up
-
-    warm_up(runner, prefill_attention=False)  # this runner decodes only
-    buckets = runner.capture_graphs()  # all captured by warm_up: just the list
-    runner.decode_step([runner.kv.num_slots - 1], [1], [0])
-    _sync(runner.device)
-    return buckets
-
+# ---- the runner of a worker -----------------------------------------------------------------------
 
 def decode_runner(arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, config, max_batch: int
                   ) -> ModelRunner:
     """A runner over shared weights and a shared KV pool, with the engine options of ``config``."""
     return ModelRunner.for_config(arch, weights, kv, config, max_batch=max_batch)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---- facts a run records ----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from splitlab.config import EngineConfig
-from splitlab.engine.loop import Worker, build_engine, check_requests, drive, warm_up
+from splitlab.engine.loop import Worker, build_engine, check_requests, drive
+from splitlab.engine.warmup import warm_up
 from splitlab.engine.scheduler import Scheduler
 from splitlab.errors import ConfigError, ModeError
 from splitlab.measure.metrics import Run
@@ -41,7 +42,7 @@ def run_continuous(workload: Workload, model, mode: str, config: EngineConfig | 
     parts = build_engine(model, config)
     runner = parts.runner
     if config.warmup:
-        warm_up(runner, config.token_budget)
+        warm_up(runner, token_budget=config.token_budget)
     scheduler = Scheduler(mode, parts.allocator, runner.max_batch, config.token_budget, config.chunk_size)
     import tqdm.auto  # noqa: F401  (imported before the clock starts: the first import is slow)
 

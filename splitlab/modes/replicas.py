@@ -115,9 +115,10 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine
                  batch_size: int, share_q, bye_q, flush_s: float, ready_timeout_s: float) -> None:
     from splitlab.engine.kv import KVPool, SlotAllocator
     from splitlab.models import LoadedModel, load_model
-    from splitlab.engine.runner import extract_arch, extract_weights
+    from splitlab.engine.weights import extract_arch, extract_weights
     from splitlab.engine.scheduler import Scheduler
-    from splitlab.engine.loop import Worker, drive, warm_up
+    from splitlab.engine.loop import Worker, drive
+    from splitlab.engine.warmup import warm_up
 
     name = channel.name
     config = EngineConfig.from_dict(engine_cfg)
@@ -136,7 +137,7 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine
                        "tensors": _hf_tensors(loaded.model, device.type == "cpu"), "tokenizer": loaded.tokenizer}
         else:
             loaded.require_engine_support(engine)
-            weights = extract_weights(loaded.model)
+            weights = extract_weights(loaded.model, share_storage=True)  # shared with the others, held once
             if device.type == "cpu":
                 for t in weights.values():
                     t.share_memory_()
@@ -171,7 +172,7 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine
                               **payload["kv"])
         runner = decode_runner(payload["arch"], payload["weights"], kv, config, min(config.max_batch, kv.num_slots))
         if config.warmup:
-            warm_up(runner, config.token_budget)
+            warm_up(runner, token_budget=config.token_budget)
         info.update({"num_slots": kv.num_slots, "kv_pool_bytes": kv.nbytes, "max_batch": runner.max_batch,
                      "kernels": runner.kernels.name, "cuda_graphs": runner.cuda_graphs,
                      "weight_bytes": runner.weight_bytes})

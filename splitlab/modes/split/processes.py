@@ -35,7 +35,8 @@ import torch
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.engine.kv import KVPool, SlotAllocator
 from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
-from splitlab.modes.common import (FreedSlots, Outbox, cpu_threads_per_worker, decode_loop, decode_runner, fault_hook, mapped_not_owned, peak_bytes, prefill_loop, reset_peak, runner_facts, step_tuple, warm_decode, warm_prefill, weight_fingerprint)
+from splitlab.engine.warmup import warm_up
+from splitlab.modes.common import (FreedSlots, Outbox, cpu_threads_per_worker, decode_loop, decode_runner, fault_hook, mapped_not_owned, peak_bytes, prefill_loop, reset_peak, runner_facts, step_tuple, weight_fingerprint)
 
 
 def _get(q, channel, timeout: float, what: str):
@@ -80,7 +81,7 @@ def prefill_main(channel, model_args: dict[str, Any], engine_cfg: dict[str, Any]
     handoff_q.put(("setup", {"arch": arch, "weights": weights, "k": kv.k, "v": kv.v, "max_batch": runner.max_batch}))
     load_s = time.perf_counter() - started
     if config.warmup:
-        warm_prefill(runner, token_budget=config.token_budget)
+        warm_up(runner, decode=False, token_budget=config.token_budget)
     channel.send("ready", {"pid": os.getpid(), "fingerprint": fingerprint, "facts": loaded.facts.to_dict(),
                            "load_s": load_s, "ready_s": time.perf_counter() - started, **runner_facts(runner, kv)})
     allocator = SlotAllocator(kv.num_slots)
@@ -166,7 +167,7 @@ def decode_main(channel, engine_cfg: dict[str, Any], split_cfg: dict[str, Any], 
         cpu_threads_per_worker(2)
     runner = decode_runner(setup["arch"], setup["weights"], kv, config, setup["max_batch"])
     del setup, msg
-    graphs = warm_decode(runner) if config.warmup else []
+    graphs = warm_up(runner, prefill=False) if config.warmup else []
     channel.send("ready", {"pid": os.getpid(), "decode_graphs": graphs, "weights_shared": shared,
                            "ready_s": time.perf_counter() - started})
     freed = FreedSlots(lambda slots: freed_q.put(("free", slots)))

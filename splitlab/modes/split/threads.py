@@ -34,7 +34,8 @@ from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ModeError, WorkerError
 from splitlab.engine.kv import SlotAllocator
 from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
-from splitlab.modes.common import (FreedSlots, Stopped, decode_loop, decode_runner, fault_hook, peak_bytes, prefill_loop, reset_peak, runner_facts, warm_decode, warm_prefill)
+from splitlab.engine.warmup import warm_up
+from splitlab.modes.common import (FreedSlots, Stopped, decode_loop, decode_runner, fault_hook, peak_bytes, prefill_loop, reset_peak, runner_facts)
 
 _END = object()
 GREEN_HINT = ("split backend green needs an NVIDIA GPU with green contexts (CUDA 12.4+ driver, cuda-python); "
@@ -114,10 +115,10 @@ class ThreadSplit:
         self.graphs: list[int] = []
         if config.warmup:
             # one after the other: a graph capture must not overlap the other stream's work
-            self.graphs = self.pools["decode"].submit(self._on_stream, decode_stream, warm_decode,
-                                                      self.decode_runner).result()
-            self.pools["prefill"].submit(self._on_stream, prefill_stream, warm_prefill, self.prefill_runner,
-                                         token_budget=config.token_budget).result()
+            self.graphs = self.pools["decode"].submit(self._on_stream, decode_stream, warm_up,
+                                                      self.decode_runner, prefill=False).result()
+            self.pools["prefill"].submit(self._on_stream, prefill_stream, warm_up, self.prefill_runner,
+                                         decode=False, token_budget=config.token_budget).result()
         self.runs = 0
 
     @staticmethod

@@ -1,0 +1,165 @@
+"""The decode step as CUDA graphs: one graph per batch-size bucket, replayed from static inputs.
+
+A batch is padded up to its bucket (the padded rows write the pool's scratch row). The host
+side of a replay is one numpy fill of a pinned staging buffer and ONE host-to-device copy;
+attention reads each sequence's valid KV only (Triton kernels read the lengths inside the
+graph; the PyTorch fallback gathers a fixed KV length, so its graphs are also keyed by a
+context bucket). Graph replays use these decode-only static buffers, so a thread running
+eager prefills on the same runner never races them.
+
+``GraphsMixin`` is a part of ``ModelRunner``; it is not used alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from splitlab.errors import ConfigError
+from splitlab.engine.plan import Plan
+
+# CUDA-graph batch buckets; a batch is padded up to the next one
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def bucket_for(batch: int, buckets: Sequence[int]) -> int | None:
+    for b in buckets:
+        if b >= batch:
+            return b
+    return None
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    """The CUDA-graph batch sizes for ``max_batch``: the standard buckets below it, and itself."""
+    return [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+
+
+class GraphsMixin:
+    """CUDA-graph capture and replay of ``ModelRunner``'s decode step."""
+
+    def _init_graphs(self, cuda_graphs: bool | None) -> None:
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ConfigError("cuda_graphs=True needs the model on a CUDA device")
+        self.cuda_graphs = bool(cuda_graphs)
+        self.buckets = graph_buckets(self.max_batch)
+        self._graphs: dict[tuple[int, int | None], tuple[Any, torch.Tensor]] = {}
+        self._graph_pool = None
+        # The stream decode graphs are captured on (None: PyTorch's capture stream). The green-
+        # context split backend sets its decode stream here, so captured kernels belong to it.
+        self.capture_stream = None
+        if self.cuda_graphs:
+            self._init_static_inputs()
+
+    def _init_static_inputs(self) -> None:
+        """Decode-only static inputs of the graphs: for batch bucket ``b`` the first ``5 * b``
+        int64 of one flat device buffer, read as [5, b] (tokens, positions, write index, slot,
+        length), so every bucket's inputs are contiguous; and a pinned host staging copy of
+        the same layout with a numpy view (filled without torch ops, copied in one transfer)."""
+        top = self.buckets[-1]
+        self._dec_in = torch.zeros(5 * top, dtype=torch.int64, device=self.device)
+        stage = torch.zeros(5 * top, dtype=torch.int64)
+        self._dec_stage = stage.pin_memory() if self.device.type == "cuda" else stage
+        self._dec_stage_np = self._dec_stage.numpy()
+
+    def _static_inputs(self, bucket: int) -> torch.Tensor:
+        return self._dec_in[: 5 * bucket].view(5, bucket)
+
+    def _replay_decode(self, bucket: int, slots: Sequence[int], tokens: Sequence[int],
+                       positions: Sequence[int]) -> list[int]:
+        """One decode step through the graph of ``bucket`` (captured on first use)."""
+        b = len(slots)
+        key = (bucket, self._ctx_bucket(max(positions) + 1))
+        graph, out = self._graphs.get(key) or self._capture(*key)
+        t = self.kv.max_seq_len
+        st = self._dec_stage_np[: 5 * bucket].reshape(5, bucket)
+        st[0, :b] = tokens
+        st[1, :b] = positions
+        st[3, :b] = slots
+        pos, slot = st[1, :b], st[3, :b]
+        if pos.min() < 0 or pos.max() >= t or slot.min() < 0 or slot.max() >= self.kv.num_slots:
+            self._check_rows(slots, positions, [1] * b)  # raises with the offending row
+        np.multiply(slot, t, out=st[2, :b])
+        st[2, :b] += pos
+        np.add(pos, 1, out=st[4, :b])
+        if bucket > b:  # padded rows: token 0 at position 0 of the scratch row
+            pad = self.kv.pad_slot
+            st[:, b:] = np.array([[0], [0], [pad * t], [pad], [1]], dtype=np.int64)
+        self._dec_in[: 5 * bucket].copy_(self._dec_stage[: 5 * bucket], non_blocking=True)
+        graph.replay()
+        return out[:b].tolist()
+
+    def capture_graphs(self, batch_sizes: Iterable[int] | None = None) -> list[int]:
+        """Capture the decode graphs of these batch buckets (default: all), largest first."""
+        if not self.cuda_graphs:
+            return []
+        self.select_decode_variant()
+        want = sorted({bucket_for(b, self.buckets) for b in (batch_sizes or self.buckets)} - {None}, reverse=True)
+        ctx = self._ctx_bucket(1)
+        for b in want:
+            if (b, ctx) not in self._graphs:
+                self._capture(b, ctx)
+        return want
+
+    def _ctx_bucket(self, length: int) -> int | None:
+        """Triton's decode attention reads each sequence's own length inside the graph (None:
+        one graph per batch bucket). The PyTorch fallback gathers a fixed KV length, so its
+        graphs are also keyed by a power-of-two context bucket (captured on first use)."""
+        if self.kernels.name != "torch":
+            return None
+        return min(self.kv.max_seq_len, max(256, 1 << (int(length) - 1).bit_length()))
+
+    def _capture(self, bucket: int, ctx: int | None = None):
+        graph, out = self._capture_graph(bucket, ctx)
+        self._graphs[(bucket, ctx)] = (graph, out)
+        return graph, out
+
+    def _capture_graph(self, bucket: int, ctx: int | None = None, private_pool: bool = False):
+        """Capture one decode graph. ``private_pool``: its own memory pool (a throw-away timing
+        candidate), so freeing it never leaves the shared pool without users while its handle
+        lives on (capturing into such a pool trips an allocator assert)."""
+        self.tune_gemv()
+        t = self.kv.max_seq_len
+        pad = self.kv.pad_slot
+        self._static_inputs(bucket).copy_(torch.tensor([[0], [0], [pad * t], [pad], [1]], dtype=torch.int64,
+                                                       device=self.device).expand(5, bucket))
+        if self._graph_pool is None and not private_pool:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        side = self.capture_stream if self.capture_stream is not None else torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile kernels, create cuBLAS workspaces, outside the graph
+                self._graph_body(bucket, ctx)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=None if private_pool else self._graph_pool, stream=self.capture_stream,
+                              capture_error_mode="thread_local"):
+            out = self._graph_body(bucket, ctx)
+        torch.cuda.synchronize(self.device)
+        return graph, out
+
+    def graph(self, batch: int, context: int = 1):
+        """The captured CUDA graph that ``decode_step`` replays for this batch and context
+        (None if not captured yet); for timing replays alone."""
+        bucket = bucket_for(batch, self.buckets)
+        entry = self._graphs.get((bucket, self._ctx_bucket(context)))
+        return entry[0] if entry else None
+
+    def _graph_body(self, bucket: int, ctx: int | None = None) -> torch.Tensor:
+        d = self._static_inputs(bucket)
+        plan = Plan(bucket, d[3], d[4], ctx, variant=self._variant_for(bucket))
+        h, residual = self._hidden(d[0], d[1], d[2], plan)
+        x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
+        return self._greedy(self._linear(x, self.lm_head))
+
+    def drop_graphs(self) -> None:
+        """Forget every captured decode graph (they are recaptured on use)."""
+        self._graphs.clear()
+        # the dropped graphs may have been the last users of the shared pool: start a new one
+        self._graph_pool = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

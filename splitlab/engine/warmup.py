@@ -1,0 +1,67 @@
+"""The engine's one warm-up: everything that would otherwise happen on the clock, done first.
+
+Kernels compile on first launch, cuBLAS creates its handles and workspaces, cuDNN builds an
+attention plan per shape (and keeps them per thread), the allocator grows its pools, and the
+decode CUDA graphs are captured. ``warm_up`` does all of it for the paths a runner will run,
+on the calling thread and its current CUDA stream, before any request arrives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitlab.errors import ConfigError
+from splitlab.engine.plan import DecodeBatch, PrefillChunk
+from splitlab.engine.runner import ModelRunner
+
+
+def warm_up(runner: ModelRunner, *, prefill: bool = True, decode: bool = True,
+            token_budget: int | None = None) -> list[int]:
+    """Warm ``runner``'s prompt path (``prefill``), decode path (``decode``), or both (a
+    runner that serves whole requests). Returns the batch buckets whose decode graphs were
+    captured (empty without graphs, or with ``decode=False``).
+
+    Both paths: one prompt of up to 128 tokens (16 on CPU) prefilled into slot 0.
+    ``prefill``: then two whole prompts in one forward (the batched attention path), and every
+    padded whole-prompt attention shape a prefill step of ``token_budget`` tokens can meet
+    (``ModelRunner.warm_prefill_attention``; cuDNN builds a plan per shape).
+    ``decode``: with ``prefill`` too, a mixed step (a decode row of slot 0 beside a partial
+    prompt in slot 1); then the decode-variant timing (CUDA, ``decode_variant="auto"``),
+    every Triton decode-attention variant the run may launch, the CUDA graphs of every batch
+    bucket, and one decode step of slot 0 through them.
+
+    Writes only slots 0 and 1, whose positions every later request overwrites before reading.
+    """
+    if not (prefill or decode):
+        raise ConfigError("warm_up: nothing to warm; pass prefill=True, decode=True or both")
+    kv = runner.kv
+    n = max(1, min(128 if runner.device.type == "cuda" else 16, kv.max_seq_len - 1))
+    ids = [1] * n
+    first = runner.prefill([(0, ids, 0)])[0]
+    buckets: list[int] = []
+    if prefill:
+        half = max(1, n // 2)
+        runner.prefill([PrefillChunk(0, ids[:half], 0), PrefillChunk(0, ids[:half], 0)])
+        runner.warm_prefill_attention(token_budget)
+    if decode:
+        if prefill and kv.num_slots > 1:
+            runner.mixed_step(DecodeBatch([0], [first], [n]), [PrefillChunk(1, ids[:8], 0, False)])
+        buckets = _warm_decode(runner, first, n)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    return buckets
+
+
+def _warm_decode(runner: ModelRunner, token: int, position: int) -> list[int]:
+    """The decode path after slot 0 holds ``position`` tokens: variants, graphs, one step."""
+    # CUDA + Triton + graphs, decode_variant="auto": time the decode variants, keep the fastest
+    runner.select_decode_variant()
+    if runner.kernels.name == "triton":
+        # every variant of the split-K kernels (fused or not, one split or several, both KV
+        # block sizes), whatever batches come later (scratch tensors: the pool is not written)
+        runner.kernels.compile_decode_kernels(runner.num_heads, runner.num_kv_heads, runner.head_dim, runner.dtype,
+                                              runner.device, batches=(1, runner.max_batch),
+                                              variants=tuple(sorted(set(runner.decode_variant.split(":")))))
+    buckets = runner.capture_graphs()
+    runner.decode_step([0], [token], [position])
+    return buckets
