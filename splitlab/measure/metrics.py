@@ -19,13 +19,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import secrets
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from splitlab.config import SLO
-from splitlab.errors import ConfigError, SplitlabError
+from splitlab.errors import ConfigError, RunFileError, SplitlabError
 
 PERCENTILES = (50, 90, 99)
 
@@ -202,36 +205,88 @@ class Run:
 
     def save(self, path: str | Path) -> Path:
         """Write the run as one JSON file (everything needed to recompute every metric);
-        gzip-compressed when ``path`` ends in ``.gz`` (a run's step trace compresses ~10x)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        gzip-compressed when ``path`` ends in ``.gz`` (a run's step trace compresses ~10x).
+        Written whole or not at all (see ``write_json_file``); RunFileError if it cannot be."""
+        path = Path(path).expanduser()
         write_json_file(path, to_jsonable(self.to_dict()))
         return path
 
 
 def load_run(path: str | Path) -> Run:
-    """Read a run written by ``Run.save`` (``.json`` or ``.json.gz``)."""
-    path = Path(path)
+    """Read a run written by ``Run.save`` (``.json`` or ``.json.gz``).
+
+    A missing, truncated, corrupted or foreign file raises one RunFileError naming it.
+    """
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise SplitlabError(f"no run file at {path}; give the path of a JSON written by Run.save")
-    return Run.from_dict(read_json_file(path))
+        raise RunFileError(f"no run file at {path}; give the path of a JSON written by Run.save")
+    try:
+        data = read_json_file(path)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # ValueError: bad JSON or UTF-8
+        raise RunFileError(f"cannot read the run file {path}: it is truncated or corrupted "
+                           f"({type(exc).__name__}: {str(exc)[:200]}); save the run again or delete it") from exc
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path} is not a splitlab run (its JSON is a {type(data).__name__}, not an object)")
+    try:
+        return Run.from_dict(data)
+    except SplitlabError as exc:
+        raise RunFileError(f"{path}: {exc}") from exc
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        what = f"the field {exc} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise RunFileError(f"{path} is not a complete splitlab run ({what}); save the run again") from exc
+
+
+def check_writable(path: str | Path) -> Path:
+    """``path`` as a Path when a file can be written there (missing folders will be made),
+    else a RunFileError saying why: checked before a run, a bad ``--save`` fails before the work."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise RunFileError(f"cannot write {path}: it is a folder; give a file name, e.g. {path / 'run.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise RunFileError(f"cannot write {path}: the file exists and is not writable")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RunFileError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RunFileError(f"cannot write {path}: no permission to write in {folder}")
+    return path
 
 
 def write_json_file(path: Path, data: Any) -> None:
-    """JSON to ``path``; gzip-compressed when its name ends in ``.gz``."""
-    text = json.dumps(data, indent=1)
+    """JSON to ``path``; gzip-compressed when its name ends in ``.gz``. Missing folders are made.
+
+    Written whole or not at all: into a temporary file in the same folder, then renamed over
+    ``path`` (``os.replace`` is atomic), so a crash or a full disk never leaves a truncated file.
+    """
+    path = check_writable(path)
+    body = json.dumps(data, indent=1).encode()  # serialised first: a bad value touches no file
     if path.suffix == ".gz":
         import gzip
 
-        # mtime 0: the same run gives the same bytes (no noise in version control)
-        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-            f.write(text.encode())
-    else:
-        path.write_text(text)
+        # mtime 0 and no file name in the header: the same run gives the same bytes
+        body = gzip.compress(body, mtime=0)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with 0o666: the umask applies, as it would to a plain open()
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json_file(path: Path) -> Any:
-    """The JSON in ``path`` (``.gz``: gzip-compressed)."""
+    """The JSON in ``path`` (``.gz``: gzip-compressed). A damaged file raises what the reader
+    met (OSError, EOFError, ValueError, zlib.error); ``load_run`` turns that into RunFileError."""
     if path.suffix == ".gz":
         import gzip
 
