@@ -127,9 +127,12 @@ _DEFAULTS = {"prompt_len": "128", "output_len": "32"}
 def cmd_run(args) -> int:
     from splitlab.config import SLO
     from splitlab.api import run
+    from splitlab.measure.metrics import check_writable
     from splitlab.models import load_model
 
     _quiet_transformers()
+    if args.save:  # before the run: a bad destination must not cost the whole run
+        check_writable(args.save)
     if args.goodput and (args.slo_ttft is not None or args.slo_tpot is not None):
         raise ConfigError("give the SLO either as --goodput ttft:MS tpot:MS itl:MS e2el:MS or as "
                           "--slo-ttft/--slo-tpot (seconds), not both")
@@ -159,11 +162,13 @@ def cmd_demo(args) -> int:
 
     from splitlab.config import SLO
     from splitlab.api import available_modes, run
-    from splitlab.measure.metrics import summaries_table
+    from splitlab.measure.metrics import check_writable, summaries_table
     from splitlab.models import load_model
     from splitlab.workload import from_prompts, poisson, poisson_arrivals
 
     _quiet_transformers()
+    out_dir = Path(args.out)
+    check_writable(out_dir / "index.json")  # before the runs: --out must be a folder we can write
     t_start = time.perf_counter()
     gpu = torch.cuda.is_available()
     spec = args.model or default_model(gpu)
@@ -171,8 +176,10 @@ def cmd_demo(args) -> int:
     print(f"splitlab demo: model {spec} on {'cuda' if gpu else 'cpu'}; modes: {', '.join(modes)}")
     model = load_model(spec)
     slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the --out folder {out_dir}: {exc.strerror or exc}") from None
 
     if spec.startswith("dummy:") or spec == "tiny":
         # random weights: synthetic prompts, the text would be noise
@@ -375,6 +382,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _request_count(text: str) -> int:
+    """A positive integer up to the builders' bound, checked before any model loads."""
+    from splitlab.workload import MAX_REQUESTS
+
+    value = _positive_int(text)
+    if value > MAX_REQUESTS:
+        raise argparse.ArgumentTypeError(f"expected at most MAX_REQUESTS = {MAX_REQUESTS} requests, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from splitlab.api import MODES
 
@@ -389,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="hf-generate", choices=MODES)
     p.add_argument("--workload", default="poisson", choices=("fixed", "poisson", "trace"))
     p.add_argument("--rate", type=_positive_float, default=2.0, help="requests/s (poisson)")
-    p.add_argument("--num-requests", type=_positive_int, default=None,
+    p.add_argument("--num-requests", type=_request_count, default=None,
                    help="requests (default 16; for a trace: the first N rows, default all)")
     p.add_argument("--prompt-len", default=None,
                    help="N or LO:HI tokens (default 128); for a trace: a cap on prompt length")
@@ -398,10 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-path", default=None, help="Azure LLM inference trace CSV (with --workload trace)")
     p.add_argument("--rate-scale", type=_positive_float, default=1.0, help="trace speed-up (2 = twice as fast)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="static batch of hf-generate")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if visible)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if visible)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 GPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", default=None, metavar="PATH", help="write the run as JSON here")
+    p.add_argument("--save", default=None, metavar="PATH",
+                   help="write the run as JSON here (.json.gz: compressed); checked before the run")
     p.add_argument("--slo-ttft", type=_positive_float, default=None, help="TTFT bound, seconds (goodput; default 1)")
     p.add_argument("--slo-tpot", type=_positive_float, default=None, help="TPOT bound, seconds (goodput; default 0.1)")
     p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
@@ -413,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the default comparison on this machine's default model")
     d.add_argument("--model", default=None, help="override the default model")
     d.add_argument("--out", default=os.path.join("out", "demo"), help="folder for the runs and report")
-    d.add_argument("--num-requests", type=_positive_int, default=None)
+    d.add_argument("--num-requests", type=_request_count, default=None)
     d.add_argument("--output-len", type=_positive_int, default=24)
     d.add_argument("--rate", type=_positive_float, default=None, help="arrival rate, requests/s")
     d.add_argument("--batch-size", type=_positive_int, default=8)

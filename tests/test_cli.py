@@ -85,6 +85,10 @@ def test_env_prints_json_last():
     (["run", "--model", "tiny", "--prompt-len", "9:3"], "reversed"),
     (["run", "--model", "tiny", "--dtype", "float8"], "dtype"),
     (["report", "/no/such/results"], "no results folder"),
+    (["run", "--model", "tiny", "--device", "tpu"], "unknown device 'tpu'; accepted: 'cpu', 'cuda'"),
+    (["run", "--model", "smollm2"], "did you mean 'smollm2-135m'"),
+    (["run", "--model", "tiny", "--seed", "-1"], "seed must be a non-negative integer"),
+    (["run", "--model", "tiny", "--prompt-len", "1:99999999"], "MAX_TOKENS"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(capsys, args, message):
     assert main(args + ["--no-progress"] if args[0] == "run" else args) == 2
@@ -120,3 +124,43 @@ def test_demo_on_tiny_writes_runs(tmp_path, capsys):
         run = load_run(out / f"{mode}.json")
         assert run.summary()["completed"] == 4
     assert "random weights" in text
+
+
+def test_too_many_requests_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--model", "tiny", "--num-requests", "10000000"])
+    assert info.value.code == 2
+    assert "at most MAX_REQUESTS = 100000" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command gets as far as loading a model."""
+    import splitlab.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad destination was refused")
+
+    monkeypatch.setattr(splitlab.models, "load_model", refuse)
+
+
+def test_a_bad_save_destination_fails_before_the_run(tmp_path, capsys, no_model):
+    (tmp_path / "afile").write_text("x")
+    for dest, message in ((tmp_path, "it is a folder"), (tmp_path / "afile" / "run.json", "is a file, not a folder")):
+        assert main(["run", "--model", "tiny", "--save", str(dest), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("splitlab: error: cannot write") and message in err
+
+
+def test_a_demo_out_that_is_a_file_fails_before_the_runs(tmp_path, capsys, no_model):
+    out = tmp_path / "out"
+    out.write_text("x")
+    assert main(["demo", "--model", "tiny", "--out", str(out), "--no-progress"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_bad_trace_row_exits_2_naming_it(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,1e30,5\n")
+    assert main(["run", "--model", "tiny", "--workload", "trace", "--trace-path", str(trace), "--no-progress"]) == 2
+    assert "row 1 (line 2): ContextTokens" in capsys.readouterr().err
