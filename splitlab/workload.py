@@ -155,10 +155,13 @@ class Workload:
 
 
 def _per_request(value, n: int, what: str) -> list:
-    """One scalar for every request, or a sequence of ``n`` values."""
-    if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+    """One scalar for every request, or a sequence of ``n`` values (Request judges each)."""
+    if isinstance(value, (str, bytes)):
         return [value] * n
-    values = list(value)
+    try:
+        values = list(value)
+    except TypeError:  # a scalar (0-d arrays and tensors too)
+        return [value] * n
     if len(values) != n:
         raise WorkloadError(f"{what} has {len(values)} values for {n} prompts; give one per prompt (or one for all)")
     return values
