@@ -58,7 +58,7 @@ def test_phase_breakdown_values():
     assert by["decode"] == pytest.approx([0.3, 0.4, 0.2])
     assert sum(by.values()) == pytest.approx([0.6, 0.7, 0.5])  # = E2E of each request
     assert fig.layout.barmode == "stack"
-    assert fig.layout.xaxis.title.text == "request id" and fig.layout.yaxis.title.text == "seconds since arrival"
+    assert fig.layout.xaxis.title.text == "request id" and fig.layout.yaxis.title.text == "time since arrival (s)"
 
 
 def test_phase_breakdown_without_recorded_prefill_times():
@@ -73,43 +73,84 @@ def test_phase_breakdown_without_recorded_prefill_times():
 
 def test_phase_breakdown_runs_means_and_labels():
     fig = plots.phase_breakdown_runs([make_run(), make_run("serial", None, None, scale=2.0)])
-    assert list(fig.data[0].x) == ["split mps 40/60", "serial"]
+    assert list(fig.data[0].x) == ["split mps 40/60 · 2 req/s", "serial · 2 req/s"]  # the rate is in the label
     by = {t.name: list(t.y) for t in fig.data}
-    assert by["queue"] == pytest.approx([0.2 / 3, 0.4 / 3])
+    assert by["queue"] == pytest.approx([0.2 / 3, 0.4 / 3], abs=1e-4)
     assert by["decode"] == pytest.approx([0.3, 0.6])
     total = plots.phase_breakdown_runs([make_run()], agg="sum")
     assert {t.name: t.y[0] for t in total.data}["prefill"] == pytest.approx(0.5)
-    assert "total over requests" in total.layout.yaxis.title.text
+    assert "total over requests" in total.layout.yaxis.title.text and "(" in total.layout.yaxis.title.text
+    assert fig.layout.xaxis.title.text == "run"
 
 
-def test_timeline_gantt_and_nvml_row():
+def test_legend_labels_carry_rate_then_workload():
+    a = make_run("serial", None, None, workload="poisson-r16.28002154932318-n160")
+    b = make_run("serial", None, None, workload="poisson-r21.2-n160")
+    c = make_run("serial", None, None, workload="azure-code-x12.9-n160")
+    d = make_run("serial", None, None, workload="azure-code-x21.4-n160")
+    names = [label for label, _ in plots._labelled([a, b, c, d])]
+    assert names == ["serial · 16.3 req/s", "serial · 21.2 req/s", "serial · azure-code-x12.9-n160",
+                     "serial · azure-code-x21.4-n160"]
+    assert [label for label, _ in plots._labelled([b, b])] == ["serial · 21.2 req/s", "serial · 21.2 req/s #2"]
+
+
+def test_timeline_steps_batch_line_and_nvml_row():
     fig = plots.timeline(make_run())
     bars = [t for t in fig.data if t.type == "bar"]
     assert [t.name for t in bars] == ["prefill", "decode"]
     pre, dec = bars
-    assert list(pre.y) == ["prefill"] * 3 and list(dec.y) == ["decode"] * 5
+    assert list(pre.y) == ["prefill"] * 3  # every prefill step is its own bar
     assert list(pre.base) == pytest.approx([0.1, 0.3, 0.5]) and list(pre.x) == pytest.approx([0.2, 0.2, 0.1])
-    assert list(dec.base) == pytest.approx([0.3, 0.4, 0.5, 0.7, 0.9])
-    assert [list(c) for c in dec.customdata] == [[0], [0], [0, 1], [1, 2], [2]]
-    assert "ids: 1, 2" in dec.hovertext[3]
-    lines = [t for t in fig.data if t.type == "scatter"]
-    assert [t.name for t in lines] == ["SM util (%)", "memory util (%)"]
-    assert list(lines[0].y) == [10, 80, 50] and list(lines[1].x) == [0.0, 0.5, 1.0]
-    assert lines[0].xaxis == "x2" and pre.xaxis == "x"  # second row
-    assert fig.layout.xaxis2.title.text == "time since run start (s)"
-    assert fig.layout.xaxis.matches == "x2" or fig.layout.xaxis2.matches == "x"  # shared time axis
-    assert fig.layout.yaxis.title.text == "worker" and fig.layout.yaxis2.title.text == "utilisation (%)"
+    assert pre.marker.line.width == 0  # no outlines
+    # the five back-to-back decode steps (0.3 to 1.0 s) are one span
+    assert list(dec.y) == ["decode"] and list(dec.base) == pytest.approx([0.3]) and list(dec.x) == pytest.approx([0.7])
+    assert "5 decode steps" in dec.hovertext[0] and "1–2 requests per step" in dec.hovertext[0]
+    assert "ids: 1" in pre.hovertext[1]
+    line = [t for t in fig.data if t.name == "requests per decode step"][0]
+    # batch sizes 1 1 2 2 1 from 0.3 s: corners where the size changes, 0 at the end
+    assert list(line.x) == pytest.approx([0.3, 0.5, 0.9, 1.0]) and list(line.y) == [1, 2, 1, 0]
+    assert line.line.shape == "hv" and line.fill == "tozeroy" and line.xaxis == "x2"
+    util = [t for t in fig.data if t.name in ("SM util (%)", "memory util (%)")]
+    assert [t.name for t in util] == ["SM util (%)", "memory util (%)"]
+    assert list(util[0].y) == [10, 80, 50] and list(util[1].x) == [0.0, 0.5, 1.0]
+    assert util[0].xaxis == "x3" and pre.xaxis == "x"  # third row
+    assert fig.layout.xaxis3.title.text == "time since run start (s)"
+    assert fig.layout.xaxis.matches == "x3" or fig.layout.xaxis3.matches == "x"  # one time axis
+    assert fig.layout.yaxis.title.text == "worker" and fig.layout.yaxis2.title.text == "requests per step"
+    assert fig.layout.yaxis3.title.text == "utilisation (%)"
     plain = plots.timeline(make_run(monitor=False))
-    assert [t.name for t in plain.data] == ["prefill", "decode"]
-    assert plain.layout.xaxis.title.text == "time since run start (s)"
+    assert [t.name for t in plain.data] == ["prefill", "decode", "requests per decode step"]
+    assert plain.layout.xaxis2.title.text == "time since run start (s)"
+
+
+def test_timeline_splits_spans_at_pauses_and_stays_small():
+    """A worker that pauses (here: for a prefill step on the same worker) starts a new span, and
+    its batch line drops to 0 there; 2000 decode steps make a figure of a few kB, not 0.5 MB."""
+    run = make_run(monitor=False)
+    run.steps = [StepTrace("w", "decode", 0.0, 0.1, [0], 1), StepTrace("w", "prefill", 0.1, 0.3, [1], 6),
+                 StepTrace("w", "decode", 0.3, 0.4, [0, 1], 2), StepTrace("w", "decode", 0.4, 0.5, [0, 1], 2)]
+    fig = plots.timeline(run)
+    dec = [t for t in fig.data if t.name == "decode"][0]
+    assert list(dec.base) == pytest.approx([0.0, 0.3]) and list(dec.x) == pytest.approx([0.1, 0.2])
+    line = [t for t in fig.data if t.name == "requests per decode step"][0]
+    assert list(line.x) == pytest.approx([0.0, 0.1, 0.3, 0.5]) and list(line.y) == [1, 0, 2, 0]
+    t = 0.0
+    steps = []
+    for k in range(2000):
+        steps.append(StepTrace("decode", "decode", t, t + 0.007, list(range(k % 7 + 1)), k % 7 + 1))
+        t += 0.0072
+    run.steps = [StepTrace("prefill", "prefill", 0.0, 0.05, [0], 500)] + steps
+    big = plots.timeline(run)
+    assert len([t for t in big.data if t.name == "decode"][0].x) == 1
+    assert len(big.to_json()) < 60_000
 
 
 def test_latency_cdf_values_and_names():
     runs = [make_run(), make_run("serial", None, None, scale=2.0), make_run("serial", None, None)]
     fig = plots.latency_cdf(runs, "tpot_s")
-    assert [t.name for t in fig.data] == ["split mps 40/60", "serial", "serial #2"]
+    assert [t.name for t in fig.data] == ["split mps 40/60 · 2 req/s", "serial · 2 req/s", "serial · 2 req/s #2"]
     assert list(fig.data[0].x) == pytest.approx([0.1, 0.1, 0.2, 0.2])  # starts at (smallest, 0)
-    assert list(fig.data[0].y) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    assert list(fig.data[0].y) == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0], abs=1e-4)
     assert fig.data[0].line.shape == "hv"
     assert list(fig.data[1].x) == pytest.approx([0.2, 0.2, 0.4, 0.4])
     assert fig.layout.xaxis.title.text == "time per output token (s)"
@@ -117,27 +158,45 @@ def test_latency_cdf_values_and_names():
     itl = plots.latency_cdf(runs[:1], "itl")
     # gaps: 0.1 0.1 0.1 | 0.2 0.2 | 0.2
     assert list(itl.data[0].x)[1:] == pytest.approx([0.1, 0.1, 0.1, 0.2, 0.2, 0.2])
-    assert list(itl.data[0].y)[1:] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0])
+    assert list(itl.data[0].y)[1:] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0], abs=1e-4)
     assert itl.layout.yaxis.title.text == "fraction of token gaps"
+    assert itl.layout.xaxis.type == "log" and fig.layout.xaxis.type is None  # gaps span 100×: log axis
     named = plots.latency_cdf({"A": runs[0]}, "e2e_s")
     assert named.data[0].name == "A" and list(named.data[0].x)[1:] == pytest.approx([0.5, 0.6, 0.7])
     with pytest.raises(SplitlabError):
         plots.latency_cdf(runs, "latency")
 
 
+def test_cdf_points_thin_a_large_sample_and_keep_its_tail():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.lognormal(np.log(0.007), 0.2, 40_000), [1.13]])  # one 1.13 s stall
+    x, y = plots.cdf_points(values)
+    assert len(x) <= plots.CDF_POINTS + 1 and (x[0], y[0]) == (pytest.approx(values.min(), rel=1e-3), 0.0)
+    assert x[-1] == 1.13 and y[-1] == 1.0  # the maximum is kept
+    srt = np.sort(values)
+    for q in (0.5, 0.99, 0.999):  # the drawn step line is close to the true CDF, tail included
+        v = srt[int(q * len(srt))]
+        drawn = max([yy for xx, yy in zip(x, y) if xx <= v], default=0.0)
+        assert abs(drawn - q) < 1 / (0.75 * plots.CDF_POINTS)
+    assert all(len(repr(v)) <= 8 for v in x[1:]) and all(len(repr(v)) <= 6 for v in y)  # rounded
+    assert plots.cdf_points([0.3, 0.1, 0.2]) == ([0.1, 0.1, 0.2, 0.3], [0.0, 0.3333, 0.6667, 1.0])
+    assert plots.cdf_points([]) == ([], [])
+
+
 def test_latency_cdf_grid():
     runs = [make_run(), make_run("serial", None, None, scale=2.0)]
     fig = plots.latency_cdf_grid(runs)
     assert len(fig.data) == 2 * 4
-    assert [t.name for t in fig.data if t.showlegend] == ["split mps 40/60", "serial"]
-    ttft_serial = [t for t in fig.data if t.name == "serial" and t.xaxis == "x"][0]
+    assert [t.name for t in fig.data if t.showlegend] == ["split mps 40/60 · 2 req/s", "serial · 2 req/s"]
+    ttft_serial = [t for t in fig.data if t.name == "serial · 2 req/s" and t.xaxis == "x"][0]
     assert list(ttft_serial.x)[1:] == pytest.approx([0.6, 0.6, 0.6])
-    itl_split = [t for t in fig.data if t.name == "split mps 40/60" and t.xaxis == "x4"][0]
+    itl_split = [t for t in fig.data if t.name.startswith("split") and t.xaxis == "x4"][0]
     assert len(itl_split.x) == 7
-    assert fig.layout.xaxis4.title.text == "inter-token latency (s)"
+    assert fig.layout.xaxis4.title.text == "inter-token latency (s)" and fig.layout.xaxis4.type == "log"
     assert fig.layout.yaxis4.title.text == "fraction of token gaps"
     assert [a.text for a in fig.layout.annotations] == ["CDF of time to first token", "CDF of time per output token",
                                                         "CDF of end-to-end latency", "CDF of inter-token latency"]
+    assert ttft_serial.line.color != itl_split.line.color
 
 
 def summary_table():
@@ -159,30 +218,89 @@ def test_speedup_bars_higher_and_lower_is_better():
     bar = fig.data[0]
     assert list(bar.x) == ["serial", "split mps 50/50", "split mps 30/70"]
     assert list(bar.y) == pytest.approx([1.0, 1.4, 1.1])  # 50/50 averages 130 and 150
-    assert list(bar.text) == ["1.00x", "1.40x", "1.10x"]
-    assert "speedup over serial" in fig.layout.yaxis.title.text and fig.layout.xaxis.title.text == "run"
+    assert list(bar.text) == ["1.00×", "1.40×", "1.10×"]
+    assert fig.layout.title.text == "Speedup over serial on throughput"
+    assert fig.layout.yaxis.title.text == "speedup over serial on throughput (×, run ÷ baseline)"
+    assert fig.layout.xaxis.title.text == "run" and fig.layout.yaxis.type is None
     lat = plots.speedup_bars(df, "serial", "ttft_p99_s")
-    assert list(lat.data[0].y) == pytest.approx([1.0, 2.0 / 0.65, 2.0])  # baseline / value
+    assert list(lat.data[0].y) == pytest.approx([1.0, 2.0 / 0.65, 2.0], rel=1e-3)  # baseline / value
+    assert lat.layout.yaxis.title.text.endswith("(×, baseline ÷ run)")
+    assert "TTFT p99" in lat.layout.title.text and "ttft_p99_s" not in lat.layout.title.text
     with pytest.raises(SplitlabError):
         plots.speedup_bars(df, "chunked", "throughput_tok_s")
+
+
+def test_speedup_bars_several_metrics_grouped_on_a_log_axis_when_wide():
+    df = summary_table().assign(itl_p99_s=[1.13, 0.016, 0.067, 0.02])
+    fig = plots.speedup_bars(df, "serial", ["throughput_tok_s", "itl_p99_s"])
+    assert [t.name for t in fig.data] == ["throughput (run ÷ baseline)", "ITL p99 (baseline ÷ run)"]
+    assert fig.layout.barmode == "group" and fig.layout.showlegend is True
+    assert list(fig.data[1].y) == pytest.approx([1.0, 1.13 / 0.018, 1.13 / 0.067], rel=1e-3)
+    assert fig.layout.yaxis.type == "log"  # 1× to 63×
 
 
 def test_heatmap_grid():
     df = summary_table()
     fig = plots.heatmap(df, "rate", "prefill_share", "goodput_req_s")
     hm = fig.data[0]
-    assert list(hm.x) == ["1", "2"] and list(hm.y) == ["30", "50"]
+    assert list(hm.x) == ["1 req/s", "2 req/s"] and list(hm.y) == ["30%", "50%"]
     z = np.array(hm.z, dtype=float)
     assert z[0, 0] == pytest.approx(1.2) and z[1, 0] == pytest.approx(1.5) and z[1, 1] == pytest.approx(2.5)
     assert np.isnan(z[0, 1])  # no run at rate 2, share 30
     assert fig.layout.xaxis.title.text == "arrival rate (req/s)"
     assert fig.layout.yaxis.title.text == "prefill SM share (%)"
-    assert hm.colorbar.title.text == "goodput (req/s)"
+    assert fig.layout.coloraxis.colorbar.title.text == "goodput (req/s)"
+    assert list(fig.layout.yaxis.tickvals) == ["30%", "50%"]  # every row labelled
 
 
-def test_metric_bars():
-    fig = plots.metric_bars(summary_table(), "ttft_p99_s")
-    assert list(fig.data[0].y) == pytest.approx([2.0, 0.65, 1.0])
+def test_heatmap_never_pools_experiments_and_counts_runs():
+    df = pd.concat([summary_table().assign(experiment="slots64"),
+                    summary_table().assign(experiment="slots128", goodput_req_s=[9.0, 9.0, 9.0, 9.0]),
+                    summary_table().iloc[[1]].assign(experiment="slots64", goodput_req_s=2.5)])
+    df.loc[df["experiment"] == "slots64", "rate"] = [16.28002154932318, 16.28002154932318, 16.28002154932318,
+                                                     21.2, 16.28002154932318]
+    fig = plots.heatmap(df, "rate", "label", "goodput_req_s")
+    assert len(fig.data) == 2 and [a.text for a in fig.layout.annotations] == ["slots64", "slots128"]
+    slots64, slots128 = fig.data
+    assert list(slots64.x) == ["16.3 req/s", "21.2 req/s"]  # rounded, with the unit
+    assert list(slots64.y) == ["serial", "split mps 30/70", "split mps 50/50"]  # the baseline has its row
+    z = np.array(slots64.z, dtype=float)
+    assert z[2, 0] == pytest.approx(2.0)  # the two 50/50 runs of this experiment: mean 2.0, not pooled with 9
+    assert slots64.text[2][0] == "2<br>(2 runs)" and slots64.customdata[2][0] == 2
+    assert np.nanmax(np.array(slots128.z, dtype=float)) == 9.0
+    assert fig.layout.height >= 30 * (3 + 3) + 100
+
+
+def test_metric_bars_log_axis_for_a_wide_latency():
+    df = summary_table().assign(itl_p99_s=[1.13, 0.016, 0.067, 0.016])
+    fig = plots.metric_bars(df, "itl_p99_s")
+    assert list(fig.data[0].y) == pytest.approx([1.13, 0.016, 0.067])
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.title.text.startswith("ITL p99 (s)")
+    assert list(fig.data[0].text) == ["1.13 s", "16 ms", "67 ms"]
+    narrow = plots.metric_bars(summary_table(), "ttft_p99_s")
+    assert list(narrow.data[0].y) == pytest.approx([2.0, 0.65, 1.0]) and narrow.layout.yaxis.type is None
+    assert narrow.layout.title.text == "TTFT p99 (s)"
+    assert plots.metric_bars(df, "itl_p99_s", log=False).layout.yaxis.type is None
+
+
+def test_axis_titles_are_words_with_units():
+    for column, title in (("goodput_req_s", "goodput (req/s)"), ("ttft_p99_s", "TTFT p99 (s)"),
+                          ("rate", "arrival rate (req/s)"), ("throughput_tok_s", "throughput (output tok/s)"),
+                          ("peak_memory_bytes", "peak GPU memory (bytes)")):
+        assert plots.column_title(column) == title
+    figs = [plots.heatmap(summary_table(), "rate", "label", "throughput_tok_s"),
+            plots.metric_bars(summary_table(), "goodput_req_s"),
+            plots.speedup_bars(summary_table(), "serial", "goodput_req_s")]
+    for fig in figs:
+        texts = [fig.layout.xaxis.title.text, fig.layout.yaxis.title.text, fig.layout.title.text]
+        assert not any("_" in t for t in texts), texts
+
+
+def test_figures_are_small_and_bars_have_no_outline():
+    fig = plots.phase_breakdown_runs([make_run()])
+    assert len(fig.to_json()) < 4000  # plotly_white alone is ~7 kB in every figure
+    assert fig.layout.template.layout.plot_bgcolor == "white"
+    assert not fig.layout.template.data.bar  # plotly_white outlines every bar in white
 
 
 def test_roofline_roofs_and_points():

@@ -1,20 +1,29 @@
 """Pure functions from data to plotly Figures (testable without a browser).
 
-Every figure has axis titles and named traces. Inputs are the project's own objects: a
-``Run`` (or several), a summary table (``load_results`` / ``summaries_table``), a profile
-table (``profile_phases``) with its ``Ceilings``. plotly is imported inside each function
-(DESIGN.md: the core imports where plotly is absent).
+Every figure has axis titles with units (``splitlab.present.tables.column_title``: the one
+mapping from a column to its title and unit) and named traces. Inputs are the project's
+own objects: a ``Run`` (or several), a summary table (``load_results`` / ``summaries_table``),
+a profile table (``profile_phases``) with its ``Ceilings``. plotly is imported inside each
+function (DESIGN.md: the core imports where plotly is absent).
+
+Figures stay small, in a notebook and in a report: a CDF keeps at most ``CDF_POINTS`` of
+its corners (rounded to four significant figures), a timeline draws runs of back-to-back
+decode steps as one span and the decode batch as a step line, and every figure carries the
+lean ``template()`` rather than plotly_white's defaults for every trace type.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import Counter
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from splitlab.errors import SplitlabError
 from splitlab.present.results import run_label
+from splitlab.present.tables import column_info, column_title, format_value  # noqa: F401 (plots.column_title)
 
 PHASE_COLORS = {
     "prefill": "#4C78A8",
@@ -34,12 +43,71 @@ METRICS = {
 # Summary columns where smaller is better (latencies); everything else (throughput,
 # goodput, attainment) is better when larger.
 _LOWER_IS_BETTER = ("ttft", "tpot", "e2e", "itl", "wall_s", "peak_memory")
+# most corners of an empirical CDF a trace keeps (a run pools ~40k token gaps)
+CDF_POINTS = 200
+# back-to-back steps of one worker closer than this are drawn as one span on a timeline
+MERGE_GAP_S = 0.002
 
 
 def _go():
     import plotly.graph_objects as go
 
     return go
+
+
+_TABLES: list[dict[int, Any]] = []
+
+
+@contextlib.contextmanager
+def shared_tables():
+    """Within it, each run's ``requests`` table is built once for every figure drawn (a
+    report draws several figures of each run; the table takes ~0.1 s per 160 requests).
+    The runs must not change inside it."""
+    _TABLES.append({})
+    try:
+        yield
+    finally:
+        _TABLES.pop()
+
+
+def _requests(run):
+    if not _TABLES:
+        return run.requests
+    cache = _TABLES[-1]
+    if id(run) not in cache:
+        cache[id(run)] = (run, run.requests)  # the run is held: its id stays its own
+    return cache[id(run)][1]
+
+
+_TEMPLATE: list[Any] = []
+
+
+def template():
+    """plotly_white's look for 2-D charts, without its defaults for every trace type (a
+    figure carries its template: plotly_white is ~7 kB in every figure, this one ~1 kB).
+    Bars get no outline."""
+    if not _TEMPLATE:
+        import plotly.io as pio
+
+        white = pio.templates["plotly_white"].layout
+        keep = ("colorway", "font", "hovermode", "hoverlabel", "paper_bgcolor", "plot_bgcolor", "xaxis", "yaxis",
+                "title", "shapedefaults", "annotationdefaults", "autotypenumbers")
+        _TEMPLATE.append(_go().layout.Template(layout={k: white[k] for k in keep}))
+    return _TEMPLATE[0]
+
+
+def rounded(values, digits: int = 4) -> list[float]:
+    """``values`` rounded to ``digits`` significant figures, as plain floats (short in JSON)."""
+    a = np.asarray(values, dtype=float)
+    if not a.size:
+        return []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(np.isfinite(a) & (a != 0), np.floor(np.log10(np.abs(a))), 0.0)
+    exp = (digits - 1 - mag).astype(int)
+    up = 10.0 ** np.clip(exp, 0, None)
+    down = 10.0 ** np.clip(-exp, 0, None)
+    out = np.where(exp >= 0, np.round(a * up) / up, np.round(a / down) * down)
+    return [float(v) for v in out]
 
 
 # ---- roofline ------------------------------------------------------------------------------
@@ -115,7 +183,7 @@ def roofline(profile_df, ceilings, datasheet=None, title: str | None = None, lab
         title=title or f"Roofline{f' — {dev}' if dev else ''}",
         xaxis=dict(type="log", title=dict(text="arithmetic intensity (FLOP/byte)")),
         yaxis=dict(type="log", title=dict(text="achieved FLOP/s"), exponentformat="SI"),
-        legend=dict(title=dict(text="marker size = batch")), template="plotly_white",
+        legend=dict(title=dict(text="marker size = batch")), template=template(),
     )
     return fig
 
@@ -145,7 +213,7 @@ def _ceiling_values(ceilings) -> tuple[float, float]:
 
 def _segments(run) -> dict[str, np.ndarray]:
     """Per-request seconds of queue, prefill, prefill-end-to-first-token, decode."""
-    t = run.requests
+    t = _requests(run)
     queue = t["queue_s"].to_numpy(float)
     prefill = t["prefill_s"].to_numpy(float)
     ttft = t["ttft_s"].to_numpy(float)
@@ -186,13 +254,12 @@ def phase_breakdown(run, title: str | None = None):
         values = seg[key]
         if key in ("handoff", "unsplit") and not np.any(values > 1e-9):
             continue
-        fig.add_trace(go.Bar(x=x, y=values.tolist(), name=_SEGMENT_NAMES[key],
-                             marker_color=PHASE_COLORS[key],
+        fig.add_trace(go.Bar(x=x, y=rounded(values), name=_SEGMENT_NAMES[key], marker_color=PHASE_COLORS[key],
                              hovertemplate=f"request %{{x}}: {_SEGMENT_NAMES[key]} %{{y:.4g}} s<extra></extra>"))
-    fig.update_layout(barmode="stack", template="plotly_white",
+    fig.update_layout(barmode="stack", template=template(), bargap=0.05,
                       title=title or f"Where each request's time went — {run_label(run)}",
                       xaxis=dict(title=dict(text="request id"), type="category"),
-                      yaxis=dict(title=dict(text="seconds since arrival")))
+                      yaxis=dict(title=dict(text="time since arrival (s)")))
     return fig
 
 
@@ -211,100 +278,193 @@ def phase_breakdown_runs(runs, agg: str = "mean", title: str | None = None):
         values = [s[key] for s in segs]
         if key in ("handoff", "unsplit") and not any(v > 1e-9 for v in values):
             continue
-        fig.add_trace(go.Bar(x=names, y=values, name=_SEGMENT_NAMES[key], marker_color=PHASE_COLORS[key]))
+        fig.add_trace(go.Bar(x=names, y=rounded(values), name=_SEGMENT_NAMES[key], marker_color=PHASE_COLORS[key],
+                             hovertemplate=f"%{{x}}: {_SEGMENT_NAMES[key]} %{{y:.4g}} s<extra></extra>"))
     what = "mean per request" if agg == "mean" else "total over requests"
-    fig.update_layout(barmode="stack", template="plotly_white", title=title or f"Phase time per run ({what})",
-                      xaxis=dict(title=dict(text="run")), yaxis=dict(title=dict(text=f"seconds ({what})")))
+    fig.update_layout(barmode="stack", template=template(), title=title or f"Phase time per run ({what})",
+                      height=max(380, 300 + 9 * max((len(n) for n in names), default=0)),
+                      xaxis=dict(title=dict(text="run"), tickangle=-30 if len(names) > 4 else 0),
+                      yaxis=dict(title=dict(text=f"time ({what}, s)")))
     return fig
 
 
 # ---- timeline ------------------------------------------------------------------------------------
 
-def timeline(run, title: str | None = None, max_ids: int = 16):
-    """Gantt of each worker's steps (colour = prefill / decode / mixed, request ids on hover).
+def _spans(steps, gap_s: float) -> list[list[Any]]:
+    """Runs of one worker's back-to-back steps of one kind (each next one starting within
+    ``gap_s`` of the last one's end), in time order."""
+    runs: list[list[Any]] = []
+    for s in sorted(steps, key=lambda s: (s.worker, s.start_s)):
+        last = runs[-1][-1] if runs else None
+        if last is not None and last.worker == s.worker and s.start_s - last.end_s <= gap_s:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
 
-    When ``run.monitor`` holds NVML samples, a second row under it, on the same time axis,
-    shows SM and memory-controller utilisation (%).
+
+def _ids_text(ids: Sequence[int], max_ids: int) -> str:
+    text = ", ".join(str(i) for i in ids[:max_ids])
+    return text + (f", … ({len(ids)} in all)" if len(ids) > max_ids else "")
+
+
+def _step_bars(go, steps, kind: str, max_ids: int, gap_s: float):
+    """One bar per prefill step; one bar per run of back-to-back decode (or mixed) steps."""
+    if kind == "prefill":
+        groups = [[s] for s in steps]
+    else:
+        groups = _spans(steps, gap_s)
+    hover = []
+    for g in groups:
+        t0, t1 = g[0].start_s, g[-1].end_s
+        if len(g) == 1:
+            s = g[0]
+            hover.append(f"{s.worker}: {kind} {t0:.4f}–{t1:.4f} s ({(t1 - t0) * 1e3:.3g} ms)<br>{s.num_tokens} "
+                         f"tokens, {len(s.request_ids)} requests<br>ids: {_ids_text(s.request_ids, max_ids)}")
+        else:
+            sizes = [len(s.request_ids) for s in g]
+            ms = np.mean([s.end_s - s.start_s for s in g]) * 1e3
+            hover.append(f"{g[0].worker}: {len(g)} {kind} steps {t0:.3f}–{t1:.3f} s<br>{min(sizes)}–{max(sizes)} "
+                         f"requests per step, {ms:.3g} ms per step on average")
+    return go.Bar(y=[g[0].worker for g in groups], x=rounded([g[-1].end_s - g[0].start_s for g in groups], 5),
+                  base=rounded([g[0].start_s for g in groups], 6), orientation="h", name=kind,
+                  marker=dict(color=PHASE_COLORS.get(kind, "#333333"), line=dict(width=0)),
+                  hovertext=hover, hoverinfo="text")
+
+
+def _batch_line(steps, gap_s: float) -> tuple[list[float], list[int]]:
+    """Corners of a step line of requests per step over time: the size at each step's start
+    where it changes, and 0 wherever the worker paused longer than ``gap_s``."""
+    xs: list[float] = []
+    ys: list[int] = []
+    end = None
+    for s in sorted(steps, key=lambda s: s.start_s):
+        size = len(s.request_ids)
+        if end is not None and s.start_s - end > gap_s:
+            xs.append(end)
+            ys.append(0)
+        if not ys or ys[-1] != size:
+            xs.append(s.start_s)
+            ys.append(size)
+        end = s.end_s if end is None else max(end, s.end_s)
+    if end is not None:
+        xs.append(end)
+        ys.append(0)
+    return rounded(xs, 6), ys
+
+
+def _batch_traces(go, run, gap_s: float) -> list[Any]:
+    decoding = [s for s in run.steps if s.kind in ("decode", "mixed")]
+    workers = sorted({s.worker for s in decoding})
+    traces = []
+    for worker in workers:
+        x, y = _batch_line([s for s in decoding if s.worker == worker], gap_s)
+        name = "requests per decode step" + (f" — {worker}" if len(workers) > 1 else "")
+        traces.append(go.Scatter(x=x, y=y, mode="lines", line_shape="hv", name=name,
+                                 fill="tozeroy" if len(workers) == 1 else None,
+                                 line=dict(width=1, color=PHASE_COLORS["decode"] if len(workers) == 1 else None),
+                                 hovertemplate=f"{worker}: %{{y}} requests at %{{x:.3f}} s<extra></extra>"))
+    return traces
+
+
+def timeline(run, title: str | None = None, max_ids: int = 16, merge_gap_s: float = MERGE_GAP_S):
+    """Each worker's steps over time, the decode batch under them, NVML utilisation last.
+
+    Row 1: one bar per prefill step; back-to-back decode (and mixed) steps of a worker, each
+    starting within ``merge_gap_s`` of the last one's end, as one bar (hover: how many steps,
+    their batch sizes, the mean step time). Row 2: requests per decode (or mixed) step, a
+    step line, dropping to 0 where the worker paused. Row 3, when ``run.monitor`` holds NVML
+    samples: SM and memory-controller utilisation (%). One time axis for all rows.
     """
     go = _go()
     from plotly.subplots import make_subplots
 
     samples = [s for s in (run.monitor or []) if s.get("t_s") is not None]
-    nvml = bool(samples)
-    if nvml:
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.06)
-    else:
-        fig = make_subplots(rows=1, cols=1)
+    band = _batch_traces(go, run, merge_gap_s)
+    rows = 1 + bool(band) + bool(samples)
+    heights = {1: [1.0], 2: [0.62, 0.38], 3: [0.5, 0.25, 0.25]}[rows]
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, row_heights=heights, vertical_spacing=0.07)
     workers = sorted({s.worker for s in run.steps})
     for kind in ("prefill", "mixed", "decode"):
         steps = [s for s in run.steps if s.kind == kind]
-        if not steps:
-            continue
-        hover = []
-        for s in steps:
-            ids = ", ".join(str(i) for i in s.request_ids[:max_ids])
-            if len(s.request_ids) > max_ids:
-                ids += f", … ({len(s.request_ids)} in all)"
-            hover.append(f"{s.worker}: {kind} {s.start_s:.4f}–{s.end_s:.4f} s ({(s.end_s - s.start_s) * 1e3:.3g} ms)"
-                         f"<br>{s.num_tokens} tokens, {len(s.request_ids)} requests<br>ids: {ids}")
-        fig.add_trace(go.Bar(
-            y=[s.worker for s in steps], x=[s.end_s - s.start_s for s in steps], base=[s.start_s for s in steps],
-            orientation="h", name=kind, marker_color=PHASE_COLORS.get(kind, "#333333"), hovertext=hover,
-            hoverinfo="text", customdata=[list(s.request_ids) for s in steps]), row=1, col=1)
+        if steps:
+            fig.add_trace(_step_bars(go, steps, kind, max_ids, merge_gap_s), row=1, col=1)
     fig.update_yaxes(title_text="worker", type="category", categoryorder="array", categoryarray=workers, row=1, col=1)
-    if nvml:
-        t = [s["t_s"] for s in samples]
+    for trace in band:
+        fig.add_trace(trace, row=2, col=1)
+    if band:
+        fig.update_yaxes(title_text="requests per step", rangemode="tozero", row=2, col=1)
+    if samples:
+        t = rounded([s["t_s"] for s in samples], 6)
         for key, name, color in (("sm_util_pct", "SM util (%)", "#4C78A8"),
                                  ("mem_util_pct", "memory util (%)", "#E45756")):
             fig.add_trace(go.Scatter(x=t, y=[s.get(key) for s in samples], mode="lines", name=name,
-                                     line=dict(color=color)), row=2, col=1)
-        fig.update_yaxes(title_text="utilisation (%)", range=[0, 105], row=2, col=1)
-        fig.update_xaxes(title_text="time since run start (s)", row=2, col=1)
-    else:
-        fig.update_xaxes(title_text="time since run start (s)", row=1, col=1)
-    fig.update_layout(barmode="overlay", template="plotly_white", title=title or f"Timeline — {run_label(run)}",
-                      bargap=0.3)
+                                     line=dict(color=color)), row=rows, col=1)
+        fig.update_yaxes(title_text="utilisation (%)", range=[0, 105], row=rows, col=1)
+    fig.update_xaxes(title_text="time since run start (s)", row=rows, col=1)
+    fig.update_layout(barmode="overlay", template=template(), title=title or f"Timeline — {run_label(run)}",
+                      bargap=0.3, height=220 + 40 * len(workers) + 150 * (rows - 1))
     return fig
 
 
 # ---- latency distributions ----------------------------------------------------------------------------
 
-def _cdf_xy(run, metric: str) -> tuple[list[float], list[float]]:
-    """Step-CDF points, starting from 0 at the smallest value (so each step is drawn)."""
-    values = run.itl_gaps() if metric == "itl" else run.requests[metric].dropna().to_numpy(float)
-    values = np.sort(np.asarray(values, dtype=float))
-    if not len(values):
+def cdf_points(values, max_points: int = CDF_POINTS) -> tuple[list[float], list[float]]:
+    """Corners of the empirical CDF of ``values``: (value, fraction at or below it), from
+    (smallest, 0). Past ``max_points`` values, a subset of the corners: evenly spaced in
+    rank, with the largest ranks denser (the tail: p99, p99.9 and the maximum are kept), so
+    the step line drawn through them is within 1/(0.75·max_points) of the full one. Values
+    are rounded to four significant figures, fractions to four decimals."""
+    v = np.sort(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if not n:
         return [], []
-    y = np.arange(1, len(values) + 1) / len(values)
-    return [float(values[0])] + values.tolist(), [0.0] + y.tolist()
+    if n <= max_points:
+        idx = np.arange(n)
+    else:
+        body = np.linspace(0, n - 1, max(2, max_points * 3 // 4))
+        tail = n - 1 - np.geomspace(1, max(1.0, 0.1 * n), max(1, max_points - len(body)))
+        idx = np.unique(np.concatenate([body, tail]).round().astype(int))
+    x = rounded(v[idx])
+    y = np.round((idx + 1) / n, 4).tolist()
+    return [x[0]] + x, [0.0] + y
 
 
-def latency_cdf(runs, metric: str = "ttft_s", title: str | None = None):
-    """Empirical CDFs of a latency, one trace per run (named by mode, backend and shares).
+def _cdf_xy(run, metric: str, max_points: int = CDF_POINTS) -> tuple[list[float], list[float]]:
+    values = run.itl_gaps() if metric == "itl" else _requests(run)[metric].dropna().to_numpy(float)
+    return cdf_points(values, max_points)
+
+
+def latency_cdf(runs, metric: str = "ttft_s", title: str | None = None, max_points: int = CDF_POINTS):
+    """Empirical CDFs of a latency, one trace per run (named by mode, backend, shares and rate).
 
     ``metric``: ``"ttft_s"``, ``"tpot_s"``, ``"e2e_s"`` (one value per request) or
-    ``"itl"`` (every gap between consecutive tokens, all requests pooled). ``runs``: a list
-    (traces named by ``run_label``) or a ``{name: run}`` mapping (your names). Each trace
-    starts at (smallest value, 0) and steps up by 1/n at every value.
+    ``"itl"`` (every gap between consecutive tokens, all requests pooled; log time axis).
+    ``runs``: a list (traces named by ``legend_label``) or a ``{name: run}`` mapping (your
+    names). Each trace starts at (smallest value, 0) and steps up at every value it keeps
+    (``cdf_points``: at most ``max_points``).
     """
     go = _go()
     _check_metric(metric)
     fig = go.Figure()
-    for label, run in _labelled(runs):
-        x, y = _cdf_xy(run, metric)
+    for i, (label, run) in enumerate(_labelled(runs)):
+        x, y = _cdf_xy(run, metric, max_points)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line_shape="hv", name=label,
-                                 hovertemplate=f"{label}<br>%{{x:.4g}} s: %{{y:.0%}}<extra></extra>"))
+                                 line=dict(color=_color(i), width=1.5),
+                                 hovertemplate=f"{label}<br>%{{x:.4g}} s: %{{y:.1%}}<extra></extra>"))
     unit = "token gaps" if metric == "itl" else "requests"
-    fig.update_layout(template="plotly_white", title=title or f"CDF of {METRICS[metric]}",
-                      xaxis=dict(title=dict(text=f"{METRICS[metric]} (s)")),
+    fig.update_layout(template=template(), title=title or f"CDF of {METRICS[metric]}",
+                      xaxis=dict(title=dict(text=f"{METRICS[metric]} (s)"), type="log" if metric == "itl" else None),
                       yaxis=dict(title=dict(text=f"fraction of {unit}"), range=[0, 1.02]))
     return fig
 
 
-def latency_cdf_grid(runs, metrics: Sequence[str] = ("ttft_s", "tpot_s", "e2e_s", "itl"), title: str | None = None):
-    """The CDFs of several latencies side by side (2 per row), one colour per run, one legend."""
+def latency_cdf_grid(runs, metrics: Sequence[str] = ("ttft_s", "tpot_s", "e2e_s", "itl"), title: str | None = None,
+                     max_points: int = CDF_POINTS):
+    """The CDFs of several latencies side by side (2 per row), one colour per run, one legend
+    (the inter-token gaps on a log time axis: their tail spans two orders of magnitude)."""
     go = _go()
-    from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
     for m in metrics:
@@ -312,19 +472,19 @@ def latency_cdf_grid(runs, metrics: Sequence[str] = ("ttft_s", "tpot_s", "e2e_s"
     rows = (len(metrics) + 1) // 2
     fig = make_subplots(rows=rows, cols=2, subplot_titles=[f"CDF of {METRICS[m]}" for m in metrics],
                         horizontal_spacing=0.08, vertical_spacing=0.16 if rows > 1 else 0.1)
-    palette = qualitative.Plotly
     for i, (label, run) in enumerate(_labelled(runs)):
         for j, metric in enumerate(metrics):
-            x, y = _cdf_xy(run, metric)
+            x, y = _cdf_xy(run, metric, max_points)
             fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line_shape="hv", name=label, legendgroup=label,
-                                     showlegend=j == 0, line=dict(color=palette[i % len(palette)]),
-                                     hovertemplate=f"{label}<br>%{{x:.4g}} s: %{{y:.0%}}<extra></extra>"),
+                                     showlegend=j == 0, line=dict(color=_color(i), width=1.5),
+                                     hovertemplate=f"{label}<br>%{{x:.4g}} s: %{{y:.1%}}<extra></extra>"),
                           row=j // 2 + 1, col=j % 2 + 1)
     for j, metric in enumerate(metrics):
         unit = "token gaps" if metric == "itl" else "requests"
-        fig.update_xaxes(title_text=f"{METRICS[metric]} (s)", row=j // 2 + 1, col=j % 2 + 1)
+        fig.update_xaxes(title_text=f"{METRICS[metric]} (s)", type="log" if metric == "itl" else None,
+                         row=j // 2 + 1, col=j % 2 + 1)
         fig.update_yaxes(title_text=f"fraction of {unit}", range=[0, 1.02], row=j // 2 + 1, col=j % 2 + 1)
-    fig.update_layout(template="plotly_white", title=title or "Latency distributions", height=380 * rows + 80)
+    fig.update_layout(template=template(), title=title or "Latency distributions", height=380 * rows + 80)
     return fig
 
 
@@ -335,122 +495,188 @@ def _check_metric(metric: str) -> None:
 
 # ---- comparisons ---------------------------------------------------------------------------------------
 
-COLUMN_TITLES = {
-    "rate": "arrival rate (req/s)",
-    "prefill_share": "prefill SM share (%)",
-    "decode_share": "decode SM share (%)",
-    "goodput_req_s": "goodput (req/s)",
-    "throughput_tok_s": "throughput (output tok/s)",
-    "slo_attainment": "SLO attainment",
-    "batch": "batch size",
-    "tokens": "tokens (prompt length or context)",
-}
-
-
-def column_title(column: str) -> str:
-    """A readable axis title for a summary column (``ttft_p99_s`` -> ``TTFT p99 (s)``)."""
-    if column in COLUMN_TITLES:
-        return COLUMN_TITLES[column]
-    parts = column.split("_")
-    if len(parts) == 3 and parts[0] in ("ttft", "tpot", "itl", "e2e") and parts[2] == "s":
-        return f"{parts[0].upper()} {parts[1]} (s)"
-    return column
-
-
 def lower_is_better(metric: str) -> bool:
     return metric.startswith(_LOWER_IS_BETTER)
 
 
-def speedup_bars(summary_df, baseline_mode: str, metric: str = "throughput_tok_s", title: str | None = None):
+def _wide(values: Sequence[float], factor: float = 10.0) -> bool:
+    """Positive finite values spanning more than ``factor``× (then a log axis reads better)."""
+    v = [float(x) for x in values if x is not None and np.isfinite(x)]
+    return bool(v) and min(v) > 0 and max(v) / min(v) > factor
+
+
+def speedup_bars(summary_df, baseline_mode: str, metric: str | Sequence[str] = "throughput_tok_s",
+                 title: str | None = None, key: str | None = None):
     """Bars of each run's speedup over the baseline on ``metric`` (> 1 = better than baseline).
 
     For latencies (ttft/tpot/e2e/itl columns) the speedup is baseline / value; for rates
-    (throughput, goodput, attainment) value / baseline. Rows are grouped by ``label`` (or
-    ``mode``) and averaged; the baseline is the mean over rows whose mode or label is
-    ``baseline_mode``.
+    (throughput, goodput, attainment) value / baseline. Rows are grouped by ``key`` (default
+    ``label``, else ``mode``) and averaged; the baseline is the mean over rows whose mode or
+    label is ``baseline_mode``: give one experiment's rows of one workload. Several metrics:
+    one bar per run and metric, grouped by run, the numbers on hover (one metric: on the
+    bars). The axis is logarithmic when the speedups span more than 10×.
     """
     go = _go()
-    if metric not in summary_df.columns:
-        raise SplitlabError(f"summary table has no column {metric!r}; columns: {list(summary_df.columns)}")
-    key = "label" if "label" in summary_df.columns else "mode"
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    for m in metrics:
+        if m not in summary_df.columns:
+            raise SplitlabError(f"summary table has no column {m!r}; columns: {list(summary_df.columns)}")
+    key = key or ("label" if "label" in summary_df.columns else "mode")
     is_base = (summary_df["mode"] == baseline_mode) if "mode" in summary_df.columns else False
-    if key == "label":
+    if "label" in summary_df.columns:
         is_base = is_base | (summary_df["label"] == baseline_mode)
     base_rows = summary_df[is_base]
     if not len(base_rows):
         raise SplitlabError(f"no run of baseline {baseline_mode!r} in the table; modes: "
                             f"{sorted(summary_df['mode'].unique()) if 'mode' in summary_df else []}")
-    base = float(base_rows[metric].astype(float).mean())
-    means = summary_df.groupby(key, sort=False)[metric].mean()
-    lower = lower_is_better(metric)
-    speed = [(base / v if lower else v / base) if v and np.isfinite(v) else math.nan for v in means.to_numpy(float)]
-    fig = go.Figure(go.Bar(x=[str(i) for i in means.index], y=speed, name=f"speedup ({metric})",
-                           text=[f"{s:.2f}x" if np.isfinite(s) else "n/a" for s in speed], textposition="outside",
-                           marker_color=["#BAB0AC" if lab in set(base_rows[key]) else "#4C78A8" for lab in means.index],
-                           customdata=means.to_numpy(float),
-                           hovertemplate="%{x}: %{y:.3f}x (" + metric + " = %{customdata:.4g})<extra></extra>"))
+    fig = go.Figure()
+    every, ways = [], []
+    for k, m in enumerate(metrics):
+        base = float(base_rows[m].astype(float).mean())
+        means = summary_df.groupby(key, sort=False)[m].mean()
+        lower = lower_is_better(m)
+        speed = [(base / v if lower else v / base) if v and np.isfinite(v) else math.nan
+                 for v in means.to_numpy(float)]
+        every += speed
+        ways.append("baseline ÷ run" if lower else "run ÷ baseline")
+        colors = (["#BAB0AC" if lab in set(base_rows[key]) else "#4C78A8" for lab in means.index]
+                  if len(metrics) == 1 else _color(k))
+        fig.add_trace(go.Bar(x=[str(lab) for lab in means.index], y=rounded(speed),
+                             name=f"{column_info(m).title} ({ways[-1]})",
+                             text=[f"{s:.2f}×" if np.isfinite(s) else "n/a" for s in speed] if len(metrics) == 1
+                             else None, textposition="outside",
+                             marker_color=colors, customdata=[format_value(v, m) for v in means],
+                             hovertemplate=f"%{{x}}: %{{y:.3f}}× on {column_info(m).title} "
+                                           f"(%{{customdata}})<extra></extra>"))
     fig.add_hline(y=1.0, line_dash="dot", line_color="#555555")
-    better = "baseline / value" if lower else "value / baseline"
-    fig.update_layout(template="plotly_white", title=title or f"Speedup over {baseline_mode} on {metric}",
-                      xaxis=dict(title=dict(text="run")),
-                      yaxis=dict(title=dict(text=f"speedup over {baseline_mode} ({metric}: {better})")))
+    what = f" on {column_info(metrics[0]).title}" if len(metrics) == 1 else ""
+    ytitle = (f"speedup over {baseline_mode}{what} (×, {ways[0]})" if what
+              else f"speedup over {baseline_mode} (×, > 1 = better)")
+    fig.update_layout(template=template(), barmode="group", title=title or f"Speedup over {baseline_mode}{what}",
+                      showlegend=len(metrics) > 1,
+                      xaxis=dict(title=dict(text="run"), tickangle=-30 if len(fig.data[0].x) > 4 else 0),
+                      yaxis=dict(title=dict(text=ytitle), type="log" if _wide(every) else None))
     return fig
 
 
-def metric_bars(summary_df, column: str, title: str | None = None):
-    """One bar per run (label) of one summary column, e.g. ``ttft_p99_s``."""
+def metric_bars(summary_df, column: str, title: str | None = None, log: bool | None = None):
+    """One bar per run (label) of one summary column, e.g. ``ttft_p99_s``, its value written
+    on it. ``log``: a logarithmic axis; by default for a latency whose values span more
+    than 10× (one stalled run must not flatten the others)."""
     go = _go()
     if column not in summary_df.columns:
         raise SplitlabError(f"summary table has no column {column!r}")
     key = "label" if "label" in summary_df.columns else "mode"
     values = summary_df.groupby(key, sort=False)[column].mean()
-    fig = go.Figure(go.Bar(x=[str(i) for i in values.index], y=values.to_numpy(float).tolist(), name=column,
-                           marker_color="#4C78A8"))
-    fig.update_layout(template="plotly_white", title=title or column,
-                      xaxis=dict(title=dict(text="run")), yaxis=dict(title=dict(text=column)))
+    y = values.to_numpy(float)
+    if log is None:
+        log = column_info(column).unit == "s" and _wide(y)
+    fig = go.Figure(go.Bar(x=[str(i) for i in values.index], y=rounded(y), name=column_info(column).title,
+                           text=[format_value(v, column) for v in y], textposition="outside",
+                           marker_color="#4C78A8",
+                           hovertemplate="%{x}: %{text}<extra></extra>"))
+    fig.update_layout(template=template(), title=title or column_title(column),
+                      xaxis=dict(title=dict(text="run"), tickangle=-30 if len(y) > 4 else 0),
+                      yaxis=dict(title=dict(text=column_title(column) + (", log scale" if log else "")),
+                                 type="log" if log else None))
     return fig
 
 
-def heatmap(summary_df, x: str, y: str, z: str, agg: str = "mean", title: str | None = None):
-    """Heatmap of ``z`` over two columns, e.g. x="rate", y="prefill_share", z="goodput_req_s".
+def _heat_grid(df, x: str, y: str, z: str, agg: str):
+    """(x ticks, y ticks, values, run counts) of ``z`` over two columns, both sorted."""
+    grid = df.pivot_table(index=y, columns=x, values=z, aggfunc=agg).sort_index().sort_index(axis=1)
+    count = df.pivot_table(index=y, columns=x, values=z, aggfunc="count").reindex_like(grid)
+    return ([_tick(v, x) for v in grid.columns], [_tick(v, y) for v in grid.index], grid.to_numpy(float),
+            np.nan_to_num(count.to_numpy(float)).astype(int))
 
-    Cells with several runs show their ``agg`` (mean by default); missing cells are blank.
+
+def heatmap(summary_df, x: str, y: str, z: str, agg: str = "mean", title: str | None = None,
+            facet: str = "experiment"):
+    """Heatmap of ``z`` over two columns, e.g. x="rate", y="label", z="goodput_req_s".
+
+    Each cell shows its value and, when several runs fell in it, their ``agg`` (mean by
+    default) and how many; missing cells are blank. Rows of different ``facet`` values
+    (the results folder a run came from) are never pooled: one heatmap each, stacked,
+    sharing one colour scale. Every row is labelled; rows are at least 30 px tall.
     """
     go = _go()
+    from plotly.subplots import make_subplots
+
     for col in (x, y, z):
         if col not in summary_df.columns:
             raise SplitlabError(f"summary table has no column {col!r}")
     df = summary_df.dropna(subset=[x, y])
-    grid = df.pivot_table(index=y, columns=x, values=z, aggfunc=agg).sort_index().sort_index(axis=1)
-    values = grid.to_numpy(float)
-    text = [[("" if not np.isfinite(v) else f"{v:.3g}") for v in row] for row in values]
-    fig = go.Figure(go.Heatmap(z=values.tolist(), x=[_tick(v) for v in grid.columns], y=[_tick(v) for v in grid.index],
-                               text=text, texttemplate="%{text}", name=z, colorscale="Viridis",
-                               colorbar=dict(title=dict(text=column_title(z))),
-                               hovertemplate=f"{x}=%{{x}}, {y}=%{{y}}: {z}=%{{z:.4g}}<extra></extra>"))
-    fig.update_layout(template="plotly_white", title=title or f"{column_title(z)} over {x} × {y}",
-                      xaxis=dict(title=dict(text=column_title(x)), type="category"),
-                      yaxis=dict(title=dict(text=column_title(y)), type="category"))
+    parts = list(df.groupby(facet, sort=False)) if facet in df.columns and df[facet].nunique() > 1 else [(None, df)]
+    grids = [(name, _heat_grid(part, x, y, z, agg)) for name, part in parts]
+    heights = [max(len(g[1]), 1) for _, g in grids]
+    fig = make_subplots(rows=len(grids), cols=1, row_heights=heights, vertical_spacing=0.12 / len(grids),
+                        subplot_titles=[str(n) for n, _ in grids] if len(grids) > 1 else None)
+    for row, (name, (xs, ys, values, counts)) in enumerate(grids, start=1):
+        text = [[("" if not np.isfinite(v) else format_value(v, z) + (f"<br>({n} runs)" if n > 1 else ""))
+                 for v, n in zip(vr, cr)] for vr, cr in zip(values, counts)]
+        fig.add_trace(go.Heatmap(z=[rounded(r) for r in values], x=xs, y=ys, text=text, texttemplate="%{text}",
+                                 customdata=counts.tolist(), name=str(name or column_info(z).title),
+                                 coloraxis="coloraxis",
+                                 hovertemplate=f"{column_info(x).title} %{{x}}, {column_info(y).title} %{{y}}: "
+                                               f"{column_info(z).title} %{{z:.4g}} (%{{customdata}} run(s))"
+                                               "<extra></extra>"), row=row, col=1)
+        fig.update_xaxes(title_text=column_title(x), type="category", row=row, col=1)
+        fig.update_yaxes(title_text=column_title(y), type="category", tickmode="array", tickvals=ys, ticktext=ys,
+                         row=row, col=1)
+    fig.update_layout(template=template(), title=title or f"{column_title(z)} over {column_info(x).title} × "
+                                                          f"{column_info(y).title}",
+                      coloraxis=dict(colorscale="Viridis", colorbar=dict(title=dict(text=column_title(z)))),
+                      height=200 + 30 * sum(heights) + 110 * (len(grids) - 1))
     return fig
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
 
+def legend_label(run) -> str:
+    """``run_label`` and the arrival rate: ``split mps 60/40 · 21.2 req/s``."""
+    rate = getattr(run.config, "rate", None)
+    label = run_label(run)
+    return f"{label} · {rate:.3g} req/s" if rate else label
+
+
 def _labelled(runs) -> list[tuple[str, Any]]:
-    """(unique label, run) pairs from a list of runs or a {label: run} mapping."""
-    items = list(runs.items()) if isinstance(runs, Mapping) else [(run_label(r), r) for r in runs]
+    """(unique label, run) pairs from a list of runs or a {label: run} mapping. A list's
+    labels are ``legend_label``; two that are the same get their workload, then ``#2``...."""
+    if isinstance(runs, Mapping):
+        items = [(str(k), r) for k, r in runs.items()]
+    else:
+        items = [(legend_label(r), r) for r in runs]
+        counts = Counter(label for label, _ in items)
+        workloads = {label: {r.workload for lab, r in items if lab == label} for label in counts}
+        items = [(f"{label} · {r.workload}" if counts[label] > 1 and len(workloads[label]) > 1 else label, r)
+                 for label, r in items]
     seen: dict[str, int] = {}
     out = []
     for label, run in items:
-        label = str(label)
         seen[label] = seen.get(label, 0) + 1
         out.append((label if seen[label] == 1 else f"{label} #{seen[label]}", run))
     return out
 
 
-def _tick(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return f"{value:g}"
+_PALETTE = ("#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF",
+            "#FECB52", "#2E91E5", "#E15F99", "#1CA71C", "#FB0D0D", "#DA16FF", "#222A2A", "#B68100", "#750D86")
+
+
+def _color(i: int) -> str:
+    """A distinct colour for the i-th run of a figure (18 before they repeat)."""
+    return _PALETTE[i % len(_PALETTE)]
+
+
+def _tick(value, column: str = "") -> str:
+    """A category tick: a rate as ``16.3 req/s``, a share as ``60%``, other numbers with at
+    most three significant figures (never ``16.28002154932318``)."""
+    if isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool):
+        v = float(value)
+        text = f"{v:g}" if v.is_integer() else f"{v:.3g}"
+        unit = column_info(column).unit if column else ""
+        if unit == "%":
+            return f"{text}%"
+        return f"{text} {unit}" if unit in ("req/s",) else text
     return str(value)
 
 
