@@ -4,7 +4,7 @@ Every figure has axis titles with units (``splitlab.present.tables.column_title`
 mapping from a column to its title and unit) and named traces. Inputs are the project's
 own objects: a ``Run`` (or several), a summary table (``load_results`` / ``summaries_table``),
 a profile table (``profile_phases``) with its ``Ceilings``. plotly is imported inside each
-function (DESIGN.md: the core imports where plotly is absent).
+function, so the core imports where plotly is absent.
 
 Figures stay small, in a notebook and in a report: a CDF keeps at most ``CDF_POINTS`` of
 its corners (rounded to four significant figures), a timeline draws runs of back-to-back
