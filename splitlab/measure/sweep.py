@@ -18,7 +18,7 @@ returns a JSON-able dict. ``Sweep`` runs them::
 - **groups**: consecutive cells with the same ``group`` share one context, opened by
   ``group_context(group)`` (a context manager factory: a loaded session, an MPS daemon) before
   the group's first cell and closed after its last; the cell function gets it as ``context``.
-- **whole files**: the result JSON is rewritten after every cell, to a temporary file beside it
+- **whole files**: the result JSON (``out``; None keeps it in memory) is rewritten after every cell, to a temporary file beside it
   and renamed over it, so a crash or a kill mid-cell leaves the last whole file.
 - **provenance**: every file holds the command, the date, the GPU and the package versions
   (``splitlab.system.env.environment``), and every call's command (``commands``, ``calls``).
@@ -202,14 +202,14 @@ def merge_results(results: Sequence[Mapping[str, Any]],
 class Sweep:
     """One call of a benchmark over a grid; see the module docstring."""
 
-    def __init__(self, benchmark: str, out: str | Path, *, budget_s: float | None = None,
+    def __init__(self, benchmark: str, out: str | Path | None, *, budget_s: float | None = None,
                  resume: Sequence[str | Path | Mapping[str, Any]] = (),
                  key_of: Callable[[Mapping[str, Any]], str] | None = None, progress: bool = True,
                  command: str | None = None, state: Callable[[], Mapping[str, Any]] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if budget_s is not None and not budget_s > 0:
             raise ConfigError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
-        self.benchmark, self.out, self.budget_s = benchmark, Path(out), budget_s
+        self.benchmark, self.out, self.budget_s = benchmark, None if out is None else Path(out), budget_s
         self.key_of, self.progress, self.state, self.clock = key_of, progress, state, clock
         self.t0 = clock()
         self.info = provenance(command)
@@ -257,8 +257,9 @@ class Sweep:
                    budget_s=self.budget_s, stopped_by_budget=bool(self.left), wall_s=round(self.elapsed(), 1))
         return out
 
-    def write(self, **extra: Any) -> Path:
-        return write_json_atomic(self.out, self.data(**extra))
+    def write(self, **extra: Any) -> Path | None:
+        """Rewrite the result file whole (nothing when the sweep has no ``out``)."""
+        return None if self.out is None else write_json_atomic(self.out, self.data(**extra))
 
     # -- running
     def run(self, cells: Iterable[Any], measure: Callable[[Any, Any], Mapping[str, Any]],
