@@ -257,9 +257,12 @@ class Sweep:
                    budget_s=self.budget_s, stopped_by_budget=bool(self.left), wall_s=round(self.elapsed(), 1))
         return out
 
-    def write(self, **extra: Any) -> Path | None:
-        """Rewrite the result file whole (nothing when the sweep has no ``out``)."""
-        return None if self.out is None else write_json_atomic(self.out, self.data(**extra))
+    def write(self, **extra: Any) -> dict[str, Any]:
+        """Rewrite the result file whole (nothing when the sweep has no ``out``); return what it holds."""
+        data = self.data(**extra)
+        if self.out is not None:
+            write_json_atomic(self.out, data)
+        return data
 
     # -- running
     def run(self, cells: Iterable[Any], measure: Callable[[Any, Any], Mapping[str, Any]],
@@ -280,8 +283,8 @@ class Sweep:
             for what, exc in groups.close():
                 self.fail(what, exc)
             bar.close()
-            self.write()
-        return self.data()
+            data = self.write()
+        return data
 
     def _one(self, cell: Any, measure: Callable[[Any, Any], Mapping[str, Any]], groups: "_Groups") -> None:
         group = getattr(cell, "group", None)
