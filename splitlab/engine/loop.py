@@ -17,7 +17,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+import torch
 
 from splitlab.config import EngineConfig
 from splitlab.errors import WorkloadError
@@ -62,11 +64,13 @@ class Worker:
     """One loop of ``schedule -> run -> postprocess`` over ``runner``; timestamps from ``clock``
     (seconds since the run's start)."""
 
-    def __init__(self, name: str, runner: ModelRunner, scheduler: Scheduler, clock: Callable[[], float]):
+    def __init__(self, name: str, runner: ModelRunner, scheduler: Scheduler, clock: Callable[[], float],
+                 placer: "Placer | None" = None):
         self.name = name
         self.runner = runner
         self.scheduler = scheduler
         self.clock = clock
+        self.placer = placer
         self.steps: list[StepTrace] = []
 
     def step(self) -> StepOutcome | None:
@@ -74,21 +78,40 @@ class Worker:
         batch = self.scheduler.schedule()
         if batch is None:
             return None
+        lane = self.placer.place(batch, self.scheduler) if self.placer is not None else None
         start = self.clock()
-        decode_tokens, chunk_tokens = self.run(batch)
+        if lane is None:
+            decode_tokens, chunk_tokens = self.run(batch, self.runner)
+        else:
+            with torch.cuda.stream(lane.stream):
+                decode_tokens, chunk_tokens = self.run(batch, lane.runner or self.runner)
         end = self.clock()  # after the host sync that returned the tokens
         outcome = self.scheduler.postprocess(batch, decode_tokens, chunk_tokens, start, end)
-        self.steps.append(StepTrace(self.name, batch.kind, start, end, batch.request_ids, batch.num_tokens))
+        if self.placer is not None:
+            self.placer.done(self.scheduler)
+        self.steps.append(StepTrace(self.name, batch.kind, start, end, batch.request_ids, batch.num_tokens,
+                                    lane.sms if lane is not None else None))
         return outcome
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[int | None]]:
-        """Execute ``batch`` on the runner: ``(decode tokens, chunk tokens)``."""
+    @staticmethod
+    def run(batch: ScheduledBatch, runner: ModelRunner) -> tuple[list[int], list[int | None]]:
+        """Execute ``batch`` on ``runner``: ``(decode tokens, chunk tokens)``."""
         chunks = [PrefillChunk(c.seq.slot, c.token_ids, c.start, c.last) for c in batch.chunks]
         if batch.kind == "decode":
-            return self.runner.decode_step(*batch.decode_inputs()), []
+            return runner.decode_step(*batch.decode_inputs()), []
         if batch.kind == "prefill":
-            return [], self.runner.prefill(chunks)
-        return self.runner.mixed_step(DecodeBatch(*batch.decode_inputs()), chunks)
+            return [], runner.prefill(chunks)
+        return runner.mixed_step(DecodeBatch(*batch.decode_inputs()), chunks)
+
+
+class Placer(Protocol):
+    """Where each step of a worker runs (the adaptive green split's SM lanes): ``place``
+    returns a lane (``stream``, ``runner`` or None for the worker's own, ``sms``) for the
+    scheduled batch, ``done`` sees the scheduler after the step's tokens were recorded."""
+
+    def place(self, batch: ScheduledBatch, scheduler: Scheduler) -> Any: ...
+
+    def done(self, scheduler: Scheduler) -> None: ...
 
 
 class PrefillWorker(Worker):

@@ -62,6 +62,7 @@ class StepTrace:
     end_s: float
     request_ids: list[int]
     num_tokens: int
+    sms: int | None = None  # SMs of the partition the step ran on (adaptive green split), else None
 
 
 @dataclasses.dataclass

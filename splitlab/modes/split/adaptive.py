@@ -102,27 +102,77 @@ class GreenPlan:
 
 
 class SMController:
-    """The state both threads publish and the split the policy makes of it, per step."""
+    """The state both threads publish and the split the policy makes of it, per step.
 
-    def __init__(self, policy, plan: GreenPlan):
+    ``decode_batch`` / ``decode_context``: the decode side's running sequences and their mean
+    length; ``prefill_tokens``: prompt tokens the prefill side is running or can run next.
+    Each side writes only its own fields (plain attribute writes, atomic under the GIL)."""
+
+    def __init__(self, policy, plan: GreenPlan, clock):
         self.policy = policy
         self.plan = plan
+        self.clock = clock
         self.decode_batch = 0
         self.decode_context = 0
         self.prefill_tokens = 0
         self._lock = threading.Lock()
-        self.decisions: list[dict[str, float]] = []
+        self.decisions: list[tuple[float, str, int, int, float]] = []  # (t, side, decode, prefill SMs, s)
 
-    def choose(self, side: str, clock) -> tuple[Lane, float]:
-        """The lane ``side`` ("decode" or "prefill") runs its next step on, and the seconds
-        the decision and switch took."""
+    def lane(self, side: str) -> Lane:
+        """The lane ``side`` ("decode" or "prefill") runs its next step on."""
         start = time.perf_counter()
-        state = SplitState(self.decode_batch, self.decode_context, self.prefill_tokens)
-        choice = self.policy.choose(state)
+        choice = self.policy.choose(SplitState(self.decode_batch, self.decode_context, self.prefill_tokens))
         dec, pre = self.plan.lanes_for(choice)
-        lane = dec if side == "decode" else pre
         spent = time.perf_counter() - start
         with self._lock:
-            self.decisions.append({"t_s": clock(), "side": side, "decode_sms": choice.decode_sms,
-                                   "prefill_sms": choice.prefill_sms, "decide_s": spent})
-        return lane, spent
+            self.decisions.append((self.clock(), side, choice.decode_sms, choice.prefill_sms, spent))
+        return dec if side == "decode" else pre
+
+    def decode_placer(self) -> "_DecodePlacer":
+        return _DecodePlacer(self)
+
+    def prefill_placer(self) -> "_PrefillPlacer":
+        return _PrefillPlacer(self)
+
+    def facts(self) -> dict[str, Any]:
+        """What the run records: every decision, and the decision time's median / p99 / max."""
+        with self._lock:
+            rows = list(self.decisions)
+        spent = sorted(r[4] for r in rows)
+
+        def q(f: float) -> float | None:
+            return spent[min(len(spent) - 1, int(f * len(spent)))] if spent else None
+
+        return {"policy": getattr(self.policy, "name", type(self.policy).__name__), **self.plan.facts(),
+                "decisions": len(rows), "decide_p50_s": q(0.5), "decide_p99_s": q(0.99),
+                "decide_max_s": spent[-1] if spent else None,
+                "timeline": [{"t_s": t, "side": side, "decode_sms": d, "prefill_sms": p} for t, side, d, p, _ in rows]}
+
+
+class _DecodePlacer:
+    def __init__(self, controller: SMController):
+        self.c = controller
+
+    def place(self, batch, scheduler) -> Lane:
+        running = scheduler.running
+        self.c.decode_batch = len(running)
+        self.c.decode_context = sum(s.next_position for s in running) // max(1, len(running))
+        return self.c.lane("decode")
+
+    def done(self, scheduler) -> None:
+        self.c.decode_batch = len(scheduler.running)
+
+
+class _PrefillPlacer:
+    def __init__(self, controller: SMController):
+        self.c = controller
+
+    def place(self, batch, scheduler) -> Lane:
+        self.c.prefill_tokens = batch.num_tokens
+        return self.c.lane("prefill")
+
+    def done(self, scheduler) -> None:
+        # prompts that can run next keep the split; none (or none with a free slot) frees it
+        runnable = scheduler.prefilling or (scheduler.waiting and scheduler.allocator.num_free > 0)
+        self.c.prefill_tokens = (sum(s.prompt_len - s.num_computed for s in scheduler.prefilling)
+                                 + sum(s.prompt_len for s in scheduler.waiting)) if runnable else 0
