@@ -23,8 +23,6 @@ call's 1.0x rate proved below saturation, so its runs were relabelled ``poisson-
 (``SLO_WHY``). The last printed line is a JSON summary.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import dataclasses

@@ -29,8 +29,6 @@ CUDA-event time of back-to-back graph replays; ``host_ms = step_ms - gpu_ms``. P
 times are wall times around a synchronised call, median of several after a warm-up.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import copy

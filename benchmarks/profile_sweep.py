@@ -1,25 +1,25 @@
 #!/usr/bin/env python
 """Prefill vs decode on the roofline: measured ceilings + profile_phases, written as JSON.
 
-GPU (the recorded H200 run; about 1-3 minutes):
+GPU (the recorded H200 run; about 1-3 minutes), and a CPU smoke test::
 
     python benchmarks/profile_sweep.py
         -> results/profile_h200.json (command, date, GPU, versions, ceilings, datasheet, table)
-
-CPU smoke test:
-
     python benchmarks/profile_sweep.py --model tiny --quick --out /tmp/profile_cpu.json
 
 Grid (GPU default): prefill B in 1,4,16 x L in 128,512,2048; decode B in 1,8,32,64,128 at
 C in 512,2048; models dummy:llama-3.2-1b and dummy:llama-3.1-8b in bf16 (random weights in
 the real shapes). Backends: hf (Huggingface forward + DynamicCache) and, where
-splitlab.engine.runner imports, engine (splitlab's ModelRunner). The last printed line is a JSON
-summary. Needs torch + transformers only (no plotly, pandas or pynvml).
+splitlab.engine.runner imports, engine (splitlab's ModelRunner). Each (model, backend) is a cell
+of ``splitlab.measure.sweep`` (``--budget-s``: cases not started in time are recorded as
+skipped; ``--merge-from``: keep an earlier call's cells); the file is a profile
+(``splitlab.present.results.load_profile`` reads it). The last printed line is a JSON summary.
+Needs torch + transformers only (no plotly, pandas or pynvml).
 """
 
-from __future__ import annotations
-
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -28,15 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, free_memory  # noqa: E402
 
 import torch  # noqa: E402
 
-from splitlab.models import load_model  # noqa: E402
 from splitlab.measure.profile import datasheet_for, measure_ceilings, profile_records, resolve_backend  # noqa: E402
-from splitlab.present.results import save_profile  # noqa: E402
+from splitlab.measure.sweep import Cell, SkipCell, Sweep  # noqa: E402
+from splitlab.models import load_model  # noqa: E402
+from splitlab.present.results import PROFILE_FORMAT  # noqa: E402  (what load_profile reads)
 
 GPU_GRID = dict(batch_sizes=(1, 4, 16), prompt_lens=(128, 512, 2048), decode_batch_sizes=(1, 8, 32, 64, 128),
                 context_lens=(512, 2048), repeats=5, warmup=2)
@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=220.0,
                    help="stop starting new cases after this many seconds (they are recorded as skipped)")
     p.add_argument("--out", default=None, help="output JSON (default: results/profile_<gpu>.json)")
+    p.add_argument("--merge-from", action="append", help="an earlier output of this script: its cells are kept")
     return p.parse_args(argv)
 
 
@@ -65,66 +66,72 @@ def gpu_slug(name: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", (name or "cpu").lower()).strip("-")).lower()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Profiled(Cell):
+    """One model through one backend over the whole grid; a model's backends share it loaded."""
+
+    model: str
+    backend: str
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    t_start = time.perf_counter()
-    deadline = t_start + args.budget_s
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     models = args.models or (["tiny"] if args.quick or not on_gpu else list(DEFAULT_MODELS))
     grid = dict(QUICK_GRID if args.quick else GPU_GRID)
     if not on_gpu and not args.quick:
         print("profile_sweep: no GPU here; the full grid is for a GPU. Use --quick on CPU.", file=sys.stderr)
-
-    kw = dict(copy_bytes=64 << 20, repeats=3) if args.quick else {}
-    ceil = measure_ceilings(device, args.dtype, **kw)
+    ceil = measure_ceilings(device, args.dtype, **(dict(copy_bytes=64 << 20, repeats=3) if args.quick else {}))
     sheet = datasheet_for(ceil.device_name)
     print(f"ceilings: {ceil}")
-    if sheet:
-        print(f"datasheet {sheet.name}: {sheet.bf16_tflops:g} TFLOP/s, {sheet.mem_tb_s:g} TB/s "
-              f"(measured {ceil.matmul_flops_s / sheet.flops_s:.0%} and {ceil.copy_bytes_s / sheet.bytes_s:.0%})")
+    out = Path(args.out) if args.out else REPO / "results" / f"profile_{gpu_slug(ceil.device_name) if on_gpu else 'cpu'}.json"
+    facts: dict[str, dict] = {}
 
-    records, facts, notes = [], {}, []
-    for spec in models:
+    def state() -> dict:
+        records = [rec for r in sweep.rows for rec in r["records"]]
+        return {"gpu": ceil.device_name, "versions": sweep.info["environment"].get("versions"),
+                "env": sweep.info["environment"], "ceilings": ceil.to_dict(),
+                "datasheet": sheet.to_dict() if sheet else None, "table": records,
+                "models": {**(sweep.earlier or {}).get("models", {}), **facts},
+                "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
+                "notes": [s["why"] for s in sweep.skipped] + [f["error"] for f in sweep.failed],
+                "summary": summarise(records, ceil)}
+
+    sweep = Sweep("profile_sweep", out, budget_s=args.budget_s, resume=args.merge_from or (), state=state,
+                  command="python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if argv is None else
+                  "python benchmarks/profile_sweep.py " + " ".join(argv), file_format=PROFILE_FORMAT)
+
+    @contextlib.contextmanager
+    def loaded(spec: str):
         t0 = time.perf_counter()
-        loaded = load_model(spec, device=device, dtype=args.dtype)
-        facts[spec] = loaded.facts.to_dict()
-        print(f"{spec}: loaded in {time.perf_counter() - t0:.1f} s "
-              f"({loaded.facts.num_params / 1e9:.3g} B params, {loaded.facts.weight_bytes / 1e9:.3g} GB)")
-        for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-            try:
-                name = resolve_backend(loaded, backend)
-            except Exception as exc:  # engine not built yet, or an arch it does not run
-                notes.append(f"{spec}: backend {backend} skipped ({str(exc)[:160]})")
-                print(notes[-1])
-                continue
-            t0 = time.perf_counter()
-            try:
-                recs = profile_records(loaded, ceilings=ceil, backend=name, deadline=deadline, **grid)
-            except Exception as exc:  # one backend failing must not lose the other's numbers
-                notes.append(f"{spec}: backend {name} failed: {exc.__class__.__name__}: {str(exc)[:300]}")
-                print(notes[-1])
-                continue
-            records += recs
-            print(f"{spec} ({name}): {len(recs)} cases in {time.perf_counter() - t0:.1f} s")
-            print_table(recs)
-        del loaded
-        if on_gpu:
-            torch.cuda.empty_cache()
+        model = load_model(spec, device=device, dtype=args.dtype)
+        facts[spec] = model.facts.to_dict()
+        print(f"{spec}: loaded in {time.perf_counter() - t0:.1f} s ({model.facts.num_params / 1e9:.3g} B params)")
+        yield model
+        del model
+        free_memory()
 
-    out = Path(args.out) if args.out else ROOT / "results" / f"profile_{gpu_slug(ceil.device_name) if on_gpu else 'cpu'}.json"
-    summary = summarise(records, ceil)
-    command = "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:]) if argv is None else \
-        "python benchmarks/profile_sweep.py " + " ".join(argv)
-    save_profile(records, ceil, out, command=command, datasheet=sheet,
-                 extra={"models": facts, "grid": {k: list(v) if isinstance(v, tuple) else v for k, v in grid.items()},
-                        "notes": notes, "summary": summary, "wall_s": time.perf_counter() - t_start})
-    result = {"out": str(out), "gpu": ceil.device_name, "wall_s": round(time.perf_counter() - t_start, 1),
-              "ceilings": {"matmul_tflop_s": round(ceil.matmul_flops_s / 1e12, 3),
-                           "copy_tb_s": round(ceil.copy_bytes_s / 1e12, 4), "ridge_flop_per_byte": round(ceil.ridge, 2)},
-              "cases": len(records), "skipped": sum(1 for r in records if r.get("error")), "summary": summary,
-              "notes": notes}
-    print(json.dumps(result))
+    def measure(cell: Profiled, model) -> dict:
+        try:
+            name = resolve_backend(model, cell.backend)
+        except Exception as exc:  # engine not built, or an arch it does not run
+            raise SkipCell(f"{cell.model}: backend {cell.backend} skipped ({str(exc)[:160]})") from exc
+        t0 = time.perf_counter()
+        recs = profile_records(model, ceilings=ceil, backend=name, deadline=t0 + sweep.time_left(), **grid)
+        print(f"{cell.model} ({name}): {len(recs)} cases in {time.perf_counter() - t0:.1f} s")
+        print_table(recs)
+        return {"model": cell.model, "backend": name, "records": recs}
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    data = sweep.run([Profiled(name=f"{m}--{b}", group=m, model=m, backend=b) for m in models for b in backends],
+                     measure, group_context=loaded)
+    print(json.dumps({"out": str(out), "gpu": ceil.device_name, "wall_s": data["wall_s"],
+                      "ceilings": {"matmul_tflop_s": round(ceil.matmul_flops_s / 1e12, 3),
+                                   "copy_tb_s": round(ceil.copy_bytes_s / 1e12, 4),
+                                   "ridge_flop_per_byte": round(ceil.ridge, 2)},
+                      "cases": len(data["table"]), "skipped": sum(1 for r in data["table"] if r.get("error")),
+                      "summary": data["summary"], "notes": data["notes"]}))
     return 0
 
 
@@ -144,7 +151,7 @@ def summarise(records, ceil) -> dict:
     out: dict = {}
     for key in sorted({(r["model"], r["backend"]) for r in records}):
         rows = [r for r in records if (r["model"], r["backend"]) == key and not r.get("error")
-                and math.isfinite(r["time_s"])]
+                and isinstance(r["time_s"], float) and math.isfinite(r["time_s"])]
         pre = [r for r in rows if r["phase"] == "prefill"]
         dec = [r for r in rows if r["phase"] == "decode"]
         entry: dict = {}

@@ -20,6 +20,8 @@ returns a JSON-able dict. ``Sweep`` runs them::
   the group's first cell and closed after its last; the cell function gets it as ``context``.
 - **whole files**: the result JSON (``out``; None keeps it in memory) is rewritten after every cell, to a temporary file beside it
   and renamed over it, so a crash or a kill mid-cell leaves the last whole file.
+- **format**: ``file_format`` names the file's format (default ``FORMAT``; a benchmark whose
+  file another reader expects, e.g. a profile, gives that reader's).
 - **provenance**: every file holds the command, the date, the GPU and the package versions
   (``splitlab.system.env.environment``), and every call's command (``commands``, ``calls``).
 - **progress**: a ``tqdm.auto`` bar over the cells of this call.
@@ -206,11 +208,12 @@ class Sweep:
                  resume: Sequence[str | Path | Mapping[str, Any]] = (),
                  key_of: Callable[[Mapping[str, Any]], str] | None = None, progress: bool = True,
                  command: str | None = None, state: Callable[[], Mapping[str, Any]] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, file_format: str = FORMAT) -> None:
         if budget_s is not None and not budget_s > 0:
             raise ConfigError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
         self.benchmark, self.out, self.budget_s = benchmark, None if out is None else Path(out), budget_s
         self.key_of, self.progress, self.state, self.clock = key_of, progress, state, clock
+        self.file_format = file_format
         self.t0 = clock()
         self.info = provenance(command)
         loaded = [load_result(r, benchmark) if not isinstance(r, Mapping) else dict(r) for r in resume]
@@ -251,7 +254,7 @@ class Sweep:
         out.update(self.state() if self.state else {})
         out.update(extra)
         failed = [f for f in self.failed if not (f.get("earlier") and f.get("cell") in self.done)]
-        out.update(format=FORMAT, benchmark=self.benchmark, **self.info,
+        out.update(format=self.file_format, benchmark=self.benchmark, **self.info,
                    commands=[*earlier.get("commands", []), command], calls=[*earlier.get("calls", []), call],
                    runs=self.rows, skipped=self.skipped, failed=failed, left=self.left,
                    budget_s=self.budget_s, stopped_by_budget=bool(self.left), wall_s=round(self.elapsed(), 1))
