@@ -20,13 +20,14 @@ def hf_greedy(loaded, prompt, n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def make_runner(loaded, num_slots: int, max_len: int, **config):
-    """A ModelRunner of ``loaded`` over a fresh KV pool, every setting from ``EngineConfig(**config)``."""
+def make_runner(loaded, num_slots: int, max_len: int, kv=None, **config):
+    """A ModelRunner of ``loaded`` over ``kv`` (default: a fresh KV pool of ``num_slots`` x
+    ``max_len``), every setting from ``EngineConfig(**config)``."""
     from splitlab.config import EngineConfig
     from splitlab.engine.kv import KVPool
     from splitlab.engine.runner import ModelRunner
     from splitlab.engine.weights import extract_arch, extract_weights
 
-    kv = KVPool.for_model(loaded, max_len, num_slots=num_slots)
+    kv = kv if kv is not None else KVPool.for_model(loaded, max_len, num_slots=num_slots)
     cfg = EngineConfig(max_seq_len=max_len, num_slots=num_slots, max_batch=num_slots, **config)
     return ModelRunner.for_config(extract_arch(loaded.model), extract_weights(loaded.model), kv, cfg)

@@ -132,41 +132,42 @@ def compare(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
             "argmax_agreement": (x.argmax(-1) == y.argmax(-1)).float().mean().item()}
 
 
-def decode_logits_of(runner, prompts) -> torch.Tensor:
-    slots = list(range(len(prompts)))
-    first = runner.prefill([(s, p, 0) for s, p in zip(slots, prompts)])
-    return runner.decode_logits(slots, first, [len(p) for p in prompts]), first
+def prefilled(runner, prompts) -> list[int]:
+    """Each prompt prefilled into slot 0, 1, ...; their first tokens."""
+    return runner.prefill([(s, p, 0) for s, p in enumerate(prompts)])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_decode_path_matches_the_torch_reference_runner(fp32_model, bf16_model, dtype):
-    """One decode step of 16 sequences: Triton kernels (fused RoPE/KV write/attention) vs the
-    PyTorch reference runner, same weights. fp32 agrees to rounding (relative RMS <= 1e-4, every
-    argmax). bf16 differs wherever rounding does (split-K sums partials in another order; a
-    1-ulp change carried through 16-32 layers adds up to a few percent of the logits' RMS; the
-    recorded H200 run: 0.05); a wrong kernel (slot, length, head group, scale) gives unrelated
-    logits, relative RMS ~1.4 and argmax agreement ~0. So bf16 passes at relative RMS <= 0.15
-    and argmax agreement >= 0.5 (random-weight logits are nearly flat: near-ties flip some)."""
+    """One decode step of 16 sequences from the same KV pool and tokens: Triton kernels (fused
+    RoPE/KV write/attention) vs the PyTorch reference runner, same weights. fp32 agrees to
+    rounding (relative RMS <= 1e-4, every argmax). bf16 differs wherever rounding does (split-K
+    sums partials in another order; a 1-ulp change carried through the layers adds up to a few
+    percent of the logits' RMS; the recorded H200 run: 0.05); a wrong kernel (slot, length, head
+    group, scale) gives unrelated logits, relative RMS ~1.4 and argmax agreement ~0. So bf16
+    passes at relative RMS <= 0.15 and argmax agreement >= 0.5 (random-weight logits are nearly
+    flat: near-ties flip some)."""
     loaded = fp32_model if dtype == "float32" else bf16_model
     gen = random.Random(4)
     prompts = [rand_ids(gen, loaded.facts.vocab_size, 64 + 3 * i) for i in range(16)]
-    triton, _ = decode_logits_of(make_runner(loaded, 16, 256, kernels="triton"), prompts)
-    reference, _ = decode_logits_of(make_runner(loaded, 16, 256, kernels="torch", cuda_graphs=False), prompts)
-    got = compare(triton, reference)
+    reference = make_runner(loaded, 16, 256, kernels="torch", cuda_graphs=False)
+    triton = make_runner(loaded, 16, 256, kv=reference.kv, kernels="triton")
+    first, slots, pos = prefilled(reference, prompts), list(range(16)), [len(p) for p in prompts]
+    got = compare(triton.decode_logits(slots, first, pos), reference.decode_logits(slots, first, pos))
     rel, agree = (1e-4, 1.0) if dtype == "float32" else (0.15, 0.5)
     assert got["rel_rms"] <= rel and got["argmax_agreement"] >= agree, got
 
 
 def test_the_gemv_path_matches_cublas(bf16_model):
-    """The opt-in Triton GEMV (decode batches of <= 4) against cuBLAS, same KV: the logits of
-    one step agree to bf16 rounding (the decode-path bound above)."""
+    """The opt-in Triton GEMV (decode batches of <= 4) against cuBLAS, same KV and tokens: the
+    logits of one step agree to bf16 rounding (the decode-path bound above)."""
     gen = random.Random(5)
     prompts = [rand_ids(gen, bf16_model.facts.vocab_size, 50 + i) for i in range(4)]
-    plain, _ = decode_logits_of(make_runner(bf16_model, 4, 256), prompts)
-    gemv_runner = make_runner(bf16_model, 4, 256, gemv=True)
-    gemv_runner.capture_graphs()  # tunes the GEMV configs first
-    gemv, _ = decode_logits_of(gemv_runner, prompts)
-    got = compare(gemv, plain)
+    plain = make_runner(bf16_model, 4, 256)
+    gemv = make_runner(bf16_model, 4, 256, kv=plain.kv, gemv=True)
+    gemv.capture_graphs()  # tunes the GEMV configs first
+    first, slots, pos = prefilled(plain, prompts), list(range(4)), [len(p) for p in prompts]
+    got = compare(gemv.decode_logits(slots, first, pos), plain.decode_logits(slots, first, pos))
     assert got["rel_rms"] <= 0.15 and got["argmax_agreement"] >= 0.5, got
 
 
