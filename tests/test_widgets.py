@@ -1,19 +1,21 @@
-"""The explorers: selection through results.select_runs, figures from plots, nothing else."""
+"""The explorers: one plotly figure each, its control switching views chosen by results.select_runs."""
 
 import pandas as pd
 import pytest
 
-pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
-from splitlab.present import widgets
+import plotly.graph_objects as go
+
+from splitlab.present import plots, widgets
 from splitlab.measure.metrics import RequestTrace, Run, StepTrace
 from splitlab.measure.profile import Ceilings
-from splitlab.present.results import load_results, save_profile, save_runs
+from splitlab.present.results import load_results, save_profile, save_runs, select_runs
 
 
-def make_run(mode, rate, share=None, tpot=0.1):
-    traces = [RequestTrace(i, a, 4, 3, a + 0.05, a + 0.2, [a + 0.2, a + 0.2 + tpot, a + 0.2 + 2 * tpot], [1, 2, 3], "w")
+def make_run(mode, rate, share=None, tpot=0.1, tokens=3):
+    traces = [RequestTrace(i, a, 4, tokens, a + 0.05, a + 0.2, [a + 0.2 + k * tpot for k in range(tokens)],
+                           list(range(1, tokens + 1)), "w")
               for i, a in enumerate((0.0, 0.5))]
     cfg = {"rate": rate, **({"backend": "mps", "prefill_share": share, "decode_share": 100 - share} if share else {})}
     return Run(mode=mode, model="tiny", workload=f"poisson-r{rate}-n2", config=cfg, env={}, traces=traces,
@@ -27,38 +29,61 @@ def folder(tmp_path):
     return tmp_path
 
 
-def test_sweep_explorer_sliders_pick_the_matching_run(folder):
-    box = widgets.sweep_explorer(folder)
-    rate, share, mode = box.children[0].children
-    assert list(rate.options) == [1.0, 2.0] and list(share.options) == [30.0, 50.0]
-    sel = box.state["selection"]
-    assert sorted(sel["label"]) == ["serial", "split mps 30/70"]  # first values: rate 1, share 30
-    assert box.state["figures"]["timeline"].layout.title.text == "Timeline — split mps 30/70"
-    share.value = 50.0
-    assert sorted(box.state["selection"]["label"]) == ["serial", "split mps 50/50"]
-    assert box.state["figures"]["timeline"].layout.title.text == "Timeline — split mps 50/50"
-    rate.value = 2.0
-    assert set(box.state["selection"]["rate"]) == {2.0}
-    bars = box.state["figures"]["breakdown"]
-    assert list(bars.data[0].x) == list(box.state["selection"]["label"])
-    mode.value = "serial"
-    assert box.state["figures"]["timeline"].layout.title.text == "Timeline — serial"
+def shown(fig):
+    return [t for t in fig.data if t.visible is not False]
 
 
-def test_runs_explorer_metric_and_percentile(folder):
+def panel_titles(fig):
+    return [a.text for a in fig.layout.annotations]
+
+
+def test_sweep_explorer_slider_steps_pick_the_matching_runs(folder):
     table, runs = load_results(folder)
-    box = widgets.runs_explorer((table, runs))
-    pick, (metric, pct) = box.children[0], box.children[1].children
-    assert len(box.state["figures"]["cdf"].data) == 5
-    metric.value = "tpot_s"
-    pct.value = 50
-    bars = box.state["figures"]["bars"]
-    assert bars.layout.yaxis.title.text == "tpot_p50_s"
-    assert list(bars.data[0].y) == pytest.approx(list(table.groupby("label", sort=False)["tpot_p50_s"].mean()))
-    pick.value = tuple(table["id"][:2])
-    assert [t.name for t in box.state["figures"]["cdf"].data] == list(table["label"][:2])
-    metric.value = "itl"
-    assert box.state["figures"]["bars"].layout.yaxis.title.text == "itl_p50_s"
+    fig = widgets.sweep_explorer(folder)
+    assert isinstance(fig, go.Figure) and fig.layout.sliders and not fig.layout.updatemenus
+    assert widgets.labels(fig) == ["1 req/s · prefill 30%", "1 req/s · prefill 50%", "2 req/s · prefill 50%"]
+    for step in fig.layout.sliders[0].steps:
+        assert step.method == "update" and len(step.args[0]["visible"]) == len(fig.data)
+    # the figure opens on its first step
+    assert [t.visible for t in fig.data] == list(widgets.view(fig, 0).layout.sliders[0].steps[0].args[0]["visible"])
+    for label, rate, share in (("1 req/s · prefill 30%", 1, 30), ("1 req/s · prefill 50%", 1, 50),
+                               ("2 req/s · prefill 50%", 2, 50)):
+        v = widgets.view(fig, label)
+        expected = [plots.legend_label(runs[i]) for i in select_runs(table, rate=rate, share=share)["id"]]
+        breakdown = [t for t in shown(v) if t.legend in (None, "legend")]
+        assert [list(t.x) for t in breakdown] == [expected] * len(breakdown), label
+        assert panel_titles(v)[1] == f"Timeline — split mps {share}/{100 - share}"
+        timeline = [t for t in shown(v) if t.legend == "legend2" and t.type == "bar"]
+        assert {t.name for t in timeline} == {"prefill", "decode"}
+    assert panel_titles(widgets.view(widgets.sweep_explorer(folder, mode="serial"), 0))[1] == "Timeline — serial"
+
+
+def test_sweep_explorer_without_shares_or_rates(tmp_path):
+    save_runs([make_run("serial", 1), make_run("chunked", 1)], tmp_path)
+    fig = widgets.sweep_explorer(tmp_path, mode="split")  # no split run: the first mode's timeline
+    assert widgets.labels(fig) == ["1 req/s"]
+    assert panel_titles(fig)[1] == "Timeline — chunked"
+
+
+def test_runs_explorer_menu_picks_metric_and_percentile(folder):
+    table, runs = load_results(folder)
+    fig = widgets.runs_explorer((table, runs))
+    menu = fig.layout.updatemenus[0]
+    assert len(widgets.labels(fig)) == 12 and widgets.labels(fig)[menu.active] == "TTFT p99"
+    assert fig.layout.yaxis2.title.text == plots.column_title("ttft_p99_s")
+    names = [plots.legend_label(runs[i]) for i in table["id"]]
+    assert len(set(names)) == 5  # the rate tells the two serial runs apart
+    assert sorted(t.name for t in shown(fig) if t.type == "scatter") == sorted(names)
+    v = widgets.view(fig, "TPOT p50")
+    cdfs, bars = [t for t in shown(v) if t.type == "scatter"], [t for t in shown(v) if t.type == "bar"]
+    assert len(cdfs) == 5 and "time per output token" in v.layout.xaxis.title.text
+    assert v.layout.yaxis2.title.text == plots.column_title("tpot_p50_s") and panel_titles(v)[1] == "tpot_p50_s per run"
+    by_name = dict(zip(bars[0].x, bars[0].y))  # one bar per run, not a mean over runs sharing a label
+    assert bars[0].showlegend is False
+    assert by_name == pytest.approx(dict(zip(names, table["tpot_p50_s"])))
+    assert widgets.view(fig, "ITL p90").layout.yaxis2.title.text == plots.column_title("itl_p90_s")
+    with pytest.raises(KeyError):
+        widgets.view(fig, "TTFT p42")
 
 
 def test_roofline_explorer(tmp_path):
@@ -68,9 +93,9 @@ def test_roofline_explorer(tmp_path):
              "achieved_flops_s": 1e9, "achieved_bytes_s": 1e8, "intensity": 10.0, "bound": "compute",
              "frac_of_roof": 0.1} for m in ("a", "b") for p in ("prefill", "decode")]
     path = save_profile(pd.DataFrame(rows), ceil, tmp_path / "p.json")
-    box = widgets.roofline_explorer(path)
-    fig = box.state["figures"]["roofline"]
-    assert [t.name for t in fig.data][2:] == ["prefill L=8 · a", "prefill L=8 · b", "decode C=8 · a", "decode C=8 · b"]
-    box.children[0].value = ("b", "hf")
-    assert [t.name for t in box.state["figures"]["roofline"].data][2:] == ["prefill L=8", "decode C=8"]
-    assert set(box.state["selection"]["model"]) == {"b"}
+    fig = widgets.roofline_explorer(path)
+    assert widgets.labels(fig) == ["all models", "a (hf)", "b (hf)"]
+    assert [t.name for t in shown(fig)][2:] == ["prefill L=8 · a", "prefill L=8 · b", "decode C=8 · a", "decode C=8 · b"]
+    b = widgets.view(fig, "b (hf)")
+    assert [t.name for t in shown(b)][2:] == ["prefill L=8", "decode C=8"]
+    assert b.layout.xaxis.type == "log" and b.layout.yaxis.type == "log" and panel_titles(b) == ["Roofline — b (hf)"]
