@@ -111,16 +111,41 @@ def token_match(got: Mapping[int, Sequence[int]], ref: Mapping[int, Sequence[int
             "exact": exact == len(ref)}
 
 
+def config_fields(run: Run) -> dict[str, Any]:
+    """The configuration a row shows, from a run's ``RunConfig`` or the dict older runs held:
+    backend, MPS shares, replica count, ``mps`` (split: the MPS daemon's report or None;
+    replicas: whether MPS was on; None otherwise), and the mode's own facts (split: what the
+    engine ran with, the green partition; replicas: each replica's facts)."""
+    cfg = run.config
+    if isinstance(cfg, Mapping):  # an untyped record
+        get = cfg.get
+        daemon = cfg.get("mps") if run.mode == "split" and isinstance(cfg.get("mps"), Mapping) else cfg.get("mps_daemon")
+        replicas = cfg.get("per_replica")
+    else:
+        def get(key, default=None):
+            return getattr(cfg, key, default)
+
+        daemon = get("mps_daemon")
+        replicas = list((get("workers") or {}).values()) or None
+    out = {"backend": get("backend"), "prefill_share": get("prefill_share"), "decode_share": get("decode_share"),
+           "replicas": get("replicas"),
+           "mps": daemon if run.mode == "split" else (bool(get("mps")) if run.mode == "replicas" else None)}
+    if run.mode == "split":
+        out.update(effective=get("effective"), green=get("green"), mps_daemon=daemon)
+    if run.mode == "replicas":
+        out.update(per_replica=replicas, mps_daemon=daemon)
+    return out
+
+
 def run_row(run: Run, slo: SLO, tpot_grid: Sequence[float] = TPOT_GRID,
             ttft_grid: Sequence[float] = TTFT_GRID) -> dict[str, Any]:
-    """One run as a flat row: its configuration, ``summary(slo)``'s latencies and goodput, mean
-    E2E, peak memory, goodput under tighter and looser bounds (one bound varied, the other as
-    in ``slo``), and for split runs ``decode_interference``; for replicas the per-replica facts."""
+    """One run as a flat row: its configuration (``config_fields``), ``summary(slo)``'s
+    latencies and goodput, mean E2E, peak memory, goodput under tighter and looser bounds (one
+    bound varied, the other as in ``slo``), and for split runs ``decode_interference``."""
     s = run.summary(slo)
-    cfg = run.config or {}
-    row: dict[str, Any] = {"mode": run.mode, "backend": cfg.get("backend"), "prefill_share": cfg.get("prefill_share"),
-                           "decode_share": cfg.get("decode_share"), "replicas": cfg.get("replicas"),
-                           "mps": cfg.get("mps")}
+    fields = config_fields(run)
+    row: dict[str, Any] = {"mode": run.mode, **{k: fields.pop(k) for k in ("backend", "prefill_share",
+                                                                           "decode_share", "replicas", "mps")}}
     row.update({k: s[k] for k in _SUMMARY_KEYS})
     row.update(e2e_mean_s=float(run.requests["e2e_s"].mean()), e2e_p50_s=s["e2e_p50_s"],
                goodput_req_s=s["goodput_req_s"], slo_attainment=s["slo_attainment"],
@@ -131,15 +156,7 @@ def run_row(run: Run, slo: SLO, tpot_grid: Sequence[float] = TPOT_GRID,
                                     for t in ttft_grid})
     if run.mode == "split":
         row["decode_interference"] = decode_interference(run)
-        row["effective"] = cfg.get("effective")
-        if cfg.get("green"):
-            row["green"] = cfg["green"]
-        if cfg.get("mps"):
-            row["mps_daemon"] = cfg["mps"]
-    if run.mode == "replicas":
-        row["per_replica"] = cfg.get("per_replica")
-        if cfg.get("mps_daemon"):
-            row["mps_daemon"] = cfg["mps_daemon"]
+    row.update({k: v for k, v in fields.items() if v is not None or k == "effective"})
     return row
 
 
