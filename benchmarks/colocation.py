@@ -1,26 +1,20 @@
 #!/usr/bin/env python
 """Co-location on one GPU: split (prefill and decode workers side by side) against the baselines.
 
-On the H200 (``dummy:llama-3.1-8b``, bf16), bounded by ``--budget-s`` per call and run again
-with ``--merge-from`` its own output until nothing is left (about 25 minutes in all); on a CPU,
-a smoke run (``tiny``, fp32)::
+On the H200 (``dummy:llama-3.1-8b``, bf16) in calls bounded by ``--budget-s``, each resuming the
+last (``--merge-from``), about 25 minutes in all; on a CPU, a smoke run (``tiny``, fp32)::
 
     python benchmarks/colocation.py --out results/colocation_h200.json
     python benchmarks/colocation.py --merge-from results/colocation_h200.json --out results/colocation_h200.json
     python benchmarks/colocation.py --quick --device cpu --out /tmp/colocation_cpu.json
 
-In order: the device checks of every co-location path (``tests/gpu/test_exact.py`` in fp32 on
-``--check-model``; ``none`` skips them); calibration (``serial`` on a burst gives the capacity;
-Poisson rates 0.6x/1.0x/1.3x of it, the Azure code trace replayed at 0.6x/1.0x); then the grid
-in priority order through ``splitlab.measure.sweep``: near saturation serial, chunked, the
-SM-share sweep of split-mps (``--shares``: it picks the default shares), split green and
-processes, replicas x2/x4 with MPS on and off, hf-generate (the first 32 requests), split
-streams; then the other rates and the Azure replay. Each session first runs a short check
-workload whose tokens are compared with serial's. ``splitlab.measure.analysis`` draws the
-conclusions. ``results/colocation_h200.json`` holds its three calls' commands: the first
-call's 1.0x rate proved below saturation, so its runs were relabelled ``poisson-low``
-(``analysis.relabel``) and the later calls pass ``--rates``. SLO: TTFT <= 1 s, TPOT <= 50 ms
-(``SLO_WHY``). The last printed line is a JSON summary.
+First the device checks (``tests/gpu/test_exact.py`` on ``--check-model``), then calibration
+(Poisson rates 0.6x/1.0x/1.3x of serial's burst capacity, the Azure code trace at 0.6x/1.0x),
+then the grid (``step_specs``, priority order) through ``splitlab.measure.sweep``; every session
+first runs a check workload compared with serial's tokens. ``splitlab.measure.analysis`` draws
+the conclusions. The recorded file's first call found its 1.0x rate below saturation, so its
+runs were relabelled ``poisson-low`` (``analysis.relabel``) and the later calls pass ``--rates``.
+The last printed line is a JSON summary.
 """
 
 import argparse

@@ -5,23 +5,16 @@ One command on a GPU (H200, ``dummy:llama-3.1-8b`` in bf16, ~5 minutes), and a C
     python benchmarks/engine_floor.py --out results/engine_floor_h200.json
     python benchmarks/engine_floor.py --model tiny --device cpu --quick
 
-Sections, each a cell of ``splitlab.measure.sweep`` (budget, ``--merge-from`` resume, whole
-files), in order: the device checks first (``tests/gpu/test_engine.py`` on ``--fp32-model``:
-kernels against their reference, graphs against eager steps, the decode path against the
-torch reference runner and HF; '' skips them); the ceilings (``measure_ceilings``: best of the
-repeats of 1 GiB copies and 8192^3 matmuls, medians beside; measured again after the runner
-sections, and the best of both used); decode steps at batch 1, 8, 32, 64 with 1k context
-against the floor ``(weights + valid KV) / copy bandwidth``, with the CUDA-event time of the
-graph alone and of its GEMMs alone; the opt-in Triton GEMV against cuBLAS; prefill of 1x512,
-8x512, 1x4096, 4x2048 tokens (FLOPs of ``splitlab.measure.flops.prefill_cost``) under each SDPA
-backend (the fastest one that beats PyTorch's own choice by 3% on the >= 4k cases is reported
-as ``prefill_alt`` and used by the workload); the same shapes through HF's eager forward
-(``splitlab.measure.profile``, hf backend); one Poisson workload near saturation through
-``serial``, ``chunked`` at each ``--chunk-sizes`` and ``hf-generate`` on its first
-``--hf-requests``, each with its step breakdown against the microbenchmarks.
-``splitlab.measure.analysis`` (``recompute_floors``, ``floor_summary``) judges the targets:
-decode against the BEST copy rate; prefill against the MEDIAN matmul burst (a 4k prefill runs
-long enough to settle at the sustained clock; the fraction of the best is beside it).
+First the device checks (``tests/gpu/test_engine.py`` on ``--fp32-model``), then the sections as
+cells of ``splitlab.measure.sweep``: the ceilings (best of the repeats, medians beside; again
+after the runner sections, the best of both used); decode at batch 1/8/32/64 with 1k context
+against the floor ``(weights + valid KV) / copy bandwidth``, with the graph's and its GEMMs'
+CUDA-event time; the Triton GEMV against cuBLAS; prefill of 1x512, 8x512, 1x4096, 4x2048 under
+each SDPA backend (another than PyTorch's choice only when 3% faster on the >= 4k cases); HF's
+eager forward (``measure.profile``); a Poisson workload near saturation through serial, chunked
+at each ``--chunk-sizes`` and hf-generate. ``measure.analysis.floor_summary`` judges decode
+against the BEST copy rate and prefill against the MEDIAN matmul burst (a 4k prefill runs at the
+sustained clock), the best beside it.
 
 What is timed: decode ``step_ms`` is the wall time of ``runner.decode_step`` (staging, one input
 copy, graph replay, the host sync that returns the tokens), median of many; ``gpu_ms`` is

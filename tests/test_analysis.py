@@ -80,7 +80,7 @@ def test_the_recorded_gpu_paths_and_paper_comparison(recorded):
     assert _same(json.loads(json.dumps(paper)), recorded["analysis"]["paper_comparison"])
 
 
-@pytest.mark.parametrize("name", ["engine_floor_h200.json"])  # the round2 file predates the median columns
+@pytest.mark.parametrize("name", ["engine_floor_h200.json"])  # the older recorded file predates the median columns
 def test_the_recorded_engine_floor_summary_is_reproduced(name):
     data = json.loads((RESULTS / name).read_text())
     result = copy.deepcopy(data)
