@@ -1,6 +1,7 @@
 """benchmarks/colocation.py on a CPU: one benchmark split over several calls (--merge-from)
 keeps every earlier run, skips what it holds and adds the rest; --analyse-only redoes the
-analysis of the merged runs without running anything."""
+analysis of the merged runs without running anything, and on the recorded H200 runs gives the
+recorded analysis."""
 
 from __future__ import annotations
 
@@ -44,3 +45,14 @@ def test_a_benchmark_resumed_across_calls_and_reanalysed(tmp_path):
     c = json.loads(third.read_text())
     assert c["runs"] == b["runs"] and c["analysis"]["targets"] == b["analysis"]["targets"]
     assert c["commands"] == b["commands"] and "--analyse-only" in c["analysed_on"]["command"]
+
+
+def test_reanalysing_the_recorded_h200_runs_gives_the_recorded_analysis(tmp_path):
+    recorded = REPO / "results" / "colocation_h200.json"
+    out = tmp_path / "again.json"
+    bench("--merge-from", str(recorded), "--analyse-only", "--out", str(out),
+          "--runs-dir", str(REPO / "results" / "colocation_h200"))
+    again, before = json.loads(out.read_text()), json.loads(recorded.read_text())
+    assert json.dumps(again["analysis"], sort_keys=True) == json.dumps(before["analysis"], sort_keys=True)
+    assert again["runs"] == before["runs"] and again["commands"] == before["commands"]
+    assert again["date"] == before["date"] and again["environment"] == before["environment"]  # the runs' machine
