@@ -12,7 +12,7 @@ import torch
 
 from _traces import assert_slots_never_overcommitted, assert_traces_complete
 
-from splitlab.system.procs import descendants, shm_mapped_elsewhere
+from splitlab.system.procs import alive, descendants, shm_mapped_elsewhere
 from splitlab.workload import Workload, from_prompts
 
 PREFIX = "splitlab-"
@@ -69,15 +69,6 @@ def check_split_run(run, workload, num_slots: int) -> None:
 # at the whole process table or the whole /dev/shm: only at this process's descendants, at
 # the children a session reports (pids, temp folders), and at /dev/shm entries that no
 # process outside this test maps.
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
 
 def snapshot() -> dict[str, set]:
     # tqdm makes one multiprocessing lock per process, the first time a bar is made: make it

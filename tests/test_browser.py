@@ -148,14 +148,12 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 def _no_leftovers(report: dict) -> None:
     assert report["leftover_processes_killed"] == {}, report["leftover_processes_killed"]
+    from splitlab.system.procs import proc_table
+
     work = report["workdir"]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            assert work not in cmd, f"process {entry} outlived the check: {cmd[:200]}"
+    for info in proc_table().values():
+        cmd = " ".join(info.cmdline)
+        assert work not in cmd, f"process {info.pid} outlived the check: {cmd[:200]}"
 
 
 def test_pass_path_clean_notebook_with_plots(executed, tmp_path):

@@ -27,6 +27,7 @@ import pytest
 from splitlab.system import mps as mpsmod
 from splitlab.errors import ConfigError, MPSError
 from splitlab.system.mps import MPSDaemon, find_mps_processes, mps_status
+from splitlab.system.procs import proc_table, read_proc_file
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ("compute", "memory")
@@ -167,18 +168,8 @@ else:
 
 def _fake_pids(bin_dir: Path) -> list[int]:
     """Live (non-zombie) processes running a script from the fake's folder."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
-            st = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if str(bin_dir).encode() in cmd and st[st.rfind(")") + 2] not in "ZX":
-            pids.append(int(entry))
-    return pids
+    return [info.pid for info in proc_table().values()
+            if info.alive and any(str(bin_dir) in part for part in info.cmdline)]
 
 
 @pytest.fixture
@@ -608,7 +599,7 @@ def test_caller_mps_variables_do_not_reach_the_daemon(fake_mps, monkeypatch):
     with MPSDaemon(timeout=10) as mps:
         daemon = [p for p in find_mps_processes() if p.role == "daemon"]
         assert [p.pipe_dir for p in daemon] == [str(mps.pipe_dir)]
-        environ = Path(f"/proc/{daemon[0].pid}/environ").read_bytes().split(b"\0")
+        environ = read_proc_file(daemon[0].pid, "environ").split(b"\0")
         assert b"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=10" not in environ
 
 

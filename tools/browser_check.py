@@ -161,21 +161,10 @@ def notebook_facts(path: Path) -> NotebookFacts:
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, command line) for every process we can read."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(entry)] = (ppid, cmd)
-    return table
+    """pid -> (ppid, command line) for every process we can read (splitlab's /proc reader)."""
+    from splitlab.system.procs import proc_table
+
+    return {info.pid: (info.ppid, " ".join(info.cmdline)) for info in proc_table().values()}
 
 
 def our_processes(marker: str) -> dict[int, str]:
@@ -201,12 +190,9 @@ def our_processes(marker: str) -> dict[int, str]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().decode(errors="replace")
-        return state[state.rfind(")") + 2] != "Z"
-    except OSError:
-        return False
+    from splitlab.system.procs import alive
+
+    return alive(pid)
 
 
 def _reap_children() -> None:

@@ -15,6 +15,14 @@ PACKAGES = ("torch", "transformers", "numpy", "pandas", "plotly", "ipywidgets", 
 MPS_CONTROL = "nvidia-cuda-mps-control"
 
 
+def synchronize(device) -> None:
+    """Wait for every kernel queued on ``device`` (a no-op off CUDA): the one device sync of
+    the modes, before a clock is read or a result is handed to another worker."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def package_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in PACKAGES:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from splitlab.system.env import MPS_CONTROL, patched_environ
+from splitlab.system.procs import proc_info, proc_table, read_proc_file
 from splitlab.errors import ConfigError, MPSError
 
 #: Where an MPS daemon started without ``CUDA_MPS_PIPE_DIRECTORY`` listens (shared, not ours).
@@ -77,28 +78,6 @@ class MPSProcess:
         return asdict(self)
 
 
-def _read(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _stat_fields(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, start time in clock ticks) from /proc/<pid>/stat, or None if gone."""
-    raw = _read(f"/proc/{pid}/stat")
-    if raw is None:
-        return None
-    text = raw.decode("utf-8", "replace")
-    # the command name is in parentheses and may contain spaces or ')'
-    rest = text[text.rfind(")") + 2 :].split()
-    try:
-        return rest[0], int(rest[1]), int(rest[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def _mps_role(cmdline: list[str]) -> str | None:
     """Which MPS program a command line runs, looking at argv[0] and, for a script run by
     an interpreter, argv[1]."""
@@ -115,32 +94,18 @@ def _mps_role(cmdline: list[str]) -> str | None:
 def find_mps_processes() -> list[MPSProcess]:
     """Every live MPS process this user can see (zombies are left out). Read-only."""
     out: list[MPSProcess] = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return out
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        raw = _read(f"/proc/{pid}/cmdline")
-        if not raw:
-            continue
-        cmdline = [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
-        role = _mps_role(cmdline)
-        if role is None:
-            continue
-        fields = _stat_fields(pid)
-        if fields is None or fields[0] in ("Z", "X"):
+    for info in proc_table().values():
+        role = _mps_role(list(info.cmdline))
+        if role is None or not info.alive:
             continue
         uid = None
-        status = _read(f"/proc/{pid}/status")
+        status = read_proc_file(info.pid, "status")
         if status:
             for line in status.decode("utf-8", "replace").splitlines():
                 if line.startswith("Uid:"):
                     uid = int(line.split()[1])
                     break
-        env = _read(f"/proc/{pid}/environ")
+        env = read_proc_file(info.pid, "environ")
         pipe_dir: str | None
         if env is None:
             pipe_dir = None
@@ -149,14 +114,14 @@ def find_mps_processes() -> list[MPSProcess]:
             for item in env.split(b"\0"):
                 if item.startswith(b"CUDA_MPS_PIPE_DIRECTORY="):
                     pipe_dir = item.split(b"=", 1)[1].decode("utf-8", "replace")
-        out.append(MPSProcess(pid, fields[1], uid, role, pipe_dir, fields[2]))
+        out.append(MPSProcess(info.pid, info.ppid, uid, role, pipe_dir, info.start_ticks))
     return out
 
 
 def _alive(proc: MPSProcess) -> bool:
     """True while that very process (same pid AND start time: no pid reuse) still runs."""
-    fields = _stat_fields(proc.pid)
-    return fields is not None and fields[0] not in ("Z", "X") and fields[2] == proc.start_ticks
+    info = proc_info(proc.pid)
+    return info is not None and info.alive and info.start_ticks == proc.start_ticks
 
 
 def _user_name(uid: int | None) -> str:

@@ -1,4 +1,4 @@
-"""Run worker functions in spawned processes and watch them.
+"""Run worker functions in spawned processes and watch them; read the process table.
 
 The parent never hangs on a dead child: it polls the shared event queue with a short
 timeout and checks every child's exit code between polls, so a worker that raises or is
@@ -9,9 +9,10 @@ IPC event files an exited child leaves (``/dev/shm/cuda.shm.*``, named by its pi
 drops the group's queues so their POSIX semaphores (``/dev/shm/sem.mp-*``) are unlinked.
 
 A child runs ``target(channel, *args)``. Through its ``Channel`` it sends events to the
-parent (``channel.send(kind, payload)``) and receives commands (``channel.recv()``), so one
-set of children can serve several runs (load and warm up once, then ``arm`` / ``go`` per
-run). Every child, before its target runs:
+parent (``channel.send(event)``, any picklable object; the group's own are ``Started``,
+``Failed`` and ``Done``) and receives commands (``channel.recv()``), so one set of children
+can serve several runs (``splitlab.modes.session`` is that protocol). Every child, before
+its target runs:
 
 - has ``WorkerSpec.env`` in its environment from its first instruction (the variables are
   set in the parent around ``Process.start()``, so the spawned interpreter inherits them;
@@ -25,8 +26,13 @@ run). Every child, before its target runs:
 - ignores SIGINT: Ctrl-C is the parent's to handle (it stops the children itself);
 - uses a thread lock for tqdm instead of a multiprocessing one (a /dev/shm semaphore
   that a killed child could not remove);
-- reports ``started`` with its pid and temp folder, then ``error`` (with the traceback) if
-  its target raises, or ``done`` when it returns.
+- reports ``Started`` with its pid and temp folder, then ``Failed`` (with the traceback)
+  if its target raises, or ``Done`` when it returns.
+
+A spawned child re-imports the parent's ``__main__`` script; a script that starts workers
+at its top level, outside ``if __name__ == "__main__":``, would start them again in every
+child. Such a child exits at once with ``EXIT_UNGUARDED_MAIN`` and the parent raises a
+``ModeError`` that says to add the guard.
 """
 
 from __future__ import annotations
@@ -38,21 +44,29 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
+from splitlab.errors import ModeError, WorkerError
 from splitlab.system.env import patched_environ
-from splitlab.errors import WorkerError
 
 POLL_S = 0.2
 PROCESS_PREFIX = "splitlab-"
+# exit status of a child that found itself re-running an unguarded __main__ (EX_CONFIG)
+EXIT_UNGUARDED_MAIN = 78
+UNGUARDED_MAIN_HINT = (
+    "a spawned worker re-ran this script's top-level code: put the code that starts splitlab runs under "
+    "`if __name__ == \"__main__\":` (worker processes are spawned, and a spawned process imports the "
+    "main script again)"
+)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class WorkerSpec:
     """One child: its name, the function it runs, its arguments and extra environment.
 
@@ -67,22 +81,43 @@ class WorkerSpec:
     env: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
+# ---- the group's own events (child -> parent) -------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """The child runs: its pid and the multiprocessing temp folder it made."""
+
+    pid: int
+    tmpdir: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """The child's target raised: the exception and its traceback, as text."""
+
+    error: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """The child's target returned; the child is exiting."""
+
+
 class ParentGone(SystemExit):
     """Raised in a child whose parent process is gone: nothing is left to report to."""
 
 
 class Channel:
-    """What a child uses to talk to the parent: events out, commands in, the one-shot go."""
+    """What a child uses to talk to the parent: events out, commands in."""
 
-    def __init__(self, name: str, events, go, commands=None, parent_pid: int | None = None) -> None:
+    def __init__(self, name: str, events, commands, parent_pid: int | None = None) -> None:
         self.name = name
         self._events = events
-        self._go = go
         self._commands = commands
         self._parent_pid = parent_pid
 
-    def send(self, kind: str, payload: Any = None) -> None:
-        self._events.put((self.name, kind, payload))
+    def send(self, event: Any) -> None:
+        self._events.put((self.name, event))
 
     def parent_alive(self) -> bool:
         return self._parent_pid is None or os.getppid() == self._parent_pid
@@ -94,8 +129,6 @@ class Channel:
     def recv(self, timeout: float | None = None) -> Any:
         """The next command from the parent; ``None`` after ``timeout`` seconds (``None``:
         wait for ever, checking every ``POLL_S`` that the parent is still alive)."""
-        if self._commands is None:
-            raise RuntimeError("this channel has no command queue")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
@@ -106,31 +139,22 @@ class Channel:
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
 
-    def ready_and_wait(self, timeout_s: float = 600.0, info: Any = None) -> float:
-        """Tell the parent this worker is warmed up; block until the run starts; return t0
-        (the one-shot start of ``ProcessGroup.start``)."""
-        self.send("ready", info)
-        if not self._go.wait(timeout_s):
-            raise WorkerError(f"worker {self.name}: the run never started (no go signal in {timeout_s:.0f} s)")
-        return self._go_time()
 
-    def _go_time(self) -> float:
-        return float(self._go.t0.value)
+# ---- the child side -------------------------------------------------------------------------------
 
+def refuse_unguarded_main() -> None:
+    """In a child that is still importing the parent's ``__main__`` (a script without the
+    ``if __name__ == "__main__":`` guard, re-run by spawn), exit with ``EXIT_UNGUARDED_MAIN``
+    before anything is started; the parent turns that exit into a ``ModeError``. A no-op in
+    every other process. Call it before starting workers or daemons."""
+    import multiprocessing
 
-class _GoSignal:
-    """An Event plus the shared start time, so every worker measures from one t0."""
-
-    def __init__(self, ctx) -> None:
-        self._event = ctx.Event()
-        self.t0 = ctx.Value("d", 0.0)
-
-    def set(self, t0: float) -> None:
-        self.t0.value = t0
-        self._event.set()
-
-    def wait(self, timeout_s: float) -> bool:
-        return self._event.wait(timeout_s)
+    # the flag multiprocessing itself checks before refusing to start a process from a
+    # bootstrapping child (multiprocessing.spawn._check_not_importing_main)
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        sys.stderr.write(f"splitlab: {UNGUARDED_MAIN_HINT}\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_UNGUARDED_MAIN)
 
 
 def _prctl(option: int, value: Any) -> None:
@@ -148,7 +172,8 @@ class _Terminated(SystemExit):
     """SIGTERM from the parent (``close()``): exit through Python, so finalizers run."""
 
 
-def _child_main(spec_name: str, target, args, env, events, go, commands=None, parent_pid=None) -> None:
+def _prepare_child(name: str, env, events, parent_pid: int | None) -> None:
+    """Environment, signals, tqdm's lock, process name and death signal of a new child."""
     for key, value in (env or {}).items():  # already inherited at spawn; kept for direct calls
         if value is None:
             os.environ.pop(key, None)
@@ -172,28 +197,32 @@ def _child_main(spec_name: str, target, args, env, events, go, commands=None, pa
         _tqdm.set_lock(threading.RLock())
     except Exception:
         pass
-    _prctl(_PR_SET_NAME, (PROCESS_PREFIX + spec_name)[:15].encode())
+    _prctl(_PR_SET_NAME, (PROCESS_PREFIX + name)[:15].encode())
     if parent_pid is not None:
         _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))  # on_sigterm: it exits through Python
         if os.getppid() != parent_pid:  # the parent died before the line above took effect
             os._exit(1)
-    channel = Channel(spec_name, events, go, commands, parent_pid)
+
+
+def _child_main(name: str, target, args, env, events, commands, parent_pid=None) -> None:
+    _prepare_child(name, env, events, parent_pid)
+    channel = Channel(name, events, commands, parent_pid)
     try:
         from multiprocessing import util
 
         tmpdir = util.get_temp_dir()  # where this child's resource sharer puts its socket
     except Exception:
         tmpdir = None
-    channel.send("started", {"pid": os.getpid(), "tmpdir": tmpdir})
+    channel.send(Started(os.getpid(), tmpdir))
     try:
         target(channel, *args)
     except (ParentGone, _Terminated):
         raise
     except BaseException as exc:  # report everything, KeyboardInterrupt included
-        channel.send("error", f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc()}")
+        channel.send(Failed(f"{exc.__class__.__name__}: {exc}\n{traceback.format_exc()}"))
         _exiting()
         raise SystemExit(1)
-    channel.send("done")
+    channel.send(Done())
     _exiting()
 
 
@@ -203,6 +232,8 @@ def _exiting() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
 
 
+# ---- the parent side ------------------------------------------------------------------------------
+
 class ProcessGroup:
     """Spawned workers sharing one event queue; a context manager that always cleans up.
 
@@ -210,24 +241,22 @@ class ProcessGroup:
     owns shared memory (listed first) outlives the workers that map it.
     """
 
-    def __init__(self, specs: list[WorkerSpec], start_method: str = "spawn") -> None:
+    def __init__(self, specs: Sequence[WorkerSpec] = (), start_method: str = "spawn") -> None:
         import torch.multiprocessing as mp
 
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"worker names must be unique, got {names}")
         self._ctx = mp.get_context(start_method)
         self.events = self._ctx.Queue()
-        self.go = _GoSignal(self._ctx)
-        self.specs = list(specs)
-        self._commands = {s.name: self._ctx.Queue() for s in self.specs}
+        self.specs: list[WorkerSpec] = []
+        self._commands: dict[str, Any] = {}
         self._extra_queues: list[Any] = []
         self.procs: dict[str, Any] = {}
         self.finished: set[str] = set()
-        self.started: dict[str, dict[str, Any]] = {}  # name -> {"pid", "tmpdir"}
+        self.started: dict[str, Started] = {}
         self.exitcodes: dict[str, int | None] = {}
         self._failed: set[str] = set()
         self._closed = False
+        for spec in specs:
+            self.add(spec)
 
     # ---- set-up ------------------------------------------------------------------------------
     def add(self, spec: WorkerSpec) -> None:
@@ -247,13 +276,14 @@ class ProcessGroup:
         return q
 
     def __enter__(self) -> "ProcessGroup":
+        refuse_unguarded_main()
         try:
             parent = os.getpid()
             for spec in self.specs:
                 proc = self._ctx.Process(
                     target=_child_main,
-                    args=(spec.name, spec.target, spec.args, spec.env, self.events, self.go,
-                          self._commands[spec.name], parent),
+                    args=(spec.name, spec.target, spec.args, spec.env, self.events, self._commands[spec.name],
+                          parent),
                     name=PROCESS_PREFIX + spec.name,
                     daemon=True,
                 )
@@ -275,7 +305,7 @@ class ProcessGroup:
     @property
     def children(self) -> dict[str, dict[str, Any]]:
         """Each child: pid, temp folder and (once it ended) exit code; still valid after close()."""
-        return {name: {"pid": info.get("pid"), "tmpdir": info.get("tmpdir"), "exitcode": self.exitcodes.get(name)}
+        return {name: {"pid": info.pid, "tmpdir": info.tmpdir, "exitcode": self.exitcodes.get(name)}
                 for name, info in self.started.items()}
 
     # ---- talking to the children ----------------------------------------------------------------
@@ -283,42 +313,35 @@ class ProcessGroup:
         """A command for one child (read there with ``channel.recv()``)."""
         self._commands[name].put(message)
 
-    def next_event(self, timeout: float = POLL_S) -> tuple[str, str, Any] | None:
-        """The next event ``(worker, kind, payload)``, or None after ``timeout`` seconds.
+    def next_event(self, timeout: float = POLL_S) -> tuple[str, Any] | None:
+        """The next event ``(worker, event)``, or None after ``timeout`` seconds.
 
-        Raises ``WorkerError`` when a worker reported an error or died without finishing.
-        ``started`` events are absorbed here; ``done`` marks the worker finished and is
-        returned like any other event.
+        Raises ``WorkerError`` when a worker failed or died without finishing. ``Started``
+        events are absorbed here; ``Done`` marks the worker finished and is returned like
+        any other event.
         """
         while True:
-            event = self._get(timeout)
-            if event is None:
+            got = self._get(timeout)
+            if got is None:
                 self._check_alive()
                 return None
-            name, kind, payload = event
-            if kind == "started":
-                self.started[name] = dict(payload or {})
-                continue
-            if kind == "error":
-                self._failed.add(name)
-                raise WorkerError(f"worker {name} failed: {payload}")
-            if kind == "done":
-                self.finished.add(name)
-            return name, kind, payload
+            if self._absorb(*got):
+                return got
 
-    def ask_to_finish(self, names: Sequence[str], timeout_s: float = 60.0) -> None:
-        """Send ``("close",)`` to ``names`` in that order and wait (at most ``timeout_s``) until
-        each said done, so they release what they share before ``close()`` terminates the rest."""
+    def ask_to_finish(self, names: Sequence[str], message: Any, timeout_s: float = 60.0) -> None:
+        """Send ``message`` (the protocol's close command) to ``names`` in that order and wait
+        (at most ``timeout_s``) until each is done, so they release what they share before
+        ``close()`` terminates the rest."""
         for name in names:
-            self.send(name, ("close",))
+            self.send(name, message)
         deadline = time.monotonic() + timeout_s
         while not set(names) <= self.finished and time.monotonic() < deadline:
             self.next_event(timeout=0.2)
 
-    def wait_for(self, kind: str, names=None, timeout_s: float = 900.0, what: str | None = None
+    def wait_for(self, kind: type, timeout_s: float, what: str, names: Sequence[str] | None = None
                  ) -> dict[str, Any]:
-        """Block until each of ``names`` (default: all) sent an event ``kind``; return their
-        payloads by name. Any other event in between is a protocol error."""
+        """Block until each of ``names`` (default: all) sent an event of type ``kind``; return
+        those events by name. Any other event in between is a protocol error."""
         want = set(self.procs if names is None else names)
         got: dict[str, Any] = {}
         deadline = time.monotonic() + timeout_s
@@ -326,55 +349,14 @@ class ProcessGroup:
             event = self.next_event()
             if event is None:
                 if time.monotonic() > deadline:
-                    raise WorkerError(
-                        f"workers {sorted(want - set(got))} did not {what or 'send ' + repr(kind)} within "
-                        f"{timeout_s:.0f} s; stopped them"
-                    )
+                    raise WorkerError(f"workers {sorted(want - set(got))} did not {what} within {timeout_s:.0f} s; "
+                                      "stopped them")
                 continue
-            name, got_kind, payload = event
-            if got_kind != kind or name not in want:
-                raise WorkerError(f"worker {name} sent {got_kind!r} while the parent waited for {kind!r}")
+            name, payload = event
+            if not isinstance(payload, kind) or name not in want:
+                raise WorkerError(f"worker {name} sent {payload!r} while the parent waited for {kind.__name__}")
             got[name] = payload
         return got
-
-    # ---- the one-shot protocol (ready_and_wait in the children) ----------------------------------
-    def events_until_done(self, timeout_s: float | None = None) -> Iterator[tuple[str, str, Any]]:
-        """Yield (worker, kind, payload) until every worker said done; raise if one fails."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while len(self.finished) < len(self.procs):
-            event = self.next_event()
-            if event is None:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise WorkerError(f"workers {sorted(set(self.procs) - self.finished)} did not finish "
-                                      f"within {timeout_s:.0f} s; stopped them")
-                continue
-            if event[1] == "done":
-                continue
-            yield event
-
-    def wait_ready(self, timeout_s: float = 900.0) -> list[tuple[str, str, Any]]:
-        """Block until every worker sent 'ready'; return the other events seen meanwhile."""
-        ready: set[str] = set()
-        other = []
-        deadline = time.monotonic() + timeout_s
-        while len(ready) < len(self.procs):
-            event = self.next_event()
-            if event is None:
-                if time.monotonic() > deadline:
-                    raise WorkerError(f"workers {sorted(set(self.procs) - ready)} were not ready within "
-                                      f"{timeout_s:.0f} s; stopped them")
-                continue
-            name, kind, payload = event
-            if kind == "ready":
-                ready.add(name)
-            else:
-                other.append((name, kind, payload))
-        return other
-
-    def start(self) -> float:
-        t0 = time.perf_counter()
-        self.go.set(t0)
-        return t0
 
     # ---- watching ------------------------------------------------------------------------------
     def _get(self, timeout: float):
@@ -385,23 +367,29 @@ class ProcessGroup:
         except queue.Empty:
             return None
 
+    def _absorb(self, name: str, event: Any) -> bool:
+        """Book-keeping of the group's own events; True when ``event`` is for the caller."""
+        if isinstance(event, Started):
+            self.started[name] = event
+            return False
+        if isinstance(event, Failed):
+            self._failed.add(name)
+            raise WorkerError(f"worker {name} failed: {event.error}")
+        if isinstance(event, Done):
+            self.finished.add(name)
+        return True
+
     def _check_alive(self) -> None:
         for name, proc in self.procs.items():
             if name in self.finished or proc.is_alive():
                 continue
-            # A last look: the error message may have been queued just before exit.
-            while (event := self._get(0.05)) is not None:
-                other, kind, payload = event
-                if kind == "error":
-                    self._failed.add(other)
-                    raise WorkerError(f"worker {other} failed: {payload}")
-                if kind == "done":
-                    self.finished.add(other)
-                if kind == "started":
-                    self.started[other] = dict(payload or {})
+            while (got := self._get(0.05)) is not None:  # a last look: an error queued just before exit
+                self._absorb(*got)
             if name not in self.finished:
                 code = proc.exitcode
                 del proc  # nothing in a traceback should keep a Process (and its queues) alive
+                if code == EXIT_UNGUARDED_MAIN:
+                    raise ModeError(f"worker {name} could not start: {UNGUARDED_MAIN_HINT}")
                 raise WorkerError(
                     f"worker {name} died without finishing (exit code {code}"
                     f"{', killed by signal ' + _signal_name(-code) if (code or 0) < 0 else ''}); "
@@ -438,9 +426,9 @@ class ProcessGroup:
     def _release(self) -> None:
         for name, proc in self.procs.items():
             self.exitcodes[name] = proc.exitcode
-            tmpdir = self.started.get(name, {}).get("tmpdir")
-            if proc.exitcode != 0 and tmpdir:
-                _remove_pymp_dir(tmpdir)  # a killed child cannot remove its own
+            started = self.started.get(name)
+            if proc.exitcode != 0 and started is not None and started.tmpdir:
+                _remove_pymp_dir(started.tmpdir)  # a killed child cannot remove its own
             if proc.pid is not None and not proc.is_alive():
                 remove_cuda_ipc_files(proc.pid)
             # A Process keeps its arguments (our queues) for life, and a traceback may keep
@@ -462,7 +450,6 @@ class ProcessGroup:
         self._commands = {}
         self._extra_queues = []
         self.events = None
-        self.go = None
         gc.collect()
 
 
@@ -474,7 +461,7 @@ def _drain(q) -> None:
         try:
             q.get(timeout=0.02)
         except queue.Empty:
-            if not getattr(q, "_buffer", None):
+            if not getattr(q, "_buffer", None):  # the feeder's private buffer: nothing left to send
                 return
         except Exception:
             return
@@ -517,42 +504,82 @@ def _signal_name(num: int) -> str:
         return str(num)
 
 
-# ---- what is left behind (for checks: tests, benchmarks) --------------------------------------------
+# ---- the process table (Linux /proc): the one reader ------------------------------------------------
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, state) of every visible process (Linux /proc)."""
-    out: dict[int, tuple[int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                text = f.read()
-        except OSError:
-            continue
-        rest = text[text.rfind(")") + 2:].split()
-        out[int(entry)] = (int(rest[1]), rest[0])
+@dataclasses.dataclass(frozen=True)
+class ProcInfo:
+    """One process as ``/proc/<pid>/stat`` and ``cmdline`` show it. ``start_ticks``: its
+    start time after boot in clock ticks; with the pid, it names one process (no reuse)."""
+
+    pid: int
+    ppid: int
+    state: str
+    start_ticks: int
+    cmdline: tuple[str, ...]
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("Z", "X")
+
+
+def read_proc_file(pid: int, name: str) -> bytes | None:
+    """The bytes of ``/proc/<pid>/<name>`` (``environ``, ``status``, ``maps``...), or None
+    when the process is gone or the file is not readable (another user's process)."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    """The process ``pid`` now, or None when it is gone."""
+    raw = read_proc_file(pid, "stat")
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace")
+    rest = text[text.rfind(")") + 2:].split()  # the command name may hold spaces or ')'
+    try:
+        state, ppid, start = rest[0], int(rest[1]), int(rest[19])
+    except (IndexError, ValueError):
+        return None
+    cmd = read_proc_file(pid, "cmdline") or b""
+    return ProcInfo(pid, ppid, state, start, tuple(p.decode("utf-8", "replace") for p in cmd.split(b"\0") if p))
+
+
+def proc_table() -> dict[int, ProcInfo]:
+    """Every visible process by pid (zombies included: check ``alive``)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return {}
+    out: dict[int, ProcInfo] = {}
+    for entry in entries:
+        if entry.isdigit() and (info := proc_info(int(entry))) is not None:
+            out[info.pid] = info
     return out
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie does not)."""
+    info = proc_info(pid)
+    return info is not None and info.alive
 
 
 def descendants(root: int | None = None) -> set[int]:
     """Live (not zombie) descendants of ``root`` (default: this process), multiprocessing's
     resource tracker left out (it lives as long as its parent, by design)."""
     root = os.getpid() if root is None else root
-    table = _proc_table()
+    table = proc_table()
     kids: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        kids.setdefault(ppid, []).append(pid)
+    for info in table.values():
+        kids.setdefault(info.ppid, []).append(info.pid)
     out: set[int] = set()
     todo = [root]
     while todo:
         for child in kids.get(todo.pop(), []):
-            try:
-                with open(f"/proc/{child}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                cmd = b""
-            if table[child][1] in ("Z", "X") or b"resource_tracker" in cmd:
+            info = table[child]
+            if not info.alive or any("resource_tracker" in part for part in info.cmdline):
                 continue
             out.add(child)
             todo.append(child)
@@ -564,15 +591,12 @@ def shm_mapped_elsewhere() -> set[str]:
     descendants: other programs' live objects, not something this process left behind."""
     mine = descendants() | {os.getpid()}
     out: set[str] = set()
-    for pid in _proc_table():
+    for pid in proc_table():
         if pid in mine:
             continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    i = line.find("/dev/shm/")
-                    if i >= 0:
-                        out.add(line[i + len("/dev/shm/"):].split()[0])
-        except OSError:
-            continue
+        maps = read_proc_file(pid, "maps")
+        for line in (maps or b"").decode("utf-8", "replace").splitlines():
+            i = line.find("/dev/shm/")
+            if i >= 0:
+                out.add(line[i + len("/dev/shm/"):].split()[0])
     return out
