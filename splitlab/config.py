@@ -352,3 +352,113 @@ class SplitConfig(FrozenConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"SplitConfig.{name} must be a positive number of seconds, got {value!r}")
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(FrozenConfig):
+    """What a run was made with and ran on: every mode records one in ``Run.config``.
+
+    ``mode``. ``backend``: split's backend; replicas' engine (``"serial+mps"`` under MPS);
+    None for the one-worker modes. ``prefill_share`` / ``decode_share``: MPS SM percentages.
+    ``prefill_sms`` / ``decode_sms``: the SMs the driver gave each green context.
+    ``replicas`` / ``replica_engine``: replicas' count and engine. ``mps``: the workers were
+    clients of a private MPS daemon; ``mps_daemon``: what the daemon reported about them.
+    ``green``: the green partition. ``batch_size``: the static batch of ``generate()``.
+    ``engine`` / ``split``: the configs the run was given. ``slo``: the SLO it is judged by.
+    ``num_requests`` / ``rate``: the workload's size and arrival rate (None without one; the
+    workload's name is ``Run.workload``). ``session_run``: which run of a session this was.
+    ``effective``: what the engine really ran with (its runner's settings, as
+    ``splitlab.modes.common.worker_facts`` reads them); ``workers``: the same per worker,
+    for the modes with several. ``model_facts``: the model's shapes. ``extra``: what an
+    older record held that has no field here.
+    """
+
+    mode: str
+    backend: str | None = None
+    prefill_share: float | None = None
+    decode_share: float | None = None
+    prefill_sms: int | None = None
+    decode_sms: int | None = None
+    replicas: int | None = None
+    replica_engine: str | None = None
+    mps: bool = False
+    mps_daemon: dict[str, Any] | None = None
+    green: dict[str, Any] | None = None
+    batch_size: int | None = None
+    engine: EngineConfig | None = None
+    split: SplitConfig | None = None
+    slo: SLO | None = None
+    num_requests: int | None = None
+    rate: float | None = None
+    session_run: int | None = None
+    effective: dict[str, Any] = dataclasses.field(default_factory=dict)
+    workers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    model_facts: dict[str, Any] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    NESTED: ClassVar[dict[str, type]] = {"engine": EngineConfig, "split": SplitConfig, "slo": SLO}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """The inverse of ``to_dict`` (the nested configs come back as their classes)."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"RunConfig.from_dict needs a mapping of field names to values, got {values!r}")
+        values = dict(values)
+        for key, kind in cls.NESTED.items():
+            if isinstance(values.get(key), Mapping):
+                values[key] = kind.from_dict(values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_legacy(cls, old: Mapping[str, Any], mode: str, workload: str, num_requests: int | None = None
+                    ) -> "RunConfig":
+        """A run config from the untyped dict older runs recorded (run format
+        ``splitlab.run/1``), whose keys depended on the mode; keys with no field here are kept
+        in ``extra``. Such records held no arrival rate: it is read from the name their
+        workload builders gave (``poisson-r21.2-n160`` -> 21.2)."""
+        import re
+
+        left = {k: v for k, v in old.items() if v is not None}  # a None said nothing
+        take = left.pop
+        out: dict[str, Any] = {"mode": take("mode", mode), "num_requests": num_requests}
+        for key in ("backend", "prefill_share", "decode_share", "prefill_sms", "decode_sms", "replicas",
+                    "batch_size", "session_run", "effective", "green", "mps_daemon"):
+            if left.get(key) is not None:
+                out[key] = take(key)
+        # hf-generate's own "warmup" is not an engine setting
+        engine_keys = {f.name for f in dataclasses.fields(EngineConfig)} & set(left) if out["mode"] != "hf-generate" \
+            else set()
+        out["engine"] = _legacy_part(EngineConfig, {k: take(k) for k in engine_keys}, left, "engine")
+        out["split"] = _legacy_part(SplitConfig, take("split", None), left, "split")
+        out["slo"] = _legacy_part(SLO, take("slo", None), left, "slo")
+        mps = take("mps", None)
+        if isinstance(mps, Mapping):  # split recorded the daemon's report under "mps"
+            out["mps_daemon"], out["mps"] = dict(mps), True
+        elif isinstance(mps, bool):
+            out["mps"] = mps
+        if out["mode"] == "replicas":
+            out["replica_engine"] = take("engine", None)
+            out["workers"] = {f"replica-{i}": dict(p) for i, p in enumerate(take("per_replica", []) or [])}
+        if out["mode"] == "split" and out.get("backend") == "mps":
+            out["mps"] = True
+        facts = {k: take(k) for k in ("device", "dtype", "warmup") if k in left}
+        if facts:  # hf-generate and replicas kept these at the top
+            out["effective"] = {**facts, **out.get("effective", {})}
+        out["model_facts"] = take("facts", None)
+        rate = take("rate", None)
+        if rate is None:
+            m = re.search(r"(?:^|[-_])(?:rate|r)[=_]?(\d+(?:\.\d+)?)(?=$|[-_])", str(workload))
+            rate = float(m.group(1)) if m else None
+        out["rate"] = rate
+        return cls(**out, extra=left)
+
+
+def _legacy_part(kind: type, values: Any, left: dict[str, Any], key: str):
+    """``kind.from_dict(values)``, or None (the values kept in ``left[key]``) when an old
+    record's values are not a valid ``kind`` any more."""
+    if not values:
+        return None
+    try:
+        return kind.from_dict(values)
+    except ConfigError:
+        left[key] = values
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -70,7 +71,7 @@ def test_summary_throughput_itl_and_goodput():
 
 def test_summary_defaults_to_the_recorded_slo():
     run = hand_run()
-    run.config["slo"] = SLO(ttft_s=0.45, tpot_s=0.25).to_dict()
+    run.config = dataclasses.replace(run.config, slo=SLO(ttft_s=0.45, tpot_s=0.25))
     assert run.summary()["slo_met"] == 1
     assert run.summary()["slo_ttft_s"] == 0.45
 

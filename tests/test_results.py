@@ -1,13 +1,16 @@
 """Results folders: save/load runs with an index, selection for the widgets, profiles, the gallery."""
 
+import gzip
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from splitlab.config import RunConfig
 from splitlab.present import results
 from splitlab.errors import SplitlabError
-from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace, load_run
 from splitlab.measure.profile import Ceilings
 from splitlab.present.results import (load_profile, load_results, nearest, recorded, run_label, save_profile, save_runs, select_runs)
 
@@ -19,11 +22,8 @@ def make_run(mode, rate, share=None, backend=None, tpot=0.1):
         first = arrival + 0.2
         traces.append(RequestTrace(i, arrival, 4, 3, arrival + 0.05, first, [first, first + tpot, first + 2 * tpot],
                                    [1, 2, 3], "w"))
-    config = {"rate": rate}
-    if backend:
-        config["backend"] = backend
-    if share is not None:
-        config.update(prefill_share=share, decode_share=100 - share)
+    config = RunConfig(mode=mode, backend=backend, rate=rate, num_requests=2, prefill_share=share,
+                       decode_share=None if share is None else 100 - share)
     return Run(mode=mode, model="tiny", workload=f"poisson-r{rate:g}-n2", config=config,
                env={"gpu_name": "NVIDIA H200", "device": "cuda"}, traces=traces,
                steps=[StepTrace("w", "prefill", 0.05, 0.2, [0], 4)])
@@ -42,18 +42,64 @@ def test_run_label_and_meta():
     assert meta["backend"] == "mps" and meta["gpu"] == "NVIDIA H200"
     assert run_label(run) == "split mps 40/60"
     assert run_label(make_run("serial", 1.0)) == "serial"
-    nested = Run(mode="replicas", model="m", workload="poisson-r0.5-n8", config={"replica": {"num_replicas": 4}},
-                 env={"device": "cpu"}, traces=[])
-    meta = results.run_meta(nested)
+    replicas = Run(mode="replicas", model="m", workload="w", config=RunConfig(mode="replicas", replicas=4, rate=0.5),
+                   env={"device": "cpu"}, traces=[])
+    meta = results.run_meta(replicas)
     assert meta["rate"] == 0.5 and meta["replicas"] == 4 and meta["gpu"] == "cpu"
     assert meta["label"] == "replicas x4"
+    # the fields are read, not guessed: a workload name alone says nothing about the rate
+    assert results.run_meta(Run("serial", "m", "poisson-r2-n8", RunConfig(mode="serial"), {}, []))["rate"] is None
+
+
+def test_an_old_untyped_run_config_is_converted_once():
+    """Runs of format splitlab.run/1 held a dict whose keys depended on the mode; it becomes a
+    RunConfig when the run is made (their workload names carried the rate)."""
+    old = Run(mode="split", model="m", workload="poisson-r21.2-n160", env={}, traces=[],
+              config={"mode": "split", "backend": "mps", "prefill_share": 60, "decode_share": 40,
+                      "split": {"backend": "mps", "prefill_share": 60, "decode_share": 40}, "max_batch": 64,
+                      "chunk_size": 2048, "mps": {"pipe_dir": "/tmp/x", "workers_are_clients": {"prefill": True}},
+                      "effective": {"num_slots": 64}, "session_run": 2, "slo": {"ttft_s": 2.0}})
+    cfg = old.config
+    assert isinstance(cfg, RunConfig) and (cfg.backend, cfg.prefill_share, cfg.rate) == ("mps", 60, 21.2)
+    assert cfg.split.decode_share == 40 and cfg.engine.chunk_size == 2048 and cfg.mps is True
+    assert cfg.mps_daemon["workers_are_clients"] == {"prefill": True} and cfg.slo.ttft_s == 2.0
+    assert (cfg.effective, cfg.session_run, cfg.extra) == ({"num_slots": 64}, 2, {})
+    replicas = Run(mode="replicas", model="m", workload="check", env={}, traces=[],
+                   config={"mode": "replicas", "replicas": 2, "engine": "serial", "mps": False, "device": "cuda",
+                           "per_replica": [{"num_slots": 32}, {"num_slots": 32, "weights_shared": True}],
+                           "assignment": "round-robin in arrival order"})
+    cfg = replicas.config
+    assert (cfg.replicas, cfg.replica_engine, cfg.mps, cfg.rate, cfg.effective) == (2, "serial", False, None,
+                                                                                    {"device": "cuda"})
+    assert cfg.workers["replica-1"]["weights_shared"] is True and cfg.extra == {"assignment": "round-robin in arrival order"}
+    again = Run.from_dict(json.loads(json.dumps(replicas.to_dict())))
+    assert again.config == cfg and again.to_dict()["format"] == "splitlab.run/2"
+
+
+RECORDED = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.mark.parametrize("folder", ["colocation_h200", "colocation_h200_slots128"])
+def test_recorded_runs_load_and_describe_themselves_as_their_index_does(folder):
+    """The committed GPU runs (format splitlab.run/1, gzip JSON) load, and ``run_meta`` of each
+    gives the entry the index was written with (the date aside: the index keeps its own)."""
+    index = json.loads((RECORDED / folder / "index.json").read_text())
+    table, runs = load_results(RECORDED / folder)
+    assert len(runs) == len(index["runs"]) > 0
+    for entry in index["runs"]:
+        with gzip.open(RECORDED / folder / entry["file"], "rt") as f:
+            assert json.load(f)["format"] == "splitlab.run/1"
+        meta = results.run_meta(runs[entry["id"]])
+        assert {k: v for k, v in meta.items() if k != "date"} == {k: entry[k] for k in meta if k != "date"}
+    run = load_run(RECORDED / folder / index["runs"][0]["file"])
+    assert Run.from_dict(json.loads(json.dumps(results.to_jsonable(run.to_dict())))).to_dict() == run.to_dict()
 
 
 def test_save_and_load_results(tmp_path):
     runs = sweep()
     index_path = save_runs(runs, tmp_path)
     index = json.loads(index_path.read_text())
-    assert index["format"] == "splitlab.present.results/1" and len(index["runs"]) == 6
+    assert index["format"] == "splitlab.results/1" and len(index["runs"]) == 6
     files = [e["file"] for e in index["runs"]]
     assert len(set(files)) == 6 and all((tmp_path / f).is_file() for f in files)
     entry = index["runs"][3]
@@ -117,7 +163,7 @@ def test_load_without_index_and_errors(tmp_path):
     assert list(table["id"]) == ["a"] and table["mode"].iloc[0] == "serial"
     with pytest.raises(SplitlabError):
         load_results(tmp_path / "missing")
-    (tmp_path / "index.json").write_text('{"format": "splitlab.present.results/1", "runs": [{"id": "b", "file": "b.json"}]}')
+    (tmp_path / "index.json").write_text('{"format": "splitlab.results/1", "runs": [{"id": "b", "file": "b.json"}]}')
     with pytest.raises(SplitlabError, match="b.json"):
         load_results(tmp_path)
 
@@ -147,7 +193,7 @@ def test_profile_round_trip(tmp_path):
                         "time_s": 0.004, "frac_of_roof": float("nan")}])
     path = save_profile(df, ceil, tmp_path / "p" / "profile_h200.json", command="python benchmarks/profile_sweep.py")
     raw = json.loads(path.read_text())
-    assert raw["format"] == "splitlab.measure.profile/1" and raw["gpu"] == "NVIDIA H200"
+    assert raw["format"] == "splitlab.profile/1" and raw["gpu"] == "NVIDIA H200"
     assert raw["command"] == "python benchmarks/profile_sweep.py" and raw["versions"]["torch"]
     assert raw["table"][0]["frac_of_roof"] is None  # strict JSON
     prof = load_profile(path)

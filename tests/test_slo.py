@@ -3,6 +3,7 @@ the CLI's --goodput, and the recorded H200 runs re-scored."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -155,7 +156,7 @@ def test_goodput_on_a_table_alone_uses_its_gap_columns():
 
 def test_recorded_slo_with_gap_bound_survives_save_and_load(tmp_path):
     run = gap_run()
-    run.config["slo"] = SLO(ttft_s=1, tpot_s=None, itl_s=0.05).to_dict()
+    run.config = dataclasses.replace(run.config, slo=SLO(ttft_s=1, tpot_s=None, itl_s=0.05))
     back = load_run(run.save(tmp_path / "run.json.gz"))
     assert back.summary()["slo_met"] == 1 and back.summary()["slo_itl_s"] == 0.05
     table = summaries_table([run, back], SLO(ttft_s=2, tpot_s=None))
@@ -201,7 +202,7 @@ def test_rates_from_the_record_or_from_pairs():
         S.attainment_vs_rate([nameless], SLO())
     table = S.attainment_vs_rate([(2.0, nameless), (1.0, gap_run())], SLO(ttft_s=1, tpot_s=None), label="hand")
     assert list(table["rate"]) == [1.0, 2.0] and set(table["label"]) == {"hand"}
-    nameless.config["rate"] = 3.5
+    nameless.config = dataclasses.replace(nameless.config, rate=3.5)
     assert S.arrival_rate(nameless) == 3.5
 
 

@@ -81,7 +81,7 @@ class TuningMixin:
         return a if a == b else f"{a}:{b}"
 
     def decode_variant_info(self) -> dict[str, Any]:
-        """What ``Run.config['effective']`` and the benchmark JSON record about the choice."""
+        """What ``Run.config.effective`` and the benchmark JSON record about the choice."""
         return {"decode_variant": self.decode_variant, "decode_variant_how": self._variant_how,
                 "decode_variant_timings": self.decode_variant_report}
 

@@ -23,14 +23,17 @@ import os
 import secrets
 import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from splitlab.config import SLO
+from splitlab.config import SLO, RunConfig
 from splitlab.errors import ConfigError, RunFileError, SplitlabError
 
 PERCENTILES = (50, 90, 99)
+# run files: format 2 holds a typed RunConfig; format 1 (older runs) an untyped dict
+RUN_FORMAT = "splitlab.run/2"
+RUN_FORMATS = ("splitlab.run/1", RUN_FORMAT)
 
 
 @dataclasses.dataclass
@@ -72,7 +75,7 @@ class Run:
     mode: str
     model: str
     workload: str
-    config: dict[str, Any]
+    config: RunConfig
     env: dict[str, Any]
     traces: list[RequestTrace]
     steps: list[StepTrace] = dataclasses.field(default_factory=list)
@@ -81,6 +84,8 @@ class Run:
     wall_s: float | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.config, Mapping):  # the untyped dict of older code and records
+            self.config = RunConfig.from_legacy(self.config, self.mode, self.workload, len(self.traces))
         if self.wall_s is None:
             ends = [t.token_times_s[-1] for t in self.traces if t.token_times_s]
             self.wall_s = max(ends) if ends else 0.0
@@ -135,13 +140,12 @@ class Run:
     def summary(self, slo: SLO | None = None) -> dict[str, Any]:
         """Throughput, request rate, p50/p90/p99 of TTFT/TPOT/ITL/E2E, and goodput at ``slo``.
 
-        Without ``slo``: the SLO the run was made with (``config["slo"]``, set by
+        Without ``slo``: the SLO the run was made with (``config.slo``, set by
         ``splitlab.run(..., slo=...)``), else ``SLO()``'s defaults. The goodput keys are those
         of ``goodput``: which requests met every bound, and the attainment of each bound.
         """
         if slo is None:
-            recorded = self.config.get("slo") if isinstance(self.config, dict) else None
-            slo = SLO.from_dict(recorded) if isinstance(recorded, dict) else SLO()
+            slo = self.config.slo or SLO()
         table = self.requests
         wall = self.wall_s or math.nan
         out_tokens = int(table["output_len"].sum())
@@ -172,11 +176,11 @@ class Run:
     # ---- persistence ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": "splitlab.run/1",
+            "format": RUN_FORMAT,
             "mode": self.mode,
             "model": self.model,
             "workload": self.workload,
-            "config": self.config,
+            "config": self.config.to_dict(),
             "env": self.env,
             "wall_s": self.wall_s,
             "memory": self.memory,
@@ -187,15 +191,17 @@ class Run:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Run":
-        if data.get("format") != "splitlab.run/1":
+        if data.get("format") not in RUN_FORMATS:
             raise SplitlabError(
-                f"not a splitlab run (format={data.get('format')!r}); expected 'splitlab.run/1'"
+                f"not a splitlab run (format={data.get('format')!r}); expected one of {', '.join(RUN_FORMATS)}"
             )
+        # format 1 held an untyped config dict: Run converts it once (RunConfig.from_legacy)
+        config = data["config"] if data["format"] != RUN_FORMAT else RunConfig.from_dict(data["config"])
         return cls(
             mode=data["mode"],
             model=data["model"],
             workload=data["workload"],
-            config=data["config"],
+            config=config,
             env=data["env"],
             traces=[RequestTrace(**t) for t in data["traces"]],
             steps=[StepTrace(**s) for s in data.get("steps", [])],

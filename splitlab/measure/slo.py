@@ -29,7 +29,6 @@ from splitlab.measure.metrics import Run, goodput, itl_statistic, load_run, requ
 
 # SLO scale factors of ``attainment_vs_scale`` (0.25x to 3x every bound)
 DEFAULT_SCALES = tuple(round(0.25 * i, 2) for i in range(1, 13))
-RATE_KEYS = ("rate", "request_rate", "arrival_rate")
 
 
 # ---- runs in, labels, rates ------------------------------------------------------------
@@ -83,29 +82,22 @@ def runs_by_label(runs) -> dict[str, Run]:
 
 def run_name(run: Run) -> str:
     """A short label from the run's own record: ``split mps 60/40``, ``replicas x2 serial+mps``."""
-    cfg = run.config if isinstance(run.config, Mapping) else {}
+    cfg = run.config
     parts = [run.mode]
-    if isinstance(cfg.get("replicas"), int):
-        parts.append(f"x{cfg['replicas']}")
-    if cfg.get("backend"):
-        parts.append(str(cfg["backend"]))
-    if cfg.get("prefill_share") is not None and cfg.get("decode_share") is not None:
-        parts.append(f"{cfg['prefill_share']:g}/{cfg['decode_share']:g}")
+    if cfg.replicas:
+        parts.append(f"x{cfg.replicas}")
+    if cfg.backend:
+        parts.append(str(cfg.backend))
+    if cfg.prefill_share is not None and cfg.decode_share is not None:
+        parts.append(f"{cfg.prefill_share:g}/{cfg.decode_share:g}")
     return " ".join(parts)
 
 
 def arrival_rate(run: Run) -> float | None:
-    """The run's arrival rate (requests/s) from its config, else its workload's name
-    (``poisson-r21.2-n160`` -> 21.2); None when neither records one (e.g. a trace replay)."""
-    cfg = run.config if isinstance(run.config, Mapping) else {}
-    nested = cfg.get("workload") if isinstance(cfg.get("workload"), Mapping) else {}
-    for source in (cfg, nested):
-        for key in RATE_KEYS:
-            value = source.get(key)
-            if isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0:
-                return float(value)
-    m = re.search(r"(?:^|[-_])r(\d+(?:\.\d+)?)(?=$|[-_])", str(run.workload))
-    return float(m.group(1)) if m else None
+    """The run's arrival rate (requests/s) as its config records it (``RunConfig.rate``; an
+    older run's comes from its workload's name, ``poisson-r21.2-n160`` -> 21.2); None when it
+    has none (e.g. a trace replay)."""
+    return run.config.rate
 
 
 def _rate_points(runs) -> list[tuple[float, str | None, Run]]:

@@ -2,9 +2,9 @@
 
 A results folder holds::
 
-    index.json            {"format": "splitlab.present.results/1", "runs": [entry, ...]}
-    <run>.json            one file per run, written by Run.save (format splitlab.run/1)
-    profile_<gpu>.json    free-form benchmark JSONs, e.g. save_profile (format splitlab.measure.profile/1)
+    index.json            {"format": "splitlab.results/1", "runs": [entry, ...]}
+    <run>.json            one file per run, written by Run.save (format splitlab.run/2; /1 still reads)
+    profile_<gpu>.json    free-form benchmark JSONs, e.g. save_profile (format splitlab.profile/1)
 
 Each index entry names the run's file and what a person selects runs by: ``mode``,
 ``backend``, ``model``, ``workload``, ``rate`` (requests/s, when the workload had one),
@@ -30,55 +30,32 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from splitlab.errors import SplitlabError
-from splitlab.measure.metrics import to_jsonable
+from splitlab.measure.metrics import RUN_FORMATS, to_jsonable
 
 INDEX = "index.json"
-RESULTS_FORMAT = "splitlab.present.results/1"
-PROFILE_FORMAT = "splitlab.measure.profile/1"
-RUN_FORMAT = "splitlab.run/1"
+# format names are part of the files (recorded results hold these): never renamed with modules
+RESULTS_FORMAT = "splitlab.results/1"
+PROFILE_FORMAT = "splitlab.profile/1"
 INDEX_COLUMNS = ("id", "file", "mode", "backend", "model", "workload", "rate", "prefill_share",
                  "decode_share", "label", "date", "gpu")
 
 
 # ---- describing a run -------------------------------------------------------------------
 
-def _lookup(config: Mapping[str, Any], *keys: str) -> Any:
-    """First of ``keys`` found in ``config`` or one level down in a nested dict."""
-    if not isinstance(config, Mapping):
-        return None
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    for value in config.values():
-        if isinstance(value, Mapping):
-            for key in keys:
-                if value.get(key) is not None:
-                    return value[key]
-    return None
-
-
 def run_meta(run) -> dict[str, Any]:
     """The index entry of a run (without file/id): what runs are chosen and labelled by."""
-    cfg = run.config or {}
-    backend = _lookup(cfg, "backend", "colocate", "colocation")
-    rate = _lookup(cfg, "rate", "request_rate", "arrival_rate")
-    if rate is None:  # e.g. workload "poisson-r2.0-n64"
-        m = re.search(r"(?:^|[-_])(?:rate|r)[=_]?(\d+(?:\.\d+)?)(?=$|[-_])", str(run.workload))
-        rate = float(m.group(1)) if m else None
-    prefill_share = _lookup(cfg, "prefill_share", "prefill_sm_share", "prefill_pct")
-    decode_share = _lookup(cfg, "decode_share", "decode_sm_share", "decode_pct")
-    replicas = _lookup(cfg, "replicas", "num_replicas", "n_replicas")
+    cfg = run.config
     env = run.env or {}
     meta = {
         "mode": run.mode,
-        "backend": backend,
+        "backend": cfg.backend,
         "model": run.model,
         "workload": run.workload,
-        "rate": _float_or_none(rate),
-        "prefill_share": _float_or_none(prefill_share),
-        "decode_share": _float_or_none(decode_share),
-        "replicas": int(replicas) if isinstance(replicas, (int, float)) and not isinstance(replicas, bool) else None,
-        "date": env.get("date") or cfg.get("date"),
+        "rate": _float_or_none(cfg.rate),
+        "prefill_share": _float_or_none(cfg.prefill_share),
+        "decode_share": _float_or_none(cfg.decode_share),
+        "replicas": cfg.replicas,
+        "date": env.get("date"),
         "gpu": env.get("gpu_name") or ("cpu" if env.get("device") == "cpu" else env.get("device")),
     }
     meta["label"] = run_label(meta)
@@ -149,7 +126,7 @@ def load_results(folder: str | Path, slo=None):
         entries = []
         for path in sorted([*folder.glob("*.json"), *folder.glob("*.json.gz")]):
             data = _read_json(path)
-            if isinstance(data, dict) and data.get("format") == RUN_FORMAT:
+            if isinstance(data, dict) and data.get("format") in RUN_FORMATS:
                 entries.append({"id": path.name.split(".json")[0], "file": path.name, "_data": data})
     runs: dict[str, Any] = {}
     rows = []
@@ -292,7 +269,7 @@ def load_profile(path: str | Path) -> Profile:
 
 
 def find_profiles(folder: str | Path) -> list[Path]:
-    """Profile JSONs (format splitlab.measure.profile/1) directly in ``folder``."""
+    """Profile JSONs (format splitlab.profile/1) directly in ``folder``."""
     out = []
     for path in sorted(Path(folder).glob("*.json")):
         if path.name == INDEX:
