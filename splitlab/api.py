@@ -1,4 +1,4 @@
-"""``splitlab.run``: one entry point for every mode; checks the input, then dispatches.
+"""``splitlab.run``: one entry point for every mode; checks the input once, then dispatches.
 
 Modes (see README.md):
 
@@ -9,15 +9,15 @@ Modes (see README.md):
 - ``split``: a prefill worker and a decode worker at the same time (co-location on).
 - ``replicas``: N full engines side by side (the paper's own scheme).
 
-Every mode's module is imported only when that mode runs, so the core works where the
-others (or their dependencies) are absent; a mode whose module is not there yet raises a
-``ModeError`` that says so.
+Every check of a run's input happens here, before anything is built (the sessions,
+``SplitSession`` and ``ReplicaSession``, are the other entry and check their own); the
+modes' functions below assume valid input. Each mode's module is imported when it runs.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable
+import dataclasses
+from typing import Any
 
 from splitlab.config import SLO
 from splitlab.errors import ConfigError, ModeError, WorkloadError
@@ -25,63 +25,12 @@ from splitlab.workload import Workload
 
 MODES = ("hf-generate", "serial", "chunked", "split", "replicas")
 
-# mode -> (module, function)
-_TARGETS = {
-    "hf-generate": ("splitlab.modes.hf_generate", "run_hf_generate"),
-    "serial": ("splitlab.modes.continuous", "run_continuous"),
-    "chunked": ("splitlab.modes.continuous", "run_continuous"),
-    "split": ("splitlab.modes.split", "run_split"),
-    "replicas": ("splitlab.modes.replicas", "run_replicas"),
-}
-# modes that need a CUDA GPU to run at all: none. On CPU, split runs with backend "streams"
-# or "processes" (its "mps" and "green" backends raise ModeError there) and replicas with
-# mps=False.
-_GPU_ONLY: tuple[str, ...] = ()
-
-
-def _target(mode: str) -> Callable[..., Any]:
-    module_name, func_name = _TARGETS[mode]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
-            raise ModeError(
-                f"mode {mode!r} is not built yet in this version of splitlab ({module_name} is "
-                f"missing); available now: {', '.join(available_modes(gpu=True))}"
-            ) from exc
-        raise
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise ModeError(
-            f"mode {mode!r} is not built yet in this version of splitlab "
-            f"({module_name}.{func_name} is missing); available now: {', '.join(available_modes(gpu=True))}"
-        )
-    return func
-
-
-def mode_built(mode: str) -> bool:
-    """True when the code of ``mode`` is present in this installation."""
-    if mode not in _TARGETS:
-        return False
-    module_name, func_name = _TARGETS[mode]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError:
-        return False
-    return hasattr(module, func_name)
-
 
 def available_modes(gpu: bool | None = None) -> tuple[str, ...]:
-    """The modes that are built and can run here (every built mode runs on CPU too; ``split``'s
-    ``mps`` / ``green`` backends and ``replicas`` with ``mps=True`` need a CUDA GPU).
-
-    ``gpu=None`` asks torch whether a CUDA GPU is visible.
-    """
-    if gpu is None:
-        import torch
-
-        gpu = torch.cuda.is_available()
-    return tuple(m for m in MODES if mode_built(m) and (gpu or m not in _GPU_ONLY))
+    """The modes that run here: every mode, on CPU and GPU alike (``split``'s ``mps`` /
+    ``green`` backends and ``replicas`` with ``mps=True`` need a CUDA GPU and say so).
+    ``gpu`` is accepted for callers that ask per kind of machine; the answer is the same."""
+    return MODES
 
 
 def _check_mode(mode: Any) -> str:
@@ -90,24 +39,28 @@ def _check_mode(mode: Any) -> str:
     return mode
 
 
-def validate(workload: Workload, model) -> None:
-    """Raise a ``WorkloadError`` unless every request fits ``model`` (context and vocabulary)."""
-    if not isinstance(workload, Workload):
-        raise WorkloadError(
-            f"workload must be a splitlab Workload (see splitlab.workload builders), got {type(workload).__name__}"
-        )
-    if len(workload) == 0:  # Workload refuses this itself; kept for subclasses and duck types
-        raise WorkloadError(f"workload {workload.name!r} has no requests; give at least one")
-    workload.check_fits(int(model.facts.max_positions))
-    vocab = int(model.facts.vocab_size)
-    for r in workload:
-        top = max(r.prompt_ids)
-        low = min(r.prompt_ids)
-        if top >= vocab or low < 0:
-            raise WorkloadError(
-                f"request {r.id} has token id {top if top >= vocab else low} outside the model's "
-                f"vocabulary [0, {vocab}); build prompts with model=... so ids come from its vocabulary"
+def _mode_options(mode: str, batch_size: int, config, mode_kwargs: dict[str, Any]):
+    """``(engine config or None, the mode's own options)``, checked; before any model loads."""
+    from splitlab.modes.common import engine_config
+
+    if mode == "hf-generate":
+        if mode_kwargs:
+            raise ConfigError(
+                f"mode 'hf-generate' takes no keyword(s) {sorted(mode_kwargs)}; it accepts batch_size only"
             )
+        return None, None
+    if mode in ("serial", "chunked"):
+        if mode_kwargs:
+            raise ConfigError(f"mode {mode!r} takes no keyword(s) {sorted(mode_kwargs)}")
+        return engine_config(config), None
+    if mode == "split":
+        from splitlab.modes.split.run import split_config
+
+        return engine_config(config), split_config(**mode_kwargs)
+    from splitlab.modes.replicas import replica_config
+
+    options = replica_config(batch_size=batch_size, **mode_kwargs)
+    return (engine_config(config) if options.engine != "generate" else None), options
 
 
 def run(workload: Workload, model, mode: str = "hf-generate", *, batch_size: int = 8,
@@ -116,11 +69,14 @@ def run(workload: Workload, model, mode: str = "hf-generate", *, batch_size: int
 
     ``model`` is a ``LoadedModel`` or a spec string for ``load_model`` (``"tiny"``,
     ``"smollm2-135m"``, ``"dummy:<arch>"``, a folder or HF id). ``batch_size`` is the static
-    batch of ``hf-generate`` (and of ``replicas``' generate backend); ``config`` is the
+    batch of ``hf-generate`` (and of ``replicas``' generate engine); ``config`` is the
     ``EngineConfig`` of the engine modes (``hf-generate`` does not use it). ``slo`` is stored in
     the run so ``Run.summary()`` reports goodput against it. Extra keywords go to the mode
-    (e.g. ``backend="mps", prefill_share=40`` for ``split``).
+    (e.g. ``backend="mps", prefill_share=40`` for ``split``; ``num_replicas=2, engine="serial",
+    mps=False, stall_timeout_s=600`` for ``replicas``).
     """
+    from splitlab.modes.common import check_workload
+
     mode = _check_mode(mode)
     if slo is not None and not isinstance(slo, SLO):
         raise ConfigError(f"slo must be a splitlab.SLO(ttft_s=..., tpot_s=...), got {slo!r}")
@@ -130,37 +86,35 @@ def run(workload: Workload, model, mode: str = "hf-generate", *, batch_size: int
         raise WorkloadError(
             f"workload must be a splitlab Workload (see splitlab.workload builders), got {type(workload).__name__}"
         )
-    func = _target(mode)  # before loading a model: an unbuilt mode fails fast
+    engine, options = _mode_options(mode, batch_size, config, mode_kwargs)
     if isinstance(model, str):
         from splitlab.models import load_model
 
         model = load_model(model)
     if not hasattr(model, "facts") or not hasattr(model, "model"):
         raise ConfigError(f"model must be a LoadedModel (splitlab.load_model) or a spec string, got {model!r}")
-    validate(workload, model)
-
-    if mode == "hf-generate":
-        if mode_kwargs:
-            raise ConfigError(
-                f"mode 'hf-generate' takes no keyword(s) {sorted(mode_kwargs)}; it accepts batch_size only"
-            )
-        result = func(workload, model, batch_size=batch_size, progress=progress)
-    elif mode in ("serial", "chunked"):
+    if mode in ("serial", "chunked"):  # the split and replicas sessions check their own
         model.require_engine_support(mode)
-        cfg = config
-        if cfg is None:
-            from splitlab import config as config_module
-
-            engine_config = getattr(config_module, "EngineConfig", None)
-            if engine_config is None:
-                raise ModeError(f"mode {mode!r} is not built yet (splitlab.config.EngineConfig is missing)")
-            cfg = engine_config()
-        result = func(workload, model, mode, cfg, progress=progress, **mode_kwargs)
-    elif mode == "split":
-        model.require_engine_support(mode)
-        result = func(workload, model, config=config, progress=progress, **mode_kwargs)
-    else:  # replicas
-        result = func(workload, model, batch_size=batch_size, config=config, progress=progress, **mode_kwargs)
+    check_workload(workload, model, engine)
+    result = _dispatch(mode, workload, model, engine, options, batch_size, progress)
     if slo is not None:
-        result.config["slo"] = slo.to_dict()
+        result.config = dataclasses.replace(result.config, slo=slo)
     return result
+
+
+def _dispatch(mode: str, workload: Workload, model, engine, options, batch_size: int, progress: bool):
+    if mode == "hf-generate":
+        from splitlab.modes.hf_generate import _run_hf_generate
+
+        return _run_hf_generate(workload, model, batch_size=batch_size, progress=progress)
+    if mode in ("serial", "chunked"):
+        from splitlab.modes.continuous import _run_continuous
+
+        return _run_continuous(workload, model, mode, engine, progress=progress)
+    if mode == "split":
+        from splitlab.modes.split.run import _run_split
+
+        return _run_split(workload, model, engine, options, progress=progress)
+    from splitlab.modes.replicas import _run_replicas
+
+    return _run_replicas(workload, model, engine, options, progress=progress)

@@ -6,8 +6,12 @@ import pytest
 import torch
 
 import splitlab
-from splitlab.modes.hf_generate import run_hf_generate
 from splitlab.workload import LengthDist, fixed_batch, from_prompts
+
+
+def run_hf_generate(workload, model, **kwargs):
+    """The hf-generate mode, through the one entry point."""
+    return splitlab.run(workload, model, mode="hf-generate", **kwargs)
 
 
 def direct_generate(loaded, prompt_ids, n):
@@ -82,7 +86,7 @@ def test_timestamps_follow_static_batching(tiny):
     table = run.requests.set_index("id")
     assert table.loc[2, "queue_s"] > 0  # waited for request 3 and for the first batch
     assert run.wall_s == pytest.approx(max(t.token_times_s[-1] for t in run.traces))
-    assert run.mode == "hf-generate" and run.model == "tiny" and run.config["batch_size"] == 2
+    assert run.mode == "hf-generate" and run.model == "tiny" and run.config.batch_size == 2
     assert run.env["device"] in ("cpu", "cuda")
 
 

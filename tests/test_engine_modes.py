@@ -7,6 +7,7 @@ CPU: ragged prompts, arrivals spread over time, more requests than KV slots.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -16,11 +17,17 @@ from _traces import assert_slots_never_overcommitted, assert_traces_complete
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModelSpecError, ModeError, WorkloadError
 from splitlab.measure.metrics import Run, load_run
+from splitlab.engine.kv import slot_bytes
 from splitlab.engine.scheduler import SeqState
 from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
 from splitlab.engine.warmup import warm_up
-from splitlab.modes.continuous import run_continuous
+import splitlab
 from splitlab.workload import Workload, from_prompts
+
+
+def run_continuous(workload, model, mode, config=None, **kwargs):
+    """A serial / chunked run, through the one entry point."""
+    return splitlab.run(workload, model, mode=mode, config=config, **kwargs)
 
 
 def hf_greedy(loaded, prompt: list[int], n: int) -> list[int]:
@@ -143,8 +150,9 @@ def test_run_record_is_complete_and_round_trips(tiny, workload, tmp_path):
     run = run_continuous(workload, tiny, "chunked", config, progress=False)
     assert run.mode == "chunked" and run.model == "tiny" and run.workload == workload.name
     assert run.env["device"] in ("cpu", "cuda") and "versions" in run.env
-    assert run.config["chunk_size"] == 16 and run.config["effective"]["num_slots"] == 3
-    assert run.config["effective"]["kernels"] == "torch" and run.config["effective"]["cuda_graphs"] is False
+    assert run.config.engine.chunk_size == 16 and run.config.effective["num_slots"] == 3
+    assert run.config.effective["kernels"] == "torch" and run.config.effective["cuda_graphs"] is False
+    assert (run.config.num_requests, run.config.rate) == (len(workload), None)
     assert run.memory["kv_pool_bytes"] == 2 * 2 * 4 * 96 * 2 * 16 * 4  # 2 x layers x (3+1 rows) x len x heads x dim x fp32
     assert run.memory["weight_bytes"] == tiny.facts.weight_bytes and run.memory["peak_bytes"] is None
     assert {s.worker for s in run.steps} == {"chunked"}
@@ -152,6 +160,7 @@ def test_run_record_is_complete_and_round_trips(tiny, workload, tmp_path):
     assert summary["output_tokens"] == workload.total_output_tokens and summary["throughput_tok_s"] > 0
     again = load_run(run.save(tmp_path / "run.json"))
     assert again.output_ids() == run.output_ids() and len(again.steps) == len(run.steps)
+    assert again.config == run.config and again.to_dict() == run.to_dict()
 
 
 def test_bad_input_raises_clear_errors(tiny):
@@ -164,7 +173,7 @@ def test_bad_input_raises_clear_errors(tiny):
         run_continuous(beyond, tiny, "serial", EngineConfig(max_batch=2, chunk_size=8), progress=False)
     ok = from_prompts([[5, 6]], 2)
     with pytest.raises(ModeError):
-        run_continuous(ok, tiny, "split", EngineConfig(max_batch=2, chunk_size=8), progress=False)
+        run_continuous(ok, tiny, "continuous", EngineConfig(max_batch=2, chunk_size=8), progress=False)
     with pytest.raises(ConfigError, match="keyword"):
         run_continuous(ok, tiny, "serial", EngineConfig(max_batch=2, chunk_size=8), progress=False, backend="mps")
     with pytest.raises(ConfigError):
@@ -257,3 +266,85 @@ def test_eos_is_masked_like_hf_min_new_tokens():
         run = run_continuous(wl, loaded, mode, EngineConfig(max_seq_len=32, num_slots=2, max_batch=2, chunk_size=4),
                              progress=False)
         assert run.output_ids() == expected
+
+
+# ---- every EngineConfig field reaches every mode's workers ------------------------------------------
+# A setting a mode forgot to pass on (as the split decode runner and the replicas once did with
+# decode_variant) would leave that worker on the default: each worker reports what its runner
+# and KV pool really hold (RunConfig.effective / .workers), and the steps show its scheduler's
+# budgets. Every field is either checked here on CPU or listed with why only a GPU shows it.
+RUNNER_FIELDS = ("max_seq_len", "num_slots", "max_batch", "sdpa_backend", "decode_variant", "warmup")
+STEP_FIELDS = ("token_budget", "chunk_size")  # scheduler budgets: bounds on every step's tokens
+SIZING_FIELDS = ("kv_budget_bytes",)  # the KV pool's slot count when num_slots is None
+GPU_ONLY = {
+    "cuda_graphs": "a CPU runner never has graphs (True is refused there, None means False)",
+    "kernels": "'auto' is 'torch' on CPU; the Triton kernels run there only in Triton's interpreter",
+    "gemv": "needs the Triton kernels on CUDA",
+    "kv_memory_fraction": "sizes the pool from free GPU memory; on CPU num_slots defaults instead",
+    "decode_combine": "a setting of the Triton split-K decode attention",
+}
+NON_DEFAULT = EngineConfig(max_seq_len=80, num_slots=4, max_batch=2, token_budget=12, chunk_size=7, warmup=False,
+                           sdpa_backend="math", decode_variant="split")
+MODE_RUNS = {
+    "serial": {"mode": "serial"},
+    "chunked": {"mode": "chunked"},
+    "split streams": {"mode": "split", "backend": "streams"},
+    "split processes": {"mode": "split", "backend": "processes"},
+    "replicas": {"mode": "replicas", "num_replicas": 2, "engine": "serial"},
+}
+
+
+def seven_token_prompts() -> Workload:
+    """Five 7-token prompts arriving at once: two of them in one prefill step are 14 tokens."""
+    rng = random.Random(7)
+    return from_prompts([[rng.randrange(4, 260) for _ in range(7)] for _ in range(5)], 3, name="sevens")
+
+
+def worker_facts_of(run) -> dict:
+    return run.config.workers or {run.mode: run.config.effective}
+
+
+def test_every_engine_config_field_is_checked_or_gpu_only():
+    classified = set(RUNNER_FIELDS) | set(STEP_FIELDS) | set(SIZING_FIELDS) | set(GPU_ONLY)
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert fields - classified == set(), ("a new EngineConfig field: check that it reaches every mode's workers "
+                                          "below, or list it in GPU_ONLY with the reason")
+    assert classified - fields == set()
+    default = EngineConfig()
+    assert all(getattr(NON_DEFAULT, name) != getattr(default, name) for name in RUNNER_FIELDS + STEP_FIELDS)
+
+
+def test_the_step_budgets_bind_on_this_workload(tiny):
+    """Controls for the budget checks below: with the default budgets the same workload has a
+    prefill step of two prompts (14 tokens) and a chunked step above 7 tokens."""
+    wide = NON_DEFAULT.replace(token_budget=8192, chunk_size=512)
+    serial = run_continuous(seven_token_prompts(), tiny, "serial", wide, progress=False)
+    assert max(s.num_tokens for s in serial.steps if s.kind == "prefill") == 14
+    chunked = run_continuous(seven_token_prompts(), tiny, "chunked", wide, progress=False)
+    assert max(s.num_tokens for s in chunked.steps) > 7
+
+
+@pytest.mark.parametrize("name", list(MODE_RUNS))
+def test_every_engine_config_field_reaches_every_worker(tiny, name):
+    kwargs = dict(MODE_RUNS[name])
+    mode = kwargs.pop("mode")
+    share = kwargs.get("num_replicas", 1)  # replicas split the KV budget N ways
+    wl = seven_token_prompts()
+    run = splitlab.run(wl, tiny, mode=mode, config=NON_DEFAULT, progress=False, **kwargs)
+    assert run.output_ids() == {r.id: hf_greedy(tiny, list(r.prompt_ids), 3) for r in wl}
+    facts = worker_facts_of(run)
+    assert len(facts) == {"split": 2, "replicas": share}.get(mode, 1)
+    for worker, got in facts.items():
+        assert (got["max_seq_len"], got["num_slots"], got["max_batch"]) == (80, 4 // share, 2), worker
+        assert got["sdpa_backend"] == "math" and got["sdpa_effective"] == "math", worker
+        assert (got["decode_variant"], got["decode_variant_how"]) == ("split", "fixed"), worker
+        assert got["warmed_up"] is False, worker
+    if mode == "chunked":
+        assert max(s.num_tokens for s in run.steps) <= NON_DEFAULT.chunk_size
+    else:
+        assert max(s.num_tokens for s in run.steps if s.kind == "prefill") <= NON_DEFAULT.token_budget
+    # num_slots None: the pool holds as many slots as kv_budget_bytes pays for (one scratch row)
+    per_slot = slot_bytes(tiny.facts.num_layers, 80, tiny.facts.num_kv_heads, tiny.facts.head_dim, tiny.dtype)
+    sized = NON_DEFAULT.replace(num_slots=None, max_batch=8, chunk_size=16, kv_budget_bytes=6 * per_slot)
+    run = splitlab.run(wl, tiny, mode=mode, config=sized, progress=False, **kwargs)
+    assert {w: f["num_slots"] for w, f in worker_facts_of(run).items()} == {w: 6 // share - 1 for w in facts}

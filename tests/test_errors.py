@@ -57,15 +57,8 @@ def test_unknown_mode_lists_the_modes(tiny):
         assert mode in str(info.value)
 
 
-def test_a_mode_whose_code_is_missing_says_so(tiny, monkeypatch):
-    monkeypatch.setitem(engine._TARGETS, "serial", ("splitlab._not_built_yet", "run_continuous"))
-    wl = fixed_batch(1, 4, 2, model=tiny)
-    with pytest.raises(ModeError, match="not built yet"):
-        splitlab.run(wl, tiny, mode="serial", progress=False)
-    assert "serial" not in engine.available_modes(gpu=True)
-    monkeypatch.setitem(engine._TARGETS, "serial", ("splitlab.modes.hf_generate", "no_such_function"))
-    with pytest.raises(ModeError, match="not built yet"):
-        splitlab.run(wl, tiny, mode="serial", progress=False)
+def test_every_mode_is_available_here():
+    assert engine.available_modes() == engine.MODES == engine.available_modes(gpu=False)
 
 
 def test_token_ids_outside_the_vocabulary(tiny):

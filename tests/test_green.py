@@ -30,7 +30,7 @@ def test_granularity_by_architecture():
     "requested, expected",
     [
         ((40, 92), (40, 92)),  # the benchmark's split on an H200
-        ((32, 100), (32, 100)),  # FACTS.md: 32 + 100
+        ((32, 100), (32, 100)),  # a split measured on an H200: 32 + 100
         ((30, 100), (32, 100)),  # rounds up to a multiple of 8
         ((33, 90), (40, 92)),  # the second group is the whole remainder
         ((1, 1), (8, 124)),

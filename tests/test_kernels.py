@@ -158,7 +158,7 @@ def test_decode_attention_strided_query(tk):
 def test_engine_with_triton_kernels_matches_hf(tk, tiny):
     """The whole engine with the GPU kernels (batched decode attention, fused RoPE/KV write)."""
     from splitlab.config import EngineConfig
-    from splitlab.modes.continuous import run_continuous
+    import splitlab
     from splitlab.workload import from_prompts
 
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40] * 14, [99, 98]]
@@ -171,8 +171,8 @@ def test_engine_with_triton_kernels_matches_hf(tk, tiny):
         expected[r.id] = out[0, ids.shape[1]:].tolist()
     for mode in ("serial", "chunked"):
         config = EngineConfig(max_seq_len=32, num_slots=3, max_batch=3, chunk_size=6, kernels="triton")
-        run = run_continuous(wl, tiny, mode, config, progress=False)
-        assert run.config["effective"]["kernels"] == "triton"
+        run = splitlab.run(wl, tiny, mode=mode, config=config, progress=False)
+        assert run.config.effective["kernels"] == "triton"
         assert run.output_ids() == expected, mode
 
 

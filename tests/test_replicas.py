@@ -10,13 +10,17 @@ from __future__ import annotations
 import pytest
 
 import splitlab
-from splitlab.modes.replicas import run_replicas
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModeError
 
 from _colocation import assert_clean, expected_tokens, ragged_workload, snapshot
 
 CONFIG = EngineConfig(max_seq_len=96, num_slots=4, max_batch=4, token_budget=64)
+
+
+def run_replicas(workload, model, **kwargs):
+    """A one-off replicas run, through the one entry point."""
+    return splitlab.run(workload, model, mode="replicas", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +45,24 @@ def _check_replica_run(run, workload, n):
         own = sorted((s for s in run.steps if s.worker == f"replica-{i}"), key=lambda s: s.start_s)
         assert all(b.start_s >= a.end_s for a, b in zip(own, own[1:]))
     assert set(run.memory["per_worker"]) == {f"replica-{i}" for i in range(n)}
-    assert run.config["replicas"] == n and run.config["mode"] == "replicas"
+    assert run.config.replicas == n and run.config.mode == "replicas"
+    assert set(run.config.workers) == {f"replica-{i}" for i in range(n)}
 
 
 def test_engine_replicas_match_generate(tiny, workload, expected):
     before = snapshot()
     run = splitlab.run(workload, tiny, mode="replicas", config=CONFIG, num_replicas=2, engine="serial",
-                       progress=False)
+                       stall_timeout_s=120.0, progress=False)
     assert run.output_ids() == expected
     _check_replica_run(run, workload, 2)
     # each replica has its OWN pool with half the slots: two pools of 2 slots (+1 scratch row each)
-    assert [p["num_slots"] for p in run.config["per_replica"]] == [2, 2]
+    assert [run.config.workers[f"replica-{i}"]["num_slots"] for i in range(2)] == [2, 2]
     assert run.memory["kv_pools"] == 2
     assert run.memory["kv_pool_bytes"] == 2 * (2 * 2 * 3 * 96 * 2 * 16 * 4)
     assert run.memory["weight_bytes"] == tiny.facts.weight_bytes
-    assert run.config["backend"] == "serial" and run.config["mps"] is False
+    assert run.config.backend == "serial" and run.config.mps is False and run.config.engine == CONFIG
     # the second replica runs on replica 0's weights, mapped from shared memory (no copy)
-    assert run.config["per_replica"][1]["weights_shared"] is True
+    assert run.config.workers["replica-1"]["weights_shared"] is True
     assert_clean(before)
 
 
@@ -65,9 +70,9 @@ def test_generate_replicas_match_generate(tiny, workload, expected):
     run = run_replicas(workload, tiny, batch_size=3, num_replicas=2, engine="generate", progress=False)
     assert run.output_ids() == expected
     _check_replica_run(run, workload, 2)
-    assert run.config["engine"] == "generate" and run.config["batch_size"] == 3
+    assert run.config.replica_engine == "generate" and run.config.batch_size == 3 and run.config.engine is None
     assert run.memory["kv_pools"] == 0
-    assert run.config["per_replica"][1]["weights_shared"] is True
+    assert run.config.workers["replica-1"]["weights_shared"] is True
     # static batching per replica: every step holds at most batch_size requests of that replica
     assert all(len(s.request_ids) <= 3 for s in run.steps)
 
@@ -79,6 +84,8 @@ def test_replicas_arguments_are_checked(tiny, workload):
         run_replicas(workload, tiny, progress=False, engine="vllm")
     with pytest.raises(ConfigError, match="num_replicas"):
         run_replicas(workload, tiny, progress=False, num_replicas=0)
+    with pytest.raises(ConfigError, match="stall_timeout_s"):
+        run_replicas(workload, tiny, progress=False, stall_timeout_s=0)
     with pytest.raises(ModeError, match="mps=True needs an NVIDIA GPU"):
         run_replicas(workload, tiny, progress=False, mps=True)
     with pytest.raises(splitlab.WorkloadError, match="max_seq_len"):

@@ -2,7 +2,7 @@
 and nothing is left behind: no process, no /dev/shm entry, no multiprocessing temp folder.
 
 Children are killed from outside with ``os.kill(pid, SIGKILL)`` mid-run (their pids come
-from the session); errors are injected with the documented test hook ``SPLITLAB_FAULT``.
+from the session); errors are injected with ``Fault`` s handed to the session (``faults=``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import time
 import pytest
 
 import splitlab
+from splitlab.modes.common import Fault
 from splitlab.modes.replicas import ReplicaSession
 from splitlab.modes.split import SplitSession
-from splitlab.modes.split import run_split
-from splitlab.modes.common import fault_hook
-from splitlab.system.procs import ProcessGroup, WorkerSpec, remove_cuda_ipc_files
-from splitlab.config import EngineConfig
+from splitlab.modes.split.run import _run_split
+from splitlab.system.procs import Done, ProcessGroup, WorkerSpec, read_proc_file, remove_cuda_ipc_files
+from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ConfigError, WorkerError
 
 from _colocation import alive, assert_clean, descendants, expected_tokens, ragged_workload, snapshot
@@ -39,8 +39,7 @@ def long_workload(seconds: float = 6.0):
 
 
 def _comm(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as f:
-        return f.read().strip()
+    return read_proc_file(pid, "comm").decode().strip()
 
 
 def _kill_later(pid: int, after_s: float) -> list[float]:
@@ -78,23 +77,23 @@ def test_a_split_worker_killed_mid_run(tiny, victim):
     assert_clean(before, children)
 
 
-def test_an_injected_error_in_the_decode_process_names_it(tiny, monkeypatch):
+def test_an_injected_error_in_the_decode_process_names_it(tiny):
     before = snapshot()
-    monkeypatch.setenv("SPLITLAB_FAULT", "decode:raise:3")
-    with SplitSession(tiny, CONFIG, backend="processes") as session:
-        with pytest.raises(WorkerError, match=r"worker decode failed: RuntimeError: SPLITLAB_FAULT: injected failure"):
+    faults = (Fault("decode", "raise", 3),)
+    with SplitSession(tiny, CONFIG, backend="processes", faults=faults) as session:
+        with pytest.raises(WorkerError, match=r"worker decode failed: RuntimeError: injected failure in worker decode"):
             session.run(ragged_workload(), progress=False)
     assert session.children["decode"]["exitcode"] not in (None, 0)  # 1, or 143 if stopped while exiting
     assert_clean(before, session.children)
-    with pytest.raises(WorkerError):  # through run(): the same error, and the same clean state
-        run_split(ragged_workload(), tiny, CONFIG, backend="processes", progress=False)
+    with pytest.raises(WorkerError):  # a one-off run: the same error, and the same clean state
+        _run_split(ragged_workload(), tiny, CONFIG, SplitConfig(backend="processes"), progress=False, faults=faults)
     assert_clean(before)
 
 
-def test_an_injected_error_in_a_thread_names_it(tiny, monkeypatch):
-    monkeypatch.setenv("SPLITLAB_FAULT", "prefill:raise:2")
-    with pytest.raises(WorkerError, match=r"worker prefill failed: RuntimeError: SPLITLAB_FAULT"):
-        run_split(ragged_workload(), tiny, CONFIG, backend="streams", progress=False)
+def test_an_injected_error_in_a_thread_names_it(tiny):
+    with pytest.raises(WorkerError, match=r"worker prefill failed: RuntimeError: injected failure in worker prefill"):
+        _run_split(ragged_workload(), tiny, CONFIG, SplitConfig(backend="streams"), progress=False,
+                   faults=(Fault("prefill", "raise", 2),))
     deadline = time.monotonic() + 5
     while any(t.name.startswith("splitlab-") for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -125,6 +124,46 @@ def test_a_replica_killed_mid_run(tiny):
         assert time.monotonic() - killed_at[0] < 5.0
     assert session.children["replica-1"]["exitcode"] == -signal.SIGKILL
     assert_clean(before, session.children)
+
+
+def test_a_replica_that_hangs_stops_the_run_after_stall_timeout(tiny):
+    """A replica alive but silent (an injected hang after its first step) cannot make the run
+    wait for ever: ``stall_timeout_s`` after the last arrival the run fails, naming the stall."""
+    before = snapshot()
+    wl = ragged_workload()
+    with ReplicaSession(tiny, CONFIG, num_replicas=2, stall_timeout_s=2.0,
+                        faults=(Fault("replica-1", "hang", 1),)) as session:
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"replicas x2 run stalled: no worker reported progress for 2 s"):
+            session.run(wl, progress=False)
+        assert time.monotonic() - start < wl.requests[-1].arrival_s + 2.0 + 5.0
+    assert_clean(before, session.children)
+
+
+def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path):
+    """A spawned worker re-imports the main script; without ``if __name__ == "__main__":`` it
+    would start the run again. The run raises a ModeError saying to add the guard instead of
+    "worker died (exit code 1)", for split processes and replicas alike."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        import splitlab
+        from splitlab.config import EngineConfig
+        model = splitlab.load_model("tiny", device="cpu", dtype="float32")
+        wl = splitlab.from_prompts([[5, 6, 7]], 2)
+        config = EngineConfig(max_seq_len=64, num_slots=2, max_batch=2, chunk_size=8, warmup=False)
+        for mode, kw in (("split", {"backend": "processes"}), ("replicas", {"num_replicas": 2})):
+            try:
+                splitlab.run(wl, model, mode=mode, config=config, progress=False, **kw)
+            except splitlab.ModeError as exc:
+                print(mode, "ModeError:", exc, flush=True)
+    """))
+    before = snapshot()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["split", "replicas"], out.stdout + out.stderr
+    assert all('could not start' in line and 'if __name__ == "__main__":' in line for line in lines)
+    assert_clean(before)
 
 
 def test_children_die_with_a_killed_parent(tmp_path):
@@ -159,16 +198,22 @@ def test_children_die_with_a_killed_parent(tmp_path):
     assert_clean(before, children, timeout_s=10.0)
 
 
-def test_the_fault_hook_is_parsed_strictly():
-    assert fault_hook("decode", "") is None
-    assert fault_hook("decode", "prefill:raise:3") is None
-    hook = fault_hook("decode", "prefill:raise:1, decode:raise:2")
+def test_faults_are_checked_and_fire_after_their_step():
+    from splitlab.modes.common import fault_for
+
+    faults = (Fault("prefill", "raise", 1), Fault("decode", "raise", 2))
+    assert fault_for(faults, "replica-0") is None
+    hook = fault_for(faults, "decode")
     hook(1)
     with pytest.raises(RuntimeError, match="injected failure in worker decode after step 2"):
         hook(2)
-    for bad in ("decode:raise", "decode:explode:2", "decode:raise:x"):
-        with pytest.raises(ConfigError, match="SPLITLAB_FAULT"):
-            fault_hook("decode", bad)
+    for bad in (dict(worker="", action="raise", after_steps=1), dict(worker="decode", action="explode", after_steps=2),
+                dict(worker="decode", action="raise", after_steps=0), dict(worker="decode", action="raise",
+                                                                           after_steps="3")):
+        with pytest.raises(ConfigError, match="Fault"):
+            Fault(**bad)
+    with pytest.raises(ConfigError, match="faults must be a tuple"):
+        SplitSession(splitlab.load_model("tiny", device="cpu", dtype="float32"), CONFIG, faults="decode:raise:3")
 
 
 def _leave_cuda_ipc_file(channel) -> None:
@@ -187,7 +232,7 @@ def test_the_cuda_ipc_files_of_exited_children_are_removed(tmp_path):
         with group:
             pid = group.pids["exporter"]
             left = f"/dev/shm/cuda.shm.0.{pid:x}.1"
-            list(group.events_until_done(timeout_s=60))
+            group.wait_for(Done, 60.0, "finish")
             assert os.path.exists(left)  # the child really made it
         assert not os.path.exists(left)
     finally:

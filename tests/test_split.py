@@ -19,7 +19,6 @@ import pytest
 import splitlab
 from splitlab.modes.split import SplitSession
 from splitlab.measure.analysis import decode_interference
-from splitlab.modes.split import run_split
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ConfigError, ModeError
 from splitlab.measure.metrics import Run, StepTrace
@@ -27,6 +26,11 @@ from splitlab.measure.metrics import Run, StepTrace
 from _colocation import check_split_run, expected_tokens, ragged_workload, snapshot, assert_clean
 
 CONFIG = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, token_budget=64)
+
+
+def run_split(workload, model, config=None, **kwargs):
+    """A one-off split run, through the one entry point."""
+    return splitlab.run(workload, model, mode="split", config=config, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +47,9 @@ def test_streams_backend_matches_generate(tiny, workload, expected):
     run = splitlab.run(workload, tiny, mode="split", config=CONFIG, backend="streams", progress=False)
     assert run.output_ids() == expected
     check_split_run(run, workload, num_slots=3)
-    assert run.mode == "split" and run.config["backend"] == "streams"
-    assert run.config["effective"]["num_slots"] == 3 and run.config["prefill_share"] is None
+    assert run.mode == "split" and run.config.backend == "streams"
+    assert run.config.effective["num_slots"] == 3 and run.config.prefill_share is None
+    assert run.config.workers["decode"]["num_slots"] == 3 and run.config.engine == CONFIG
     assert {s.worker for s in run.steps} == {"prefill", "decode"}
     assert run.memory["kv_pool_bytes"] == 2 * 2 * 4 * 96 * 2 * 16 * 4  # 2 x layers x (3+1) x len x heads x dim x fp32
     assert run.memory["weight_bytes"] == tiny.facts.weight_bytes
@@ -58,12 +63,13 @@ def test_processes_backend_matches_generate(tiny, workload, expected):
     run = splitlab.run(workload, tiny, mode="split", config=CONFIG, backend="processes", progress=False)
     assert run.output_ids() == expected
     check_split_run(run, workload, num_slots=3)
-    assert run.config["backend"] == "processes" and run.config["split"]["backend"] == "processes"
+    assert run.config.backend == "processes" and run.config.split.backend == "processes"
     assert run.memory["per_worker"] == {"prefill": None, "decode": None}  # CPU: no device peaks
     assert run.memory["kv_pool_bytes"] == 2 * 2 * 4 * 96 * 2 * 16 * 4
     assert run.env["device"] == "cpu"
     # the decode process runs on the prefill process's weights and KV, mapped (shared memory), not copied
-    assert run.config["effective"]["decode_weights_shared"] is True
+    assert run.config.effective["decode_weights_shared"] is True
+    assert run.config.workers["decode"]["weights_shared"] is True
     assert_clean(before)
 
 
@@ -74,7 +80,7 @@ def test_one_thread_session_serves_several_runs(tiny, workload, expected):
         b = session.run(other, progress=False)
     assert a.output_ids() == expected
     assert b.output_ids() == expected_tokens(tiny, other)
-    assert (a.config["session_run"], b.config["session_run"]) == (1, 2)
+    assert (a.config.session_run, b.config.session_run) == (1, 2)
     with pytest.raises(splitlab.WorkerError, match="closed"):
         session.run(workload, progress=False)
 
@@ -116,7 +122,7 @@ def test_a_split_config_object_and_keywords_combine(tiny, workload, expected):
         run_split(workload, tiny, CONFIG, split=cfg, progress=False)
     # a keyword backend replaces the object's, and its MPS shares with it
     run = run_split(workload, tiny, CONFIG, split=cfg, backend="streams", progress=False)
-    assert run.config["backend"] == "streams" and run.config["prefill_share"] is None
+    assert run.config.backend == "streams" and run.config.prefill_share is None
     assert run.output_ids() == expected
 
 

@@ -1,4 +1,4 @@
-"""What every co-location backend shares: the prefill and decode loops, warm-up, the fault hook.
+"""What every mode shares: the split loops, the facts a run records, the one Run assembly.
 
 The loops are written once, against small callables for their transport, so threads
 (``queue.Queue``) and processes (``torch.multiprocessing`` queues) run the same code:
@@ -19,66 +19,86 @@ only after the host sync that returned the prefill step's tokens, which orders t
 writes (on the prefill worker's stream or process) before the decode worker's first read.
 Likewise a slot is freed only after the decode step that finished it returned its tokens.
 
-Test hook (documented, off unless set): ``SPLITLAB_FAULT="<worker>:<action>:<n>"`` makes
-the worker named ``<worker>`` (``prefill``, ``decode``, ``replica-0``, ...) fail right after
-its ``n``-th step: ``raise`` raises ``RuntimeError``, ``exit`` calls ``os._exit(3)`` (no
-message), ``kill`` sends itself SIGKILL. Several entries are separated by commas.
-Children inherit the variable when they are spawned.
+``build_run`` makes the ``Run`` of every mode; ``worker_facts`` reads what a runner really
+runs with (its ``RunConfig.effective`` / ``workers``).
+
+Tests inject failures with ``Fault`` (a worker name, an action, a step count), passed
+explicitly to a session (``faults=``); production code never reads it from anywhere else.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import signal
 import time
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from splitlab.errors import ConfigError
-from splitlab.engine.kv import KVPool
+from splitlab.config import EngineConfig, RunConfig
+from splitlab.errors import ConfigError, WorkerError, WorkloadError
+from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker, check_requests
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.scheduler import SeqState
-from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker
+from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.system.env import environment, synchronize
+from splitlab.workload import Workload
 
-FAULT_ENV = "SPLITLAB_FAULT"
-FAULT_ACTIONS = ("raise", "exit", "kill")
+FAULT_ACTIONS = ("raise", "exit", "kill", "hang")
 
 
 class Stopped(Exception):
     """A worker loop was asked to stop (the other worker failed, or Ctrl-C)."""
 
 
-# ---- the fault hook (tests) -----------------------------------------------------------------------
+# ---- injected failures (tests) ----------------------------------------------------------------------
 
-def fault_hook(worker: str, spec: str | None = None) -> Callable[[int], None] | None:
-    """The test hook of ``worker`` from ``SPLITLAB_FAULT`` (or ``spec``); None when unset."""
-    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
-    if not spec.strip():
-        return None
-    for entry in spec.split(","):
-        parts = entry.strip().split(":")
-        if len(parts) != 3 or parts[1] not in FAULT_ACTIONS or not parts[2].isdigit():
-            raise ConfigError(
-                f"{FAULT_ENV}={spec!r}: each entry must be '<worker>:<action>:<steps>' with action one of "
-                f"{', '.join(FAULT_ACTIONS)}, e.g. 'decode:raise:3'"
-            )
-        name, action, n = parts[0], parts[1], int(parts[2])
-        if name != worker:
-            continue
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """Make worker ``worker`` (``prefill``, ``decode``, ``replica-0``, ...) fail right after
+    its ``after_steps``-th step: ``raise`` raises ``RuntimeError``, ``exit`` calls
+    ``os._exit(3)`` (no message), ``kill`` sends itself SIGKILL, ``hang`` sleeps for an hour
+    (alive, silent: a stall). For tests: sessions take a tuple of them (``faults=``) and hand
+    each worker its own."""
 
-        def fire(step: int, _action=action, _n=n, _name=name) -> None:
-            if step < _n:
-                return
-            if _action == "raise":
-                raise RuntimeError(f"{FAULT_ENV}: injected failure in worker {_name} after step {step}")
-            if _action == "exit":
-                os._exit(3)
-            os.kill(os.getpid(), signal.SIGKILL)
+    worker: str
+    action: str
+    after_steps: int
 
-        return fire
-    return None
+    def __post_init__(self) -> None:
+        if not isinstance(self.worker, str) or not self.worker:
+            raise ConfigError(f"Fault.worker must be a worker name such as 'decode', got {self.worker!r}")
+        if self.action not in FAULT_ACTIONS:
+            raise ConfigError(f"Fault.action must be one of {', '.join(FAULT_ACTIONS)}, got {self.action!r}")
+        n = self.after_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"Fault.after_steps must be a positive integer, got {n!r}")
+
+    def __call__(self, step: int) -> None:
+        """The loops' per-step hook: fail once ``step`` reached ``after_steps``."""
+        if step < self.after_steps:
+            return
+        if self.action == "raise":
+            raise RuntimeError(f"injected failure in worker {self.worker} after step {step}")
+        if self.action == "exit":
+            os._exit(3)
+        if self.action == "hang":
+            time.sleep(3600.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_for(faults: Sequence[Fault], worker: str) -> Fault | None:
+    """The fault of ``worker`` among ``faults`` (the first one naming it), or None."""
+    return next((f for f in faults if f.worker == worker), None)
+
+
+def check_faults(faults: Any) -> tuple[Fault, ...]:
+    if not isinstance(faults, (tuple, list)) or not all(isinstance(f, Fault) for f in faults):
+        raise ConfigError(f"faults must be a tuple of splitlab.modes.common.Fault, got {faults!r}")
+    return tuple(faults)
 
 
 # ---- slots freed by the decode side ---------------------------------------------------------------
@@ -192,29 +212,20 @@ def decode_loop(worker: DecodeWorker, freed: FreedSlots, *,
             return seqs
 
 
-# ---- the runner of a worker -----------------------------------------------------------------------
-
-def decode_runner(arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, config, max_batch: int
-                  ) -> ModelRunner:
-    """A runner over shared weights and a shared KV pool, with the engine options of ``config``."""
-    return ModelRunner.for_config(arch, weights, kv, config, max_batch=max_batch)
-
-
 # ---- facts a run records ----------------------------------------------------------------------------
 
-def check_same_model(model, info: dict[str, Any], who: str, how: str) -> None:
-    """Refuse to run when the process ``who`` loaded other shapes or weights than ``model``.
-
-    Worker processes load the model themselves by (spec, device, dtype, seed) and report its
-    facts and a weight fingerprint in ``info``; ``how`` says what to do instead.
-    """
-    if info.get("facts") != model.facts.to_dict():
-        raise ConfigError(f"{who} loaded {model.spec!r} with other shapes than the model passed in; {how}")
+def check_same_model(model, ready, who: str, how: str) -> None:
+    """Refuse to run when the worker process ``who`` loaded other shapes or weights than
+    ``model``. Worker processes load the model themselves by (spec, device, dtype, seed) and
+    report its facts and a weight fingerprint (``ready``: their ``session.Ready``); ``how``
+    says what to do instead."""
+    if ready.model_facts != model.facts.to_dict():
+        raise ConfigError(f"worker {who} loaded {model.spec!r} with other shapes than the model passed in; {how}")
     mine = weight_fingerprint(model.model)
-    if mine is not None and info.get("fingerprint") != mine:
+    if mine is not None and ready.fingerprint != mine:
         raise ConfigError(
-            f"the weights {who} loaded for {model.spec!r} (seed {model.seed}) differ from those of the model "
-            f"passed in (were they changed after load_model?); {how}"
+            f"the weights worker {who} loaded for {model.spec!r} (seed {model.seed}) differ from those of the "
+            f"model passed in (were they changed after load_model?); {how}"
         )
 
 
@@ -258,8 +269,38 @@ def peak_bytes(device: torch.device) -> int | None:
 
 def reset_peak(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def engine_config(config) -> EngineConfig:
+    """``config``, or the default ``EngineConfig`` for None; anything else is refused."""
+    config = config if config is not None else EngineConfig()
+    if not isinstance(config, EngineConfig):
+        raise ConfigError(f"config must be a splitlab.config.EngineConfig, got {type(config).__name__}")
+    return config
+
+
+def check_workload(workload: Workload, model, config: EngineConfig | None) -> None:
+    """The one check of a run's workload (``splitlab.run`` and the sessions' ``run``; below
+    them every layer assumes it passed): a ``Workload`` whose every request fits ``model``
+    (context and vocabulary) and, for the engine modes (``config`` given), a KV slot."""
+    if not isinstance(workload, Workload):
+        raise WorkloadError(
+            f"workload must be a splitlab Workload (see splitlab.workload builders), got {type(workload).__name__}"
+        )
+    positions = int(model.facts.max_positions)
+    workload.check_fits(positions)
+    vocab = int(model.facts.vocab_size)
+    for r in workload:
+        top, low = max(r.prompt_ids), min(r.prompt_ids)
+        if top >= vocab or low < 0:
+            raise WorkloadError(
+                f"request {r.id} has token id {top if top >= vocab else low} outside the model's "
+                f"vocabulary [0, {vocab}); build prompts with model=... so ids come from its vocabulary"
+            )
+    if config is not None:
+        check_requests(workload, min(config.max_seq_len, positions), positions)
 
 
 def cpu_threads_per_worker(workers: int) -> None:
@@ -268,15 +309,24 @@ def cpu_threads_per_worker(workers: int) -> None:
     torch.set_num_threads(n)
 
 
-def runner_facts(runner: ModelRunner, kv: KVPool) -> dict[str, Any]:
+def worker_facts(runner: ModelRunner, warmed_up: bool) -> dict[str, Any]:
+    """What ``runner`` really runs with, read from the runner and its KV pool (not from the
+    config it was given): what a run records per worker, and what a test compares with the
+    ``EngineConfig``. ``warmed_up``: whether the worker ran its warm-up."""
+    kv = runner.kv
+    cuda = runner.device.type == "cuda"
     return {
-        "num_slots": kv.num_slots,
         "max_seq_len": kv.max_seq_len,
+        "num_slots": kv.num_slots,
         "max_batch": runner.max_batch,
         "kernels": runner.kernels.name,
-        "sdpa_backend": getattr(runner, "sdpa_backend", None),
-        "decode_combine": getattr(runner.kernels, "combine", None),
+        "gemv": runner._gemv is not None,  # the runner keeps no other record of it
+        "sdpa_backend": runner.sdpa_backend,
+        "sdpa_effective": runner.sdpa_effective_backend() if cuda else runner.sdpa_backend,
+        "decode_combine": getattr(runner.kernels, "combine", None),  # Triton kernels only
+        **runner.decode_variant_info(),
         "cuda_graphs": runner.cuda_graphs,
+        "warmed_up": bool(warmed_up),
         "device": str(runner.device),
         "dtype": str(runner.dtype).replace("torch.", ""),
         "kv_pool_bytes": kv.nbytes,
@@ -284,40 +334,35 @@ def runner_facts(runner: ModelRunner, kv: KVPool) -> dict[str, Any]:
     }
 
 
-def step_tuple(step) -> tuple:
-    """A StepTrace as a plain tuple (cheap to pickle)."""
-    return (step.worker, step.kind, step.start_s, step.end_s, list(step.request_ids), step.num_tokens)
+def build_run(config: RunConfig, model, workload: Workload, traces: Iterable[RequestTrace],
+              steps: Iterable[StepTrace], memory: dict[str, Any]) -> Run:
+    """The ``Run`` of every mode: ``traces`` in the workload's order (every request must have
+    finished), ``steps`` in time order, the workload's facts and the model's in ``config``."""
+    by_id = {t.id: t for t in traces}
+    missing = [r.id for r in workload if r.id not in by_id or not by_id[r.id].finished]
+    if missing:
+        raise WorkerError(f"the {config.mode} run ended with requests {missing[:10]} unfinished "
+                          f"({len(missing)} of {len(workload)})")
+    config = dataclasses.replace(config, num_requests=len(workload), rate=workload.rate,
+                                 model_facts=model.facts.to_dict())
+    return Run(mode=config.mode, model=model.spec, workload=workload.name, config=config, env=environment(),
+               traces=[by_id[r.id] for r in workload], steps=sorted(steps, key=lambda s: (s.start_s, s.worker)),
+               memory=memory)
 
 
-class Outbox:
-    """Batches a child's events to the parent: at most one message per ``flush_s``."""
-
-    def __init__(self, send: Callable[[str, Any], None], kind: str, flush_s: float):
-        self._send = send
-        self.kind = kind
-        self.flush_s = flush_s
-        self.items: list[Any] = []
-        self._last = time.perf_counter()
-
-    def add(self, item: Any) -> None:
-        self.items.append(item)
-        if time.perf_counter() - self._last >= self.flush_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.items:
-            items, self.items = self.items, []
-            self._send(self.kind, items)
-        self._last = time.perf_counter()
+def total_or_none(values: Iterable[int | None]) -> int | None:
+    """The sum, or None when any part is unknown (a CPU worker has no device peak)."""
+    values = list(values)
+    return sum(values) if all(v is not None for v in values) else None
 
 
 def worker_model_args(model) -> dict[str, Any]:
     """What a worker process needs to load ``model`` itself: (spec, device, dtype, seed)."""
     return {"spec": model.spec, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "seed": int(getattr(model, "seed", 0))}
+            "seed": int(model.seed)}
 
 
-def no_mps_env() -> dict[str, None]:
+def no_mps_env() -> dict[str, str | None]:
     """A worker environment that removes every ``CUDA_MPS_*`` variable of the caller, so no
     process joins an MPS daemon it was not asked to (a daemon's client_env adds them back)."""
     return {k: None for k in os.environ if k.startswith("CUDA_MPS_")}
@@ -326,8 +371,6 @@ def no_mps_env() -> dict[str, None]:
 def mps_clients(daemon, pids: dict[str, int], **extra: Any) -> dict[str, Any]:
     """What an MPS daemon reports while the workers run: its servers, their clients, and
     whether every worker is among them (recorded in the run; a mismatch warns)."""
-    import warnings
-
     info: dict[str, Any] = {"pipe_dir": str(daemon.pipe_dir), **extra}
     try:
         servers = daemon.servers()

@@ -3,42 +3,30 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
-from splitlab.config import EngineConfig
-from splitlab.engine.loop import Worker, build_engine, check_requests, drive
-from splitlab.engine.warmup import warm_up
+from splitlab.config import EngineConfig, RunConfig
+from splitlab.engine.loop import Worker, build_engine, drive
 from splitlab.engine.scheduler import Scheduler
-from splitlab.errors import ConfigError, ModeError
+from splitlab.engine.warmup import warm_up
 from splitlab.measure.metrics import Run
+from splitlab.modes.common import build_run, peak_bytes, reset_peak, worker_facts
 from splitlab.workload import Workload
 
 MODES = ("serial", "chunked")
 
 
-def run_continuous(workload: Workload, model, mode: str, config: EngineConfig | None = None,
-                   progress: bool = True, **unknown) -> Run:
-    """Serve ``workload`` on ``model`` with continuous batching in real time; return the ``Run``.
+def _run_continuous(workload: Workload, model, mode: str, config: EngineConfig, progress: bool = True) -> Run:
+    """Serve ``workload`` on ``model`` with continuous batching in real time; return the ``Run``
+    (``splitlab.run(..., mode="serial" / "chunked")``, which checked the input).
 
     Requests become visible to the scheduler at their ``arrival_s`` (seconds after the run's
     start, which is after engine build and warm-up); when nothing is runnable the loop sleeps
     until the next arrival. Outputs are exactly ``max_new_tokens`` greedy tokens (EOS ignored).
     """
-    if unknown:
-        raise ConfigError(f"mode {mode!r} takes no keyword(s) {sorted(unknown)}")
-    if mode not in MODES:
-        raise ModeError(f"run_continuous runs {', '.join(MODES)}; got {mode!r}")
-    config = config if config is not None else EngineConfig()
-    if not isinstance(config, EngineConfig):
-        raise ConfigError(f"config must be a splitlab.config.EngineConfig, got {type(config).__name__}")
-    model.require_engine_support(mode)
-    check_requests(workload, min(config.max_seq_len, model.facts.max_positions), model.facts.max_positions)
-
-    cuda = torch.device(model.device).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(model.device)
+    device = torch.device(model.device)
+    reset_peak(device)
     parts = build_engine(model, config)
     runner = parts.runner
     if config.warmup:
@@ -53,31 +41,6 @@ def run_continuous(workload: Workload, model, mode: str, config: EngineConfig | 
 
     worker = Worker(mode, runner, scheduler, clock)
     traces = drive(worker, workload, clock, progress=progress)
-
-    from splitlab.system.env import environment
-
-    memory: dict[str, Any] = {
-        "peak_bytes": int(torch.cuda.max_memory_allocated(model.device)) if cuda else None,
-        "kv_pool_bytes": parts.kv.nbytes,
-        "weight_bytes": runner.weight_bytes,
-    }
-    run_config = {
-        "mode": mode,
-        **config.to_dict(),
-        "effective": {
-            "max_seq_len": parts.max_seq_len,
-            "num_slots": parts.kv.num_slots,
-            "max_batch": runner.max_batch,
-            "kernels": runner.kernels.name,
-            "gemv": runner.gemv_report is not None or bool(config.gemv),
-            "sdpa_backend": runner.sdpa_backend,
-            "decode_combine": getattr(runner.kernels, "combine", None),
-            **runner.decode_variant_info(),
-            "sdpa_effective": runner.sdpa_effective_backend() if cuda else runner.sdpa_backend,
-            "cuda_graphs": runner.cuda_graphs,
-            "device": str(runner.device),
-            "dtype": str(runner.dtype).replace("torch.", ""),
-        },
-    }
-    return Run(mode=mode, model=model.spec, workload=workload.name, config=run_config, env=environment(),
-               traces=[traces[r.id] for r in workload], steps=worker.steps, memory=memory)
+    memory = {"peak_bytes": peak_bytes(device), "kv_pool_bytes": parts.kv.nbytes, "weight_bytes": runner.weight_bytes}
+    config_record = RunConfig(mode=mode, engine=config, effective=worker_facts(runner, config.warmup))
+    return build_run(config_record, model, workload, traces.values(), worker.steps, memory)

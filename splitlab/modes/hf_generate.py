@@ -27,14 +27,13 @@ in the last bits and, rarely, flip a near-tie argmax; tests/test_baseline.py che
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from splitlab.system.env import environment
-from splitlab.errors import ConfigError, WorkloadError
+from splitlab.config import RunConfig
 from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.system.env import synchronize
 from splitlab.workload import Workload
 
 MODE = "hf-generate"
@@ -91,17 +90,12 @@ class TimingStreamer(BaseStreamer):
         if not self.seen_prompt:
             self.seen_prompt = True
             return
-        _sync(self.device)
+        synchronize(self.device)
         self.times.append(time.perf_counter() - self.t0)
         self.tokens.append([int(t) for t in value.reshape(-1).tolist()])
 
     def end(self) -> None:
         pass
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _pad_id(model, tokenizer) -> int:
@@ -136,7 +130,7 @@ def warm_up_static(model, requests, batch_size: int) -> None:
     ids, mask = _batch_tensors([r.prompt_ids for r in list(requests)[:batch_size]], pad_id, model.device)
     with torch.inference_mode():
         hf.generate(input_ids=ids, attention_mask=mask, generation_config=greedy_config(hf, 2, pad_id))
-    _sync(model.device)
+    synchronize(model.device)
 
 
 def serve_static_batches(model, requests, batch_size: int, t0: float, worker: str = WORKER,
@@ -173,7 +167,7 @@ def serve_static_batches(model, requests, batch_size: int, t0: float, worker: st
                 input_ids=ids, attention_mask=mask, streamer=streamer,
                 generation_config=greedy_config(hf, longest, pad_id),
             )
-        _sync(device)
+        synchronize(device)
         new = out[:, ids.shape[1]:].tolist()
         times = streamer.times
         if len(times) != longest or any(len(row) != longest for row in new):
@@ -198,19 +192,17 @@ def serve_static_batches(model, requests, batch_size: int, t0: float, worker: st
     return traces, steps
 
 
-def run_hf_generate(workload: Workload, model, batch_size: int = 8, progress: bool = True,
-                    warmup: bool = True) -> Run:
-    """Run ``workload`` through HF ``generate()`` on static batches; return a ``Run``.
+def _run_hf_generate(workload: Workload, model, batch_size: int = 8, progress: bool = True,
+                     warmup: bool = True) -> Run:
+    """Run ``workload`` through HF ``generate()`` on static batches; return a ``Run``
+    (``splitlab.run(..., mode="hf-generate")``, which checked the input).
 
     ``model`` is a ``splitlab.models.LoadedModel``. See the module docstring for what is timed.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(workload, Workload):
-        raise WorkloadError(f"workload must be a splitlab Workload, got {type(workload).__name__}")
+    from splitlab.modes.common import build_run, peak_bytes, reset_peak
+
     device = model.device
     requests = list(workload.requests)  # sorted by arrival
-
     if warmup:
         warm_up_static(model, requests, batch_size)
 
@@ -218,26 +210,16 @@ def run_hf_generate(workload: Workload, model, batch_size: int = 8, progress: bo
 
     bar = tqdm(total=len(requests), desc=f"{MODE} {model.spec}", unit="req", disable=not progress,
                leave=False)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    reset_peak(device)
+    synchronize(device)
     t0 = time.perf_counter()
     try:
         traces, steps = serve_static_batches(model, requests, batch_size, t0,
                                              on_batch=lambda batch: bar.update(len(batch)))
     finally:
         bar.close()
-    memory: dict[str, Any] = {}
-    if device.type == "cuda":
-        memory = {"peak_bytes": int(torch.cuda.max_memory_allocated(device))}
-    config = {
-        "batch_size": batch_size,
-        "device": str(device),
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "warmup": warmup,
-        "facts": model.facts.to_dict(),
-    }
-    return Run(
-        mode=MODE, model=model.spec, workload=workload.name, config=config, env=environment(),
-        traces=[traces[r.id] for r in requests], steps=steps, memory=memory,
-    )
+    peak = peak_bytes(device)
+    config = RunConfig(mode=MODE, batch_size=batch_size,
+                       effective={"device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
+                                  "warmup": warmup})
+    return build_run(config, model, workload, traces.values(), steps, {} if peak is None else {"peak_bytes": peak})

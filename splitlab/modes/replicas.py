@@ -11,7 +11,7 @@ share of the requests (dealt round-robin in arrival order), all measured from on
 Weights exist once: ``replica-0`` loads the model by (spec, device, dtype, seed) and shares
 its weight tensors with the others through a ``torch.multiprocessing`` queue (CUDA IPC on
 GPU, as the paper's vLLM fork did; shared memory on CPU); it keeps them alive until every
-other replica said ``bye``. The KV cache does NOT: each engine replica allocates its own
+other replica said ``Bye``. The KV cache does NOT: each engine replica allocates its own
 pool with 1/N of the budget (``num_slots // N`` slots when ``num_slots`` is given, else
 ``kv_budget_bytes / N``, else ``kv_memory_fraction / N`` of the free memory replica 0 sees
 after loading; on CPU ``min(max_batch, 8) // N``), the paper's ``0.9 / N`` memory split. So
@@ -19,7 +19,8 @@ each replica batches at most 1/N of the sequences one engine could, and ``Run.me
 lists every replica's peak (``per_worker``) and their sum (``peak_bytes``).
 
 ``mps=True`` runs the replicas as clients of a private MPS daemon (no SM percentages, as the
-paper); ``mps=False`` leaves them time-sliced by the driver.
+paper); ``mps=False`` leaves them time-sliced by the driver. The processes' life cycle is
+``splitlab.modes.session``'s.
 """
 
 from __future__ import annotations
@@ -27,28 +28,104 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import os
 import queue
 import shutil
 import time
-import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from splitlab.config import EngineConfig
-from splitlab.errors import ConfigError, ModeError, WorkerError
-from splitlab.measure.metrics import RequestTrace, Run, StepTrace
+from splitlab.config import EngineConfig, FrozenConfig, RunConfig
+from splitlab.errors import ConfigError, ModeError
+from splitlab.measure.metrics import Run
+from splitlab.modes.common import (Fault, build_run, check_faults, check_workload, cpu_threads_per_worker,
+                                   engine_config, fault_for, mapped_not_owned, round_robin, total_or_none,
+                                   weight_fingerprint, worker_facts, worker_model_args)
+from splitlab.modes.session import Arm, ProcessSession, Ready, clock_from, serve_runs
+from splitlab.system.env import synchronize
 from splitlab.workload import Workload
-from splitlab.modes.common import (Outbox, check_same_model, cpu_threads_per_worker, decode_runner, fault_hook, mapped_not_owned, mps_clients, no_mps_env, peak_bytes, reset_peak, round_robin, step_tuple, weight_fingerprint, worker_model_args)
-from splitlab.system.procs import ProcessGroup, WorkerSpec
 
 ENGINES = ("serial", "chunked", "generate")
 MPS_HINT = ("replicas with mps=True needs an NVIDIA GPU with nvidia-cuda-mps-control; "
             "use mps=False")
 
 
+@dataclasses.dataclass(frozen=True)
+class ReplicaConfig(FrozenConfig):
+    """How the ``replicas`` mode runs: ``num_replicas`` engines of kind ``engine``
+    (``"serial"``, ``"chunked"`` or ``"generate"``), under a private MPS daemon when ``mps``;
+    ``batch_size``: generate's static batch. ``ready_timeout_s``: seconds allowed to load,
+    share and warm up (and to get ready for each run); ``stall_timeout_s``: a run fails
+    (``WorkerError``) when no replica reported progress for this long after the last
+    arrival; ``event_flush_s``: a replica reports its progress at most this often."""
+
+    num_replicas: int = 2
+    engine: str = "serial"
+    mps: bool = False
+    batch_size: int = 8
+    ready_timeout_s: float = 900.0
+    stall_timeout_s: float = 600.0
+    event_flush_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"replicas engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if not isinstance(self.mps, bool):
+            raise ConfigError(f"mps must be True or False, got {self.mps!r}")
+        for name in ("ready_timeout_s", "stall_timeout_s", "event_flush_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+REPLICA_KEYS = tuple(f.name for f in dataclasses.fields(ReplicaConfig))
+
+
+def replica_config(options: ReplicaConfig | None = None, **kwargs: Any) -> ReplicaConfig:
+    """A ``ReplicaConfig`` from an existing one (``options``) and/or keywords."""
+    unknown = sorted(set(kwargs) - set(REPLICA_KEYS))
+    if unknown:
+        raise ConfigError(f"mode 'replicas' got unknown keyword(s) {unknown}; accepted: config, progress, "
+                          f"options, {', '.join(REPLICA_KEYS)}")
+    if options is None:
+        return ReplicaConfig(**kwargs)
+    if not isinstance(options, ReplicaConfig):
+        raise ConfigError(f"options must be a splitlab.modes.replicas.ReplicaConfig, got {type(options).__name__}")
+    return dataclasses.replace(options, **kwargs) if kwargs else options
+
+
 # ==== child side ====================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """What replica 0 gives every other replica: the model's facts and dtype, each engine
+    replica's KV share (``kv_plan``), and the weights: the engine's (``arch``, ``weights``)
+    or, for ``generate``, the HF model's class, config, tensors and tokenizer."""
+
+    facts: Any
+    dtype: torch.dtype
+    kv_plan: dict[str, int]
+    arch: dict[str, Any] | None = None
+    weights: dict[str, torch.Tensor] | None = None
+    hf_class: type | None = None
+    hf_config: Any = None
+    hf_tensors: list | None = None
+    tokenizer: Any = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.weights.values()) if self.weights is not None else [t for _, t, _ in self.hf_tensors]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bye:
+    """A replica let go of replica 0's memory."""
+
+    index: int
+
 
 @dataclasses.dataclass(frozen=True)
 class _Shape:
@@ -99,7 +176,7 @@ def _rebuild_hf(cls, config, tensors, dtype: torch.dtype):
     return model
 
 
-def _kv_plan(config: EngineConfig, n: int, device: torch.device) -> dict[str, Any]:
+def _kv_plan(config: EngineConfig, n: int, device: torch.device) -> dict[str, int]:
     """Each engine replica's share of the KV budget (see the module docstring)."""
     if config.num_slots is not None:
         return {"num_slots": max(1, config.num_slots // n)}
@@ -111,77 +188,61 @@ def _kv_plan(config: EngineConfig, n: int, device: torch.device) -> dict[str, An
     return {"num_slots": max(1, min(config.max_batch, 8) // n)}
 
 
-def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine: str, engine_cfg: dict[str, Any],
-                 batch_size: int, share_q, bye_q, flush_s: float, ready_timeout_s: float) -> None:
-    from splitlab.engine.kv import KVPool, SlotAllocator
-    from splitlab.models import LoadedModel, load_model
+def _load_and_share(model_args: dict[str, Any], engine: str, config: EngineConfig, n: int, share_q):
+    """Replica 0: load the model, make its weights shareable, put one ``Shared`` per other
+    replica on ``share_q``; ``(loaded model, shared)``."""
     from splitlab.engine.weights import extract_arch, extract_weights
-    from splitlab.engine.scheduler import Scheduler
-    from splitlab.engine.loop import Worker, drive
-    from splitlab.engine.warmup import warm_up
+    from splitlab.models import load_model
 
-    name = channel.name
-    config = EngineConfig.from_dict(engine_cfg)
     device = torch.device(model_args["device"])
-    if device.type == "cpu":
-        cpu_threads_per_worker(n)
-    started = time.perf_counter()
-    info: dict[str, Any] = {"pid": os.getpid()}
-    loaded = None
-    if index == 0:
-        loaded = load_model(model_args["spec"], device=device, dtype=model_args["dtype"], seed=model_args["seed"])
-        info["fingerprint"] = weight_fingerprint(loaded.model)
-        info["facts"] = loaded.facts.to_dict()
-        if engine == "generate":
-            payload = {"cls": type(loaded.model), "config": loaded.model.config,
-                       "tensors": _hf_tensors(loaded.model, device.type == "cpu"), "tokenizer": loaded.tokenizer}
-        else:
-            loaded.require_engine_support(engine)
-            weights = extract_weights(loaded.model, share_storage=True)  # shared with the others, held once
-            if device.type == "cpu":
-                for t in weights.values():
-                    t.share_memory_()
-            payload = {"arch": extract_arch(loaded.model), "weights": weights}
-        payload.update({"facts": loaded.facts, "dtype": loaded.dtype, "kv": _kv_plan(config, n, device)})
-        for _ in range(n - 1):
-            share_q.put(("setup", payload))
-    else:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                msg = share_q.get(timeout=0.2)
-                break
-            except queue.Empty:
-                channel.check_parent()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name}: no weights from replica-0 within {ready_timeout_s:.0f} s") from None
-        payload = msg[1]
-        received = payload["weights"].values() if "weights" in payload else [t for _, t, _ in payload["tensors"]]
-        info["weights_shared"] = mapped_not_owned(received, device)
-        del received
-    facts, dtype = payload["facts"], payload["dtype"]
-    runner = kv = None
+    loaded = load_model(model_args["spec"], device=device, dtype=model_args["dtype"], seed=model_args["seed"])
+    common = {"facts": loaded.facts, "dtype": loaded.dtype, "kv_plan": _kv_plan(config, n, device)}
     if engine == "generate":
-        if loaded is None:
-            hf = _rebuild_hf(payload["cls"], payload["config"], payload["tensors"], dtype)
-            loaded = LoadedModel(model_args["spec"], hf, payload["tokenizer"], facts, device, dtype,
-                                 model_args["seed"])
+        shared = Shared(**common, hf_class=type(loaded.model), hf_config=loaded.model.config,
+                        hf_tensors=_hf_tensors(loaded.model, device.type == "cpu"), tokenizer=loaded.tokenizer)
     else:
-        kv = KVPool.for_model(_Shape(facts, dtype, device), min(config.max_seq_len, facts.max_positions),
-                              max_slots=config.max_batch, memory_fraction=config.kv_memory_fraction,
-                              **payload["kv"])
-        runner = decode_runner(payload["arch"], payload["weights"], kv, config, min(config.max_batch, kv.num_slots))
-        if config.warmup:
-            warm_up(runner, token_budget=config.token_budget)
-        info.update({"num_slots": kv.num_slots, "kv_pool_bytes": kv.nbytes, "max_batch": runner.max_batch,
-                     "kernels": runner.kernels.name, "cuda_graphs": runner.cuda_graphs,
-                     "weight_bytes": runner.weight_bytes})
-    del payload
-    info["ready_s"] = time.perf_counter() - started
-    channel.send("ready", info)
+        loaded.require_engine_support(engine)
+        weights = extract_weights(loaded.model, share_storage=True)  # shared with the others, held once
+        if device.type == "cpu":
+            for t in weights.values():
+                t.share_memory_()
+        shared = Shared(**common, arch=extract_arch(loaded.model), weights=weights)
+    for _ in range(n - 1):
+        share_q.put(shared)
+    return loaded, shared
 
-    class _Reporting(Worker):
-        """The engine worker, reporting progress and honouring the fault hook per step."""
+
+def _receive(share_q, channel, timeout_s: float) -> Shared:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return share_q.get(timeout=0.2)
+        except queue.Empty:
+            channel.check_parent()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{channel.name}: no weights from replica-0 within {timeout_s:.0f} s") from None
+
+
+def _counting(report: Callable[[int], None], fault: Fault | None) -> Callable[[int], None]:
+    """Per step (or batch): report its tokens, then let an injected fault fire."""
+    steps = [0]
+
+    def on_step(tokens: int) -> None:
+        report(tokens)
+        steps[0] += 1
+        if fault is not None:
+            fault(steps[0])
+    return on_step
+
+
+def _engine_server(name: str, runner, policy: str, config: EngineConfig, fault: Fault | None):
+    """``serve`` of an engine replica: its share through the ``serial`` / ``chunked`` loop."""
+    from splitlab.engine.kv import SlotAllocator
+    from splitlab.engine.loop import Worker, drive
+    from splitlab.engine.scheduler import Scheduler
+
+    class Reporting(Worker):
+        """The engine worker, reporting each step (progress, and the fault hook)."""
 
         def __init__(self, *args, on_step):
             super().__init__(*args)
@@ -193,76 +254,102 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], engine
                 self._on_step(outcome.num_new_tokens)
             return outcome
 
-    def serve() -> None:
-        while True:
-            cmd = channel.recv()
-            if cmd[0] == "close":
-                return
-            if cmd[0] != "arm":
-                raise RuntimeError(f"{name}: unexpected command {cmd!r}")
-            _, run_id, requests = cmd
-            if engine == "generate" and requests and config.warmup:
-                from splitlab.modes.hf_generate import warm_up_static
+    def serve(arm: Arm, t0: float, report: Callable[[int], None]):
+        if not arm.requests:
+            return [], []
+        clock = clock_from(t0)
+        scheduler = Scheduler(policy, SlotAllocator(runner.kv.num_slots), runner.max_batch, config.token_budget,
+                              config.chunk_size)
+        worker = Reporting(name, runner, scheduler, clock, on_step=_counting(report, fault))
+        traces = drive(worker, Workload(f"{name}-share", arm.requests), clock, progress=False)
+        return list(traces.values()), worker.steps
+    return serve
 
-                warm_up_static(loaded, requests, batch_size)  # this run's first batch shapes, off the clock
-            reset_peak(device)
-            channel.send("armed", run_id)
-            go = channel.recv()
-            if not (isinstance(go, tuple) and go[0] == "go" and go[1] == run_id):
-                raise RuntimeError(f"{name}: expected ('go', {run_id}, t0), got {go!r}")
-            t0 = float(go[2])
 
-            def clock(t0=t0) -> float:
-                return time.perf_counter() - t0
+def _generate_server(name: str, loaded, batch_size: int, fault: Fault | None):
+    """``serve`` of a generate replica: its share through HF ``generate()`` static batches."""
+    from splitlab.modes.hf_generate import serve_static_batches
 
-            outbox = Outbox(channel.send, "progress", flush_s)
-            fault = fault_hook(name)
-            count = [0]
+    def serve(arm: Arm, t0: float, report: Callable[[int], None]):
+        if not arm.requests:
+            return [], []
+        on_step = _counting(report, fault)
+        traces, steps = serve_static_batches(loaded, arm.requests, batch_size, t0, worker=name,
+                                             on_batch=lambda batch: on_step(sum(r.max_new_tokens for r in batch)))
+        return list(traces.values()), steps
+    return serve
 
-            def on_step(tokens: int) -> None:
-                outbox.add(tokens)
-                count[0] += 1
-                if fault is not None:
-                    fault(count[0])
 
-            traces: dict[int, RequestTrace] = {}
-            steps: list[StepTrace] = []
-            if requests and engine == "generate":
-                from splitlab.modes.hf_generate import serve_static_batches
+def replica_main(channel, index: int, n: int, model_args: dict[str, Any], options: ReplicaConfig,
+                 config: EngineConfig, fault: Fault | None, share_q, bye_q) -> None:
+    from splitlab.engine.kv import KVPool
+    from splitlab.engine.runner import ModelRunner
+    from splitlab.engine.warmup import warm_up
+    from splitlab.models import LoadedModel
 
-                traces, steps = serve_static_batches(loaded, requests, batch_size, t0, worker=name,
-                                                     on_batch=lambda batch: on_step(sum(r.max_new_tokens
-                                                                                        for r in batch)))
-            elif requests:
-                scheduler = Scheduler(engine, SlotAllocator(kv.num_slots), runner.max_batch, config.token_budget,
-                                      config.chunk_size)
-                worker = _Reporting(name, runner, scheduler, clock, on_step=on_step)
-                traces = drive(worker, Workload(f"{name}-share", tuple(requests)), clock, progress=False)
-                steps = worker.steps
-            outbox.flush()
-            channel.send("run_done", {"run": run_id, "peak_bytes": peak_bytes(device),
-                                      "traces": [dataclasses.asdict(t) for t in traces.values()],
-                                      "steps": [step_tuple(s) for s in steps]})
+    device = torch.device(model_args["device"])
+    if device.type == "cpu":
+        cpu_threads_per_worker(n)
+    started = time.perf_counter()
+    owner: dict[str, Any] = {}
+    loaded = None
+    if index == 0:
+        loaded, shared = _load_and_share(model_args, options.engine, config, n, share_q)
+        owner = {"model_facts": loaded.facts.to_dict(), "fingerprint": weight_fingerprint(loaded.model)}
+        facts: dict[str, Any] = {"weights_shared": None}  # its own
+    else:
+        shared = _receive(share_q, channel, options.ready_timeout_s)
+        facts = {"weights_shared": mapped_not_owned(shared.tensors(), device)}
+    prepare = None
+    if options.engine == "generate":
+        if loaded is None:
+            hf = _rebuild_hf(shared.hf_class, shared.hf_config, shared.hf_tensors, shared.dtype)
+            loaded = LoadedModel(model_args["spec"], hf, shared.tokenizer, shared.facts, device, shared.dtype,
+                                 model_args["seed"])
+        facts.update(device=str(device), dtype=str(shared.dtype).replace("torch.", ""), warmed_up=config.warmup)
+        serve = _generate_server(channel.name, loaded, options.batch_size, fault)
+        if config.warmup:
+            from splitlab.modes.hf_generate import warm_up_static
 
+            def prepare(arm: Arm) -> None:  # this run's first batch shapes, off the clock
+                if arm.requests:
+                    warm_up_static(loaded, arm.requests, options.batch_size)
+    else:
+        kv = KVPool.for_model(_Shape(shared.facts, shared.dtype, device),
+                              min(config.max_seq_len, shared.facts.max_positions), max_slots=config.max_batch,
+                              memory_fraction=config.kv_memory_fraction, **shared.kv_plan)
+        runner = ModelRunner.for_config(shared.arch, shared.weights, kv, config,
+                                        max_batch=min(config.max_batch, kv.num_slots))
+        if config.warmup:
+            warm_up(runner, token_budget=config.token_budget)
+        facts.update(worker_facts(runner, config.warmup))
+        serve = _engine_server(channel.name, runner, options.engine, config, fault)
+        runner = kv = None
+    del shared
+    facts["ready_s"] = time.perf_counter() - started
+    channel.send(Ready(facts, **owner))
     try:
-        serve()
+        serve_runs(channel, device, serve, options.event_flush_s, prepare)
     finally:
         if index != 0:
-            runner = kv = loaded = None  # noqa: F841 - let go of replica 0's memory, then say so
+            serve = prepare = loaded = None  # let go of replica 0's memory, then say so
             with contextlib.suppress(Exception):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                synchronize(device)
                 gc.collect()
-            bye_q.put(("bye", index))
+            bye_q.put(Bye(index))
     if index == 0:  # keep the shared weights alive until every other replica let go
-        deadline = time.monotonic() + 60.0
-        byes = 0
-        while byes < n - 1 and time.monotonic() < deadline:
-            try:
-                bye_q.get(timeout=0.2)
-                byes += 1
-            except queue.Empty:
-                channel.check_parent()
+        _wait_byes(channel, bye_q, n - 1)
+
+
+def _wait_byes(channel, bye_q, count: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    byes = 0
+    while byes < count and time.monotonic() < deadline:
+        try:
+            bye_q.get(timeout=0.2)
+            byes += 1
+        except queue.Empty:
+            channel.check_parent()
 
 
 # ==== parent side ===================================================================================
@@ -271,188 +358,81 @@ class ReplicaSession:
     """N replica processes (and, with ``mps=True``, the daemon), up between runs.
 
     ``model``: a ``LoadedModel`` (replica 0 reloads it by spec, device, dtype and seed in its
-    own process and the weights are checked against it). ``engine``: ``"serial"``,
-    ``"chunked"`` or ``"generate"``; ``batch_size``: generate's static batch; ``config``:
-    the ``EngineConfig`` of the engine replicas (its KV budget is split N ways).
+    own process and the weights are checked against it). ``config``: the ``EngineConfig`` of
+    the engine replicas (its KV budget is split N ways). ``options`` and keywords
+    (``num_replicas``, ``engine``, ``mps``, ``batch_size``, the timeouts): ``ReplicaConfig``.
+    ``faults``: ``splitlab.modes.common.Fault`` s to inject (tests).
     """
 
-    def __init__(self, model, num_replicas: int = 2, engine: str = "serial", mps: bool = False, batch_size: int = 8,
-                 config: EngineConfig | None = None, ready_timeout_s: float = 900.0, event_flush_s: float = 0.1,
-                 stall_timeout_s: float = 600.0):
-        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
-            raise ConfigError(f"num_replicas must be a positive integer, got {num_replicas!r}")
-        if engine not in ENGINES:
-            raise ConfigError(f"replicas engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-        if not isinstance(mps, bool):
-            raise ConfigError(f"mps must be True or False, got {mps!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        config = config if config is not None else EngineConfig()
-        if not isinstance(config, EngineConfig):
-            raise ConfigError(f"config must be a splitlab.config.EngineConfig, got {type(config).__name__}")
+    def __init__(self, model, config: EngineConfig | None = None, options: ReplicaConfig | None = None,
+                 faults: tuple[Fault, ...] = (), **kwargs):
+        self.options = options = replica_config(options, **kwargs)
+        self.config = engine_config(config)
         if not hasattr(model, "facts") or not hasattr(model, "model"):
             raise ConfigError(f"model must be a LoadedModel (splitlab.load_model), got {model!r}")
-        if engine != "generate":
+        if options.engine != "generate":
             model.require_engine_support("replicas")
-        device = torch.device(model.device)
-        if mps:
-            from splitlab.system.env import MPS_CONTROL
+        if options.mps:
+            _check_mps_here(torch.device(model.device))
+        faults = check_faults(faults)
+        self.model = model
+        self.names = [f"replica-{i}" for i in range(options.num_replicas)]
 
-            if device.type != "cuda" or not torch.cuda.is_available():
-                raise ModeError(MPS_HINT)
-            if shutil.which(MPS_CONTROL) is None:
-                raise ModeError(f"{MPS_HINT} ({MPS_CONTROL} is not on PATH)")
-        self.model, self.num_replicas, self.engine, self.mps_on = model, num_replicas, engine, mps
-        self.batch_size, self.config = batch_size, config
-        self.stall_timeout_s = stall_timeout_s
-        self.names = [f"replica-{i}" for i in range(num_replicas)]
-        self.runs = 0
-        self.mps: dict[str, Any] | None = None
-        self.group: ProcessGroup | None = None
-        self._closed = False
-        self._stack = contextlib.ExitStack()
-        try:
-            env: dict[str, str | None] = no_mps_env()
-            daemon = None
-            if mps:
-                from splitlab.system.mps import MPSDaemon
+        def build(group):
+            share_q, bye_q = group.queue(), group.queue()  # the group owns them and releases them
+            args = worker_model_args(model)
+            return [(name, replica_main, (i, options.num_replicas, args, options, self.config,
+                                          fault_for(faults, name), share_q, bye_q))
+                    for i, name in enumerate(self.names)]
 
-                daemon = self._stack.enter_context(MPSDaemon())
-                env.update(daemon.client_env())
-            group = ProcessGroup([])
-            share_q, bye_q = group.queue(), group.queue()
-            model_args = worker_model_args(model)
-            for i, name in enumerate(self.names):
-                group.add(WorkerSpec(name, replica_main, (i, num_replicas, model_args, engine, config.to_dict(),
-                                                          batch_size, share_q, bye_q, event_flush_s,
-                                                          ready_timeout_s), dict(env)))
-            del share_q, bye_q
-            self.group = self._stack.enter_context(group)
-            self._group_record = group  # kept after close: who ran, where, how it ended
-            self.ready = group.wait_for("ready", timeout_s=ready_timeout_s, what="load the model, share it and warm up")
-            check_same_model(self.model, self.ready[self.names[0]], "replica-0",
-                             "replicas load the model by (spec, device, dtype, seed) in their own processes")
-            if daemon is not None:
-                self.mps = mps_clients(daemon, group.pids, active_thread_percentage=None)
-        except BaseException:
-            self._stack.close()
-            raise
+        self.session = ProcessSession(
+            model, build, label=f"replicas x{options.num_replicas}", owner=self.names[0],
+            how="replicas load the model by (spec, device, dtype, seed) in their own processes",
+            close_order=list(reversed(self.names)),  # replica 0, the owner of the weights, last
+            ready_timeout_s=options.ready_timeout_s, stall_timeout_s=options.stall_timeout_s,
+            mps_shares={name: None for name in self.names} if options.mps else None)
 
     @property
     def pids(self) -> dict[str, int]:
-        return self.group.pids if self.group is not None else {}
+        return self.session.pids
 
     @property
     def children(self) -> dict[str, dict[str, Any]]:
         """Each replica process: ``{"pid", "tmpdir", "exitcode"}``, kept after ``close()``."""
-        group = getattr(self, "_group_record", None)
-        return group.children if group is not None else {}
+        return self.session.children
 
     def run(self, workload: Workload, progress: bool = True) -> Run:
-        from tqdm.auto import tqdm
+        """Serve ``workload`` (checked first: it must fit the model and each replica's KV slots)."""
+        check_workload(workload, self.model, self.config if self.options.engine != "generate" else None)
+        return self._serve(workload, progress)
 
-        from splitlab.api import validate
-        from splitlab.system.env import environment
-
-        validate(workload, self.model)
-        if self.engine != "generate":
-            from splitlab.engine.loop import check_requests
-
-            check_requests(workload, min(self.config.max_seq_len, self.model.facts.max_positions),
-                           self.model.facts.max_positions)
-        if self._closed or self.group is None:
-            raise WorkerError("this replicas session is closed (a run failed or close() was called); start a new one")
-        group = self.group
-        self.runs += 1
-        run_id = self.runs
-        shares = round_robin(workload.requests, self.num_replicas)
-        bar = None
-        try:
-            for name, share in zip(self.names, shares):
-                group.send(name, ("arm", run_id, share))
-            group.wait_for("armed", timeout_s=600.0, what="get ready for the run")
-            t0 = time.perf_counter()
-            for name in self.names:
-                group.send(name, ("go", run_id, t0))
-            bar = tqdm(total=workload.total_output_tokens, unit="tok", desc=f"replicas x{self.num_replicas}",
-                       disable=not progress, leave=False)
-            done: dict[str, Any] = {}
-            last_arrival = max(r.arrival_s for r in workload)
-            last_event = time.perf_counter()
-            while len(done) < self.num_replicas:
-                event = group.next_event(timeout=0.2)
-                now = time.perf_counter()
-                if event is None:
-                    if now - t0 > last_arrival and now - last_event > self.stall_timeout_s:
-                        raise WorkerError(f"replicas run stalled: no progress for {self.stall_timeout_s:.0f} s; "
-                                          "stopped the replicas")
-                    continue
-                last_event = now
-                name, kind, payload = event
-                if kind == "progress":
-                    bar.update(sum(payload))
-                elif kind == "run_done":
-                    done[name] = payload
-                else:
-                    raise WorkerError(f"worker {name} sent {kind!r} during a run")
-        except BaseException:
-            self.close(graceful=False)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        traces: dict[int, RequestTrace] = {}
-        steps: list[StepTrace] = []
-        for name in self.names:
-            for t in done[name]["traces"]:
-                traces[t["id"]] = RequestTrace(**t)
-            steps.extend(StepTrace(*s) for s in done[name]["steps"])
-        missing = [r.id for r in workload if r.id not in traces or not traces[r.id].finished]
-        if missing:
-            raise WorkerError(f"replicas run ended with requests {missing[:10]} unfinished")
-        steps.sort(key=lambda s: (s.start_s, s.worker))
-        peaks = {name: done[name].get("peak_bytes") for name in self.names}
-        kv_bytes = [self.ready[name].get("kv_pool_bytes") for name in self.names]
+    def _serve(self, workload: Workload, progress: bool) -> Run:
+        options, names = self.options, self.names
+        shares = round_robin(workload.requests, options.num_replicas)
+        done = self.session.run({name: tuple(share) for name, share in zip(names, shares)},
+                                workload.total_output_tokens, workload.requests[-1].arrival_s, progress)
+        facts = {name: dict(ready.facts) for name, ready in self.session.ready.items()}
+        peaks = {name: done[name].peak_bytes for name in names}
+        generate = options.engine == "generate"
         memory = {
-            "peak_bytes": sum(peaks.values()) if all(v is not None for v in peaks.values()) else None,
+            "peak_bytes": total_or_none(peaks.values()),
             "per_worker": peaks,
-            "kv_pool_bytes": sum(kv_bytes) if all(v is not None for v in kv_bytes) else None,
-            "kv_pools": self.num_replicas if self.engine != "generate" else 0,
-            "weight_bytes": self.ready[self.names[0]].get("weight_bytes") or self.model.facts.weight_bytes,
+            "kv_pool_bytes": total_or_none(facts[n].get("kv_pool_bytes") for n in names),
+            "kv_pools": 0 if generate else options.num_replicas,
+            "weight_bytes": facts[names[0]].get("weight_bytes") or self.model.facts.weight_bytes,
         }
-        run_config: dict[str, Any] = {
-            "mode": "replicas",
-            "replicas": self.num_replicas,
-            "engine": self.engine,
-            "mps": self.mps_on,
-            "backend": f"{self.engine}+mps" if self.mps_on else self.engine,
-            "assignment": "round-robin in arrival order",
-            "batch_size": self.batch_size if self.engine == "generate" else None,
-            **(self.config.to_dict() if self.engine != "generate" else {}),
-            "per_replica": [{k: self.ready[n].get(k) for k in ("num_slots", "kv_pool_bytes", "max_batch",
-                                                                  "kernels", "cuda_graphs", "weights_shared")}
-                            for n in self.names],
-            "device": str(self.model.device),
-            "dtype": str(self.model.dtype).replace("torch.", ""),
-            "session_run": self.runs,
-        }
-        if self.mps:
-            run_config["mps_daemon"] = self.mps
-        return Run(mode="replicas", model=self.model.spec, workload=workload.name, config=run_config,
-                   env=environment(), traces=[traces[r.id] for r in workload], steps=steps, memory=memory)
+        config = RunConfig(
+            mode="replicas", backend=f"{options.engine}+mps" if options.mps else options.engine,
+            replicas=options.num_replicas, replica_engine=options.engine, mps=options.mps,
+            mps_daemon=self.session.mps, batch_size=options.batch_size if generate else None,
+            engine=None if generate else self.config, session_run=self.session.runs,
+            effective=facts[names[0]], workers=facts)
+        traces = [t for name in names for t in done[name].traces]
+        steps = [s for name in names for s in done[name].steps]
+        return build_run(config, self.model, workload, traces, steps, memory)
 
     def close(self, graceful: bool = True) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if graceful and self.group is not None:
-                self.group.ask_to_finish(list(reversed(self.names)))  # replica 0, the owner of the weights, last
-        except WorkerError as exc:
-            warnings.warn(f"a replica failed while closing: {exc}", stacklevel=2)
-        finally:
-            self._stack.close()
-            self.group = None
+        self.session.close(graceful)
 
     def __enter__(self) -> "ReplicaSession":
         return self
@@ -465,28 +445,20 @@ class ReplicaSession:
             self.close()
 
 
-def run_replicas(workload: Workload, model, batch_size: int = 8, config: EngineConfig | None = None,
-                 progress: bool = True, num_replicas: int = 2, engine: str = "serial", mps: bool = False,
-                 **unknown) -> Run:
-    """Serve ``workload`` with ``num_replicas`` full engines side by side (the paper's scheme).
+def _check_mps_here(device: torch.device) -> None:
+    from splitlab.system.env import MPS_CONTROL
 
-    ``engine``: ``"serial"`` / ``"chunked"`` (continuous batching, each replica its own KV
-    pool of 1/N of the budget) or ``"generate"`` (HF static batches of ``batch_size``);
-    ``mps``: run the replicas under a private MPS daemon. Requests are dealt round-robin in
-    arrival order. A replica that fails raises ``WorkerError`` naming it.
-    """
-    if unknown:
-        raise ConfigError(f"mode 'replicas' got unknown keyword(s) {sorted(unknown)}; accepted: batch_size, config, "
-                          "progress, num_replicas, engine, mps")
-    from splitlab.api import validate
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ModeError(MPS_HINT)
+    if shutil.which(MPS_CONTROL) is None:
+        raise ModeError(f"{MPS_HINT} ({MPS_CONTROL} is not on PATH)")
 
-    validate(workload, model)
-    if engine in ("serial", "chunked") and hasattr(model, "require_engine_support"):
-        from splitlab.engine.loop import check_requests
 
-        model.require_engine_support("replicas")
-        cfg = config if isinstance(config, EngineConfig) else EngineConfig()
-        check_requests(workload, min(cfg.max_seq_len, model.facts.max_positions), model.facts.max_positions)
-    with ReplicaSession(model, num_replicas=num_replicas, engine=engine, mps=mps, batch_size=batch_size,
-                        config=config) as session:
-        return session.run(workload, progress=progress)
+def _run_replicas(workload: Workload, model, config: EngineConfig, options: ReplicaConfig, progress: bool = True,
+                  faults: tuple[Fault, ...] = ()) -> Run:
+    """One replicas run (``splitlab.run(..., mode="replicas")``, which checked the input): a
+    session started for it and closed after it. A replica that fails raises ``WorkerError``
+    naming it."""
+    with ReplicaSession(model, config, options, faults=faults) as session:
+        return session._serve(workload, progress)
+

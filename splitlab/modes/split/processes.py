@@ -1,70 +1,116 @@
-"""The ``processes`` and ``mps`` backends of ``split``: what the two spawned children run.
+"""The ``processes`` and ``mps`` backends of ``split``: two spawned children and their parent.
 
 The PREFILL child owns everything: it loads the model itself by (spec, device, dtype, seed)
 (never the parent, which may hold a non-MPS CUDA context, e.g. a notebook), builds the KV
 pool and its runner, and sends ``runner.export()``'s weights plus the pool's K and V
 tensors to the decode child through a ``torch.multiprocessing`` queue: CUDA IPC handles on
 GPU (no copy: the decode child maps the same memory), shared memory on CPU
-(``share_memory_()`` first). It keeps them alive until the decode child said ``bye``.
+(``share_memory_()`` first). It keeps them alive until the decode child said ``Bye``.
 Memory is one model and one KV pool; the decode child's own allocations are its CUDA
 graphs and activations.
 
-Per run (a child serves several; the parent sends ``arm`` then ``go`` with the shared
-t0): the prefill child feeds arrivals to its ``PrefillWorker`` and puts each step's
-``Handoff`` list on the handoff queue; the decode child batches them and puts the slots of
-finished sequences on the freed-slot queue, which the prefill child drains into its
-``SlotAllocator``. Both batch their events to the parent: a ``StepTrace`` per step,
-prefill timings and first token per request, decode tokens with their times.
+Per run (the children serve several, through ``splitlab.modes.session``): the prefill child
+feeds arrivals to its ``PrefillWorker`` and puts each step's ``Handoff`` list on the handoff
+queue; the decode child batches them and puts the slots of finished sequences on the
+freed-slot queue, which the prefill child drains into its ``SlotAllocator``. At the end of a
+run each child sends its requests' traces and its steps; the parent merges them (the decode
+child's trace of a request is complete, a one-token request only has the prefill child's).
 
-Messages: handoff queue (prefill -> decode) ``("setup", {...})`` once, then per run
-``("handoffs", run_id, [Handoff, ...])`` and ``("end", run_id)``; freed queue (decode ->
-prefill) ``("free", [slot, ...])`` and, at close, ``("bye",)``.
+Between the children: ``Setup`` once (prefill -> decode), then per run ``Handoffs`` and
+``End`` on the handoff queue; ``Freed`` and, at close, ``Bye`` on the freed-slot queue.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
-import os
 import queue
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.engine.kv import KVPool, SlotAllocator
-from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
+from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker, build_engine
+from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
-from splitlab.modes.common import (FreedSlots, Outbox, cpu_threads_per_worker, decode_loop, decode_runner, fault_hook, mapped_not_owned, peak_bytes, prefill_loop, reset_peak, runner_facts, step_tuple, weight_fingerprint)
+from splitlab.modes.common import (Fault, FreedSlots, cpu_threads_per_worker, decode_loop, fault_for, mapped_not_owned,
+                                   prefill_loop, total_or_none, weight_fingerprint, worker_facts, worker_model_args)
+from splitlab.modes.session import Arm, ProcessSession, Ready, clock_from, serve_runs
+from splitlab.system.env import synchronize
+
+# ---- between the two children --------------------------------------------------------------------
 
 
-def _get(q, channel, timeout: float, what: str):
-    """Block on ``q`` (checking the parent every 0.2 s) for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the decode child builds its runner from: the weights and the KV pool, shared."""
+
+    arch: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    k: torch.Tensor
+    v: torch.Tensor
+    max_batch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Handoffs:
+    run_id: int
+    handoffs: tuple[Handoff, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class End:
+    """The prefill child handed over everything of run ``run_id``."""
+
+    run_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Freed:
+    slots: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bye:
+    """The decode child let go of the prefill child's memory."""
+
+
+# ---- the prefill child ---------------------------------------------------------------------------
+
+class _FreedInbox:
+    """The prefill child's end of the freed-slot queue (slots back, and the decode child's Bye)."""
+
+    def __init__(self, q):
+        self._q = q
+        self.bye = False
+
+    def wait(self, timeout: float) -> list[int]:
+        """Slots freed since the last call, waiting up to ``timeout`` for the first (0: look)."""
+        out: list[int] = []
         try:
-            return q.get(timeout=0.2)
+            self._take(self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait(), out)
+            while True:
+                self._take(self._q.get_nowait(), out)
         except queue.Empty:
-            channel.check_parent()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker {channel.name}: no {what} within {timeout:.0f} s") from None
+            pass
+        return out
+
+    def _take(self, msg, out: list[int]) -> None:
+        if isinstance(msg, Freed):
+            out.extend(msg.slots)
+        elif isinstance(msg, Bye):
+            self.bye = True
+        else:
+            raise RuntimeError(f"prefill worker: unexpected message on the freed-slot queue: {msg!r}")
 
 
-def _arm_and_go(channel, run_id: int) -> float:
-    channel.send("armed", run_id)
-    msg = channel.recv()
-    if not (isinstance(msg, tuple) and msg[0] == "go" and msg[1] == run_id):
-        raise RuntimeError(f"worker {channel.name}: expected ('go', {run_id}, t0), got {msg!r}")
-    return float(msg[2])
-
-
-def prefill_main(channel, model_args: dict[str, Any], engine_cfg: dict[str, Any], split_cfg: dict[str, Any],
+def prefill_main(channel, model_args: dict[str, Any], config: EngineConfig, split: SplitConfig, fault: Fault | None,
                  handoff_q, freed_q) -> None:
     from splitlab.models import load_model
 
-    config = EngineConfig.from_dict(engine_cfg)
-    split = SplitConfig.from_dict(split_cfg)
     device = torch.device(model_args["device"])
     if device.type == "cpu":
         cpu_threads_per_worker(2)
@@ -78,152 +124,173 @@ def prefill_main(channel, model_args: dict[str, Any], engine_cfg: dict[str, Any]
         kv.share_memory_()
         for t in weights.values():
             t.share_memory_()
-    handoff_q.put(("setup", {"arch": arch, "weights": weights, "k": kv.k, "v": kv.v, "max_batch": runner.max_batch}))
+    handoff_q.put(Setup(arch, weights, kv.k, kv.v, runner.max_batch))
     load_s = time.perf_counter() - started
     if config.warmup:
         warm_up(runner, decode=False, token_budget=config.token_budget)
-    channel.send("ready", {"pid": os.getpid(), "fingerprint": fingerprint, "facts": loaded.facts.to_dict(),
-                           "load_s": load_s, "ready_s": time.perf_counter() - started, **runner_facts(runner, kv)})
+    facts = {**worker_facts(runner, config.warmup), "load_s": load_s, "ready_s": time.perf_counter() - started}
+    channel.send(Ready(facts, loaded.facts.to_dict(), fingerprint))
     allocator = SlotAllocator(kv.num_slots)
-    bye = [False]
+    inbox = _FreedInbox(freed_q)
 
-    def take(msg, out: list[int]) -> None:
-        if msg[0] == "free":
-            out.extend(msg[1])
-        elif msg[0] == "bye":
-            bye[0] = True
-        else:
-            raise RuntimeError(f"prefill worker: unexpected message on the freed-slot queue: {msg!r}")
-
-    def wait_freed(timeout: float) -> list[int]:
-        out: list[int] = []
-        try:
-            take(freed_q.get(timeout=timeout) if timeout > 0 else freed_q.get_nowait(), out)
-            while True:
-                take(freed_q.get_nowait(), out)
-        except queue.Empty:
-            pass
-        return out
-
-    def stop() -> bool:
-        channel.check_parent()
-        return False
-
-    while True:
-        cmd = channel.recv()
-        if cmd[0] == "close":
-            break
-        if cmd[0] != "arm":
-            raise RuntimeError(f"prefill worker: unexpected command {cmd!r}")
-        _, run_id, workload = cmd
+    def every_slot_back(arm: Arm) -> None:
         deadline = time.monotonic() + 30.0
-        while allocator.num_free < kv.num_slots:  # every slot back from the last run first
-            for slot in wait_freed(0.1):
+        while allocator.num_free < kv.num_slots:  # the last run's slots, before this one starts
+            for slot in inbox.wait(0.1):
                 allocator.free(slot)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"prefill worker: {kv.num_slots - allocator.num_free} KV slots never came back "
                                    "from the decode worker")
-        reset_peak(device)
-        t0 = _arm_and_go(channel, run_id)
 
-        def clock(t0=t0) -> float:
-            return time.perf_counter() - t0
-
+    def serve(arm: Arm, t0: float, report: Callable[[int], None]):
+        clock = clock_from(t0)
         worker = PrefillWorker(runner, allocator, config, clock)
-        outbox = Outbox(channel.send, "steps", split.event_flush_s)
+        seqs = prefill_loop(worker, allocator, arm.requests, clock,
+                            hand_off=lambda pairs: handoff_q.put(Handoffs(arm.run_id, tuple(h for h, _ in pairs))),
+                            wait_freed=inbox.wait, on_step=lambda step, outcome: report(outcome.num_new_tokens),
+                            stop=_parent_check(channel), fault=fault, poll_s=split.poll_s)
+        handoff_q.put(End(arm.run_id))
+        return [s.trace for s in seqs.values()], worker.steps
 
-        def hand_off(pairs, run_id=run_id) -> None:
-            handoff_q.put(("handoffs", run_id, [h for h, _ in pairs]))
-
-        def on_step(step, outcome, outbox=outbox) -> None:
-            outbox.add(("p", step_tuple(step),
-                        [(s.id, s.trace.prefill_start_s, s.trace.prefill_end_s, s.trace.output_ids[0])
-                         for s in outcome.prefilled]))
-
-        prefill_loop(worker, allocator, workload.requests, clock, hand_off=hand_off, wait_freed=wait_freed,
-                     on_step=on_step, stop=stop, fault=fault_hook("prefill"), poll_s=split.poll_s)
-        handoff_q.put(("end", run_id))
-        outbox.flush()
-        channel.send("run_done", {"run": run_id, "peak_bytes": peak_bytes(device), "steps": len(worker.steps)})
+    serve_runs(channel, device, serve, split.event_flush_s, prepare=every_slot_back)
     # The decode child maps our weights and KV: keep them until it let go.
     deadline = time.monotonic() + 60.0
-    while not bye[0] and time.monotonic() < deadline:
-        wait_freed(0.2)
+    while not inbox.bye and time.monotonic() < deadline:
+        inbox.wait(0.2)
         channel.check_parent()
 
 
-def decode_main(channel, engine_cfg: dict[str, Any], split_cfg: dict[str, Any], handoff_q, freed_q) -> None:
-    config = EngineConfig.from_dict(engine_cfg)
-    split = SplitConfig.from_dict(split_cfg)
-    started = time.perf_counter()
-    msg = _get(handoff_q, channel, split.ready_timeout_s, "weights and KV pool from the prefill worker")
-    if msg[0] != "setup":
-        raise RuntimeError(f"decode worker: expected the setup message first, got {msg[0]!r}")
-    setup = msg[1]
-    kv = KVPool.from_tensors(setup["k"], setup["v"])
-    device = kv.device
-    shared = mapped_not_owned([*setup["weights"].values(), kv.k, kv.v], device)
-    if device.type == "cpu":
-        cpu_threads_per_worker(2)
-    runner = decode_runner(setup["arch"], setup["weights"], kv, config, setup["max_batch"])
-    del setup, msg
-    graphs = warm_up(runner, prefill=False) if config.warmup else []
-    channel.send("ready", {"pid": os.getpid(), "decode_graphs": graphs, "weights_shared": shared,
-                           "ready_s": time.perf_counter() - started})
-    freed = FreedSlots(lambda slots: freed_q.put(("free", slots)))
-
+def _parent_check(channel) -> Callable[[], bool]:
+    """A loop's ``stop`` callable for a child: never asks to stop, but raises ``ParentGone``
+    (which ends the child) once the parent is gone."""
     def stop() -> bool:
         channel.check_parent()
         return False
+    return stop
 
-    def serve() -> None:
-        while True:
-            cmd = channel.recv()
-            if cmd[0] == "close":
-                break
-            if cmd[0] != "arm":
-                raise RuntimeError(f"decode worker: unexpected command {cmd!r}")
-            run_id = cmd[1]
-            reset_peak(device)
-            t0 = _arm_and_go(channel, run_id)
 
-            def clock(t0=t0) -> float:
-                return time.perf_counter() - t0
+# ---- the decode child ----------------------------------------------------------------------------
 
-            worker = DecodeWorker(runner, freed, config, clock)
-            outbox = Outbox(channel.send, "steps", split.event_flush_s)
+def _get(q, channel, timeout: float, what: str):
+    """Block on ``q`` (checking the parent every 0.2 s) for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            channel.check_parent()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {channel.name}: no {what} within {timeout:.0f} s") from None
 
-            def receive(timeout: float, run_id=run_id):
-                pairs, ended = [], False
-                try:
-                    item = handoff_q.get(timeout=timeout) if timeout > 0 else handoff_q.get_nowait()
-                    while True:
-                        if item[1] != run_id:
-                            raise RuntimeError(f"decode worker: a message of run {item[1]} during run {run_id}")
-                        if item[0] == "end":
-                            ended = True
-                        else:
-                            pairs.extend((h, None) for h in item[2])
-                        item = handoff_q.get_nowait()
-                except queue.Empty:
-                    pass
-                return pairs, ended
 
-            def on_step(step, outcome, seqs, outbox=outbox) -> None:
-                outbox.add(("d", step_tuple(step), [(rid, seqs[rid].output[-1]) for rid in step.request_ids]))
+def _receiver(handoff_q, run_id: int):
+    """The decode loop's ``receive(timeout)`` over the handoff queue, for run ``run_id``."""
+    def receive(timeout: float):
+        pairs, ended = [], False
+        try:
+            item = handoff_q.get(timeout=timeout) if timeout > 0 else handoff_q.get_nowait()
+            while True:
+                if item.run_id != run_id:
+                    raise RuntimeError(f"decode worker: a message of run {item.run_id} during run {run_id}")
+                if isinstance(item, End):
+                    ended = True
+                else:
+                    pairs.extend((h, None) for h in item.handoffs)
+                item = handoff_q.get_nowait()
+        except queue.Empty:
+            pass
+        return pairs, ended
+    return receive
 
-            decode_loop(worker, freed, receive=receive, on_step=on_step, stop=stop, fault=fault_hook("decode"),
-                        poll_s=split.poll_s)
-            outbox.flush()
-            channel.send("run_done", {"run": run_id, "peak_bytes": peak_bytes(device), "steps": len(worker.steps)})
+
+def decode_main(channel, config: EngineConfig, split: SplitConfig, fault: Fault | None, handoff_q, freed_q) -> None:
+    started = time.perf_counter()
+    setup = _get(handoff_q, channel, split.ready_timeout_s, "weights and KV pool from the prefill worker")
+    if not isinstance(setup, Setup):
+        raise RuntimeError(f"decode worker: expected the Setup message first, got {setup!r}")
+    kv = KVPool.from_tensors(setup.k, setup.v)
+    device = kv.device
+    shared = mapped_not_owned([*setup.weights.values(), kv.k, kv.v], device)
+    if device.type == "cpu":
+        cpu_threads_per_worker(2)
+    runner = ModelRunner.for_config(setup.arch, setup.weights, kv, config, max_batch=setup.max_batch)
+    del setup
+    graphs = warm_up(runner, prefill=False) if config.warmup else []
+    facts = {**worker_facts(runner, config.warmup), "decode_graphs": graphs, "weights_shared": shared,
+             "ready_s": time.perf_counter() - started}
+    channel.send(Ready(facts))
+    freed = FreedSlots(lambda slots: freed_q.put(Freed(tuple(slots))))
+
+    def serve(arm: Arm, t0: float, report: Callable[[int], None]):
+        worker = DecodeWorker(runner, freed, config, clock_from(t0))
+        seqs = decode_loop(worker, freed, receive=_receiver(handoff_q, arm.run_id),
+                           on_step=lambda step, outcome, seqs: report(outcome.num_new_tokens),
+                           stop=_parent_check(channel), fault=fault, poll_s=split.poll_s)
+        return [s.trace for s in seqs.values()], worker.steps
 
     try:
-        serve()
+        serve_runs(channel, device, serve, split.event_flush_s)
     finally:
         # let go of the prefill child's memory (CUDA IPC mappings / shared memory), then say so
         runner = kv = None  # noqa: F841
         with contextlib.suppress(Exception):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             gc.collect()
-        freed_q.put(("bye",))
+        freed_q.put(Bye())
+
+
+# ---- the parent side -----------------------------------------------------------------------------
+
+class ProcessSplit:
+    """The two children of ``processes`` / ``mps`` (and the MPS daemon), up between runs."""
+
+    streams = (None, None)
+    green = None
+
+    def __init__(self, model, config: EngineConfig, split: SplitConfig, faults: tuple[Fault, ...] = ()):
+        def build(group):
+            handoff_q, freed_q = group.queue(), group.queue()  # the group owns them and releases them
+            return [
+                ("prefill", prefill_main, (worker_model_args(model), config, split, fault_for(faults, "prefill"),
+                                           handoff_q, freed_q)),
+                ("decode", decode_main, (config, split, fault_for(faults, "decode"), handoff_q, freed_q)),
+            ]
+
+        shares = {"prefill": split.prefill_share, "decode": split.decode_share} if split.backend == "mps" else None
+        self.session = ProcessSession(
+            model, build, label=f"split {split.backend}", owner="prefill",
+            how=("the processes / mps backends load the model by (spec, device, dtype, seed) in their own "
+                 "process: pass an unmodified model, or use backend='streams'"),
+            close_order=["decode", "prefill"],  # the decode child lets go of the shared memory first
+            ready_timeout_s=split.ready_timeout_s, stall_timeout_s=split.stall_timeout_s, mps_shares=shares)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return self.session.pids
+
+    @property
+    def children(self) -> dict[str, dict[str, Any]]:
+        return self.session.children
+
+    @property
+    def mps(self) -> dict[str, Any] | None:
+        return self.session.mps
+
+    def facts(self) -> dict[str, dict[str, Any]]:
+        """Each worker's ``worker_facts`` (and what its set-up measured)."""
+        return {name: dict(ready.facts) for name, ready in self.session.ready.items()}
+
+    def run(self, workload, progress: bool = True):
+        """``(traces, steps, memory)`` of one run of ``workload``."""
+        done = self.session.run({"prefill": workload.requests, "decode": ()}, workload.total_output_tokens,
+                                workload.requests[-1].arrival_s, progress)
+        traces = {t.id: t for t in done["prefill"].traces}
+        traces.update({t.id: t for t in done["decode"].traces})  # complete where decode had the request
+        for t in traces.values():
+            t.worker = "split"
+        peaks = {name: done[name].peak_bytes for name in ("prefill", "decode")}
+        steps = [*done["prefill"].steps, *done["decode"].steps]
+        return list(traces.values()), steps, {"peak_bytes": total_or_none(peaks.values()), "per_worker": peaks}
+
+    def close(self) -> None:
+        self.session.close()

@@ -21,6 +21,7 @@ overwrites KV that a queued decode kernel still reads.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -34,14 +35,17 @@ from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ModeError, WorkerError
 from splitlab.engine.kv import SlotAllocator
 from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
+from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
-from splitlab.modes.common import (FreedSlots, Stopped, decode_loop, decode_runner, fault_hook, peak_bytes, prefill_loop, reset_peak, runner_facts)
+from splitlab.modes.common import (Fault, FreedSlots, Stopped, decode_loop, fault_for, peak_bytes, prefill_loop,
+                                   reset_peak, worker_facts)
+from splitlab.system.env import synchronize
 
 _END = object()
 GREEN_HINT = ("split backend green needs an NVIDIA GPU with green contexts (CUDA 12.4+ driver, cuda-python); "
               "use backend='processes' or 'streams'")
 
-# Green contexts are never destroyed (a stream made on one dies with it: FACTS.md section 3),
+# Green contexts are never destroyed (a stream made on one dies with it),
 # so a partition is made once per (device, SM split, priorities) and reused by every session
 # of this process: the one piece of module-level state here, on purpose.
 _GREEN_PARTITIONS: dict[tuple, Any] = {}
@@ -78,10 +82,13 @@ class ThreadSplit:
     """A built engine (one KV pool, a prefill runner and a decode runner with its CUDA graphs)
     that serves runs with two threads; see the module docstring."""
 
-    def __init__(self, model, config: EngineConfig, split: SplitConfig):
-        self.model = model
+    mps = None
+    children: dict[str, dict[str, Any]] = {}
+
+    def __init__(self, model, config: EngineConfig, split: SplitConfig, faults: tuple[Fault, ...] = ()):
         self.config = config
         self.split = split
+        self.faults = {name: fault_for(faults, name) for name in ("prefill", "decode")}
         self.device = torch.device(model.device)
         cuda = self.device.type == "cuda"
         self.green: dict[str, Any] | None = None
@@ -100,7 +107,7 @@ class ThreadSplit:
         self.kv = parts.kv
         self.prefill_runner = parts.runner
         arch, weights = parts.runner.export()
-        self.decode_runner = decode_runner(arch, weights, parts.kv, config, parts.runner.max_batch)
+        self.decode_runner = ModelRunner.for_config(arch, weights, parts.kv, config, max_batch=parts.runner.max_batch)
         if self.green is not None:
             self.decode_runner.capture_stream = decode_stream
             for runner, sms in ((self.prefill_runner, self.green["prefill_sms"]),
@@ -119,170 +126,185 @@ class ThreadSplit:
                                                       self.decode_runner, prefill=False).result()
             self.pools["prefill"].submit(self._on_stream, prefill_stream, warm_up, self.prefill_runner,
                                          decode=False, token_budget=config.token_budget).result()
-        self.runs = 0
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {"process": os.getpid()}
 
     @staticmethod
     def _on_stream(stream, fn, *args, **kwargs):
         with _stream_ctx(stream):
             return fn(*args, **kwargs)
 
-    def facts(self) -> dict[str, Any]:
-        out = runner_facts(self.prefill_runner, self.kv)
-        out["decode_graphs"] = self.graphs
-        out["decode_stream_priority"] = (self.streams[1].priority if self.streams[1] is not None
-                                         and hasattr(self.streams[1], "priority") else None)
-        return out
+    def facts(self) -> dict[str, dict[str, Any]]:
+        """Each worker's ``worker_facts`` (the decode one with its graphs and stream priority)."""
+        decode_stream = self.streams[1]
+        return {
+            "prefill": worker_facts(self.prefill_runner, self.config.warmup),
+            "decode": {**worker_facts(self.decode_runner, self.config.warmup), "decode_graphs": self.graphs,
+                       "decode_stream_priority": getattr(decode_stream, "priority", None)},  # None off CUDA
+        }
 
-    def run(self, workload, progress: bool = True) -> dict[str, Any]:
+    def run(self, workload, progress: bool = True):
+        """``(traces, steps, memory)`` of one run of ``workload``."""
         from tqdm.auto import tqdm
 
-        split, config = self.split, self.config
-        prefill_stream, decode_stream = self.streams
-        self.runs += 1
-        t0_box = [0.0]
-
-        def clock() -> float:
-            return time.perf_counter() - t0_box[0]
-
-        allocator = SlotAllocator(self.kv.num_slots)
-        hand_q: queue.Queue = queue.Queue()
-        freed_q: queue.Queue = queue.Queue()
-        pre = PrefillWorker(self.prefill_runner, allocator, config, clock)
-        freed = FreedSlots(freed_q.put)
-        dec = DecodeWorker(self.decode_runner, freed, config, clock)
-        stop = threading.Event()
-        go = threading.Event()
-        ready = {"prefill": threading.Event(), "decode": threading.Event()}
-        errors: list[tuple[str, BaseException, str]] = []
-        results: dict[str, Any] = {}
-        tokens = {"prefill": 0, "decode": 0}
-
-        def wait_freed(timeout: float) -> list[int]:
-            out: list[int] = []
-            try:
-                out.extend(freed_q.get(timeout=timeout) if timeout > 0 else freed_q.get_nowait())
-                while True:
-                    out.extend(freed_q.get_nowait())
-            except queue.Empty:
-                pass
-            return out
-
-        def receive(timeout: float):
-            pairs, ended = [], False
-            try:
-                item = hand_q.get(timeout=timeout) if timeout > 0 else hand_q.get_nowait()
-                while True:
-                    if item is _END:
-                        ended = True
-                    else:
-                        pairs.extend((h, seq.trace) for h, seq in item)
-                    item = hand_q.get_nowait()
-            except queue.Empty:
-                pass
-            return pairs, ended
-
-        def wait_go() -> None:
-            while not go.wait(0.05):
-                if stop.is_set():
-                    raise Stopped
-
-        def count(name):
-            def on_step(step, outcome, *_):
-                tokens[name] += outcome.num_new_tokens
-            return on_step
-
-        def prefill_main() -> None:
-            with _stream_ctx(prefill_stream):
-                # this thread's library handles and workspaces on this stream, before t0
-                self.prefill_runner.prefill([(0, [1] * 4, 0)])
-                _sync(self.device)
-                ready["prefill"].set()
-                wait_go()
-                results["prefill"] = prefill_loop(
-                    pre, allocator, workload.requests, clock, hand_off=hand_q.put, wait_freed=wait_freed,
-                    on_step=count("prefill"), stop=stop.is_set, fault=fault_hook("prefill"), poll_s=split.poll_s)
-                hand_q.put(_END)
-
-        def decode_main() -> None:
-            with _stream_ctx(decode_stream):
-                last = self.kv.num_slots - 1
-                self.decode_runner.decode_step([last], [1], [0])
-                _sync(self.device)
-                ready["decode"].set()
-                wait_go()
-                results["decode"] = decode_loop(
-                    dec, freed, receive=receive, on_step=count("decode"), stop=stop.is_set,
-                    fault=fault_hook("decode"), poll_s=split.poll_s)
-
-        def guarded(name, fn):
-            def body() -> None:
-                try:
-                    fn()
-                except Stopped:
-                    pass
-                except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                    errors.append((name, exc, traceback.format_exc()))
-                    stop.set()
-            return body
-
+        run = _ThreadRun(self, workload)
         bar = None
-        futures = []
+        futures: list = []
         try:
-            futures = [self.pools[n].submit(guarded(n, f)) for n, f in (("prefill", prefill_main),
-                                                                        ("decode", decode_main))]
-            deadline = time.monotonic() + split.ready_timeout_s
-            while not all(e.is_set() for e in ready.values()):
-                _raise_first(errors)
-                if all(f.done() for f in futures) or time.monotonic() > deadline:
-                    _raise_first(errors)
-                    raise WorkerError("the split worker threads did not get ready")
-                time.sleep(0.01)
+            futures = [self.pools[name].submit(run.guarded(name, body))
+                       for name, body in (("prefill", run.prefill_main), ("decode", run.decode_main))]
+            run.wait_ready(futures, self.split.ready_timeout_s)
             reset_peak(self.device)
-            bar = tqdm(total=workload.total_output_tokens, unit="tok", desc=f"split {split.backend}",
+            bar = tqdm(total=workload.total_output_tokens, unit="tok", desc=f"split {self.split.backend}",
                        disable=not progress, leave=False)
-            t0_box[0] = time.perf_counter()
-            go.set()
-            shown = 0
-            while not all(f.done() for f in futures):
-                wait(futures, timeout=0.1)
-                _raise_first(errors)
-                now = tokens["prefill"] + tokens["decode"]
-                bar.update(now - shown)
-                shown = now
-            _raise_first(errors)
+            run.watch(futures, bar)
         except BaseException:
-            stop.set()
+            run.stop.set()
             wait(futures, timeout=30.0)
             raise
         finally:
             if bar is not None:
                 bar.close()
-        seqs = results["prefill"]
+        seqs = run.results["prefill"]
         for s in seqs.values():
             s.trace.worker = "split"
-        steps = sorted(pre.steps + dec.steps, key=lambda s: (s.start_s, s.worker))
         peak = peak_bytes(self.device)
-        return {
-            "traces": [seqs[r.id].trace for r in workload],
-            "steps": steps,
-            "memory": {"peak_bytes": peak, "per_worker": {"process": peak}},
-        }
+        return ([s.trace for s in seqs.values()], run.pre.steps + run.dec.steps,
+                {"peak_bytes": peak, "per_worker": {"process": peak}})
 
     def close(self) -> None:
-        for pool in getattr(self, "pools", {}).values():
+        for pool in self.pools.values():
             pool.shutdown(wait=True, cancel_futures=True)
         self.pools = {}
         self.prefill_runner = self.decode_runner = None  # graphs and buffers go with them
         self.kv = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _ThreadRun:
+    """One run of a ``ThreadSplit``: both loops on their threads, watched from the caller's.
+
+    Each thread first runs one step of its own on its stream (library handles and workspaces
+    of this thread, before t0), says it is ready, and waits for ``go``; a failure on either
+    thread stops the other (``stop``) and is raised by the caller as a ``WorkerError``."""
+
+    def __init__(self, engine: ThreadSplit, workload):
+        self.engine = engine
+        self.workload = workload
+        self.t0 = 0.0
+        self.allocator = SlotAllocator(engine.kv.num_slots)
+        self.hand_q: queue.Queue = queue.Queue()
+        self.freed_q: queue.Queue = queue.Queue()
+        self.freed = FreedSlots(self.freed_q.put)
+        self.pre = PrefillWorker(engine.prefill_runner, self.allocator, engine.config, self.clock)
+        self.dec = DecodeWorker(engine.decode_runner, self.freed, engine.config, self.clock)
+        self.stop = threading.Event()
+        self.go = threading.Event()
+        self.ready = {"prefill": threading.Event(), "decode": threading.Event()}
+        self.errors: list[tuple[str, BaseException, str]] = []
+        self.results: dict[str, Any] = {}
+        self.tokens = {"prefill": 0, "decode": 0}
+
+    def clock(self) -> float:
+        return time.perf_counter() - self.t0
+
+    # ---- the transport of the loops (queue.Queue) --------------------------------------------
+    def wait_freed(self, timeout: float) -> list[int]:
+        out: list[int] = []
+        try:
+            out.extend(self.freed_q.get(timeout=timeout) if timeout > 0 else self.freed_q.get_nowait())
+            while True:
+                out.extend(self.freed_q.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def receive(self, timeout: float):
+        pairs, ended = [], False
+        try:
+            item = self.hand_q.get(timeout=timeout) if timeout > 0 else self.hand_q.get_nowait()
+            while True:
+                if item is _END:
+                    ended = True
+                else:
+                    pairs.extend((h, seq.trace) for h, seq in item)
+                item = self.hand_q.get_nowait()
+        except queue.Empty:
+            pass
+        return pairs, ended
+
+    def _counter(self, name: str):
+        def on_step(step, outcome, *_):
+            self.tokens[name] += outcome.num_new_tokens
+        return on_step
+
+    def _wait_go(self) -> None:
+        while not self.go.wait(0.05):
+            if self.stop.is_set():
+                raise Stopped
+
+    # ---- the two threads ---------------------------------------------------------------------
+    def prefill_main(self) -> None:
+        engine = self.engine
+        with _stream_ctx(engine.streams[0]):
+            engine.prefill_runner.prefill([(0, [1] * 4, 0)])
+            synchronize(engine.device)
+            self.ready["prefill"].set()
+            self._wait_go()
+            self.results["prefill"] = prefill_loop(
+                self.pre, self.allocator, self.workload.requests, self.clock, hand_off=self.hand_q.put,
+                wait_freed=self.wait_freed, on_step=self._counter("prefill"), stop=self.stop.is_set,
+                fault=engine.faults["prefill"], poll_s=engine.split.poll_s)
+            self.hand_q.put(_END)
+
+    def decode_main(self) -> None:
+        engine = self.engine
+        with _stream_ctx(engine.streams[1]):
+            engine.decode_runner.decode_step([engine.kv.num_slots - 1], [1], [0])
+            synchronize(engine.device)
+            self.ready["decode"].set()
+            self._wait_go()
+            self.results["decode"] = decode_loop(
+                self.dec, self.freed, receive=self.receive, on_step=self._counter("decode"), stop=self.stop.is_set,
+                fault=engine.faults["decode"], poll_s=engine.split.poll_s)
+
+    def guarded(self, name: str, body):
+        def run() -> None:
+            try:
+                body()
+            except Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread
+                self.errors.append((name, exc, traceback.format_exc()))
+                self.stop.set()
+        return run
+
+    # ---- the caller's thread -----------------------------------------------------------------
+    def wait_ready(self, futures, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(e.is_set() for e in self.ready.values()):
+            _raise_first(self.errors)
+            if all(f.done() for f in futures) or time.monotonic() > deadline:
+                _raise_first(self.errors)
+                raise WorkerError("the split worker threads did not get ready")
+            time.sleep(0.01)
+
+    def watch(self, futures, bar) -> None:
+        """Start the run (t0, go) and update ``bar`` until both threads are done."""
+        self.t0 = time.perf_counter()
+        self.go.set()
+        shown = 0
+        while not all(f.done() for f in futures):
+            wait(futures, timeout=0.1)
+            _raise_first(self.errors)
+            now = self.tokens["prefill"] + self.tokens["decode"]
+            bar.update(now - shown)
+            shown = now
+        _raise_first(self.errors)
 
 
 def _raise_first(errors) -> None:
     if errors:
         name, exc, tb = errors[0]
         raise WorkerError(f"worker {name} failed: {exc.__class__.__name__}: {exc}\n{tb}") from exc
-
