@@ -191,8 +191,27 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         self._check_rows(slots, positions, [1] * len(slots))
         return self._eager(DecodeBatch(slots, tokens, positions), [], all_logits=True)
 
+    def step_logits(self, decode: DecodeBatch | tuple | None, chunks: Iterable[PrefillChunk | tuple]) -> torch.Tensor:
+        """The forward of ``mixed_step`` (eager, never a CUDA graph) returning, instead of greedy
+        tokens, the fp32 logits (EOS not masked) of the rows that would get one: every decode
+        row, then each chunk that ends its prompt, in order ([rows, vocab]). For sampling."""
+        chunks = [as_chunk(c) for c in chunks]
+        if decode is not None and not isinstance(decode, DecodeBatch):
+            decode = DecodeBatch(*decode)
+        if decode is not None and len(decode.slots) == 0:
+            decode = None
+        if decode is None and not chunks:
+            return torch.empty(0, self.lm_head.shape[0], device=self.device)
+        if decode is not None:
+            self._check_rows(decode.slots, decode.positions, [1] * len(decode.slots))
+        if chunks:
+            self._check_rows([c.slot for c in chunks], [c.start_pos for c in chunks],
+                             [len(c.token_ids) for c in chunks])
+        return self._eager(decode, chunks, row_logits=True)
+
     # ---- the forward -----------------------------------------------------------------------
-    def _eager(self, decode: DecodeBatch | None, chunks: list[PrefillChunk], all_logits: bool = False):
+    def _eager(self, decode: DecodeBatch | None, chunks: list[PrefillChunk], all_logits: bool = False,
+               row_logits: bool = False):
         fwd = plan_forward(decode, chunks, seq_len=self.kv.max_seq_len, batched_decode=self.kernels.name != "torch",
                            prefill_pad=self._prefill_pad(), device=self.device, variant_for=self._variant_for)
         h, residual = self._hidden(fwd.tokens, fwd.positions, fwd.write_index, fwd.plan)
@@ -203,7 +222,10 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         rows = fwd.logit_rows
         x, _ = self.kernels.add_rmsnorm(h.index_select(0, rows), residual.index_select(0, rows), self.final_norm,
                                         self.eps)
-        return split_outputs(self._greedy(self._linear(x, self.lm_head)).tolist(), decode, chunks)
+        logits = self._linear(x, self.lm_head)
+        if row_logits:  # step_logits: those rows' logits, EOS not masked
+            return logits.float()
+        return split_outputs(self._greedy(logits).tolist(), decode, chunks)
 
     def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, write_index: torch.Tensor,
                 plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
