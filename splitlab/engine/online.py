@@ -1,0 +1,590 @@
+"""The online engine: a long-lived engine that takes requests while it runs (what a server needs).
+
+``OnlineEngine(model, mode="serial" | "chunked", config)`` builds the engine the offline modes
+build (``build_engine``, ``warm_up``, a ``Scheduler`` of the mode's policy) on ONE background
+thread, which then runs the same ``Worker`` step loop (schedule -> run -> postprocess) for as
+long as the engine lives. Any thread may ``submit`` a request; its tokens come back through
+the ``RequestHandle`` as they are made (a thread-safe queue for ``for delta in handle``, or an
+asyncio queue for ``async for delta in handle`` when submitted with ``loop=``); ``cancel``
+frees its KV slot at the next step boundary; ``close`` stops the thread.
+
+Which path makes a request's tokens:
+
+- greedy with EOS masked for the whole request (``ignore_eos``, or ``min_tokens >= max_tokens``)
+  and no ``stop_ids``: the runner's own path (``decode_step`` / ``prefill`` / ``mixed_step``;
+  CUDA-graph replay of decode steps on a GPU), the exact oracle path of the offline modes:
+  the tokens of HF ``generate(do_sample=False, min_new_tokens=n)``.
+- anything else (sampling, or EOS or a stop id allowed to end the request): a step that holds
+  such a request runs eagerly through ``ModelRunner.step_logits`` (no CUDA graph) and
+  ``sample`` picks each row's token from its logits, outside any graph. Greedy requests in
+  that step take the argmax, so greedy stays exact; a greedy request that may stop at EOS
+  gets HF ``generate(do_sample=False)``'s tokens up to and including the EOS.
+
+``ignore_eos`` masks EOS (it is never emitted; HF's ``min_new_tokens`` does the same), which
+differs from vLLM, which may emit EOS and go on. ``min_tokens`` masks EOS and ``stop_ids``
+until that many tokens exist. Stop *strings* are the caller's job (the server checks them on
+the detokenised text and cancels).
+
+Times are seconds of ``engine.clock()`` (``perf_counter`` since the engine became ready); a
+request's trace (``handle.trace``, a ``RequestTrace``) holds its arrival (when ``submit`` was
+called, or the ``arrival_s`` given) and one time per token, as in every offline ``Run``.
+``submit(..., arrival_s=t, request_id=i)`` with a future ``t`` is admitted only once the clock
+passes ``t``: the offline replay (``engine.loop.drive``) could submit a whole workload this
+way and build its ``Run`` from the handles' traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import heapq
+import itertools
+import math
+import queue
+import secrets
+import threading
+import time
+import traceback
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from splitlab.config import EngineConfig
+from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, WorkloadError
+from splitlab.engine.loop import Worker, build_engine
+from splitlab.engine.plan import split_outputs
+from splitlab.engine.scheduler import ScheduledBatch, Scheduler, SeqState
+from splitlab.engine.warmup import warm_up
+from splitlab.measure.metrics import RequestTrace
+from splitlab.workload import Request
+
+MODES = ("serial", "chunked")
+FINISH_REASONS = ("length", "stop", "abort", "error")
+#: Most requests waiting or running at once; beyond it ``submit`` raises EngineBusyError.
+MAX_QUEUED = 4096
+#: Consecutive failing steps after which the engine stops (each failure fails only its batch).
+MAX_FAILED_STEPS = 3
+
+
+class EngineBusyError(SplitlabError, RuntimeError):
+    """The engine holds its most requests (``max_queued``); retry later (a server answers 503)."""
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. ``temperature`` 0: greedy (argmax). ``top_k`` 0 (or
+    -1): off. ``top_p`` 1: off. ``seed``: the request's own ``torch.Generator`` seed (None: a
+    random one), so a seeded request draws the same tokens every time."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t, p, k, seed = self.temperature, self.top_p, self.top_k, self.seed
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ConfigError(f"temperature must be a finite number >= 0, got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {p!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < -1:
+            raise ConfigError(f"top_k must be an integer >= -1 (0 or -1: off), got {k!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        object.__setattr__(self, "top_k", max(0, k))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = SamplingParams()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """The next token from one row of logits (``[vocab]``, fp32; masked ids already -inf).
+
+    Greedy: the argmax. Otherwise HF's order: divide by the temperature, keep the ``top_k``
+    largest, then the smallest set of most likely tokens whose probability reaches ``top_p``
+    (at least one), and draw from the softmax of what is left with ``generator``.
+    """
+    if params.greedy:
+        return int(torch.argmax(logits))
+    x = logits / params.temperature
+    if 0 < params.top_k < x.numel():
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ascending, order = torch.sort(x)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1.0 - params.top_p
+        drop[-1] = False  # the most likely token always stays
+        x = x.index_fill(0, order[drop], float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def request_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The request's own generator (None for greedy): seeded by ``params.seed`` or at random."""
+    if params.greedy:
+        return None
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ---- what the caller holds --------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """New tokens of one request from one step (``times_s``: engine clock), or its end:
+    ``finish_reason`` is set on the last delta (``length``, ``stop`` (EOS or a stop id),
+    ``abort`` (cancelled or the engine closed), ``error`` (``error`` says what))."""
+
+    token_ids: tuple[int, ...]
+    times_s: tuple[float, ...]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RequestHandle:
+    """One submitted request: iterate it for its ``Delta`` s (``for`` when submitted without
+    ``loop``, ``async for`` with one), or wait with ``result()``. ``trace`` is its
+    ``RequestTrace``; ``output_ids`` and ``finish_reason`` fill in as it runs."""
+
+    def __init__(self, request: Request, trace: RequestTrace, loop: asyncio.AbstractEventLoop | None = None):
+        self.request = request
+        self.trace = trace
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._loop = loop
+        self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None else None
+        self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._iterated = False
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt_len
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _deliver(self, delta: Delta) -> None:
+        """Called on the engine thread: record, then hand over."""
+        self.output_ids.extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.finish_reason, self.error = delta.finish_reason, delta.error
+        if self._aqueue is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, delta)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                pass
+        else:
+            self._queue.put(delta)
+        if delta.finish_reason is not None:
+            self._done.set()
+
+    def _claim(self, is_async: bool) -> None:
+        if (self._aqueue is not None) != is_async:
+            how = "async for (it was submitted with loop=...)" if self._aqueue is not None else \
+                "a plain for loop (submit with loop=asyncio.get_running_loop() to use async for)"
+            raise ConfigError(f"request {self.id}: iterate this handle with {how}")
+        if self._iterated:
+            raise ConfigError(f"request {self.id}: a handle's deltas can be iterated once")
+        self._iterated = True
+
+    def __iter__(self) -> Iterator[Delta]:
+        self._claim(False)
+        while True:
+            delta = self._queue.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    async def __aiter__(self):
+        self._claim(True)
+        while True:
+            delta = await self._aqueue.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """Wait for the end; the output ids. TimeoutError after ``timeout`` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return list(self.output_ids)
+
+
+# ---- the engine's state of one request -------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class OnlineSeq(SeqState):
+    """A ``SeqState`` that may end before ``max_new_tokens`` (EOS, a stop id) and picks its
+    tokens by its own sampling parameters."""
+
+    handle: RequestHandle | None = None
+    params: SamplingParams = GREEDY
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_ids: frozenset = frozenset()
+    eos_ids: frozenset = frozenset()
+    generator: torch.Generator | None = None
+    sent: int = 0  # tokens already delivered to the handle
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        out = self.trace.output_ids
+        return len(out) >= self.request.max_new_tokens or self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """The last token ends the request (a stop id, or EOS unless ``ignore_eos``)."""
+        out = self.trace.output_ids
+        return bool(out) and (out[-1] in self.stop_ids or (not self.ignore_eos and out[-1] in self.eos_ids))
+
+    @property
+    def exact_path(self) -> bool:
+        """Greedy with EOS masked throughout and no stop ids: the runner's own greedy path."""
+        return (self.params.greedy and not self.stop_ids
+                and (self.ignore_eos or self.min_tokens >= self.request.max_new_tokens))
+
+    def suppressed(self) -> list[int]:
+        """Token ids the next token may not be (EOS and stop ids before ``min_tokens``)."""
+        n = len(self.trace.output_ids)
+        ids = set(self.eos_ids) if (self.ignore_eos or n < self.min_tokens) else set()
+        if n < self.min_tokens:
+            ids |= self.stop_ids
+        return sorted(ids)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        masked = self.suppressed()
+        if masked:
+            logits = logits.index_fill(0, torch.tensor(masked, device=logits.device), float("-inf"))
+        return sample(logits, self.params, self.generator)
+
+
+class OnlineWorker(Worker):
+    """A ``Worker`` whose steps take the logits path when a row needs it (see the module doc)."""
+
+    last_batch: ScheduledBatch | None = None
+
+    def run(self, batch: ScheduledBatch, runner=None) -> tuple[list[int], list[int | None]]:
+        runner = self.runner if runner is None else runner
+        self.last_batch = batch
+        rows = list(batch.decode) + [c.seq for c in batch.chunks if c.last]
+        if all(getattr(s, "exact_path", True) for s in rows):
+            return super().run(batch, runner)
+        decode, chunks = batch.runner_inputs()
+        logits = runner.step_logits(decode, chunks)
+        tokens = [seq.pick(logits[i]) for i, seq in enumerate(rows)]
+        return split_outputs(tokens, decode, chunks)
+
+
+# ---- the engine -------------------------------------------------------------------------------
+
+class OnlineEngine:
+    """A long-lived serial or chunked engine on one background thread; see the module doc.
+
+    ``model``: a ``LoadedModel``. ``config``: its ``EngineConfig`` (None: the default).
+    ``keep_steps``: how many ``StepTrace`` s ``engine.steps`` keeps (None: all, for a replay
+    that builds a ``Run``). ``max_queued``: most requests waiting or running at once.
+    ``ready_timeout_s``: how long the build and warm-up may take before ``WorkerError``.
+    """
+
+    def __init__(self, model, mode: str = "serial", config: EngineConfig | None = None, *,
+                 keep_steps: int | None = 10_000, max_queued: int = MAX_QUEUED, ready_timeout_s: float = 600.0):
+        if mode not in MODES:
+            raise ModeError(f"the online engine runs modes {', '.join(MODES)}; got {mode!r}")
+        config = config if config is not None else EngineConfig()
+        if not isinstance(config, EngineConfig):
+            raise ConfigError(f"config must be a splitlab.config.EngineConfig, got {type(config).__name__}")
+        if not hasattr(model, "facts") or not hasattr(model, "model"):
+            raise ConfigError(f"model must be a LoadedModel (splitlab.load_model), got {model!r}")
+        model.require_engine_support(mode)
+        self.mode, self.config, self.model = mode, config, model
+        self.keep_steps, self.max_queued = keep_steps, int(max_queued)
+        self.vocab_size = int(model.facts.vocab_size)
+        self._cv = threading.Condition()
+        self._inbox: list[OnlineSeq] = []
+        self._cancels: list[int] = []
+        self._pending: list[tuple[float, int, OnlineSeq]] = []  # future arrivals, a heap
+        self._active: dict[int, OnlineSeq] = {}
+        self._ids = itertools.count()
+        self._closing = self._abort = False
+        self._failure: BaseException | None = None
+        self._failure_text = ""
+        self._ready = threading.Event()
+        self.t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._main, name=f"splitlab-online-{mode}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(ready_timeout_s):
+            self.close(timeout=5.0)
+            raise WorkerError(f"the online engine did not get ready within {ready_timeout_s:g} s (build and warm-up)")
+        if self._failure is not None:
+            self._thread.join(5.0)
+            if isinstance(self._failure, SplitlabError):
+                raise self._failure
+            raise WorkerError(f"the online engine failed to start: {self._failure_text}") from self._failure
+
+    # ---- facts ------------------------------------------------------------------------------
+    def clock(self) -> float:
+        """Seconds since the engine became ready (the time base of every trace)."""
+        return time.perf_counter() - self.t0
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._failure is None and self._ready.is_set()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.parts.max_seq_len
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(self.parts.runner.arch.get("eos_token_ids") or ())
+
+    @property
+    def steps(self):
+        return self.worker.steps
+
+    def stats(self) -> dict[str, Any]:
+        """What the loop holds now (read without stopping it): queue depth (arrived or future
+        requests without a KV slot), prompts under way, the running batch, KV slots in use."""
+        sch, alloc = self.scheduler, self.parts.allocator
+        return {"waiting": len(sch.waiting) + len(self._pending) + len(self._inbox),
+                "prefilling": len(sch.prefilling), "running": len(sch.running),
+                "kv_slots_in_use": alloc.capacity - alloc.num_free, "kv_slots": alloc.capacity,
+                "active": len(self._active), "alive": self.alive}
+
+    # ---- the caller's side -----------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], max_tokens: int, *, sampling: SamplingParams | None = None,
+               ignore_eos: bool = False, min_tokens: int = 0, stop_ids: Iterable[int] = (),
+               arrival_s: float | None = None, request_id: int | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue one request; return its handle at once. ``arrival_s``: engine-clock time it
+        arrives (None: now). ``request_id``: its id (None: the next free one; ids of requests
+        in flight must differ). ``loop``: the asyncio loop that will ``async for`` the handle.
+        Bad input raises ``WorkloadError`` / ``ConfigError``; a full engine ``EngineBusyError``;
+        a closed or failed one ``WorkerError``."""
+        sampling = GREEDY if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise ConfigError(f"sampling must be a SamplingParams, got {sampling!r}")
+        for name, flag in (("ignore_eos", ignore_eos),):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be True or False, got {flag!r}")
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+            raise ConfigError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
+        stops = frozenset(self._check_ids(stop_ids, "stop_ids"))
+        rid = next(self._ids) if request_id is None else request_id
+        request = Request(rid, prompt_ids, max_tokens)  # checks the ids and lengths
+        if min_tokens > request.max_new_tokens:
+            raise ConfigError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({request.max_new_tokens})")
+        self._check_fits(request)
+        arrival = self.clock() if arrival_s is None else float(arrival_s)
+        trace = RequestTrace(id=request.id, arrival_s=arrival, prompt_len=request.prompt_len,
+                             max_new_tokens=request.max_new_tokens, worker=self.mode)
+        handle = RequestHandle(request, trace, loop)
+        seq = OnlineSeq(request, trace, handle=handle, params=sampling, ignore_eos=ignore_eos, min_tokens=min_tokens,
+                        stop_ids=stops, eos_ids=frozenset(self.eos_ids),
+                        generator=request_generator(sampling, self.parts.runner.device))
+        with self._cv:
+            self._check_open()
+            if len(self._inbox) + len(self._active) >= self.max_queued:
+                raise EngineBusyError(f"the engine holds {self.max_queued} requests (max_queued); retry later")
+            if any(s.id == rid for s in self._inbox) or rid in self._active:
+                raise WorkloadError(f"request id {rid} is already in flight; give each request its own id")
+            self._inbox.append(seq)
+            self._cv.notify()
+        return handle
+
+    def _check_ids(self, ids: Iterable[int], what: str) -> list[int]:
+        try:
+            given = list(ids)
+        except TypeError:
+            raise ConfigError(f"{what} must be a list of token ids, got {ids!r}") from None
+        for i in given:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                raise ConfigError(f"{what} must be token ids in [0, {self.vocab_size}), got {given!r}")
+        return given
+
+    def _check_fits(self, request: Request) -> None:
+        top, low = max(request.prompt_ids), min(request.prompt_ids)
+        if top >= self.vocab_size or low < 0:
+            raise WorkloadError(f"token id {top if top >= self.vocab_size else low} is outside the model's "
+                                f"vocabulary [0, {self.vocab_size})")
+        need, room = request.prompt_len + request.max_new_tokens, self.max_seq_len
+        if need > room:
+            raise WorkloadError(f"the request needs {need} positions (prompt {request.prompt_len} + "
+                                f"{request.max_new_tokens} new) but the engine's context is {room}; "
+                                "shorten the prompt or ask for fewer tokens")
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise WorkerError(f"the online engine failed: {self._failure_text}")
+        if self._closing or not self._thread.is_alive():
+            raise WorkerError("the online engine is closed; make a new one")
+
+    def cancel(self, handle: RequestHandle, wait: bool = True, timeout: float = 30.0) -> bool:
+        """Stop ``handle``'s request and free its KV slot at the next step boundary (its last
+        delta says ``abort``). ``wait``: return once that happened. False if it had ended."""
+        if handle.done:
+            return False
+        with self._cv:
+            self._cancels.append(handle.id)
+            self._cv.notify()
+        if wait and threading.current_thread() is not self._thread:
+            handle._done.wait(timeout)
+        return True
+
+    def close(self, abort: bool = True, timeout: float = 30.0, wait: bool = True) -> None:
+        """Stop the engine thread. ``abort``: end every request in flight (``abort``); else
+        take no new request and finish those in flight first. ``wait``: return once the
+        thread ended (``WorkerError`` after ``timeout`` seconds). Idempotent."""
+        with self._cv:
+            self._closing = True
+            self._abort = self._abort or abort
+            self._cv.notify()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise WorkerError(f"the online engine thread did not stop within {timeout:g} s")
+
+    def __enter__(self) -> "OnlineEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._build()
+        except BaseException as exc:  # noqa: BLE001 - raised by the constructor's thread
+            self._failure, self._failure_text = exc, f"{type(exc).__name__}: {exc}"
+            self._ready.set()
+            return
+        self.t0 = time.perf_counter()
+        self._ready.set()
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - reported to every request and to submit
+            self._failure, self._failure_text = exc, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        finally:
+            self._end_all()
+
+    def _build(self) -> None:
+        """The offline modes' engine: KV pool, runner, allocator, warm-up, scheduler, worker."""
+        config = self.config
+        self.parts = build_engine(self.model, config)
+        runner = self.parts.runner
+        if config.warmup:
+            warm_up(runner, token_budget=config.token_budget)
+        self.scheduler = Scheduler(self.mode, self.parts.allocator, runner.max_batch, config.token_budget,
+                                   config.chunk_size)
+        self.worker = OnlineWorker(self.mode, runner, self.scheduler, self.clock)
+        if self.keep_steps is not None:
+            self.worker.steps = collections.deque(maxlen=self.keep_steps)
+
+    def _serve(self) -> None:
+        failed_steps = 0
+        while True:
+            with self._cv:
+                self._take_inbox()
+                if self._closing and (self._abort or not self._active):
+                    return
+                wait = self._admit_arrived()
+                if not self.scheduler.has_work():
+                    self._cv.wait(wait)
+                    continue
+            try:
+                outcome = self.worker.step()
+            except Exception as exc:  # noqa: BLE001 - fails this step's requests only
+                failed_steps += 1
+                self._fail_batch(exc)
+                if failed_steps >= MAX_FAILED_STEPS:
+                    raise
+                continue
+            failed_steps = 0
+            if outcome is None:
+                raise WorkerError("the scheduler has work but scheduled nothing (no KV slot can ever free)")
+            self._publish()
+
+    def _take_inbox(self) -> None:
+        """Under the lock: new requests in, cancels and a closing abort applied."""
+        for seq in self._inbox:
+            self._active[seq.id] = seq
+            heapq.heappush(self._pending, (seq.trace.arrival_s, seq.id, seq))
+        self._inbox.clear()
+        cancels = list(self._active) if (self._closing and self._abort) else self._cancels
+        for rid in cancels:
+            seq = self._active.get(rid)
+            if seq is not None:
+                self._drop(seq, Delta((), (), "abort"))
+        self._cancels.clear()
+
+    def _admit_arrived(self) -> float | None:
+        """Arrived requests to the scheduler; seconds until the next future one (None: none)."""
+        now = self.clock()
+        while self._pending and (self._pending[0][0] <= now or self._pending[0][2].cancelled):
+            _, _, seq = heapq.heappop(self._pending)
+            if not seq.cancelled:
+                self.scheduler.add(seq)
+        return max(0.0, self._pending[0][0] - now) if self._pending else None
+
+    def _drop(self, seq: OnlineSeq, final: Delta) -> None:
+        """Take ``seq`` out of every queue, free its slot, end its handle with ``final``."""
+        seq.cancelled = True
+        if any(entry[2] is seq for entry in self._pending):
+            self._pending = [entry for entry in self._pending if entry[2] is not seq]
+            heapq.heapify(self._pending)
+        self.scheduler.drop(seq)  # out of its queues, its KV (slot or pages) freed
+        self._active.pop(seq.id, None)
+        seq.handle._deliver(final)
+
+    def _publish(self) -> None:
+        """Each request's new tokens to its handle; finished ones end (their slot is free)."""
+        for seq in list(self._active.values()):
+            out = seq.trace.output_ids
+            if len(out) == seq.sent:
+                continue
+            new = tuple(out[seq.sent:])
+            times = tuple(seq.trace.token_times_s[seq.sent:])
+            seq.sent = len(out)
+            reason = None
+            if seq.finished:
+                reason = "stop" if seq.stopped else "length"
+                del self._active[seq.id]
+            seq.handle._deliver(Delta(new, times, reason))
+
+    def _fail_batch(self, exc: BaseException) -> None:
+        batch, self.worker.last_batch = self.worker.last_batch, None
+        seqs = [] if batch is None else list(batch.decode) + [c.seq for c in batch.chunks]
+        text = f"the engine step failed: {type(exc).__name__}: {exc}"
+        with self._cv:
+            for seq in seqs:
+                if seq.id in self._active:
+                    self._drop(seq, Delta((), (), "error", text))
+
+    def _end_all(self) -> None:
+        """The thread is ending: every request still held gets its last delta."""
+        with self._cv:
+            self._closing = True
+            self._take_inbox()
+            reason, text = ("error", f"the online engine failed: {self._failure_text}") \
+                if self._failure is not None else ("abort", None)
+            for seq in list(self._active.values()):
+                try:
+                    self._drop(seq, Delta((), (), reason, text))
+                except Exception:  # noqa: BLE001 - a broken queue must not keep other handles waiting
+                    self._active.pop(seq.id, None)
+                    seq.handle._deliver(Delta((), (), reason, text))

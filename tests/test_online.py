@@ -1,0 +1,228 @@
+"""The online engine (``splitlab.engine.online``): requests submitted while it runs.
+
+Greedy tokens must equal HF ``generate()``'s (fp32 on CPU): with EOS masked (``ignore_eos``)
+they are ``generate(min_new_tokens=n)``'s, through the runner's own path; with EOS allowed
+(SmolLM2, a chat prompt it answers in a few tokens) ``generate(do_sample=False)``'s up to and
+including the EOS, through the logits path. Cancelling frees the KV slot; a seeded sampled
+request is reproducible; ``min_tokens`` holds EOS back; closing ends every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+import torch
+
+from splitlab.config import EngineConfig
+from splitlab.engine.online import GREEDY, OnlineEngine, SamplingParams, sample
+from splitlab.errors import ConfigError, ModeError, WorkerError, WorkloadError
+
+CONFIG = EngineConfig(max_seq_len=256, num_slots=4, max_batch=4, chunk_size=24, token_budget=64)
+
+
+def hf_generate(loaded, prompt, n: int, min_new: int | None = None) -> list[int]:
+    """HF greedy: ``min_new`` None stops at EOS (its EOS kept, the padding after it dropped)."""
+    ids = torch.tensor([list(prompt)])
+    extra = {} if min_new is None else {"min_new_tokens": min_new}
+    with torch.no_grad():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                    pad_token_id=0, **extra)
+    tokens = out[0, len(prompt):].tolist()
+    eos = loaded.model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+    return tokens[:cut]
+
+
+def ragged(seed: int = 0, n: int = 10):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(4, 260) for _ in range(rng.randrange(2, 50))] for _ in range(n)]
+    return prompts, [rng.randrange(1, 13) for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=["serial", "chunked"])
+def engine(request, tiny):
+    eng = OnlineEngine(tiny, request.param, CONFIG)
+    yield eng
+    eng.close()
+    assert not eng._thread.is_alive()
+
+
+def test_greedy_equals_generate_with_requests_arriving_while_it_runs(engine, tiny):
+    prompts, news = ragged()
+    handles = []
+    for i, (p, n) in enumerate(zip(prompts, news)):  # more requests than KV slots, some mid-run
+        handles.append(engine.submit(p, n, ignore_eos=True))
+        if i % 3 == 2:
+            time.sleep(0.02)
+    for h, p, n in zip(handles, prompts, news):
+        assert h.result(60) == hf_generate(tiny, p, n, min_new=n), f"request {h.id}"
+        assert h.finish_reason == "length"
+        t = h.trace
+        assert len(t.token_times_s) == n and t.token_times_s == sorted(t.token_times_s)
+        assert t.arrival_s <= t.prefill_start_s <= t.prefill_end_s == t.token_times_s[0]
+    assert engine.stats()["kv_slots_in_use"] == 0
+
+
+def test_tokens_stream_as_deltas_and_the_logits_path_is_exact_too(engine, tiny):
+    """Iterated deltas carry every token once; a seeded sampled request in the same batch makes
+    the step take the logits path, where the greedy requests still get generate()'s tokens."""
+    prompts, news = ragged(seed=1, n=3)
+    sampled = engine.submit(prompts[0], 12, sampling=SamplingParams(temperature=1.0, seed=3), ignore_eos=True)
+    handles = [engine.submit(p, n, ignore_eos=True) for p, n in zip(prompts, news)]
+    deltas = list(handles[0])
+    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
+    assert [t for d in deltas for t in d.token_ids] == handles[0].output_ids
+    assert [t for d in deltas for t in d.times_s] == handles[0].trace.token_times_s
+    for h, p, n in zip(handles, prompts, news):
+        assert h.result(60) == hf_generate(tiny, p, n, min_new=n)
+    assert len(sampled.result(60)) == 12
+
+
+def test_cancel_frees_the_slot_at_once(engine, tiny):
+    long = engine.submit([5, 6, 7, 8], 200, ignore_eos=True)
+    first = next(iter(long))
+    assert len(first.token_ids) == 1 and engine.stats()["kv_slots_in_use"] == 1
+    assert engine.cancel(long) is True
+    assert long.done and long.finish_reason == "abort"
+    assert engine.stats()["kv_slots_in_use"] == 0
+    assert 1 <= len(long.output_ids) < 200
+    assert engine.cancel(long) is False  # already over
+    # the engine goes on serving, exactly
+    again = engine.submit([5, 6, 7, 8], 5, ignore_eos=True)
+    assert again.result(30) == hf_generate(tiny, [5, 6, 7, 8], 5, min_new=5)
+
+
+def test_cancel_of_a_waiting_request(tiny):
+    with OnlineEngine(tiny, "serial", CONFIG.replace(num_slots=1, max_batch=1)) as eng:
+        running = eng.submit([9, 10, 11], 60, ignore_eos=True)
+        waiting = eng.submit([12, 13], 5, ignore_eos=True)
+        next(iter(running))
+        assert eng.stats()["waiting"] == 1
+        eng.cancel(waiting)
+        assert waiting.finish_reason == "abort" and waiting.output_ids == []
+        assert eng.stats()["waiting"] == 0
+        assert len(running.result(60)) == 60 and running.finish_reason == "length"
+        assert eng.stats()["kv_slots_in_use"] == 0
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=100, seed=1234)
+    a = engine.submit([20, 21, 22], 16, sampling=params, ignore_eos=True).result(30)
+    b = engine.submit([20, 21, 22], 16, sampling=params, ignore_eos=True).result(30)
+    c = engine.submit([20, 21, 22], 16, sampling=SamplingParams(temperature=1.0, seed=4321),
+                      ignore_eos=True).result(30)
+    assert a == b
+    assert a != c  # 16 draws from a near-uniform distribution over 260 ids
+
+
+def test_sample_is_a_pure_function_of_logits_params_and_generator():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5, -1.0])
+    assert sample(logits, GREEDY) == 1
+    assert sample(logits, SamplingParams(temperature=0.7, top_k=1, seed=0),
+                  torch.Generator().manual_seed(0)) == 1
+    assert sample(logits, SamplingParams(temperature=1.0, top_p=0.01), torch.Generator().manual_seed(0)) == 1
+    drawn = {sample(logits, SamplingParams(temperature=5.0, top_k=2), torch.Generator().manual_seed(s))
+             for s in range(200)}
+    assert drawn == {1, 3}  # only the two most likely, and both of them
+    # top_p keeps the smallest set reaching p: here {1, 3} (0.55 + 0.34 of the mass)
+    drawn = {sample(logits, SamplingParams(temperature=1.0, top_p=0.8), torch.Generator().manual_seed(s))
+             for s in range(200)}
+    assert drawn == {1, 3}
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    params = SamplingParams(temperature=2.0)
+    assert [sample(logits, params, g1) for _ in range(20)] == [sample(logits, params, g2) for _ in range(20)]
+
+
+def test_stop_ids_end_a_request_and_min_tokens_holds_them_back(engine, tiny):
+    prompt = [30, 31, 32, 33]
+    greedy = hf_generate(tiny, prompt, 10, min_new=10)
+    stop = greedy[3]
+    first = greedy.index(stop)
+    h = engine.submit(prompt, 10, ignore_eos=True, stop_ids=[stop])
+    assert h.result(30) == greedy[:first + 1] and h.finish_reason == "stop"
+    held = engine.submit(prompt, 10, ignore_eos=True, stop_ids=[stop], min_tokens=10)
+    assert len(held.result(30)) == 10 and stop not in held.output_ids and held.finish_reason == "length"
+
+
+def test_async_iteration(engine, tiny):
+    async def main():
+        loop = asyncio.get_running_loop()
+        handles = [engine.submit([40 + i, 41, 42], 6, ignore_eos=True, loop=loop) for i in range(3)]
+
+        async def collect(h):
+            return [t async for d in h for t in d.token_ids]
+
+        return await asyncio.wait_for(asyncio.gather(*(collect(h) for h in handles)), 60)
+
+    got = asyncio.run(main())
+    assert got == [hf_generate(tiny, [40 + i, 41, 42], 6, min_new=6) for i in range(3)]
+
+
+def test_eos_ends_a_greedy_request_and_min_tokens_suppresses_it(smollm2):
+    prompt = smollm2.encode("What is the capital of France?", chat=True)
+    with OnlineEngine(smollm2, "chunked", EngineConfig(max_seq_len=512, num_slots=2, max_batch=2,
+                                                       chunk_size=64)) as eng:
+        free = eng.submit(prompt, 24)
+        forced = eng.submit(prompt, 14, min_tokens=14)
+        held = eng.submit(prompt, 24, min_tokens=10)
+        expected = hf_generate(smollm2, prompt, 24)
+        assert smollm2.decode(expected).strip() == "The capital of France is Paris."
+        assert len(expected) < 24  # it really stops at EOS
+        assert free.result(120) == expected and free.finish_reason == "stop"
+        assert free.output_ids[-1] in eng.eos_ids
+        assert forced.result(120) == hf_generate(smollm2, prompt, 14, min_new=14)
+        assert forced.finish_reason == "length"
+        assert held.result(120) == hf_generate(smollm2, prompt, 24, min_new=10)
+        assert len(held.output_ids) >= 10
+
+
+def test_close_drains_or_aborts(tiny):
+    eng = OnlineEngine(tiny, "serial", CONFIG)
+    h = eng.submit([50, 51], 8, ignore_eos=True)
+    eng.close(abort=False)  # finish what is in flight first
+    assert h.finish_reason == "length" and len(h.output_ids) == 8
+    with pytest.raises(WorkerError, match="closed"):
+        eng.submit([50, 51], 8)
+    eng = OnlineEngine(tiny, "serial", CONFIG)
+    h = eng.submit([50, 51], 250 - 2, ignore_eos=True)
+    next(iter(h))
+    eng.close()
+    assert h.finish_reason == "abort" and not eng._thread.is_alive()
+
+
+def test_bad_requests_are_refused_at_submit(engine):
+    with pytest.raises(WorkloadError, match="context"):
+        engine.submit([5] * 200, 100)
+    with pytest.raises(WorkloadError, match="vocabulary"):
+        engine.submit([5, 999], 4)
+    with pytest.raises(WorkloadError, match="empty prompt"):
+        engine.submit([], 4)
+    with pytest.raises(WorkloadError, match="max_new_tokens"):
+        engine.submit([5], 0)
+    with pytest.raises(ConfigError, match="min_tokens"):
+        engine.submit([5], 4, min_tokens=5)
+    with pytest.raises(ConfigError, match="stop_ids"):
+        engine.submit([5], 4, stop_ids=[1000])
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(top_p=0)
+    h = engine.submit([5, 6], 3, ignore_eos=True)
+    with pytest.raises(ConfigError, match="async for"):
+        asyncio.run(_drain_async(h))
+    assert len(h.result(30)) == 3  # still fine
+
+
+async def _drain_async(handle):
+    return [d async for d in handle]
+
+
+def test_bad_engine_arguments(tiny):
+    with pytest.raises(ModeError, match="serial, chunked"):
+        OnlineEngine(tiny, "split")
+    with pytest.raises(ConfigError, match="EngineConfig"):
+        OnlineEngine(tiny, "serial", {"max_seq_len": 64})
