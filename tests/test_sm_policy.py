@@ -115,3 +115,35 @@ def test_profile_round_trips_and_the_recorded_one_loads(profile, tmp_path):
     bad.write_text("{\"decode\": 1}")
     with pytest.raises(ConfigError, match="not an SM profile"):
         SMProfile.load(bad)
+
+
+# ---- the policy inside a split run: streams backend, decisions without partitions (CPU) ----------
+
+def test_adaptive_policy_decides_every_step_and_keeps_the_oracle(tiny):
+    """``sm_policy="slo"`` under ``backend="streams"``: the same tokens as HF generate(), every
+    step asked the policy (its SMs recorded), a decision well under a millisecond, and decode
+    given the whole GPU exactly when no prompt was waiting."""
+    import splitlab
+    from splitlab.config import EngineConfig
+
+    from _colocation import check_split_run, expected_tokens, ragged_workload
+
+    workload = ragged_workload(seed=3)
+    config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, token_budget=64)
+    run = splitlab.run(workload, tiny, mode="split", config=config, backend="streams", sm_policy="slo",
+                       sm_profile=str(ROOT / "results" / "sm_profile_h200.json"), gap_s=0.03, progress=False)
+    assert run.output_ids() == expected_tokens(tiny, workload)
+    check_split_run(run, workload, num_slots=3)
+    facts = run.config.green
+    assert facts["sm_policy"] == "slo" and facts["simulated"] is True
+    assert facts["decisions"] == len(run.steps)  # every step asked where it runs
+    assert facts["decide_max_s"] < 1e-3
+    choices = set(facts["decode_sms_choices"])
+    decode_sms = {s.sms for s in run.steps if s.worker == "decode"}
+    prefill_sms = {s.sms for s in run.steps if s.worker == "prefill"}
+    assert decode_sms <= choices | {TOTAL} and decode_sms & choices  # some steps beside a prefill
+    assert prefill_sms <= {TOTAL - c for c in choices} | {TOTAL} and prefill_sms
+    # a decode step after the last prefill step ended saw no prompt waiting: the whole GPU
+    last_prefill = max(s.end_s for s in run.steps if s.worker == "prefill")
+    tail = [s for s in run.steps if s.worker == "decode" and s.start_s > last_prefill + 1e-3]
+    assert tail and all(s.sms == TOTAL for s in tail)

@@ -15,6 +15,7 @@ same KV pool, so a handoff carries a slot number, never KV bytes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Protocol
@@ -83,7 +84,8 @@ class Worker:
         if lane is None:
             decode_tokens, chunk_tokens = self.run(batch, self.runner)
         else:
-            with torch.cuda.stream(lane.stream):
+            # a lane without a stream (the streams backend's policy check) runs where the thread is
+            with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
                 decode_tokens, chunk_tokens = self.run(batch, lane.runner or self.runner)
         end = self.clock()  # after the host sync that returned the tokens
         outcome = self.scheduler.postprocess(batch, decode_tokens, chunk_tokens, start, end)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from splitlab.engine.runner import ModelRunner
+from splitlab.engine.warmup import warm_up
 from splitlab.modes.split.policy import SMChoice, SplitState
 
 
@@ -40,52 +41,71 @@ class Lane:
 
 
 class GreenPlan:
-    """Green partitions for each decode SM count in ``choices``, made once per process, and
-    a decode runner with its graphs captured on each (plus the whole GPU)."""
+    """The lanes a policy chooses among: for each decode SM count, decode's lane (a stream and
+    a runner whose graphs were captured on it) and prefill's lane on the SMs left, plus the
+    whole GPU for each side. ``partitioned`` makes them on green contexts; ``simulated``
+    gives every lane the thread's own stream and one runner (the decisions, not the SMs)."""
 
-    def __init__(self, prefill_runner: ModelRunner, config, choices, high_priority_decode: bool = True):
+    def __init__(self, total_sms: int, decode: dict[int, Lane], prefill: dict[int, Lane],
+                 capture: dict[int, dict[str, float]], decode_variant: str | None, simulated: bool):
+        self.total_sms, self.decode, self.prefill = total_sms, decode, prefill
+        self.capture, self.decode_variant, self.simulated = capture, decode_variant, simulated
+
+    @classmethod
+    def partitioned(cls, prefill_runner: ModelRunner, config, choices, high_priority_decode: bool = True
+                    ) -> "GreenPlan":
         from splitlab.system.green import decode_first_split
 
         device = prefill_runner.device
-        self.total_sms = int(torch.cuda.get_device_properties(device).multi_processor_count)
+        total = int(torch.cuda.get_device_properties(device).multi_processor_count)
         arch, weights = prefill_runner.export()
         priority = -1 if high_priority_decode else 0
-        self.decode: dict[int, Lane] = {}
-        self.prefill: dict[int, Lane] = {}
-        self.capture: dict[int, dict[str, float]] = {}
+        decode: dict[int, Lane] = {}
+        prefill: dict[int, Lane] = {}
+        capture: dict[int, dict[str, float]] = {}
         variant = None
-        lanes = [(self.total_sms, None)] + [(d, decode_first_split(device.index or 0, d, priority))
-                                            for d in sorted(set(choices))]
-        for sms, part in lanes:
+        lanes = [(total, None)] + [(d, decode_first_split(device.index or 0, d, priority)) for d in sorted(set(choices))]
+        for _, part in lanes:
             if part is None:
-                dec_stream = torch.cuda.Stream(device, priority=priority)
-                pre_stream = torch.cuda.Stream(device)
-                dec_sms, pre_sms = self.total_sms, self.total_sms
+                dec_stream, pre_stream = torch.cuda.Stream(device, priority=priority), torch.cuda.Stream(device)
+                dec_sms, pre_sms = total, total
             else:
                 dec_stream, pre_stream = part.streams
                 dec_sms, pre_sms = int(part.sm_counts[0]), int(part.sm_counts[1])
             runner = ModelRunner.for_config(arch, weights, prefill_runner.kv,
-                                            config if variant is None else config.replace(decode_variant=variant))
+                                            config if variant is None else config.replace(decode_variant=variant),
+                                            max_batch=prefill_runner.max_batch)
             runner.capture_stream = dec_stream
-            if part is not None and hasattr(runner.kernels, "sm_count"):
+            if part is not None and hasattr(runner.kernels, "sm_count"):  # split-K attention sizes its grid by it
                 runner.kernels.sm_count = dec_sms
-            self.capture[dec_sms] = self._capture(runner, dec_stream)
+            capture[dec_sms] = cls._capture(runner, dec_stream)
             variant = variant or runner.decode_variant
-            self.decode[dec_sms] = Lane(dec_sms, dec_stream, runner)
-            self.prefill.setdefault(pre_sms, Lane(pre_sms, pre_stream))
-        self.decode_variant = variant
+            decode[dec_sms] = Lane(dec_sms, dec_stream, runner)
+            prefill.setdefault(pre_sms, Lane(pre_sms, pre_stream))
+        return cls(total, decode, prefill, capture, variant, simulated=False)
+
+    @classmethod
+    def simulated(cls, decode_runner: ModelRunner, total_sms: int, choices) -> "GreenPlan":
+        decode = {d: Lane(d, None, decode_runner) for d in (*choices, total_sms)}
+        prefill = {total_sms - d: Lane(total_sms - d, None) for d in choices}
+        prefill[total_sms] = Lane(total_sms, None)
+        return cls(total_sms, decode, prefill, {}, None, simulated=True)
 
     @staticmethod
     def _capture(runner: ModelRunner, stream) -> dict[str, float]:
-        """Capture every decode graph bucket on ``stream``; its time and graph-pool bytes."""
+        """Every decode graph bucket captured on ``stream``: the seconds and graph-pool bytes."""
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
         start = time.perf_counter()
         with torch.cuda.stream(stream):
-            runner.decode_step([runner.kv.num_slots - 1], [1], [0])
-            runner.capture_graphs()
+            warm_up(runner, prefill=False)
             torch.cuda.synchronize()
         return {"seconds": time.perf_counter() - start, "bytes": int(torch.cuda.memory_reserved() - before)}
+
+    @property
+    def choices(self) -> list[int]:
+        """The decode SM counts with a partition (the whole GPU aside)."""
+        return sorted(d for d in self.decode if d != self.total_sms)
 
     def lanes_for(self, choice: SMChoice) -> tuple[Lane, Lane]:
         """(decode lane, prefill lane) of a choice; a side given 0 SMs idles, so the other's
@@ -95,9 +115,11 @@ class GreenPlan:
         return dec, pre
 
     def facts(self) -> dict[str, Any]:
-        return {"decode_sms_choices": sorted(self.decode), "prefill_sms_choices": sorted(self.prefill),
+        return {"simulated": self.simulated, "decode_sms_choices": self.choices,
+                "prefill_sms_choices": sorted(self.prefill),
                 "graph_capture": {str(k): v for k, v in sorted(self.capture.items())},
                 "graph_bytes_total": sum(v["bytes"] for v in self.capture.values()),
+                "graph_capture_s_total": sum(v["seconds"] for v in self.capture.values()),
                 "decode_variant": self.decode_variant}
 
 
@@ -145,8 +167,7 @@ class SMController:
 
         return {"policy": getattr(self.policy, "name", type(self.policy).__name__), **self.plan.facts(),
                 "decisions": len(rows), "decide_p50_s": q(0.5), "decide_p99_s": q(0.99),
-                "decide_max_s": spent[-1] if spent else None,
-                "timeline": [{"t_s": t, "side": side, "decode_sms": d, "prefill_sms": p} for t, side, d, p, _ in rows]}
+                "decide_max_s": spent[-1] if spent else None}
 
 
 class _DecodePlacer:

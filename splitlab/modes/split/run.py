@@ -147,7 +147,7 @@ class SplitSession:
                      "decode_weights_shared": facts["decode"].get("weights_shared")}
         config = RunConfig(
             mode="split", backend=split.backend, prefill_share=split.prefill_share, decode_share=split.decode_share,
-            prefill_sms=green["prefill_sms"] if green else None, decode_sms=green["decode_sms"] if green else None,
+            prefill_sms=(green or {}).get("prefill_sms"), decode_sms=(green or {}).get("decode_sms"),
             mps=split.backend == "mps", mps_daemon=self._impl.mps, green=green, engine=self.config, split=split,
             session_run=self.runs, effective=effective, workers=facts)
         return build_run(config, self.model, workload, traces, steps, memory)

@@ -37,6 +37,7 @@ from splitlab.engine.kv import SlotAllocator
 from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
+from splitlab.modes.split.adaptive import GreenPlan, SMController
 from splitlab.modes.common import (Fault, FreedSlots, Stopped, decode_loop, fault_for, peak_bytes, prefill_loop,
                                    reset_peak, worker_facts)
 from splitlab.system.env import synchronize
@@ -92,8 +93,10 @@ class ThreadSplit:
         self.device = torch.device(model.device)
         cuda = self.device.type == "cuda"
         self.green: dict[str, Any] | None = None
+        self.plan: GreenPlan | None = None  # the lanes of an adaptive sm_policy, and its policy
+        self.policy = None
         prefill_stream = decode_stream = None
-        if split.backend == "green":
+        if split.backend == "green" and split.sm_policy == "static":
             part, p_sms, d_sms = green_partition(self.device, split.prefill_sms, split.high_priority_decode)
             prefill_stream, decode_stream = part.streams
             self.green = {**part.to_dict(), "prefill_sms": p_sms, "decode_sms": d_sms}
@@ -120,12 +123,44 @@ class ThreadSplit:
         self.pools = {name: ThreadPoolExecutor(1, thread_name_prefix=f"splitlab-{name}")
                       for name in ("prefill", "decode")}
         self.graphs: list[int] = []
+        if split.sm_policy != "static":
+            self._plan_lanes(split)
+            prefill_stream, decode_stream = self.streams
         if config.warmup:
             # one after the other: a graph capture must not overlap the other stream's work
-            self.graphs = self.pools["decode"].submit(self._on_stream, decode_stream, warm_up,
-                                                      self.decode_runner, prefill=False).result()
-            self.pools["prefill"].submit(self._on_stream, prefill_stream, warm_up, self.prefill_runner,
-                                         decode=False, token_budget=config.token_budget).result()
+            if self.plan is None or self.plan.simulated:
+                self.graphs = self.pools["decode"].submit(self._on_stream, decode_stream, warm_up,
+                                                          self.decode_runner, prefill=False).result()
+            else:
+                self.graphs = self.decode_runner.capture_graphs()  # captured by the plan: just the list
+            self.pools["prefill"].submit(self._warm_prefill, prefill_stream, config.token_budget).result()
+
+    def _plan_lanes(self, split: SplitConfig) -> None:
+        """An adaptive policy's lanes and the policy; the whole-GPU lanes become the streams."""
+        from splitlab.modes.split.policy import SMProfile, make_policy
+
+        profile = SMProfile.load(split.sm_profile)
+        if split.backend == "green":
+            self.plan = self.pools["decode"].submit(GreenPlan.partitioned, self.prefill_runner, self.config,
+                                                    split.decode_sm_choices, split.high_priority_decode).result()
+        else:
+            self.plan = GreenPlan.simulated(self.decode_runner, profile.total_sms, split.decode_sm_choices)
+        plan = self.plan
+        self.policy = make_policy(split.sm_policy, total_sms=plan.total_sms, choices=plan.choices,
+                                  static_decode_sms=plan.choices[0], profile=profile, gap_s=split.gap_s)
+        self.decode_runner = plan.decode[plan.total_sms].runner
+        self.streams = (plan.prefill[plan.total_sms].stream, plan.decode[plan.total_sms].stream)
+        self.green = {"sm_policy": split.sm_policy, **plan.facts()}
+
+    def _warm_prefill(self, stream, token_budget: int) -> None:
+        """The prompt path on the prefill thread; with lanes, a short prompt on each lane's
+        stream too (cuBLAS keeps a workspace per stream)."""
+        with _stream_ctx(stream):
+            warm_up(self.prefill_runner, decode=False, token_budget=token_budget)
+        for lane in (self.plan.prefill.values() if self.plan is not None else ()):
+            with _stream_ctx(lane.stream):
+                self.prefill_runner.prefill([(0, [1] * 16, 0)])
+        synchronize(self.device)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -170,6 +205,8 @@ class ThreadSplit:
         seqs = run.results["prefill"]
         for s in seqs.values():
             s.trace.worker = "split"
+        if run.controller is not None:
+            self.green = {"sm_policy": self.split.sm_policy, **run.controller.facts()}
         peak = peak_bytes(self.device)
         return ([s.trace for s in seqs.values()], run.pre.steps + run.dec.steps,
                 {"peak_bytes": peak, "per_worker": {"process": peak}})
@@ -199,6 +236,11 @@ class _ThreadRun:
         self.freed = FreedSlots(self.freed_q.put)
         self.pre = PrefillWorker(engine.prefill_runner, self.allocator, engine.config, self.clock)
         self.dec = DecodeWorker(engine.decode_runner, self.freed, engine.config, self.clock)
+        self.controller = None
+        if engine.plan is not None:  # an adaptive sm_policy: every step asks where it runs
+            self.controller = SMController(engine.policy, engine.plan, self.clock)
+            self.pre.placer = self.controller.prefill_placer()
+            self.dec.placer = self.controller.decode_placer()
         self.stop = threading.Event()
         self.go = threading.Event()
         self.ready = {"prefill": threading.Event(), "decode": threading.Event()}
