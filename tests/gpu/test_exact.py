@@ -64,6 +64,20 @@ def test_hf_generate_mode_is_exact(fp32_model, workload, expected):
     assert_exact(splitlab.run(workload, fp32_model, mode="hf-generate", batch_size=4, progress=False), expected)
 
 
+@pytest.mark.parametrize("policy", ["table", "slo"])
+def test_the_adaptive_green_split_is_exact(fp32_model, workload, expected, policy):
+    """Every step on the lane its policy picked (graphs captured per partition), the oracle kept."""
+    from pathlib import Path
+
+    profile = str(Path(__file__).resolve().parents[2] / "results" / "sm_profile_h200.json")
+    run = splitlab.run(workload, fp32_model, mode="split", config=CONFIG, backend="green", sm_policy=policy,
+                       sm_profile=profile, gap_s=0.03, progress=False)
+    assert_exact(run, expected)
+    facts = run.config.green
+    assert facts["simulated"] is False and facts["decisions"] == len(run.steps)
+    assert {s.sms for s in run.steps} - {None} and all(s.sms for s in run.steps)
+
+
 @pytest.mark.parametrize("backend", ["streams", "processes", "green", "mps"])
 def test_every_split_backend_is_exact(fp32_model, workload, expected, backend):
     run = splitlab.run(workload, fp32_model, mode="split", config=CONFIG, backend=backend, progress=False)
