@@ -304,6 +304,14 @@ class SplitConfig(FrozenConfig):
     ``ready_timeout_s``: seconds allowed to load the model, share it and warm up (CUDA-graph
     capture) before the run starts. ``stall_timeout_s``: a run fails (``WorkerError``) when
     no worker reported progress for this long after the last request arrived.
+    ``sm_policy``: how the SMs follow the load (``splitlab.modes.split.policy``): ``"static"``
+    (one split, above); ``"table"`` (decode SMs from the decode batch) or ``"slo"`` (the
+    fewest decode SMs whose predicted step meets ``gap_s``) choose per step among green
+    partitions of ``decode_sm_choices`` decode SMs (plus the whole GPU when one side is
+    idle), predicting from the measured ``sm_profile`` (a JSON file of
+    ``benchmarks/sm_profile.py``). ``backend="green"`` partitions for real; under
+    ``backend="streams"`` the policy decides and records every step but nothing is
+    partitioned (a CPU check of the decisions).
     """
 
     DEFAULT_PREFILL_SHARE: ClassVar[float] = 60
@@ -318,8 +326,13 @@ class SplitConfig(FrozenConfig):
     event_flush_s: float = 0.05
     ready_timeout_s: float = 900.0
     stall_timeout_s: float = 600.0
+    sm_policy: str = "static"
+    decode_sm_choices: tuple[int, ...] = (16, 32, 48, 64, 96)
+    sm_profile: str | None = None
+    gap_s: float | None = None
 
     def __post_init__(self) -> None:
+        self._check_sm_policy()
         if self.backend not in SPLIT_BACKENDS:
             raise ConfigError(f"SplitConfig.backend must be one of {', '.join(SPLIT_BACKENDS)}; got {self.backend!r}")
         for name in ("prefill_share", "decode_share"):
@@ -333,14 +346,6 @@ class SplitConfig(FrozenConfig):
                 )
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 100:
                 raise ConfigError(f"SplitConfig.{name} must be a percentage in [1, 100], got {value!r}")
-    ``sm_policy``: how the SMs follow the load (``splitlab.modes.split.policy``): ``"static"``
-    (one split, above); ``"table"`` (decode SMs from the decode batch) or ``"slo"`` (the
-    fewest decode SMs whose predicted step meets ``gap_s``) choose per step among green
-    partitions of ``decode_sm_choices`` decode SMs (plus the whole GPU when one side is
-    idle), predicting from the measured ``sm_profile`` (a JSON file of
-    ``benchmarks/sm_profile.py``). ``backend="green"`` partitions for real; under
-    ``backend="streams"`` the policy decides and records every step but nothing is
-    partitioned (a CPU check of the decisions).
         if self.backend == "mps":
             if self.prefill_share is None:
                 object.__setattr__(self, "prefill_share", self.DEFAULT_PREFILL_SHARE)
@@ -355,16 +360,38 @@ class SplitConfig(FrozenConfig):
             if isinstance(self.prefill_sms, bool) or not isinstance(self.prefill_sms, int) or self.prefill_sms < 1:
                 raise ConfigError(f"SplitConfig.prefill_sms must be a positive integer, got {self.prefill_sms!r}")
         if not isinstance(self.high_priority_decode, bool):
-    sm_policy: str = "static"
-    decode_sm_choices: tuple[int, ...] = (16, 32, 48, 64, 96)
-    sm_profile: str | None = None
-    gap_s: float | None = None
             raise ConfigError(f"SplitConfig.high_priority_decode must be True or False, got {self.high_priority_decode!r}")
         for name in ("poll_s", "event_flush_s", "ready_timeout_s", "stall_timeout_s"):
-        self._check_sm_policy()
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"SplitConfig.{name} must be a positive number of seconds, got {value!r}")
+
+    def _check_sm_policy(self) -> None:
+        policies = ("static", "table", "slo")
+        if self.sm_policy not in policies:
+            raise ConfigError(f"SplitConfig.sm_policy must be one of {', '.join(policies)}; got {self.sm_policy!r}")
+        if self.sm_policy == "static":
+            return
+        if self.backend not in ("green", "streams"):
+            raise ConfigError(f"sm_policy={self.sm_policy!r} re-partitions green contexts per step: use "
+                              f"backend='green' (or 'streams' to check the decisions without partitions); "
+                              f"backend={self.backend!r} keeps one split")
+        if self.prefill_sms is not None:
+            raise ConfigError("prefill_sms fixes one split; an adaptive sm_policy chooses among decode_sm_choices")
+        choices = self.decode_sm_choices
+        if (isinstance(choices, (str, bytes)) or not isinstance(choices, (tuple, list)) or not choices
+                or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in choices)):
+            raise ConfigError(f"SplitConfig.decode_sm_choices must be positive SM counts, got {choices!r}")
+        object.__setattr__(self, "decode_sm_choices", tuple(sorted(set(choices))))
+        if not isinstance(self.sm_profile, str) or not self.sm_profile:
+            raise ConfigError(f"sm_policy={self.sm_policy!r} predicts from a measured SM profile: give "
+                              "sm_profile='results/sm_profile_h200.json' (or measure one: benchmarks/sm_profile.py)")
+        gap = self.gap_s
+        if gap is not None and (isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 < gap < 10):
+            raise ConfigError(f"SplitConfig.gap_s must be a token-gap bound in seconds (0, 10), got {gap!r}")
+        if self.sm_policy == "slo" and gap is None:
+            raise ConfigError("sm_policy='slo' needs the gap bound it keeps decode steps under: gap_s=0.03, say")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig(FrozenConfig):
@@ -395,33 +422,6 @@ class RunConfig(FrozenConfig):
     replica_engine: str | None = None
     mps: bool = False
     mps_daemon: dict[str, Any] | None = None
-    def _check_sm_policy(self) -> None:
-        policies = ("static", "table", "slo")
-        if self.sm_policy not in policies:
-            raise ConfigError(f"SplitConfig.sm_policy must be one of {', '.join(policies)}; got {self.sm_policy!r}")
-        if self.sm_policy == "static":
-            return
-        if self.backend not in ("green", "streams"):
-            raise ConfigError(f"sm_policy={self.sm_policy!r} re-partitions green contexts per step: use "
-                              f"backend='green' (or 'streams' to check the decisions without partitions); "
-                              f"backend={self.backend!r} keeps one split")
-        if self.prefill_sms is not None:
-            raise ConfigError("prefill_sms fixes one split; an adaptive sm_policy chooses among decode_sm_choices")
-        choices = self.decode_sm_choices
-        if (isinstance(choices, (str, bytes)) or not isinstance(choices, (tuple, list)) or not choices
-                or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in choices)):
-            raise ConfigError(f"SplitConfig.decode_sm_choices must be positive SM counts, got {choices!r}")
-        object.__setattr__(self, "decode_sm_choices", tuple(sorted(set(choices))))
-        if not isinstance(self.sm_profile, str) or not self.sm_profile:
-            raise ConfigError(f"sm_policy={self.sm_policy!r} predicts from a measured SM profile: give "
-                              "sm_profile='results/sm_profile_h200.json' (or measure one: benchmarks/sm_profile.py)")
-        gap = self.gap_s
-        if gap is not None and (isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 0 < gap < 10):
-            raise ConfigError(f"SplitConfig.gap_s must be a token-gap bound in seconds (0, 10), got {gap!r}")
-        if self.sm_policy == "slo" and gap is None:
-            raise ConfigError("sm_policy='slo' needs the gap bound it keeps decode steps under: gap_s=0.03, say")
-
-
     green: dict[str, Any] | None = None
     batch_size: int | None = None
     engine: EngineConfig | None = None
