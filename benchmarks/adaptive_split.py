@@ -32,18 +32,18 @@ from splitlab.workload import LengthDist, from_azure_trace, poisson  # noqa: E40
 
 AZURE_CSV = REPO.parent / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_code.csv"
 POISSON_RATES = (8.0, 12.0, 16.0, 20.0, 24.0)  # serial's burst capacity here was 16.3 req/s
-AZURE_RATES = (3.0, 5.0, 7.0, 10.0)
+AZURE_RATES = (4.0, 7.0, 10.0)
 SMOOTH_GAP_S = 0.030  # about 3x a solo decode step at batch 32 (the SM profile: 5-7 ms)
 # (step, kind, options): serial/chunked through splitlab.run, the rest as a SplitSession
-STEPS = [
+STEPS = [  # in priority order: a call that runs out of budget leaves the last ones for the next
     ("serial", "engine", {"mode": "serial"}),
-    ("chunked-512", "engine", {"mode": "chunked", "chunk_size": 512}),
     ("chunked-2048", "engine", {"mode": "chunked", "chunk_size": 2048}),
-    ("split-mps-p60-d40", "split", {"backend": "mps", "prefill_share": 60, "decode_share": 40}),
-    ("split-mps-p100-d100", "split", {"backend": "mps", "prefill_share": 100, "decode_share": 100}),
-    ("split-green", "split", {"backend": "green", "prefill_sms": 68}),
-    ("split-green-table", "split", {"backend": "green", "sm_policy": "table"}),
     ("split-green-slo", "split", {"backend": "green", "sm_policy": "slo", "gap_s": SMOOTH_GAP_S}),
+    ("split-mps-p60-d40", "split", {"backend": "mps", "prefill_share": 60, "decode_share": 40}),
+    ("split-green-table", "split", {"backend": "green", "sm_policy": "table"}),
+    ("chunked-512", "engine", {"mode": "chunked", "chunk_size": 512}),
+    ("split-green", "split", {"backend": "green", "prefill_sms": 68}),
+    ("split-mps-p100-d100", "split", {"backend": "mps", "prefill_share": 100, "decode_share": 100}),
 ]
 
 
@@ -60,7 +60,8 @@ def say(msg: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dummy:llama-3.1-8b")
-    p.add_argument("--requests", type=int, default=80)
+    p.add_argument("--requests", type=int, default=80, help="requests per Poisson run")
+    p.add_argument("--azure-requests", type=int, default=60, help="requests per Azure replay")
     p.add_argument("--steps", help="step names to run, comma-separated (default: all)")
     p.add_argument("--workloads", default="poisson,azure")
     p.add_argument("--sm-profile", default=str(REPO / "results" / "sm_profile_h200.json"))
@@ -79,12 +80,13 @@ def workloads(args, model) -> dict[str, Any]:
             out[f"poisson-r{rate:g}"] = poisson(args.requests, rate=rate, prompt_len=plen, output_len=olen, seed=1,
                                                 model=model, name=f"poisson-r{rate:g}-n{args.requests}")
     if "azure" in args.workloads:
-        base = from_azure_trace(AZURE_CSV, limit=args.requests, max_total_len=2048, seed=3, model=model)
+        n = args.azure_requests
+        base = from_azure_trace(AZURE_CSV, limit=n, max_total_len=2048, seed=3, model=model)
         trace_rate = len(base) / max(r.arrival_s for r in base)
         for rate in AZURE_RATES:
-            out[f"azure-r{rate:g}"] = from_azure_trace(AZURE_CSV, rate_scale=rate / trace_rate, limit=args.requests,
+            out[f"azure-r{rate:g}"] = from_azure_trace(AZURE_CSV, rate_scale=rate / trace_rate, limit=n,
                                                        max_total_len=2048, seed=3, model=model,
-                                                       name=f"azure-code-r{rate:g}-n{args.requests}")
+                                                       name=f"azure-code-r{rate:g}-n{n}")
     return out
 
 
