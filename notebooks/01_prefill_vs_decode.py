@@ -195,7 +195,7 @@ if rec is not None:
     ok = rec.table[rec.table.time_s.notna()]
     plots.roofline(ok, rec.ceilings, rec.datasheet,
                    title=f"RECORDED roofline: {rec.meta.get('gpu')} ({str(rec.meta.get('date'))[:10]})").show()
-    display(widgets.roofline_explorer(rec))
+    widgets.roofline_explorer(rec).show()
 
 # %% [markdown]
 # On the recorded roofline the decode points sit on or under the memory roof, far left of the

@@ -128,12 +128,13 @@ else:
 bench = Path(sl.__file__).resolve().parents[1] / "benchmarks" / "mps_corun.py"
 live = None
 if (GPU if LIVE is None else LIVE) and bench.is_file():
-    out = Path(tempfile.mkdtemp(prefix="splitlab-corun-")) / "mps_corun_live.json"
-    cmd = [sys.executable, str(bench), "--duration", str(min(LIVE_DURATION_S, 1.0) if SMOKE else LIVE_DURATION_S),
-           "--out", str(out)]
-    print("running:", " ".join(cmd))
-    subprocess.run(cmd, check=True)
-    live = json.loads(out.read_text())
+    with tempfile.TemporaryDirectory(prefix="splitlab-corun-") as folder:  # removed when the run is read
+        out = Path(folder) / "mps_corun_live.json"
+        cmd = [sys.executable, str(bench), "--duration", str(min(LIVE_DURATION_S, 1.0) if SMOKE else LIVE_DURATION_S),
+               "--out", str(out)]
+        print("running:", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        live = json.loads(out.read_text())
 elif not GPU:
     print("No GPU here: the co-run needs one, so it is not run live. Below: the run recorded on an H200.")
 else:
@@ -188,8 +189,8 @@ for name, table in tables.items():
 #
 # That is the premise of phase co-location in miniature: decode is the memory-bound job, prefill the
 # compute-bound one. Without shares, prefill's big matrix multiplies take every SM and decode
-# starves (FACTS.md records a decode step 8x slower under MPS 100/100 on the H200); with shares both
-# keep going. The gain to expect is modest in raw throughput and real in latency: decode steps that
+# steps slow down the most (the SM-share sweep recorded in `results/colocation_h200.json`, drawn and
+# checked in notebook 04); with shares both keep going. The gain to expect is modest in raw throughput and real in latency: decode steps that
 # do not stall behind prefills. Notebook 03 measures that on real engines.
 
 # %%

@@ -197,7 +197,8 @@ plots.timeline(runs[split_labels[0]], title=f"{split_labels[0]}: two workers at 
 # What co-location costs decode: `decode_interference` compares the decode worker's step times
 # while a prefill step runs beside it against those with no prefill running (matched by batch
 # size). A slowdown of 1.0 means prefill did not slow decode at all; on a GPU without SM shares it
-# can be several times (FACTS.md: 8x under MPS 100/100 on the H200).
+# is the largest (the SM-share sweep recorded in `results/colocation_h200.json`, drawn and checked in
+# notebook 04).
 
 # %%
 interference = pd.DataFrame({l: decode_interference(runs[l]) for l in split_labels}).T
@@ -210,17 +211,19 @@ for a, b in zip(runs["serial"].steps, runs["serial"].steps[1:]):
 print("checked: split runs overlap prefill and decode; serial never does")
 
 # %% [markdown]
-# ## 5. Flip between runs (widgets)
+# ## 5. Flip between runs (explorers)
 #
-# The explorers below only *select* among runs already made: pick runs to compare (co-location on
-# or off), a latency and a percentile. The live runs of this notebook come first; runs recorded on an
-# H200 follow, with a slider for the arrival rate and one for the MPS SM share.
-# (In a saved notebook the widgets show as text; run the notebook to use them.)
+# The explorers below only *select* among runs already made. The first holds the live runs of this
+# notebook: its menu picks a latency and a percentile, and a click on a legend entry hides or shows
+# a run (co-location on or off). The second holds the runs recorded on an H200: its slider steps
+# through the recorded arrival rates and MPS SM shares. Both are plain plotly figures: they keep
+# working in a saved notebook, without a kernel.
 
 # %%
-live_dir = Path(tempfile.mkdtemp(prefix="splitlab-03-"))
-save_runs(list(runs.values()), live_dir, names=[l.replace(" ", "-").replace("/", "-") for l in runs])
-widgets.runs_explorer(live_dir, slo)
+with tempfile.TemporaryDirectory(prefix="splitlab-03-") as live_dir:  # removed when the runs are read back
+    save_runs(list(runs.values()), live_dir, names=[l.replace(" ", "-").replace("/", "-") for l in runs])
+    live = load_results(live_dir, slo)
+widgets.runs_explorer(live, title="LIVE runs of this notebook: pick a latency and a percentile").show()
 
 # %%
 recorded_dir = results_root() / Path(RECORDED).stem
@@ -245,7 +248,8 @@ if rec is not None:
 if rec is not None and (recorded_dir / "index.json").is_file():
     recorded_runs = load_results(recorded_dir, sl.SLO(**rec["slo"]))
     has_shares = recorded_runs[0]["prefill_share"].notna().any()
-    display(widgets.sweep_explorer(recorded_runs, mode="split") if has_shares else widgets.runs_explorer(recorded_runs))
+    (widgets.sweep_explorer(recorded_runs, mode="split", title="RECORDED runs by arrival rate and SM share")
+     if has_shares else widgets.runs_explorer(recorded_runs, title="RECORDED runs")).show()
 elif rec is not None:
     print(f"the recorded runs folder {recorded_dir} is missing: only the summary table above is available")
 

@@ -118,9 +118,9 @@ split_kinds = [dict(backend="mps", prefill_share=p, decode_share=d) for p, d in 
 for kind in split_kinds:
     with SplitSession(model, config=config, **kind) as session:
         runs += [session.run(wl, progress=False) for wl in workloads]
-sweep_dir = Path(tempfile.mkdtemp(prefix="splitlab-04-"))
-save_runs(runs, sweep_dir)
-table, by_id = load_results(sweep_dir, slo)
+with tempfile.TemporaryDirectory(prefix="splitlab-04-") as sweep_dir:  # removed when the runs are read back
+    save_runs(runs, sweep_dir)
+    table, by_id = load_results(sweep_dir, slo)
 table[["label", "rate", "throughput_tok_s", "ttft_p99_s", "tpot_p99_s", "goodput_req_s", "slo_attainment"]].sort_values(
     ["rate", "label"]).style.format(precision=3)
 
@@ -153,9 +153,10 @@ plots.heatmap(speedup, x="rate", y="label", z="throughput_vs_serial",
 # latencies are worse, which is why goodput is the number to compare.
 
 # %%
-# sliders for rate and SM share where the runs have shares; otherwise pick runs from a list
+# a slider over rate and SM share where the runs have shares; otherwise a menu of latencies over every run
 has_shares = table["prefill_share"].notna().any()
-display(widgets.sweep_explorer((table, by_id), mode="split") if has_shares else widgets.runs_explorer((table, by_id)))
+(widgets.sweep_explorer((table, by_id), mode="split", title="LIVE sweep by arrival rate and SM share") if has_shares
+ else widgets.runs_explorer((table, by_id), title="LIVE sweep: every run, pick a latency and a percentile")).show()
 
 # %% [markdown]
 # ## 4. The sweep recorded on an H200
@@ -229,7 +230,8 @@ if rec is not None:
 if rec is not None and (recorded_dir / "index.json").is_file():
     recorded_runs = load_results(recorded_dir, sl.SLO(**rec["slo"]))
     has_shares = recorded_runs[0]["prefill_share"].notna().any()
-    display(widgets.sweep_explorer(recorded_runs, mode="split") if has_shares else widgets.runs_explorer(recorded_runs))
+    (widgets.sweep_explorer(recorded_runs, mode="split", title="RECORDED runs by arrival rate and SM share")
+     if has_shares else widgets.runs_explorer(recorded_runs, title="RECORDED runs")).show()
 
 # %% [markdown]
 # ## What was shown

@@ -2,10 +2,12 @@
 
 Three notebooks are written here and executed with papermill:
 
-- ``clean``: a markdown title, a ``parameters`` cell, a warning on stderr and two plotly
-  figures: the check must pass it, with 2 of 2 plots drawn and a screenshot;
+- ``clean``: a markdown title, a ``parameters`` cell, a warning on stderr and three plotly
+  figures, one with a dropdown that switches traces: the check must pass it, with 3 of 3 plots
+  drawn, the dropdown switching views when clicked, and a screenshot;
 - ``broken``: raises ``ValueError``: the check must report the error output;
-- ``noplot``: plotly HTML whose plotly.js is not there: the check must report a missing plot.
+- ``noplot``: plotly HTML whose plotly.js is not there: the check must report a missing plot;
+- ``deadmenu``: a dropdown whose buttons change nothing: the check must report it.
 
 Runs only when asked (it needs Debian's chromium and the ``playwright`` Python package, from
 ``tools/install_browser.sh``): ``SPLITLAB_BROWSER=1 pytest tests/test_browser.py`` or
@@ -52,6 +54,17 @@ def _chromium() -> str:
     pytest.fail("Debian's chromium is not installed: run `bash tools/install_browser.sh`")
 
 
+# a figure with two bar traces and a dropdown: (method, args of choice one, args of choice two)
+MENU = (
+    "import plotly.graph_objects as go\n"
+    "fig = go.Figure([go.Bar(x=['a', 'b'], y=[1, 2], name='one'),\n"
+    "                 go.Bar(x=['a', 'b'], y=[2, 1], name='two', visible=False)])\n"
+    "fig.update_layout(title='menu', updatemenus=[dict(buttons=[\n"
+    "    dict(label='one', method='%s', args=%s), dict(label='two', method='%s', args=%s)])])\n"
+    "fig"
+)
+
+
 def _notebook(cells):
     import nbformat
 
@@ -63,7 +76,7 @@ def _notebook(cells):
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """{'pass': folder with the clean notebook, 'fail': folder with all three}, executed."""
+    """{'pass': folder with the clean notebook, 'fail': folder with all four}, executed."""
     nbformat = pytest.importorskip("nbformat")
     papermill = pytest.importorskip("papermill")
     v4 = nbformat.v4
@@ -82,6 +95,11 @@ def executed(tmp_path_factory):
                 "import plotly.graph_objects as go\n"
                 "go.Figure(go.Bar(x=['prefill', 'decode'], y=[3, 1]), layout_title_text='bars')"
             ),
+            v4.new_code_cell(MENU % ("update", "[{'visible': [True, False]}]", "update", "[{'visible': [False, True]}]")),
+        ]),
+        "deadmenu": _notebook([
+            v4.new_markdown_cell("# A dropdown that switches nothing"),
+            v4.new_code_cell(MENU % ("skip", "[]", "skip", "[]")),
         ]),
         "broken": _notebook([
             v4.new_markdown_cell("# Broken"),
@@ -163,8 +181,9 @@ def test_pass_path_clean_notebook_with_plots(executed, tmp_path):
     (nb,) = report["notebooks"]
     assert nb["name"] == "clean.ipynb"
     assert nb["errors"] == [], text
-    assert nb["cells"] == nb["cells_rendered"] == 4
-    assert nb["plots_expected"] == 2 and nb["plots_rendered"] == 2, text
+    assert nb["cells"] == nb["cells_rendered"] == 5
+    assert nb["plots_expected"] == 3 and nb["plots_rendered"] == 3, text
+    assert nb["controls_expected"] == 1 and nb["controls_working"] == 1, text
     width, height = _png_size(Path(nb["screenshot"]))
     assert width == 1280 and height > 900, (width, height)  # grown to the whole notebook
     assert Path(nb["screenshot"]).stat().st_size > 20_000
@@ -176,7 +195,7 @@ def test_fail_path_error_and_missing_plot(executed, tmp_path):
     assert rc == 1, text
     assert report["ok"] is False and report["infra_error"] == ""
     by_name = {nb["name"]: nb for nb in report["notebooks"]}
-    assert set(by_name) == {"clean.ipynb", "broken.ipynb", "noplot.ipynb"}
+    assert set(by_name) == {"clean.ipynb", "broken.ipynb", "noplot.ipynb", "deadmenu.ipynb"}
 
     assert by_name["clean.ipynb"]["ok"], text
 
@@ -190,6 +209,10 @@ def test_fail_path_error_and_missing_plot(executed, tmp_path):
     assert not noplot["ok"]
     assert noplot["plots_expected"] == 1 and noplot["plots_rendered"] == 0
     assert any(e.startswith("plot missing") for e in noplot["errors"]), text
+
+    dead = by_name["deadmenu.ipynb"]
+    assert not dead["ok"] and dead["controls_expected"] == 1 and dead["controls_working"] == 0, text
+    assert any("did not switch views" in e for e in dead["errors"]), text
 
     for nb in report["notebooks"]:
         assert Path(nb["screenshot"]).is_file(), nb

@@ -2,7 +2,8 @@
 # What Binder (repo2docker) does with binder/, as far as this machine can: no conda channel is
 # reachable here, so conda's `pytorch-cpu` is replaced by the pip CPU wheel of torch. Then the
 # pip part of binder/environment.yml, binder/postBuild exactly as written, and every notebook
-# through papermill (tests/test_notebooks.py, its parameters and timeouts) in that environment.
+# through plain papermill at its committed parameters (tests/test_notebooks.py, its timeouts) in
+# that environment.
 #
 #   bash tools/binder_check.sh [VENV_DIR]      (make binder-check)
 set -euo pipefail

@@ -30,6 +30,9 @@ For every ``*.ipynb`` given (or found in a given folder) this script
      that calls plotly);
    * JupyterLab shows "No renderer could be found" for an output, or the notebook was never
      executed (code cells but no execution count);
+   * a figure with a dropdown or a slider (``layout.updatemenus`` / ``layout.sliders``) does not
+     switch views when its control is clicked (its choice and its visible traces must change:
+     plotly.js does that alone, the page has no kernel behind these figures);
 
 5. always stops Chromium and the Jupyter server (kernels included), then looks for any process
    it started that is still alive (by process tree and by the temporary root in the command
@@ -122,6 +125,7 @@ class NotebookFacts:
     executed_code_cells: int = 0
     never_ran: list[int] = field(default_factory=list)  # non-empty code cells, no execution count
     plots_expected: int = 0
+    controls_expected: int = 0  # plotly figures with a dropdown (updatemenus) or a slider
     widget_outputs: int = 0
     json_errors: list[str] = field(default_factory=list)
     papermill_failed: bool = False
@@ -150,6 +154,9 @@ def notebook_facts(path: Path) -> NotebookFacts:
             data = out.get("data") or {}
             if PLOTLY_MIME in data or _is_plotly_html(_text(data.get("text/html", ""))):
                 facts.plots_expected += 1
+                layout = (data.get(PLOTLY_MIME) or {}).get("layout") or {}
+                if layout.get("updatemenus") or layout.get("sliders"):
+                    facts.controls_expected += 1
             elif WIDGET_MIME in data:
                 facts.widget_outputs += 1
     return facts
@@ -448,6 +455,8 @@ class NotebookResult:
     never_ran: list[int] = field(default_factory=list)  # non-empty code cells, no execution count
     plots_expected: int = 0
     plots_rendered: int = 0
+    controls_expected: int = 0
+    controls_working: int = 0  # a click on the control changed which traces show, no kernel involved
     widget_outputs: int = 0
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -457,13 +466,62 @@ class NotebookResult:
     phases_s: dict = field(default_factory=dict)
 
 
+JS_CONTROLS = """
+() => {
+  const panel = (%s)();
+  return [...(panel ? panel.querySelectorAll('.js-plotly-plot') : [])].map((gd, i) => {
+    const lay = gd.layout || {};
+    const kind = (lay.updatemenus || []).length ? 'dropdown' : ((lay.sliders || []).length ? 'slider' : null);
+    const items = kind === 'dropdown' ? lay.updatemenus[0].buttons : (kind === 'slider' ? lay.sliders[0].steps : []);
+    const active = kind === 'dropdown' ? lay.updatemenus[0].active : (kind === 'slider' ? lay.sliders[0].active : null);
+    return {index: i, kind: kind, count: (items || []).length, active: active || 0,
+            visible: JSON.stringify((gd.data || []).map(t => t.visible))};
+  });
+}
+""" % JS_PANEL
+
+
+def exercise_controls(page, args) -> tuple[int, list[str]]:
+    """Click every figure's dropdown (its last other choice) or slider (the rail's far end) as a
+    reader would, then check that the figure now shows other traces: plotly.js alone does it."""
+    working, problems = 0, []
+    plots = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .js-plotly-plot")
+    for before in page.evaluate(JS_CONTROLS):
+        if not before["kind"] or before["count"] < 2:
+            working += bool(before["kind"])  # one choice: nothing to switch to
+            continue
+        plot = plots.nth(before["index"])
+        try:
+            plot.scroll_into_view_if_needed(timeout=args.timeout * 1000)
+            if before["kind"] == "dropdown":
+                plot.locator(".updatemenu-header").first.click(timeout=10000)
+                target = before["count"] - 1 if before["active"] != before["count"] - 1 else 0
+                plot.locator(".updatemenu-dropdown-button").nth(target).click(timeout=10000)
+            else:
+                rail = plot.locator(".slider-rail-touch-rect").first
+                box = rail.bounding_box(timeout=10000)
+                x = box["x"] + (box["width"] - 2 if before["active"] != before["count"] - 1 else 2)
+                page.mouse.click(x, box["y"] + box["height"] / 2)
+            page.wait_for_timeout(600)
+        except Exception as exc:  # noqa: BLE001 - a control that cannot be clicked is a failure
+            problems.append(f"figure {before['index']}: could not use its {before['kind']}: {str(exc)[:200]}")
+            continue
+        after = page.evaluate(JS_CONTROLS)[before["index"]]
+        if after["active"] != before["active"] and after["visible"] != before["visible"]:
+            working += 1
+        else:
+            problems.append(f"figure {before['index']}: its {before['kind']} was clicked but the figure did not "
+                            f"switch views (choice {before['active']} -> {after['active']})")
+    return working, problems
+
+
 def check_notebook(ctx, lab: JupyterLab, nb: Path, index: int, out_dir: Path, args) -> NotebookResult:
     t0 = time.monotonic()
     facts = notebook_facts(nb)
     res = NotebookResult(
         name=nb.name, cells=facts.cells, code_cells=facts.code_cells,
         executed_code_cells=facts.executed_code_cells, plots_expected=facts.plots_expected,
-        widget_outputs=facts.widget_outputs,
+        controls_expected=facts.controls_expected, widget_outputs=facts.widget_outputs,
     )
     res.errors += [f"error output in the .ipynb: {e}" for e in facts.json_errors]
     if facts.papermill_failed and not facts.json_errors:
@@ -564,6 +622,13 @@ def check_notebook(ctx, lab: JupyterLab, nb: Path, index: int, out_dir: Path, ar
             )
         if res.cells_rendered < res.cells:
             res.errors.append(f"only {res.cells_rendered} of {res.cells} cells rendered")
+        if facts.controls_expected:
+            res.controls_working, problems = exercise_controls(page, args)
+            res.errors += problems
+            if res.controls_working < facts.controls_expected:
+                res.errors.append(f"controls: {facts.controls_expected} figure(s) with a dropdown or slider, "
+                                  f"{res.controls_working} switched views when clicked")
+            phase("controls")
     except Exception as exc:  # noqa: BLE001 - a notebook that will not render is a failure
         try:
             res.cells_rendered = (page.evaluate(JS_STATE) or {}).get("cells", 0)
@@ -768,7 +833,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{status} {r.name}: cells {r.cells_rendered}/{r.cells}, errors {len(r.errors)}, "
             f"plots {r.plots_rendered}/{r.plots_expected} (rendered/expected), "
-            f"{r.seconds:.1f} s, screenshot {r.screenshot or '-'}"
+            + (f"controls {r.controls_working}/{r.controls_expected} (switched/expected), " if r.controls_expected else "")
+            + f"{r.seconds:.1f} s, screenshot {r.screenshot or '-'}"
             + (" (height capped)" if r.screenshot_truncated else "")
         )
         if r.phases_s:
