@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.splitlab-installed
 
-.PHONY: demo test env clean-venv binder-check
+.PHONY: demo test env clean-venv binder-check notebooks-sync
 
 demo: $(STAMP)
 	$(BIN)/splitlab demo
@@ -46,6 +46,10 @@ $(STAMP): pyproject.toml Makefile
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Each notebook's readable source is notebooks/NN_name.py (jupytext): edit it, then rewrite the .ipynb
+notebooks-sync: $(STAMP)
+	$(BIN)/jupytext --sync notebooks/[0-9][0-9]_*.py
 
 include tools/browser-check.mk
 
