@@ -165,6 +165,8 @@ SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 DECODE_VARIANT_NAMES = ("fused", "split", "fused-kernel", "fused-b64", "split-atomic", "split-b32", "fused-b64-s1")
 # how the split-K decode attention combines its partials (splitlab.engine.kernels.variants)
 DECODE_COMBINE_MODES = ("atomic", "kernel")
+# the largest page of a paged KV pool (positions)
+MAX_KV_BLOCK_SIZE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +211,14 @@ class EngineConfig(FrozenConfig):
     ``"atomic"`` (the last program of each row and KV head combines them, in the same launch;
     each decode variant may choose) or ``"kernel"`` (a second launch, for every variant: the
     fallback if the in-kernel combine ever misbehaves on a GPU).
+    ``kv_block_size``: None keeps the slot pool (one ``max_seq_len`` row per sequence); a
+    power of two (16, 32 or 64 are the usual sizes) makes the KV pool paged: pages of that
+    many positions, each sequence holding a block table of the pages it fills
+    (``splitlab.engine.kv.PagedKVPool``; the scheduler admits by free pages and preempts the
+    newest sequence when the pool runs out, see ``splitlab.engine.scheduler``).
+    ``num_pages``: pages of a paged pool; None sizes it as ``num_slots`` None does (from the
+    budget, the free GPU memory, or on CPU the memory of ``min(max_batch, 8)`` full slots),
+    capped at ``max_batch`` full-length sequences' pages.
     """
 
     max_seq_len: int = 2048
@@ -225,6 +235,8 @@ class EngineConfig(FrozenConfig):
     sdpa_backend: str = "auto"
     decode_variant: str = "auto"
     decode_combine: str = "atomic"
+    kv_block_size: int | None = None
+    num_pages: int | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -265,6 +277,23 @@ class EngineConfig(FrozenConfig):
         for name in ("warmup", "gemv"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"EngineConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        self._check_paging(positive_int)
+
+    def _check_paging(self, positive_int) -> None:
+        positive_int("kv_block_size", allow_none=True)
+        positive_int("num_pages", allow_none=True)
+        block = self.kv_block_size
+        if block is None:
+            if self.num_pages is not None:
+                raise ConfigError("EngineConfig.num_pages sizes a paged KV pool: give kv_block_size too "
+                                  "(e.g. 16), or num_slots for the slot pool")
+            return
+        if block & (block - 1) or block > MAX_KV_BLOCK_SIZE:
+            raise ConfigError(f"EngineConfig.kv_block_size must be a power of two up to {MAX_KV_BLOCK_SIZE} "
+                              f"(16, 32 or 64 are usual), got {block!r}")
+        if self.num_slots is not None:
+            raise ConfigError("EngineConfig.num_slots sizes the slot pool; a paged pool (kv_block_size) is sized "
+                              "by num_pages: give num_pages instead")
 
 
 SPLIT_BACKENDS = ("streams", "processes", "mps", "green")

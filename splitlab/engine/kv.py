@@ -1,21 +1,30 @@
-"""The KV pool: one preallocated K and V tensor for every running sequence, and a slot allocator.
+"""The KV pool: preallocated K and V tensors, as fixed slots (the default) or as pages.
 
-Layout: ``k`` and ``v`` are ``[num_layers, num_slots + 1, max_seq_len, num_kv_heads, head_dim]``.
-A *slot* is one sequence's row: position ``p`` of the sequence in slot ``s`` lives at
-``k[layer, s, p]``. The extra last row (index ``num_slots``, ``KVPool.pad_slot``) is scratch:
-padded rows of a CUDA-graph batch write there, so padding never touches a live sequence.
+Slot pool (``KVPool``): ``k`` and ``v`` are ``[num_layers, num_slots + 1, max_seq_len,
+num_kv_heads, head_dim]``. A *slot* is one sequence's row: position ``p`` of the sequence in
+slot ``s`` lives at ``k[layer, s, p]``. The extra last row (index ``num_slots``,
+``KVPool.pad_slot``) is scratch: padded rows of a CUDA-graph batch write there, so padding
+never touches a live sequence.
 
-The pool is nothing but these two tensors (plus shape facts derived from them), so it can
+Paged pool (``PagedKVPool``, ``EngineConfig.kv_block_size``): the same five dimensions with
+pages for rows, ``[num_layers, num_pages + 1, block_size, num_kv_heads, head_dim]``. A
+sequence owns a *block table*, the list of its page ids: position ``p`` lives at
+``k[layer, table[p // block_size], p % block_size]``. The last page (``pad_page``) is the
+scratch. A slot pool is the special case of one page of ``max_seq_len`` positions per
+sequence (its block table is ``[slot]``), which is how the kernels treat both.
+
+Either pool is nothing but its two tensors (plus shape facts derived from them), so it can
 cross a process boundary: share the tensors (CUDA IPC through ``torch.multiprocessing``, or
-``share_memory_()`` on CPU) and rebuild the pool on the other side with
-``KVPool.from_tensors(k, v)``. Which slot belongs to which request is the scheduler's
-business (``SlotAllocator``), not the pool's.
+``share_memory_()`` on CPU) and rebuild the pool on the other side with ``from_tensors``.
+Which slot or page belongs to which request is the scheduler's business (``SlotAllocator``,
+``PageAllocator``), not the pool's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import heapq
+from typing import Any, Iterable
 
 import torch
 
@@ -42,17 +51,11 @@ class KVShape:
 class KVPool:
     """Preallocated K/V cache for ``num_slots`` sequences of up to ``max_seq_len`` positions."""
 
+    paged = False
+
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
-            raise ConfigError(f"KVPool: k and v must match in shape, dtype and device; got "
-                              f"{tuple(k.shape)}/{k.dtype}/{k.device} and {tuple(v.shape)}/{v.dtype}/{v.device}")
-        if k.ndim != 5 or k.shape[1] < 2:
-            raise ConfigError(
-                "KVPool: tensors must be [num_layers, num_slots + 1, max_seq_len, num_kv_heads, head_dim] "
-                f"with at least one usable slot; got {tuple(k.shape)}"
-            )
-        if not (k.is_contiguous() and v.is_contiguous()):
-            raise ConfigError("KVPool: k and v must be contiguous")
+        _check_tensors("KVPool", k, v, "[num_layers, num_slots + 1, max_seq_len, num_kv_heads, head_dim] "
+                                       "with at least one usable slot")
         self.k = k
         self.v = v
         layers, rows, seq, heads, dim = k.shape
@@ -92,24 +95,10 @@ class KVPool:
         ``max_slots`` caps the derived counts (a slot no decode batch can use is waste).
         """
         facts = model.facts
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len <= 0:
-            raise ConfigError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-        if max_seq_len > facts.max_positions:
-            raise ConfigError(
-                f"max_seq_len {max_seq_len} is beyond the model's context of {facts.max_positions} positions; "
-                "lower max_seq_len"
-            )
+        _check_seq_len(max_seq_len, facts.max_positions)
         per_slot = slot_bytes(facts.num_layers, max_seq_len, facts.num_kv_heads, facts.head_dim, model.dtype)
-        device = torch.device(model.device)
         if num_slots is None:
-            if memory_budget_bytes is not None:
-                budget, where = int(memory_budget_bytes), f"the budget of {memory_budget_bytes / 2**30:.2f} GiB"
-            elif device.type == "cuda":
-                free, _total = torch.cuda.mem_get_info(device)
-                budget = int(free * memory_fraction)
-                where = f"{memory_fraction:.0%} of the {free / 2**30:.1f} GiB free on the GPU"
-            else:
-                budget, where = None, ""
+            budget, where = _budget(model, memory_budget_bytes, memory_fraction)
             if budget is None:
                 num_slots = CPU_DEFAULT_SLOTS
             else:
@@ -125,7 +114,7 @@ class KVPool:
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots <= 0:
             raise ConfigError(f"num_slots must be a positive integer, got {num_slots!r}")
         return cls.allocate(facts.num_layers, num_slots, max_seq_len, facts.num_kv_heads, facts.head_dim,
-                            model.dtype, device)
+                            model.dtype, model.device)
 
     # ---- facts ----------------------------------------------------------------------------
     @property
@@ -171,6 +160,20 @@ class KVPool:
         """K and V bytes of one position, all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
 
+    @property
+    def block_size(self) -> int:
+        """Positions per row of the tensors: a slot is one page of ``max_seq_len`` positions."""
+        return self.shape.max_seq_len
+
+    @property
+    def max_sequences(self) -> int:
+        """The most sequences the pool can hold at once."""
+        return self.shape.num_slots
+
+    def new_allocator(self) -> "SlotAllocator":
+        """A fresh allocator of this pool's slots."""
+        return SlotAllocator(self.num_slots)
+
     # ---- views ----------------------------------------------------------------------------
     def layer_flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one layer as ``[(num_slots + 1) * max_seq_len, num_kv_heads, head_dim]``
@@ -178,6 +181,11 @@ class KVPool:
         n = (self.num_slots + 1) * self.max_seq_len
         return (self.k[layer].view(n, self.num_kv_heads, self.head_dim),
                 self.v[layer].view(n, self.num_kv_heads, self.head_dim))
+
+    def sequence(self, layer: int, where: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions ``0 .. length - 1`` of the sequence in slot ``where``:
+        ``[length, num_kv_heads, head_dim]`` views."""
+        return self.k[layer][where, :length], self.v[layer][where, :length]
 
     def share_memory_(self) -> "KVPool":
         """Move CPU tensors to shared memory (for a child process); a no-op on CUDA (use IPC)."""
@@ -234,6 +242,10 @@ class SlotAllocator:
         self._free.sort(reverse=True)
 
     @property
+    def capacity(self) -> int:
+        return self.num_slots
+
+    @property
     def num_free(self) -> int:
         return len(self._free)
 
@@ -243,6 +255,281 @@ class SlotAllocator:
 
     def __repr__(self) -> str:
         return f"SlotAllocator({self.num_used}/{self.num_slots} used)"
+
+
+# ---- the paged pool -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PagedShape:
+    """Shape facts of a paged pool (JSON-able)."""
+
+    num_layers: int
+    num_pages: int  # usable pages; the tensors have one more (the padding scratch page)
+    block_size: int  # positions per page
+    max_seq_len: int  # positions one sequence may hold (its block table has max_blocks entries)
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def tensor_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, self.num_pages + 1, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def max_blocks(self) -> int:
+        return -(-self.max_seq_len // self.block_size)
+
+
+class PagedKVPool:
+    """Preallocated K/V cache of ``num_pages`` pages of ``block_size`` positions; a sequence of
+    up to ``max_seq_len`` positions holds ``cdiv(length, block_size)`` of them, in any order."""
+
+    paged = True
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, max_seq_len: int):
+        _check_tensors("PagedKVPool", k, v, "[num_layers, num_pages + 1, block_size, num_kv_heads, head_dim] "
+                                            "with at least one usable page")
+        layers, rows, block, heads, dim = k.shape
+        if block & (block - 1):
+            raise ConfigError(f"PagedKVPool: the block size (dimension 2) must be a power of two, got {block}")
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len <= 0:
+            raise ConfigError(f"PagedKVPool: max_seq_len must be a positive integer, got {max_seq_len!r}")
+        self.k = k
+        self.v = v
+        self.shape = PagedShape(layers, rows - 1, block, max_seq_len, heads, dim)
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, k: torch.Tensor, v: torch.Tensor, max_seq_len: int) -> "PagedKVPool":
+        """Rebuild a pool around existing tensors (e.g. received from another process)."""
+        return cls(k, v, max_seq_len)
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_pages: int, block_size: int, max_seq_len: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: str | torch.device) -> "PagedKVPool":
+        """Zero-filled pool (zeros: padded reads of never-written positions stay finite)."""
+        shape = PagedShape(num_layers, num_pages, block_size, max_seq_len, num_kv_heads, head_dim)
+        try:
+            k = torch.zeros(shape.tensor_shape, dtype=dtype, device=device)
+            v = torch.zeros(shape.tensor_shape, dtype=dtype, device=device)
+        except torch.OutOfMemoryError as exc:
+            need = 2 * _numel(shape.tensor_shape) * torch.empty((), dtype=dtype).element_size()
+            raise DeviceError(
+                f"out of memory allocating a paged KV pool of {num_pages} pages x {block_size} positions "
+                f"({need / 2**30:.2f} GiB); lower num_pages or kv_memory_fraction"
+            ) from exc
+        return cls(k, v, max_seq_len)
+
+    @classmethod
+    def for_model(cls, model: Any, max_seq_len: int, block_size: int, num_pages: int | None = None,
+                  memory_budget_bytes: int | None = None, memory_fraction: float = 0.9,
+                  max_batch: int | None = None) -> "PagedKVPool":
+        """A paged pool shaped for ``model`` (a ``LoadedModel``) on its device, in its dtype.
+
+        The page count is, in order: ``num_pages`` if given; else as many pages as fit in
+        ``memory_budget_bytes``; else (CUDA) in ``memory_fraction`` of the free memory measured
+        now; else (CPU) the pages of ``min(max_batch, CPU_DEFAULT_SLOTS)`` full-length
+        sequences (the memory of the slot pool's CPU default). The derived counts are capped at
+        ``max_batch`` full-length sequences' pages (more can never be in use at once).
+        """
+        facts = model.facts
+        _check_seq_len(max_seq_len, facts.max_positions)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 \
+                or block_size & (block_size - 1):
+            raise ConfigError(f"the KV block size must be a power of two, got {block_size!r}")
+        per_page = slot_bytes(facts.num_layers, block_size, facts.num_kv_heads, facts.head_dim, model.dtype)
+        full = -(-max_seq_len // block_size)  # pages of one full-length sequence
+        if num_pages is None:
+            budget, where = _budget(model, memory_budget_bytes, memory_fraction)
+            if budget is None:
+                num_pages = min(max_batch or CPU_DEFAULT_SLOTS, CPU_DEFAULT_SLOTS) * full
+            else:
+                num_pages = budget // per_page - 1  # the pool holds one scratch page beyond the usable ones
+                if num_pages < 2:
+                    raise DeviceError(
+                        f"a KV page of {block_size} positions needs {per_page / 2**20:.2f} MiB but {where} "
+                        "allows fewer than two (plus one scratch page); free memory or raise the budget"
+                    )
+            if max_batch is not None:
+                num_pages = min(num_pages, max_batch * full)
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages <= 0:
+            raise ConfigError(f"num_pages must be a positive integer, got {num_pages!r}")
+        return cls.allocate(facts.num_layers, num_pages, block_size, max_seq_len, facts.num_kv_heads,
+                            facts.head_dim, model.dtype, model.device)
+
+    # ---- facts ----------------------------------------------------------------------------
+    num_layers = property(lambda self: self.shape.num_layers)
+    num_pages = property(lambda self: self.shape.num_pages)
+    block_size = property(lambda self: self.shape.block_size)
+    max_seq_len = property(lambda self: self.shape.max_seq_len)
+    max_blocks = property(lambda self: self.shape.max_blocks)
+    num_kv_heads = property(lambda self: self.shape.num_kv_heads)
+    head_dim = property(lambda self: self.shape.head_dim)
+    dtype = property(lambda self: self.k.dtype)
+    device = property(lambda self: self.k.device)
+    num_slots = None  # no slots: sequences hold pages (kept so that slot-pool readers see "none")
+
+    @property
+    def pad_page(self) -> int:
+        """The scratch page that padded batch rows write into."""
+        return self.shape.num_pages
+
+    @property
+    def max_sequences(self) -> int:
+        """The most sequences the pool can hold at once (one page each)."""
+        return self.shape.num_pages
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both tensors, scratch page included."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V bytes of one position, all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
+
+    def pages_for(self, positions: int) -> int:
+        """Pages that hold ``positions`` positions."""
+        return -(-int(positions) // self.block_size)
+
+    def new_allocator(self) -> "PageAllocator":
+        """A fresh allocator of this pool's pages."""
+        return PageAllocator(self.num_pages, self.block_size)
+
+    # ---- views ----------------------------------------------------------------------------
+    def layer_flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer as ``[(num_pages + 1) * block_size, num_kv_heads, head_dim]``
+        views: row ``page * block_size + offset`` is one position (the write index)."""
+        n = (self.num_pages + 1) * self.block_size
+        return (self.k[layer].view(n, self.num_kv_heads, self.head_dim),
+                self.v[layer].view(n, self.num_kv_heads, self.head_dim))
+
+    def sequence(self, layer: int, where: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions ``0 .. length - 1`` of the sequence whose block table starts
+        with ``where`` (a device int64 tensor of page ids covering ``length``), gathered:
+        ``[length, num_kv_heads, head_dim]`` (a copy)."""
+        pages = where[: self.pages_for(length)]
+        k = self.k[layer].index_select(0, pages).flatten(0, 1)[:length]
+        v = self.v[layer].index_select(0, pages).flatten(0, 1)[:length]
+        return k, v
+
+    def share_memory_(self) -> "PagedKVPool":
+        """Move CPU tensors to shared memory (for a child process); a no-op on CUDA (use IPC)."""
+        if self.device.type == "cpu":
+            self.k.share_memory_()
+            self.v.share_memory_()
+        return self
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+    def describe(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device), "bytes": self.nbytes}
+
+    def __repr__(self) -> str:
+        s = self.shape
+        return (f"PagedKVPool({s.num_pages} pages x {s.block_size} positions, sequences up to {s.max_seq_len}, "
+                f"{s.num_layers} layers, {s.num_kv_heads}x{s.head_dim}, {self.dtype}, {self.device}, "
+                f"{self.nbytes / 2**20:.1f} MiB)")
+
+
+class PageAllocator:
+    """Hands out pages ``0 .. num_pages-1``; lowest free pages first (deterministic).
+
+    ``alloc(n)`` gives ``n`` pages or none (None when fewer are free: not an error, the caller
+    waits or preempts). ``free`` takes one page id or an iterable of them; freeing a page that
+    is not allocated (twice, or never) is a bug and raises, so no page is ever owned twice.
+    """
+
+    def __init__(self, num_pages: int, block_size: int):
+        for name, value in (("num_pages", num_pages), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"PageAllocator needs a positive {name}, got {value!r}")
+        self.num_pages = num_pages
+        self.block_size = block_size
+        self._free = list(range(num_pages))  # a heap: the lowest free page first
+        self._used: set[int] = set()
+
+    def pages_for(self, positions: int) -> int:
+        """Pages that hold ``positions`` positions."""
+        return -(-int(positions) // self.block_size)
+
+    def alloc(self, n: int = 1) -> list[int] | None:
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} pages")
+        if n > len(self._free):
+            return None
+        pages = [heapq.heappop(self._free) for _ in range(n)]
+        self._used.update(pages)
+        return pages
+
+    def free(self, pages: int | Iterable[int]) -> None:
+        pages = [pages] if isinstance(pages, int) else [int(p) for p in pages]
+        bad = [p for p in pages if p not in self._used]
+        if bad or len(set(pages)) != len(pages):
+            raise ValueError(f"pages {bad or pages} are not allocated (double free or foreign pages)")
+        for p in pages:
+            self._used.remove(p)
+            heapq.heappush(self._free, p)
+
+    @property
+    def capacity(self) -> int:
+        return self.num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def __repr__(self) -> str:
+        return f"PageAllocator({self.num_used}/{self.num_pages} pages of {self.block_size} used)"
+
+
+def build_kv(model: Any, config: Any, max_seq_len: int) -> tuple[KVPool | PagedKVPool, SlotAllocator | PageAllocator]:
+    """The pool and allocator ``config`` (an ``EngineConfig``) asks for: slots when
+    ``kv_block_size`` is None, else pages of that many positions."""
+    if config.kv_block_size is None:
+        kv = KVPool.for_model(model, max_seq_len, num_slots=config.num_slots,
+                              memory_budget_bytes=config.kv_budget_bytes, memory_fraction=config.kv_memory_fraction,
+                              max_slots=config.max_batch)
+    else:
+        kv = PagedKVPool.for_model(model, max_seq_len, config.kv_block_size, num_pages=config.num_pages,
+                                   memory_budget_bytes=config.kv_budget_bytes,
+                                   memory_fraction=config.kv_memory_fraction, max_batch=config.max_batch)
+    return kv, kv.new_allocator()
+
+
+def _check_tensors(name: str, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
+        raise ConfigError(f"{name}: k and v must match in shape, dtype and device; got "
+                          f"{tuple(k.shape)}/{k.dtype}/{k.device} and {tuple(v.shape)}/{v.dtype}/{v.device}")
+    if k.ndim != 5 or k.shape[1] < 2:
+        raise ConfigError(f"{name}: tensors must be {layout}; got {tuple(k.shape)}")
+    if not (k.is_contiguous() and v.is_contiguous()):
+        raise ConfigError(f"{name}: k and v must be contiguous")
+
+
+def _check_seq_len(max_seq_len: Any, max_positions: int) -> None:
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len <= 0:
+        raise ConfigError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    if max_seq_len > max_positions:
+        raise ConfigError(f"max_seq_len {max_seq_len} is beyond the model's context of {max_positions} positions; "
+                          "lower max_seq_len")
+
+
+def _budget(model: Any, memory_budget_bytes: int | None, memory_fraction: float) -> tuple[int | None, str]:
+    """The bytes a pool may take and where that number came from (None: no budget, the CPU)."""
+    if memory_budget_bytes is not None:
+        return int(memory_budget_bytes), f"the budget of {memory_budget_bytes / 2**30:.2f} GiB"
+    device = torch.device(model.device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * memory_fraction), f"{memory_fraction:.0%} of the {free / 2**30:.1f} GiB free on the GPU"
+    return None, ""
 
 
 def _numel(shape) -> int:
