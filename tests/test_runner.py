@@ -462,3 +462,136 @@ def test_warm_up_warms_the_paths_asked_for_and_writes_only_the_first_slots(prefi
 def test_warm_up_needs_a_path(tiny):
     with pytest.raises(ConfigError, match="nothing to warm"):
         warm_up(runner_for(tiny, KVPool.for_model(tiny, 16, num_slots=1)), prefill=False, decode=False)
+
+
+# ---- the paged pool --------------------------------------------------------------------------------
+
+def paged_pool(loaded: LoadedModel, num_pages: int, block_size: int, max_seq_len: int = 64):
+    from splitlab.engine.kv import PagedKVPool
+
+    return PagedKVPool.for_model(loaded, max_seq_len, block_size, num_pages=num_pages)
+
+
+def test_paged_chunked_prefill_and_decode_logits_match_hf_and_the_slot_pool():
+    """Block size 4, pages in a scrambled order: chunks that start and end mid-page, decode
+    rows that open a new page; HF's logits, and the same KV the slot pool holds, position
+    for position."""
+    loaded = make_model("llama", head_dim=16)
+    full = PROMPTS[0] + [77, 78, 79, 80, 81, 82]  # 17 positions: 5 pages
+    ref = hf_logits(loaded, full)
+    kv = paged_pool(loaded, num_pages=9, block_size=4)
+    table = [7, 2, 8, 0, 5]
+    runner = runner_for(loaded, kv)
+    parts = [runner.forward_logits([PrefillChunk(None, full[:3], 0, last=False, blocks=table)]),
+             runner.forward_logits([PrefillChunk(None, full[3:10], 3, last=False, blocks=table[:3])]),
+             runner.forward_logits([(None, full[10:12], 10, True, table[:3])])]
+    for pos in range(12, len(full)):
+        parts.append(runner.decode_logits([None], [full[pos]], [pos], [table]))
+    torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-5, atol=1e-5)
+    slots = KVPool.for_model(loaded, 64, num_slots=1)
+    runner_for(loaded, slots).forward_logits([(0, full, 0)])
+    for layer in range(kv.num_layers):
+        k, v = kv.sequence(layer, torch.tensor(table), len(full))
+        torch.testing.assert_close(k, slots.k[layer, 0, :len(full)], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, slots.v[layer, 0, :len(full)], rtol=1e-5, atol=1e-6)
+    untouched = [p for p in range(kv.num_pages + 1) if p not in table]
+    assert torch.count_nonzero(kv.k[:, untouched]) == 0  # nothing written outside the table
+
+
+def test_paged_mixed_steps_and_reused_pages_give_hf_tokens():
+    """Several sequences' decode rows and chunks in one forward through their block tables;
+    then pages freed by one sequence serve another (their stale KV is overwritten before it
+    is read)."""
+    loaded = make_model("qwen2")
+    kv = paged_pool(loaded, num_pages=12, block_size=4)
+    runner = runner_for(loaded, kv)
+    a, b, c = PROMPTS[0], PROMPTS[1], PROMPTS[2]
+    tables = {0: [3, 9, 1, 4], 1: [0, 6], 2: [10, 2, 5]}
+    first = runner.prefill([PrefillChunk(None, a, 0, blocks=tables[0]), PrefillChunk(None, b, 0, blocks=tables[1])])
+    assert first == [int(hf_logits(loaded, a)[-1].argmax()), int(hf_logits(loaded, b)[-1].argmax())]
+    seqs = {0: a + [first[0]], 1: b + [first[1]]}
+    dec, ch = runner.mixed_step(DecodeBatch([None, None], [seqs[0][-1], seqs[1][-1]], [len(a), len(b)],
+                                            [tables[0], tables[1]]),
+                                [PrefillChunk(None, c[:5], 0, last=False, blocks=tables[2])])
+    assert ch == [None] and dec == [int(hf_logits(loaded, seqs[s])[-1].argmax()) for s in (0, 1)]
+    dec, ch = runner.mixed_step(DecodeBatch([None], [dec[1]], [len(b) + 1], [tables[1]]),
+                                [PrefillChunk(None, c[5:], 5, blocks=tables[2])])
+    assert ch == [int(hf_logits(loaded, c)[-1].argmax())]
+    assert dec == [int(hf_logits(loaded, seqs[1] + [int(hf_logits(loaded, seqs[1])[-1].argmax())])[-1].argmax())]
+    # sequence 0 is done; its pages (full of its KV) go to a new prompt, in another order
+    reused = [4, 1, 9, 3]
+    p = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
+    out = runner.prefill([PrefillChunk(None, p, 0, blocks=reused)])
+    for i in range(3):
+        out += runner.decode_step([None], [out[-1]], [len(p) + i], [reused])
+    assert out == hf_generate(loaded, p, 4)
+
+
+def test_paged_graph_decode_path_pads_to_buckets_with_static_block_tables():
+    """The CUDA-graph decode step over a paged pool, emulated on CPU: block tables are static
+    inputs ``max_blocks`` wide, padded rows write the scratch page only, a batch shrinking
+    through the buckets stays exact, and pages of no sequence are never touched."""
+    loaded = make_model("llama", head_dim=16)
+    prompts = [[7 + i, 30 + 2 * i, 99, 4 + i, 250 - i, 8, 9][: 2 + i % 6] for i in range(5)]
+    n_new = 7
+    expected = [hf_generate(loaded, p, n_new) for p in prompts]
+    kv = paged_pool(loaded, num_pages=40, block_size=2, max_seq_len=16)
+    runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner, max_batch=6)
+    assert runner.buckets == [1, 2, 4, 6] and runner._static_where(4).shape == (4, kv.max_blocks)
+    shuffled = torch.randperm(40, generator=torch.Generator().manual_seed(4)).tolist()
+    tables = []
+    for p in prompts:  # scattered pages, each sequence's in no particular order
+        need = kv.pages_for(len(p) + n_new)
+        tables.append(shuffled[:need])
+        shuffled = shuffled[need:]
+    owned = {x for t in tables for x in t}
+    free = [x for x in range(kv.num_pages) if x not in owned]
+    kv.k[:, free] = 123.0
+    outs = [[t] for t in runner.prefill([PrefillChunk(None, p, 0, blocks=t) for p, t in zip(prompts, tables)])]
+    for step in range(n_new - 1):
+        live = list(range(5 - min(step, 3)))  # 5 (pads to 6), 4, 3 (pads to 4), 2
+        got = runner.decode_step([None] * len(live), [outs[i][-1] for i in live],
+                                 [len(prompts[i]) + len(outs[i]) - 1 for i in live], [tables[i] for i in live])
+        for i, t in zip(live, got):
+            outs[i].append(t)
+    for i in range(5):
+        assert outs[i] == expected[i][:len(outs[i])], i
+    assert torch.all(kv.k[:, free] == 123.0)
+    assert {b for b, _ in runner.captured} == {6, 4, 2}
+    assert torch.count_nonzero(kv.k[:, kv.pad_page]) > 0  # padded rows wrote the scratch page
+    with pytest.raises(ConfigError, match="block table holds"):
+        runner.decode_step([None], [1], [4], [[0, 1]])  # position 4 needs a third page of 2
+    with pytest.raises(ConfigError, match="outside"):
+        runner.decode_step([None], [1], [0], [[kv.pad_page]])  # the scratch page is no sequence's
+
+
+def test_paged_rows_are_checked(tiny):
+    kv = paged_pool(tiny, num_pages=4, block_size=4, max_seq_len=16)
+    runner = runner_for(tiny, kv)
+    assert runner.max_batch == 4  # the pages bound the sequences
+    with pytest.raises(ConfigError, match="block table"):
+        runner.prefill([(0, [1, 2], 0)])  # a slot where a block table is needed
+    with pytest.raises(ConfigError, match="need 2 pages"):
+        runner.prefill([(None, [1] * 5, 0, True, [0])])
+    with pytest.raises(ConfigError, match="outside"):
+        runner.prefill([(None, [1, 2], 0, True, [4])])
+    with pytest.raises(WorkloadError, match="max_seq_len"):
+        runner.decode_step([None], [1], [16], [[0, 1, 2, 3]])
+    with pytest.raises(ConfigError, match="same length"):
+        runner.decode_step([None, None], [1, 2], [0, 0], [[0]])
+    slots = runner_for(tiny, KVPool.for_model(tiny, 16, num_slots=2))
+    with pytest.raises(ConfigError, match="slot pool"):
+        slots.prefill([(0, [1, 2], 0, True, [0])])
+
+
+def test_paged_warm_up_then_exact():
+    loaded = make_model("llama", head_dim=16)
+    kv = paged_pool(loaded, num_pages=10, block_size=4, max_seq_len=32)
+    runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner)
+    assert warm_up(runner) == [10, 8, 4, 2, 1]  # max_batch: the 10 pages
+    p = PROMPTS[0]
+    table = [9, 8, 7, 6]
+    out = runner.prefill([PrefillChunk(None, p, 0, blocks=table)])
+    for i in range(4):
+        out += runner.decode_step([None], [out[-1]], [len(p) + i], [table])
+    assert out == hf_generate(loaded, p, 5)

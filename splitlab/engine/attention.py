@@ -5,9 +5,10 @@ with shared KV heads (``enable_gqa``, no head copies), right-padded to the longe
 the real rows under a causal mask; on CUDA to a multiple of ``PREFILL_PAD_CUDA`` rows, so
 cuDNN, PyTorch's choice on Hopper, meets a few shapes instead of building a plan per prompt
 length); equal lengths use strided views of the fused qkv rows, ragged ones one row gather.
-A chunk that starts at ``start_pos > 0`` runs alone against its slot's earlier KV
-(bottom-right causal). Decode rows go to the kernels' batched decode attention, which reads
-each sequence's valid KV in place.
+A chunk that starts at ``start_pos > 0`` runs alone against its sequence's earlier KV
+(bottom-right causal; gathered from its pages in a paged pool). Decode rows go to the kernels'
+batched decode attention, which reads each sequence's valid KV in place (through its block
+table in a paged pool).
 
 ``AttentionMixin`` is a part of ``ModelRunner`` (it reads the runner's shapes, ``kv`` and
 ``kernels``); it is not used alone.
@@ -97,7 +98,9 @@ class AttentionMixin:
         budget = token_budget or top
         shapes = 0
         for length in range(pad, top + 1, pad):
-            most = min(self.kv.num_slots, max(1, budget // (length - pad + 1)))  # shortest prompt padded to it
+            # as many prompts as a step holds (the shortest padded to it), as many as can be resident
+            resident = self.max_batch if self.kv.paged else self.kv.num_slots
+            most = min(resident, max(1, budget // (length - pad + 1)))
             for count in sorted({count_bucket(c) for c in range(1, most + 1)}):
                 qkv = torch.zeros(count * length, (hq + 2 * hkv) * d, device=self.device, dtype=self.dtype)
                 if self._sdpa_ctx is not None:
@@ -143,17 +146,18 @@ class AttentionMixin:
                 out[fresh.row:fresh.row + fresh.rows] = o
             else:
                 out.index_copy_(0, fresh.dst, o)
-        for row, rows, slot, start in plan.rest:
-            out[row:row + rows] = self._slot_attention(layer, q_all[row:row + rows], slot, start)
+        for row, rows, where, start in plan.rest:
+            out[row:row + rows] = self._slot_attention(layer, q_all[row:row + rows], where, start)
         return out.view(n, hq * d)
 
-    def _slot_attention(self, layer: int, q_rows: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+    def _slot_attention(self, layer: int, q_rows: torch.Tensor, where, start: int) -> torch.Tensor:
         """``q_rows`` ([rows, H, D], positions ``start ...``) against positions ``0 .. start +
-        rows - 1`` of ``slot``'s KV (just written), causal: [rows, H, D]."""
+        rows - 1`` of the sequence's KV (just written; ``where``: its slot, or its pages as a
+        device tensor, see ``Plan``), causal: [rows, H, D]."""
         rows = q_rows.shape[0]
         group_size = self.num_heads // self.num_kv_heads
         kv_len = start + rows
-        k_slot, v_slot = self.kv.k[layer][slot, :kv_len], self.kv.v[layer][slot, :kv_len]
+        k_slot, v_slot = self.kv.sequence(layer, where, kv_len)
         q = q_rows.transpose(0, 1).unsqueeze(0)  # [1, H, rows, D]
         # a later chunk on CUDA goes through CausalBias (bottom-right causal), kept on the
         # query-head-count K/V it was validated with

@@ -1,6 +1,7 @@
 """The decode step as CUDA graphs: one graph per batch-size bucket, replayed from static inputs.
 
-A batch is padded up to its bucket (the padded rows write the pool's scratch row). The host
+A batch is padded up to its bucket (the padded rows write the pool's scratch row, or its
+scratch page; a paged pool's block tables are static inputs too, ``max_blocks`` wide). The host
 side of a replay is one numpy fill of a pinned staging buffer and ONE host-to-device copy;
 attention reads each sequence's valid KV only (Triton kernels read the lengths inside the
 graph; the PyTorch fallback gathers a fixed KV length, so its graphs are also keyed by a
@@ -57,40 +58,110 @@ class GraphsMixin:
     def _init_static_inputs(self) -> None:
         """Decode-only static inputs of the graphs: for batch bucket ``b`` the first ``5 * b``
         int64 of one flat device buffer, read as [5, b] (tokens, positions, write index, slot,
-        length), so every bucket's inputs are contiguous; and a pinned host staging copy of
-        the same layout with a numpy view (filled without torch ops, copied in one transfer)."""
-        top = self.buckets[-1]
-        self._dec_in = torch.zeros(5 * top, dtype=torch.int64, device=self.device)
-        stage = torch.zeros(5 * top, dtype=torch.int64)
+        length), so every bucket's inputs are contiguous; a paged pool adds each row's block
+        table right after, [b, max_blocks] (from an even offset: 16-byte aligned for Triton).
+        And a pinned host staging copy of the same layout with a numpy view (filled without
+        torch ops, copied in one transfer)."""
+        self._table_width = self.kv.max_blocks if self.kv.paged else 0
+        n = self._static_len(self.buckets[-1])
+        self._dec_in = torch.zeros(n, dtype=torch.int64, device=self.device)
+        stage = torch.zeros(n, dtype=torch.int64)
         self._dec_stage = stage.pin_memory() if self.device.type == "cuda" else stage
         self._dec_stage_np = self._dec_stage.numpy()
+
+    def _static_head(self, bucket: int) -> int:
+        return 5 * bucket + (5 * bucket) % 2 if self._table_width else 5 * bucket
+
+    def _static_len(self, bucket: int) -> int:
+        return self._static_head(bucket) + bucket * self._table_width
 
     def _static_inputs(self, bucket: int) -> torch.Tensor:
         return self._dec_in[: 5 * bucket].view(5, bucket)
 
-    def _replay_decode(self, bucket: int, slots: Sequence[int], tokens: Sequence[int],
-                       positions: Sequence[int]) -> list[int]:
+    def _static_where(self, bucket: int) -> torch.Tensor:
+        """What the graph's attention reads each row's KV through: the slot row of the static
+        inputs, or (paged) the [bucket, max_blocks] block tables."""
+        if not self._table_width:
+            return self._static_inputs(bucket)[3]
+        head = self._static_head(bucket)
+        return self._dec_in[head: head + bucket * self._table_width].view(bucket, self._table_width)
+
+    def _pad_row(self) -> list[int]:
+        """The static inputs of a padded row: token 0 at position 0 of the scratch row (slot
+        pool) or the scratch page (paged pool; its table is the scratch page throughout)."""
+        if self.kv.paged:
+            return [0, 0, self.kv.pad_page * self.kv.block_size, 0, 1]
+        return [0, 0, self.kv.pad_slot * self.kv.max_seq_len, self.kv.pad_slot, 1]
+
+    def _replay_decode(self, bucket: int, slots: Sequence[int | None], tokens: Sequence[int],
+                       positions: Sequence[int], blocks: Sequence[Sequence[int]] | None = None) -> list[int]:
         """One decode step through the graph of ``bucket`` (captured on first use)."""
         b = len(slots)
         key = (bucket, self._ctx_bucket(max(positions) + 1))
         graph, out = self._graphs.get(key) or self._capture(*key)
-        t = self.kv.max_seq_len
-        st = self._dec_stage_np[: 5 * bucket].reshape(5, bucket)
+        n = self._static_len(bucket)
+        flat = self._dec_stage_np[:n]
+        st = flat[: 5 * bucket].reshape(5, bucket)
         st[0, :b] = tokens
         st[1, :b] = positions
-        st[3, :b] = slots
-        pos, slot = st[1, :b], st[3, :b]
-        if pos.min() < 0 or pos.max() >= t or slot.min() < 0 or slot.max() >= self.kv.num_slots:
-            self._check_rows(slots, positions, [1] * b)  # raises with the offending row
-        np.multiply(slot, t, out=st[2, :b])
-        st[2, :b] += pos
-        np.add(pos, 1, out=st[4, :b])
-        if bucket > b:  # padded rows: token 0 at position 0 of the scratch row
-            pad = self.kv.pad_slot
-            st[:, b:] = np.array([[0], [0], [pad * t], [pad], [1]], dtype=np.int64)
-        self._dec_in[: 5 * bucket].copy_(self._dec_stage[: 5 * bucket], non_blocking=True)
+        if self.kv.paged:
+            self._stage_tables(bucket, flat, slots, positions, blocks)
+        else:
+            t = self.kv.max_seq_len
+            st[3, :b] = slots
+            pos, slot = st[1, :b], st[3, :b]
+            if pos.min() < 0 or pos.max() >= t or slot.min() < 0 or slot.max() >= self.kv.num_slots:
+                self._check_rows(slots, positions, [1] * b)  # raises with the offending row
+            np.multiply(slot, t, out=st[2, :b])
+            st[2, :b] += st[1, :b]
+        np.add(st[1, :b], 1, out=st[4, :b])
+        if bucket > b:
+            st[:, b:] = np.array(self._pad_row(), dtype=np.int64)[:, None]
+        self._dec_in[:n].copy_(self._dec_stage[:n], non_blocking=True)
         graph.replay()
         return out[:b].tolist()
+
+    def _stage_tables(self, bucket: int, flat: np.ndarray, slots, positions, blocks) -> None:
+        """Paged pool: each row's block table (the pages its position needs; the rest of the
+        row is the scratch page, never read) and write index into the staging buffer."""
+        kv = self.kv
+        b, page, width = len(positions), kv.block_size, self._table_width
+        head = self._static_head(bucket)
+        tab = flat[head: head + bucket * width].reshape(bucket, width)
+        tab.fill(kv.pad_page)
+        st = flat[: 5 * bucket].reshape(5, bucket)
+        pos = st[1, :b]
+        if blocks is None or len(blocks) != b or pos.min() < 0 or pos.max() >= kv.max_seq_len:
+            self._check_rows(slots, positions, [1] * b, blocks)  # raises with the offending row
+        need = pos // page + 1
+        for i, table in enumerate(blocks):
+            if len(table) < need[i]:
+                self._check_rows(slots, positions, [1] * b, blocks)
+            tab[i, : need[i]] = table[: need[i]]
+        real = tab[:b]
+        if real.min() < 0 or (real[np.arange(width)[None, :] < need[:, None]] >= kv.num_pages).any():
+            self._check_rows(slots, positions, [1] * b, blocks)
+        st[2, :b] = real[np.arange(b), pos // page] * page + pos % page
+        st[3, :b] = 0
+
+    def _timing_inputs(self, bucket: int, ctx: int) -> None:
+        """Static inputs of ``bucket`` rows at ``ctx`` tokens each, for timing a graph's replay:
+        rows on slots ``0..`` (wrapping), or (paged) on consecutive pages (wrapping)."""
+        d = self._static_inputs(bucket)
+        d[0].zero_()
+        d[1].fill_(ctx - 1)
+        d[4].fill_(ctx)
+        rows = torch.arange(bucket, device=self.device, dtype=torch.int64)
+        if not self.kv.paged:
+            slots = rows % self.kv.num_slots
+            d[2].copy_(slots * self.kv.max_seq_len + ctx - 1)
+            d[3].copy_(slots)
+            return
+        page, width = self.kv.block_size, self._table_width
+        tables = (rows[:, None] * width + torch.arange(width, device=self.device)[None, :]) % self.kv.num_pages
+        self._static_where(bucket).copy_(tables)
+        d[2].copy_(tables[:, (ctx - 1) // page] * page + (ctx - 1) % page)
+        d[3].zero_()
 
     def capture_graphs(self, batch_sizes: Iterable[int] | None = None) -> list[int]:
         """Capture the decode graphs of these batch buckets (default: all), largest first."""
@@ -122,10 +193,10 @@ class GraphsMixin:
         candidate), so freeing it never leaves the shared pool without users while its handle
         lives on (capturing into such a pool trips an allocator assert)."""
         self.tune_gemv()
-        t = self.kv.max_seq_len
-        pad = self.kv.pad_slot
-        self._static_inputs(bucket).copy_(torch.tensor([[0], [0], [pad * t], [pad], [1]], dtype=torch.int64,
-                                                       device=self.device).expand(5, bucket))
+        self._static_inputs(bucket).copy_(torch.tensor(self._pad_row(), dtype=torch.int64,
+                                                       device=self.device)[:, None].expand(5, bucket))
+        if self.kv.paged:
+            self._static_where(bucket).fill_(self.kv.pad_page)
         if self._graph_pool is None and not private_pool:
             self._graph_pool = torch.cuda.graph_pool_handle()
         side = self.capture_stream if self.capture_stream is not None else torch.cuda.Stream(self.device)
@@ -151,7 +222,7 @@ class GraphsMixin:
 
     def _graph_body(self, bucket: int, ctx: int | None = None) -> torch.Tensor:
         d = self._static_inputs(bucket)
-        plan = Plan(bucket, d[3], d[4], ctx, variant=self._variant_for(bucket))
+        plan = Plan(bucket, self._static_where(bucket), d[4], ctx, variant=self._variant_for(bucket))
         h, residual = self._hidden(d[0], d[1], d[2], plan)
         x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
         return self._greedy(self._linear(x, self.lm_head))

@@ -10,6 +10,9 @@ owns the KV layout and the kernel launches:
   replay of the CUDA graph of the batch's bucket (``splitlab.engine.graphs``).
 - ``mixed_step(decode, chunks)``: decode rows and prompt chunks in one forward (chunked mode).
 
+The pool is a ``KVPool`` (a sequence is a slot) or a ``PagedKVPool`` (a sequence is its block
+table: chunks and decode batches then carry ``blocks``, and ``slot`` is not read).
+
 Each forward's host side is planned once (``splitlab.engine.plan``: rows, the KV write index,
 the attention plan) and crosses to the device in ONE copy. Greedy argmax runs on the device,
 with the model's EOS ids masked (so every request gets exactly ``max_new_tokens`` tokens, the
@@ -35,7 +38,7 @@ from splitlab.errors import ConfigError, ModelSpecError, WorkloadError
 from splitlab.engine.attention import AttentionMixin
 from splitlab.engine.graphs import GraphsMixin, bucket_for
 from splitlab.engine.kernels import make_kernels
-from splitlab.engine.kv import KVPool
+from splitlab.engine.kv import KVPool, PagedKVPool
 from splitlab.engine.plan import DecodeBatch, Plan, PrefillChunk, as_chunk, plan_forward, split_outputs
 from splitlab.engine.tuning import TuningMixin
 from splitlab.engine.weights import layers_of, weight_bytes
@@ -51,7 +54,7 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
     copies), and every setting from ``config``, an ``EngineConfig``: ``cuda_graphs``,
     ``kernels``, ``gemv``, ``sdpa_backend``, ``decode_variant``, ``decode_combine`` (each
     documented there). ``max_batch``: the largest decode batch (default
-    ``min(config.max_batch, kv.num_slots)``).
+    ``min(config.max_batch, kv.max_sequences)``: the slots, or the pages of a paged pool).
 
     ``decode_variant="auto"``: on CUDA with Triton kernels and graphs, ``select_decode_variant()``
     (run by ``capture_graphs()``) captures each candidate's graph for a small and a large
@@ -59,8 +62,8 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
     ``"fused"`` (no timing). All variants are exact against the torch reference.
     """
 
-    def __init__(self, arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, config: EngineConfig,
-                 max_batch: int | None = None):
+    def __init__(self, arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool | PagedKVPool,
+                 config: EngineConfig, max_batch: int | None = None):
         if not isinstance(config, EngineConfig):
             raise ConfigError(f"a ModelRunner takes its settings from an EngineConfig, got {config!r}")
         self.arch = dict(arch)
@@ -87,17 +90,17 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         if config.gemv and self.kernels.name != "triton":
             raise ConfigError("gemv=True needs the Triton kernels (kernels='triton' or 'auto' on CUDA)")
         self._gemv = self.kernels if config.gemv else None
-        self.max_batch = int(max_batch) if max_batch is not None else min(config.max_batch, kv.num_slots)
+        self.max_batch = int(max_batch) if max_batch is not None else min(config.max_batch, kv.max_sequences)
         self._init_attention(config.sdpa_backend)
         self._init_graphs(config.cuda_graphs)
         self._init_tuning(config.decode_variant)
 
     @classmethod
-    def for_config(cls, arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool, config: EngineConfig,
-                   max_batch: int | None = None) -> "ModelRunner":
+    def for_config(cls, arch: dict[str, Any], weights: dict[str, torch.Tensor], kv: KVPool | PagedKVPool,
+                   config: EngineConfig, max_batch: int | None = None) -> "ModelRunner":
         """THE way every mode builds a runner: every runner setting comes from ``config`` (an
         ``EngineConfig``), so no mode can forget one. ``max_batch`` defaults to
-        ``min(config.max_batch, kv.num_slots)``."""
+        ``min(config.max_batch, kv.max_sequences)``."""
         return cls(arch, weights, kv, config, max_batch=max_batch)
 
     def _check_pool(self) -> None:
@@ -145,20 +148,22 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         _, out = self.mixed_step(None, chunks)
         return out
 
-    def decode_step(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> list[int]:
-        """Feed ``tokens[i]`` at ``positions[i]`` to the sequence in ``slots[i]``; return the
-        next greedy token of each. CUDA-graph replay on CUDA (batch padded to its bucket)."""
+    def decode_step(self, slots: Sequence[int | None], tokens: Sequence[int], positions: Sequence[int],
+                    blocks: Sequence[Sequence[int]] | None = None) -> list[int]:
+        """Feed ``tokens[i]`` at ``positions[i]`` to the sequence in ``slots[i]`` (paged pool:
+        the sequence of block table ``blocks[i]``); return the next greedy token of each.
+        CUDA-graph replay on CUDA (batch padded to its bucket)."""
         b = len(slots)
         if b == 0:
             return []
-        if not (len(tokens) == len(positions) == b):
-            raise ConfigError("decode_step: slots, tokens and positions must have the same length")
+        if not (len(tokens) == len(positions) == b) or (blocks is not None and len(blocks) != b):
+            raise ConfigError("decode_step: slots, tokens, positions (and blocks) must have the same length")
         bucket = bucket_for(b, self.buckets) if self.cuda_graphs else None
         if bucket is None:
-            self._check_rows(slots, positions, [1] * b)
-            out, _ = self._eager(DecodeBatch(slots, tokens, positions), [])
+            self._check_rows(slots, positions, [1] * b, blocks)
+            out, _ = self._eager(DecodeBatch(slots, tokens, positions, blocks), [])
             return out
-        return self._replay_decode(bucket, slots, tokens, positions)
+        return self._replay_decode(bucket, slots, tokens, positions, blocks)
 
     def mixed_step(self, decode: DecodeBatch | tuple | None, chunks: Iterable[PrefillChunk | tuple]
                    ) -> tuple[list[int], list[int | None]]:
@@ -173,23 +178,22 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         if decode is not None:
             if not (len(decode.tokens) == len(decode.positions) == len(decode.slots)):
                 raise ConfigError("mixed_step: decode slots, tokens and positions must have the same length")
-            self._check_rows(decode.slots, decode.positions, [1] * len(decode.slots))
-        if chunks:
-            self._check_rows([c.slot for c in chunks], [c.start_pos for c in chunks],
-                             [len(c.token_ids) for c in chunks])
+            self._check_decode(decode)
+        self._check_chunks(chunks)
         return self._eager(decode, chunks)
 
     def forward_logits(self, chunks: Iterable[PrefillChunk | tuple]) -> torch.Tensor:
         """Logits (fp32) of every row of ``chunks`` (writes their KV like ``prefill``); for tests."""
         chunks = [as_chunk(c) for c in chunks]
-        self._check_rows([c.slot for c in chunks], [c.start_pos for c in chunks], [len(c.token_ids) for c in chunks])
+        self._check_chunks(chunks)
         return self._eager(None, chunks, all_logits=True)
 
-    def decode_logits(self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+    def decode_logits(self, slots: Sequence[int | None], tokens: Sequence[int], positions: Sequence[int],
+                      blocks: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
         """Logits (fp32, [B, vocab]) of an eager decode step through this runner's decode-attention
         path (the batched kernel for Triton runners); writes KV like ``decode_step``. For checks."""
-        self._check_rows(slots, positions, [1] * len(slots))
-        return self._eager(DecodeBatch(slots, tokens, positions), [], all_logits=True)
+        self._check_rows(slots, positions, [1] * len(slots), blocks)
+        return self._eager(DecodeBatch(slots, tokens, positions, blocks), [], all_logits=True)
 
     def step_logits(self, decode: DecodeBatch | tuple | None, chunks: Iterable[PrefillChunk | tuple]) -> torch.Tensor:
         """The forward of ``mixed_step`` (eager, never a CUDA graph) returning, instead of greedy
@@ -203,17 +207,16 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         if decode is None and not chunks:
             return torch.empty(0, self.lm_head.shape[0], device=self.device)
         if decode is not None:
-            self._check_rows(decode.slots, decode.positions, [1] * len(decode.slots))
-        if chunks:
-            self._check_rows([c.slot for c in chunks], [c.start_pos for c in chunks],
-                             [len(c.token_ids) for c in chunks])
+            self._check_decode(decode)
+        self._check_chunks(chunks)
         return self._eager(decode, chunks, row_logits=True)
 
     # ---- the forward -----------------------------------------------------------------------
     def _eager(self, decode: DecodeBatch | None, chunks: list[PrefillChunk], all_logits: bool = False,
                row_logits: bool = False):
         fwd = plan_forward(decode, chunks, seq_len=self.kv.max_seq_len, batched_decode=self.kernels.name != "torch",
-                           prefill_pad=self._prefill_pad(), device=self.device, variant_for=self._variant_for)
+                           prefill_pad=self._prefill_pad(), device=self.device, variant_for=self._variant_for,
+                           block_size=self.kv.block_size if self.kv.paged else None)
         h, residual = self._hidden(fwd.tokens, fwd.positions, fwd.write_index, fwd.plan)
         if all_logits:
             x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
@@ -271,15 +274,46 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
             logits.index_fill_(1, self._suppress, float("-inf"))
         return logits.argmax(dim=-1)
 
-    def _check_rows(self, slots, starts, lengths) -> None:
+    def _check_decode(self, decode: DecodeBatch) -> None:
+        self._check_rows(decode.slots, decode.positions, [1] * len(decode.slots), decode.blocks)
+
+    def _check_chunks(self, chunks: list[PrefillChunk]) -> None:
+        if chunks:
+            self._check_rows([c.slot for c in chunks], [c.start_pos for c in chunks],
+                             [len(c.token_ids) for c in chunks], [c.blocks for c in chunks])
+
+    def _check_rows(self, slots, starts, lengths, blocks=None) -> None:
+        """Every row names a sequence of this pool (a slot, or a block table covering its
+        positions in a paged pool) and fits ``max_seq_len``."""
         t = self.kv.max_seq_len
-        for slot, start, n in zip(slots, starts, lengths):
-            if not 0 <= int(slot) < self.kv.num_slots:
-                raise ConfigError(f"slot {slot} is outside the KV pool's {self.kv.num_slots} slots")
+        paged = self.kv.paged
+        for i, (slot, start, n) in enumerate(zip(slots, starts, lengths)):
+            table = blocks[i] if blocks is not None else None
+            name = f"row {i}" if paged else f"slot {slot}"
+            if not paged:
+                if table is not None:
+                    raise ConfigError("block tables (blocks) were given to a runner over a slot pool; pass slots "
+                                      "only, or build the pool paged (EngineConfig.kv_block_size)")
+                if slot is None or not 0 <= int(slot) < self.kv.num_slots:
+                    raise ConfigError(f"slot {slot} is outside the KV pool's {self.kv.num_slots} slots")
             if n < 1:
-                raise ConfigError(f"an empty chunk for slot {slot}; give at least one token")
+                raise ConfigError(f"an empty chunk for {name}; give at least one token")
             if start < 0 or start + n > t:
                 raise WorkloadError(
-                    f"slot {slot}: positions {start}..{start + n - 1} do not fit a KV slot of {t} positions; "
+                    f"{name}: positions {start}..{start + n - 1} do not fit a KV slot of {t} positions; "
                     "raise max_seq_len or shorten the request"
                 )
+            if paged:
+                self._check_table(table, start + n, name)
+
+    def _check_table(self, table, positions: int, name: str) -> None:
+        kv = self.kv
+        if table is None:
+            raise ConfigError(f"{name}: a paged KV pool needs each sequence's block table (blocks=[page ids])")
+        need = kv.pages_for(positions)
+        if len(table) < need:
+            raise ConfigError(f"{name}: positions up to {positions - 1} need {need} pages of {kv.block_size} "
+                              f"positions, its block table holds {len(table)}")
+        bad = [p for p in table[:need] if not 0 <= int(p) < kv.num_pages]
+        if bad:
+            raise ConfigError(f"{name}: pages {bad} are outside the KV pool's {kv.num_pages} pages")

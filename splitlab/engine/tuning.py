@@ -145,16 +145,9 @@ class TuningMixin:
 
     def _time_decode_graph(self, bucket: int, ctx: int, iters: int) -> float:
         """Median ms of one replay of a freshly captured decode graph of ``bucket`` (the current
-        variant choice), every row at ``ctx`` tokens in slots 0.."""
-        t = self.kv.max_seq_len
+        variant choice), every row at ``ctx`` tokens in slots 0.. (or pages 0.. of a paged pool)."""
         graph, out = self._capture_graph(bucket, None, private_pool=True)
-        slots = torch.arange(bucket, device=self.device, dtype=torch.int64) % self.kv.num_slots
-        d = self._static_inputs(bucket)
-        d[0].zero_()
-        d[1].fill_(ctx - 1)
-        d[2].copy_(slots * t + ctx - 1)
-        d[3].copy_(slots)
-        d[4].fill_(ctx)
+        self._timing_inputs(bucket, ctx)
         for _ in range(3):
             graph.replay()
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]

@@ -30,22 +30,24 @@ def warm_up(runner: ModelRunner, *, prefill: bool = True, decode: bool = True,
     every Triton decode-attention variant the run may launch, the CUDA graphs of every batch
     bucket, and one decode step of slot 0 through them.
 
-    Writes only slots 0 and 1, whose positions every later request overwrites before reading.
+    Writes only slots 0 and 1 (paged pool: the first pages), whose positions every later
+    request overwrites before reading.
     """
     if not (prefill or decode):
         raise ConfigError("warm_up: nothing to warm; pass prefill=True, decode=True or both")
     kv = runner.kv
     n = max(1, min(128 if runner.device.type == "cuda" else 16, kv.max_seq_len - 1))
     ids = [1] * n
-    first = runner.prefill([(0, ids, 0)])[0]
+    first = runner.prefill([_chunk(runner, 0, ids)])[0]
     buckets: list[int] = []
     if prefill:
         half = max(1, n // 2)
-        runner.prefill([PrefillChunk(0, ids[:half], 0), PrefillChunk(0, ids[:half], 0)])
+        runner.prefill([_chunk(runner, 0, ids[:half]), _chunk(runner, 0, ids[:half])])
         runner.warm_prefill_attention(token_budget)
     if decode:
-        if prefill and kv.num_slots > 1:
-            runner.mixed_step(DecodeBatch([0], [first], [n]), [PrefillChunk(1, ids[:8], 0, False)])
+        if prefill and kv.max_sequences > 1:
+            runner.mixed_step(DecodeBatch([0], [first], [n], _tables(runner, [0])),
+                              [_chunk(runner, 1, ids[:8], last=False)])
         buckets = _warm_decode(runner, first, n)
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
@@ -61,7 +63,23 @@ def _warm_decode(runner: ModelRunner, token: int, position: int) -> list[int]:
         # block sizes), whatever batches come later (scratch tensors: the pool is not written)
         runner.kernels.compile_decode_kernels(runner.num_heads, runner.num_kv_heads, runner.head_dim, runner.dtype,
                                               runner.device, batches=(1, runner.max_batch),
-                                              variants=tuple(sorted(set(runner.decode_variant.split(":")))))
+                                              variants=tuple(sorted(set(runner.decode_variant.split(":")))),
+                                              page_size=runner.kv.block_size if runner.kv.paged else None)
     buckets = runner.capture_graphs()
-    runner.decode_step([0], [token], [position])
+    runner.decode_step([0], [token], [position], _tables(runner, [0]))
     return buckets
+
+
+def _tables(runner: ModelRunner, seqs: list[int]) -> list[list[int]] | None:
+    """Paged pool: warm-up sequence ``i``'s block table, ``max_blocks`` consecutive pages
+    from page ``i * max_blocks`` (wrapping; warm-up writes are garbage that every request
+    overwrites before reading, wherever they land). Slot pool: None (sequence ``i`` is slot ``i``)."""
+    kv = runner.kv
+    if not kv.paged:
+        return None
+    return [[(i * kv.max_blocks + j) % kv.num_pages for j in range(kv.max_blocks)] for i in seqs]
+
+
+def _chunk(runner: ModelRunner, seq: int, ids: list[int], last: bool = True) -> PrefillChunk:
+    tables = _tables(runner, [seq])
+    return PrefillChunk(None, ids, 0, last, tables[0]) if tables else PrefillChunk(seq, ids, 0, last)

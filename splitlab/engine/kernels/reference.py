@@ -63,19 +63,20 @@ class TorchKernels:
                          out: torch.Tensor | None = None, variant: DecodeVariant | None = None) -> torch.Tensor:
         """Batched reference: gather each sequence's KV (padded to ``max_len``), masked softmax.
 
-        ``q``: [B, H, D]; ``k_layer``/``v_layer``: [slots, T, Hkv, D]; returns [B, H, D]
-        (copied into ``out`` when given).
+        ``q``: [B, H, D]; ``k_layer``/``v_layer``: [rows, P, Hkv, D]; ``slots``: [B] row of each
+        sequence (a slot pool: P is the slot length), or [B, blocks] block tables (a paged
+        pool: position p is in row ``table[p // P]`` at ``p % P``). Returns [B, H, D] (copied
+        into ``out`` when given).
         """
         b, h, d = q.shape
         hkv = k_layer.shape[2]
         if max_len is None:
             max_len = int(seq_lens.max())
-        k = k_layer[slots, :max_len].transpose(1, 2).float()  # [B, Hkv, L, D]
-        v = v_layer[slots, :max_len].transpose(1, 2).float()
-        k = k.repeat_interleave(h // hkv, dim=1)
-        v = v.repeat_interleave(h // hkv, dim=1)
+        k, v = gather_kv(k_layer, slots, max_len), gather_kv(v_layer, slots, max_len)  # [B, L, Hkv, D]
+        k = k.transpose(1, 2).float().repeat_interleave(h // hkv, dim=1)  # [B, H, L, D]
+        v = v.transpose(1, 2).float().repeat_interleave(h // hkv, dim=1)
         scores = torch.einsum("bhd,bhld->bhl", q.float(), k) * scale
-        valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
+        valid = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         p = torch.softmax(scores, dim=-1)
         res = torch.einsum("bhl,bhld->bhd", p, v).to(q.dtype)
@@ -90,20 +91,40 @@ class TorchKernels:
                               num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                               max_len: int | None = None, variant: DecodeVariant | None = None) -> torch.Tensor:
         """One decode token per row: RoPE on q and k at position ``seq_lens - 1``, the new K/V
-        stored at that position of each row's slot, then attention over ``seq_lens`` positions.
+        stored at that position of each row's sequence, then attention over ``seq_lens``
+        positions.
 
         ``qkv``: [B, (H + 2 Hkv) * D] (rotated in place, as ``rope_kv_write`` does);
-        ``k_layer``/``v_layer``: [slots, T, Hkv, D]. Returns [B, H, D]. The reference is the
-        two separate operations, composed.
+        ``k_layer``/``v_layer``/``slots`` as in ``decode_attention``. Returns [B, H, D]. The
+        reference is the two separate operations, composed.
         """
         b = qkv.shape[0]
-        t = k_layer.shape[1]
+        page = k_layer.shape[1]
         positions = seq_lens - 1
-        n = k_layer.shape[0] * t
-        cls.rope_kv_write(qkv, positions, slots * t + positions, cos, sin, k_layer.view(n, num_kv_heads, head_dim),
-                          v_layer.view(n, num_kv_heads, head_dim), num_heads, num_kv_heads, head_dim)
+        n = k_layer.shape[0] * page
+        cls.rope_kv_write(qkv, positions, write_rows(slots, positions, page), cos, sin,
+                          k_layer.view(n, num_kv_heads, head_dim), v_layer.view(n, num_kv_heads, head_dim),
+                          num_heads, num_kv_heads, head_dim)
         q = qkv[:, : num_heads * head_dim].view(b, num_heads, head_dim)
         return cls.decode_attention(q, k_layer, v_layer, slots, seq_lens, scale, max_len=max_len)
+
+
+def gather_kv(layer: torch.Tensor, slots: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions ``0 .. length - 1`` of each row's sequence: [B, L, Hkv, D], L = ``length``
+    (fewer when the block tables cover fewer positions). ``slots``: [B] rows or [B, blocks]
+    block tables (see ``decode_attention``)."""
+    if slots.ndim == 1:
+        return layer[slots, :length]
+    pages = min(-(-length // layer.shape[1]), slots.shape[1])
+    return layer[slots[:, :pages]].flatten(1, 2)[:, :length]
+
+
+def write_rows(slots: torch.Tensor, positions: torch.Tensor, page: int) -> torch.Tensor:
+    """The flat row (``row * page + offset``, as ``KVPool.layer_flat`` numbers them) of each
+    sequence's ``positions``; ``slots``: [B] rows or [B, blocks] block tables."""
+    if slots.ndim == 1:
+        return slots * page + positions
+    return slots.gather(1, (positions // page)[:, None])[:, 0] * page + positions % page
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

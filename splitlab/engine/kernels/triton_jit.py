@@ -4,8 +4,9 @@ runner asks for Triton, so importing splitlab never imports triton; under
 
 Each kernel is one fused operation; the launch wrappers (grids, strides, block sizes) are in
 ``splitlab.engine.kernels.triton_ops``. ``decode_attn_stage1`` is long on purpose: one
-kernel body, with the RoPE/KV-write prologue and the in-kernel split combine as compile-time
-branches (``FUSED``, ``COMBINE``), so each variant is one launch.
+kernel body, with the RoPE/KV-write prologue, the in-kernel split combine and the paged
+addressing as compile-time branches (``FUSED``, ``COMBINE``, ``PAGED``), so each variant is
+one launch.
 """
 
 from __future__ import annotations
@@ -89,10 +90,13 @@ def silu_mul_kernel(GU, OUT, stride_gu, stride_o, inter, BLOCK: tl.constexpr):
     tl.store(OUT + row * stride_o + cols, (a * u).to(dt), mask=m)
 
 
-# num_splits varies with the batch: not specialised, so a new value never recompiles mid-run
-@triton.jit(do_not_specialize=["num_splits"])
+# num_splits varies with the batch, stride_tb (the block-table width of an eager step) with the
+# context: neither is specialised, so a new value never recompiles mid-run.
+# PAGED: SLOTS is a [B, blocks] block table (row stride stride_tb) and position n of row b is
+# at row SLOTS[b, n // PAGE], offset n % PAGE of K/V; else SLOTS[b] is the row's slot.
+@triton.jit(do_not_specialize=["num_splits", "stride_tb"])
 def decode_attn_stage1(Q, K, V, SLOTS, LENS, O, MID_O, MID_M, MID_L, COS, SIN, CNT,
-                       stride_qb, stride_qh, stride_ks, stride_kt, stride_kh,
+                       stride_qb, stride_qh, stride_tb, stride_ks, stride_kt, stride_kh,
                        stride_vs, stride_vt, stride_vh, stride_ob, stride_oh,
                        stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_cos,
                        num_splits, sm_scale,
@@ -100,11 +104,10 @@ def decode_attn_stage1(Q, K, V, SLOTS, LENS, O, MID_O, MID_M, MID_L, COS, SIN, C
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
                        IEEE: tl.constexpr, FUSED: tl.constexpr, NUM_HEADS: tl.constexpr,
                        NUM_KV_HEADS: tl.constexpr, COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
-                       EARLY_V: tl.constexpr):
+                       EARLY_V: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    slot = tl.load(SLOTS + b).to(tl.int64)
     seq_len = tl.load(LENS + b).to(tl.int32)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = sp * split_len
@@ -116,8 +119,14 @@ def decode_attn_stage1(Q, K, V, SLOTS, LENS, O, MID_O, MID_M, MID_L, COS, SIN, C
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     qmask = hmask[:, None] & dmask[None, :]
-    k_base = K + slot * stride_ks + kvh * stride_kh
-    v_base = V + slot * stride_vs + kvh * stride_vh
+    if PAGED:
+        table = SLOTS + b * stride_tb
+        k_base = K + kvh * stride_kh
+        v_base = V + kvh * stride_vh
+    else:
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        k_base = K + slot * stride_ks + kvh * stride_kh
+        v_base = V + slot * stride_vs + kvh * stride_vh
     if FUSED:
         # Q is the fused qkv output: q heads, then k heads, then v heads, HEAD_DIM apart.
         # RoPE exactly as rope_kv_write rounds it: q * cos + rotate_half(q) * sin.
@@ -139,8 +148,15 @@ def decode_attn_stage1(Q, K, V, SLOTS, LENS, O, MID_O, MID_M, MID_L, COS, SIN, C
         k_new = ((kx * c).to(dt).to(tl.float32) + (kr * sign * s).to(dt).to(tl.float32)).to(dt)
         v_new = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kvh) * stride_qh + offs_d, mask=dmask, other=0.0)
         if sp == 0:  # one program per (row, kv head) stores the new position; nobody reads it from the pool
-            tl.store(k_base + pos.to(tl.int64) * stride_kt + offs_d, k_new, mask=dmask)
-            tl.store(v_base + pos.to(tl.int64) * stride_vt + offs_d, v_new, mask=dmask)
+            if PAGED:
+                pg = tl.load(table + pos // PAGE).to(tl.int64)
+                k_dst = k_base + pg * stride_ks + (pos % PAGE).to(tl.int64) * stride_kt
+                v_dst = v_base + pg * stride_vs + (pos % PAGE).to(tl.int64) * stride_vt
+            else:
+                k_dst = k_base + pos.to(tl.int64) * stride_kt
+                v_dst = v_base + pos.to(tl.int64) * stride_vt
+            tl.store(k_dst + offs_d, k_new, mask=dmask)
+            tl.store(v_dst + offs_d, v_new, mask=dmask)
         end_cache = tl.minimum(end, pos)  # cached positions; the new one comes from registers
     else:
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
@@ -153,12 +169,18 @@ def decode_attn_stage1(Q, K, V, SLOTS, LENS, O, MID_O, MID_M, MID_L, COS, SIN, C
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end_cache
         kvmask = nmask[:, None] & dmask[None, :]
+        if PAGED:  # each key's page from the block table (a block of keys may span pages)
+            pg = tl.load(table + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+            k_rows = pg * stride_ks + (offs_n % PAGE).to(tl.int64) * stride_kt
+            v_rows = pg * stride_vs + (offs_n % PAGE).to(tl.int64) * stride_vt
+        else:
+            k_rows = offs_n.to(tl.int64) * stride_kt
+            v_rows = offs_n.to(tl.int64) * stride_vt
         # EARLY_V: K and V issued together (one DRAM round trip per block, more registers
         # live); else V is loaded after the scores
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kvmask, other=0.0)
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         if EARLY_V:
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kvmask,
-                        other=0.0)
+            v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -169,8 +191,7 @@ def decode_attn_stage1(Q, K, V, SLOTS, LENS, O, MID_O, MID_M, MID_L, COS, SIN, C
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if not EARLY_V:
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kvmask,
-                        other=0.0)
+            v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kvmask, other=0.0)
         if IEEE:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:

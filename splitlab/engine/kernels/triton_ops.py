@@ -160,8 +160,9 @@ class TritonKernels:
     def decode_attention(self, q, k_layer, v_layer, slots, seq_lens, scale, max_len=None, num_splits=None,
                          out=None, variant: DecodeVariant | None = None):
         """``q`` [B, H, D] (any row/head strides, last dim contiguous); ``k_layer``/``v_layer``
-        [slots, T, Hkv, D]; ``slots``/``seq_lens`` [B] int tensors. Returns [B, H, D] (written
-        into ``out`` when given)."""
+        [rows, P, Hkv, D]; ``seq_lens`` [B]; ``slots`` [B] (each row's slot) or [B, blocks]
+        (block tables of a paged pool, last dim contiguous; see
+        ``TorchKernels.decode_attention``). Returns [B, H, D] (written into ``out`` when given)."""
         b, h, d = q.shape
         return self._decode(q, q.stride(0), q.stride(1), None, None, k_layer, v_layer, slots, seq_lens, scale,
                             max_len, num_splits, out, b, h, d, fused=False, variant=variant)
@@ -183,10 +184,13 @@ class TritonKernels:
         mode and load order; None: this instance's defaults (``combine``, ``block_n``)."""
         hkv = k_layer.shape[2]
         group = h // hkv
+        paged = slots.ndim == 2
+        assert not paged or slots.stride(1) == 1
         block_n = (variant.block_n if variant is not None and variant.block_n else 0) or self.block_n(b, hkv)
         combine = self.combine if variant is None or self.combine == "kernel" else variant.combine
         if num_splits is None:
-            num_splits = self.num_splits(b, hkv, max_len if max_len is not None else k_layer.shape[1], block_n,
+            most = k_layer.shape[1] * (slots.shape[1] if paged else 1)  # positions a table can address
+            num_splits = self.num_splits(b, hkv, max_len if max_len is not None else most, block_n,
                                          variant.split_target if variant is not None else None)
         if not 1 <= num_splits <= self.MAX_SPLITS:
             raise ValueError(f"num_splits must be in 1..{self.MAX_SPLITS}, got {num_splits}")
@@ -210,13 +214,14 @@ class TritonKernels:
         cnt = self._counter(b * hkv, k_layer.device) if atomic else out
         self.k.decode_attn_stage1[(b, hkv, num_splits)](
             q, k_layer, v_layer, slots, seq_lens, out, mid_o, mid_m, mid_l, cos_t, sin_t, cnt,
-            stride_qb, stride_qh, k_layer.stride(0), k_layer.stride(1), k_layer.stride(2),
+            stride_qb, stride_qh, slots.stride(0) if paged else 0, k_layer.stride(0), k_layer.stride(1),
+            k_layer.stride(2),
             v_layer.stride(0), v_layer.stride(1), v_layer.stride(2), out.stride(0), out.stride(1),
             smb, smh, sms, slb, slh, cos.stride(0) if fused else 0, num_splits, float(scale),
             GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_D=block_d,
             BLOCK_N=block_n, SINGLE=single, IEEE=ieee, FUSED=fused, NUM_HEADS=h, NUM_KV_HEADS=hkv,
             COMBINE=atomic, BLOCK_S=self.MAX_SPLITS, EARLY_V=True if variant is None else variant.early_v,
-            num_warps=4, num_stages=2)
+            PAGED=paged, PAGE=k_layer.shape[1] if paged else 1, num_warps=4, num_stages=2)
         if not single and not atomic:
             self.k.decode_attn_stage2[(b, h)](
                 mid_o, mid_m, mid_l, out, num_splits, smb, smh, sms, slb, slh, out.stride(0), out.stride(1),
@@ -224,21 +229,25 @@ class TritonKernels:
         return out
 
     def compile_decode_kernels(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-                               batches: tuple[int, ...] = (1,), variants: tuple[str, ...] | None = None) -> None:
+                               batches: tuple[int, ...] = (1,), variants: tuple[str, ...] | None = None,
+                               page_size: int | None = None) -> None:
         """Compile every decode-attention variant a run can launch (fused or not, one split or
         several, both KV block sizes; and each ``DECODE_VARIANTS`` name in ``variants``), so none
-        compiles mid-run. Writes nothing persistent."""
-        kl = torch.zeros((2, 64, num_kv_heads, head_dim), dtype=dtype, device=device)
+        compiles mid-run; ``page_size``: a paged pool's block size (the block-table kernels are
+        compiled for it instead of the slot ones). Writes nothing persistent."""
+        rows = page_size or 64
+        kl = torch.zeros((2, rows, num_kv_heads, head_dim), dtype=dtype, device=device)
         big = max(batches + (math.ceil(self.sm_count / max(1, num_kv_heads)),))
         t = torch.arange(64, dtype=torch.float32, device=device)[:, None].expand(64, head_dim).contiguous()
         for batch in sorted({1, big}):
             self._counter(batch * num_kv_heads, torch.device(device))
             idx = torch.zeros(batch, dtype=torch.int64, device=device)
+            where = torch.zeros((batch, 2), dtype=torch.int64, device=device) if page_size else idx
             q = torch.zeros((batch, num_heads, head_dim), dtype=dtype, device=device)
             qkv = torch.zeros((batch, (num_heads + 2 * num_kv_heads) * head_dim), dtype=dtype, device=device)
             for var in [None] + [DECODE_VARIANTS[n] for n in (variants or ())]:
                 for splits in (1, 2):
-                    self.decode_attention(q, kl, kl.clone(), idx, idx + 1, 1.0, num_splits=splits, variant=var)
+                    self.decode_attention(q, kl, kl.clone(), where, idx + 1, 1.0, num_splits=splits, variant=var)
                     if var is None or var.rope_fused:
-                        self.decode_attention_rope(qkv, idx, idx + 1, t.cos(), t.sin(), kl, kl.clone(), num_heads,
+                        self.decode_attention_rope(qkv, where, idx + 1, t.cos(), t.sin(), kl, kl.clone(), num_heads,
                                                    num_kv_heads, head_dim, 1.0, num_splits=splits, variant=var)
