@@ -416,3 +416,197 @@ def test_decode_variant_choice_is_fixed_off_cuda(tiny):
     with pytest.raises(ConfigError, match="decode_variant"):
         EngineConfig(decode_variant="fused:nope")
     assert EngineConfig(decode_variant="split:fused").decode_variant == "split:fused"
+
+
+# ---- the paged pool: decode attention through block tables -------------------------------------
+
+def _paged_copy(k, v, lens, page, spare=3, seed=0):
+    """The sequences of a dense [B, T, Hkv, D] pool scattered into shuffled pages of ``page``
+    positions (plus ``spare`` pages nobody owns): ``(k_pages, v_pages, tables)``, tables
+    [B, max pages] padded with the scratch page."""
+    gen = torch.Generator().manual_seed(seed)
+    b, t = k.shape[0], k.shape[1]
+    need = [-(-int(n) // page) for n in lens]
+    total = sum(need) + spare
+    order = torch.randperm(total, generator=gen).tolist()
+    kp = torch.randn(total + 1, page, *k.shape[2:], generator=gen).to(DEVICE)
+    vp = torch.randn_like(kp)
+    width = max(need)
+    tables = torch.full((b, width), total, dtype=torch.int64)
+    for i, n in enumerate(need):
+        for j in range(n):
+            pg = order.pop()
+            tables[i, j] = pg
+            m = min(page, t - j * page)
+            kp[pg, :m] = k[i, j * page:j * page + m]
+            vp[pg, :m] = v[i, j * page:j * page + m]
+    return kp, vp, tables.to(DEVICE)
+
+
+def _poison(kp, vp, tables, lens, page):
+    """NaN in every page no table names (the scratch page included) and in every position
+    past a sequence's length: a kernel that reads any of it returns NaN."""
+    kp, vp = kp.clone(), vp.clone()
+    owned = set()
+    for table, n in zip(tables.tolist(), lens):
+        used = -(-int(n) // page)
+        owned.update(table[:used])
+        last, fill = table[used - 1], int(n) - (used - 1) * page
+        kp[last, fill:] = float("nan")
+        vp[last, fill:] = float("nan")
+    others = [p for p in range(kp.shape[0]) if p not in owned]
+    kp[others] = float("nan")
+    vp[others] = float("nan")
+    return kp, vp
+
+
+@pytest.mark.parametrize("page", [1, 4, 16])
+def test_paged_reference_equals_the_dense_reference(page):
+    """The torch reference reads the same values through block tables as through slots."""
+    torch.manual_seed(9)
+    heads, kv_heads, dim = 4, 2, 16
+    lens = [37, 1, 16, 9]
+    k = torch.randn(4, 40, kv_heads, dim, device=DEVICE)
+    v = torch.randn_like(k)
+    slots = torch.arange(4, device=DEVICE)
+    n = torch.tensor(lens, device=DEVICE)
+    q = torch.randn(4, heads, dim, device=DEVICE)
+    kp, vp, tables = _paged_copy(k, v, lens, page)
+    want = ref().decode_attention(q, k, v, slots, n, 0.3)
+    torch.testing.assert_close(ref().decode_attention(q, kp, vp, tables, n, 0.3), want, rtol=0, atol=0)
+    cos, sin = _rope_tables(41, dim)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * dim, device=DEVICE)
+    kd, vd = k.clone(), v.clone()
+    want = ref().decode_attention_rope(qkv.clone(), slots, n, cos, sin, kd, vd, heads, kv_heads, dim, 0.3)
+    got = ref().decode_attention_rope(qkv.clone(), tables, n, cos, sin, kp, vp, heads, kv_heads, dim, 0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for i, ln in enumerate(lens):  # the new K/V went to the page and offset of position len - 1
+        pos = ln - 1
+        torch.testing.assert_close(kp[tables[i, pos // page], pos % page], kd[i, pos], rtol=0, atol=0)
+        torch.testing.assert_close(vp[tables[i, pos // page], pos % page], vd[i, pos], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("page", [4, 16, 64])
+def test_paged_decode_attention_reads_only_its_pages_and_valid_positions(tk, page):
+    """The Triton split-K kernel through block tables (a key block of 32/64 spanning several
+    pages, or a page holding several blocks) == the dense reference, reading nothing but the
+    table's pages up to each length (everything else is NaN)."""
+    torch.manual_seed(10)
+    heads, kv_heads, dim = 8, 2, 32
+    lens = [150, 1, 64, 65, 33]
+    k = torch.randn(5, 150, kv_heads, dim, device=DEVICE)
+    v = torch.randn_like(k)
+    n = torch.tensor(lens, device=DEVICE)
+    q = torch.randn(5, heads, dim, device=DEVICE)
+    want = ref().decode_attention(q, k, v, torch.arange(5, device=DEVICE), n, dim ** -0.5)
+    kp, vp, tables = _paged_copy(k, v, lens, page)
+    kp, vp = _poison(kp, vp, tables, lens, page)
+    for splits in (1, 2, 5, None):
+        got = tk.decode_attention(q, kp, vp, tables, n, dim ** -0.5, max_len=150, num_splits=splits)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    wide = torch.cat([tables, tables[:, :1].expand(-1, 3)], 1).contiguous()  # a wider table: its tail unread
+    torch.testing.assert_close(tk.decode_attention(q, kp, vp, wide, n, dim ** -0.5), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("page", [2, 16])
+def test_paged_decode_attention_rope_matches_the_reference(tk, page):
+    """The fused kernel through block tables: the reference's output, the new K/V stored at
+    the page and offset of each row's new position, no other position of any page touched."""
+    torch.manual_seed(11)
+    heads, kv_heads, dim = 4, 2, 16
+    lens = [70, 33, 1, 17]
+    k = torch.randn(4, 70, kv_heads, dim, device=DEVICE)
+    v = torch.randn_like(k)
+    n = torch.tensor(lens, device=DEVICE)
+    cos, sin = _rope_tables(70, dim)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * dim, device=DEVICE)
+    kp, vp, tables = _paged_copy(k, v, lens, page)
+    kr, vr = kp.clone(), vp.clone()
+    want = ref().decode_attention_rope(qkv.clone(), tables, n, cos, sin, kr, vr, heads, kv_heads, dim, 0.3)
+    for splits in (1, 3, None):
+        kg, vg = kp.clone(), vp.clone()
+        for table, ln in zip(tables.tolist(), lens):  # the new position is written, never read from the pool
+            pos = ln - 1
+            kg[table[pos // page], pos % page] = float("nan")
+            vg[table[pos // page], pos % page] = float("nan")
+        got = tk.decode_attention_rope(qkv, tables, n, cos, sin, kg, vg, heads, kv_heads, dim, 0.3, max_len=70,
+                                       num_splits=splits)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kg, kr, rtol=1e-6, atol=1e-6)  # the new K (rounded as RoPE rounds) and nothing else
+        torch.testing.assert_close(vg, vr, rtol=0, atol=0)
+
+
+def test_every_decode_variant_reads_through_block_tables(tk):
+    from splitlab.engine.kernels import DECODE_VARIANTS
+
+    torch.manual_seed(12)
+    heads, kv_heads, dim, page = 4, 2, 16, 8
+    lens = [140, 1, 70]
+    k = torch.randn(3, 140, kv_heads, dim, device=DEVICE)
+    v = torch.randn_like(k)
+    n = torch.tensor(lens, device=DEVICE)
+    q = torch.randn(3, heads, dim, device=DEVICE)
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, device=DEVICE)
+    cos, sin = _rope_tables(140, dim)
+    kp, vp, tables = _paged_copy(k, v, lens, page)
+    want = ref().decode_attention(q, k, v, torch.arange(3, device=DEVICE), n, 0.3)
+    kr, vr = kp.clone(), vp.clone()
+    want_f = ref().decode_attention_rope(qkv.clone(), tables, n, cos, sin, kr, vr, heads, kv_heads, dim, 0.3)
+    for var in DECODE_VARIANTS.values():
+        got = tk.decode_attention(q, kp, vp, tables, n, 0.3, max_len=140, variant=var)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=var.name)
+        if var.rope_fused:
+            kg, vg = kp.clone(), vp.clone()
+            got = tk.decode_attention_rope(qkv, tables, n, cos, sin, kg, vg, heads, kv_heads, dim, 0.3,
+                                           max_len=140, variant=var)
+            torch.testing.assert_close(got, want_f, rtol=1e-5, atol=1e-5, msg=var.name)
+            torch.testing.assert_close(kg, kr, rtol=1e-6, atol=1e-6, msg=var.name)
+
+
+@interpreter_only
+@pytest.mark.parametrize("variant", ["fused", "split"])
+def test_paged_graph_decode_body_with_triton_kernels(tk, variant):
+    """The CUDA-graph step body of a GPU run over a paged pool (Triton attention reading the
+    static block tables and lengths in-kernel), replayed eagerly on CPU: exact against HF."""
+    from test_runner import EmulatedGraphRunner, hf_generate, make_model, paged_pool, runner_for
+
+    from splitlab.engine.plan import PrefillChunk
+
+    loaded = make_model("qwen2")
+    prompts = [[7, 30, 99, 4], [250, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+    expected = [hf_generate(loaded, p, 5) for p in prompts]
+    kv = paged_pool(loaded, num_pages=12, block_size=4, max_seq_len=32)
+    runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner, max_batch=4, kernels="triton",
+                        decode_variant=variant)
+    tables = [[11, 2], [5, 0], [7, 1, 9, 4]]
+    outs = [[t] for t in runner.prefill([PrefillChunk(None, p, 0, blocks=t) for p, t in zip(prompts, tables)])]
+    for _ in range(4):
+        got = runner.decode_step([None] * 3, [o[-1] for o in outs],
+                                 [len(p) + len(o) - 1 for p, o in zip(prompts, outs)], tables)
+        for o, t in zip(outs, got):
+            o.append(t)
+    assert outs == expected
+    assert runner.captured == [(4, None)]
+
+
+@interpreter_only
+def test_engine_with_triton_kernels_over_a_paged_pool_matches_hf(tk, tiny):
+    """serial and chunked through the engine's front door with a paged pool and Triton
+    kernels: eager decode and mixed steps read through block tables."""
+    from splitlab.config import EngineConfig
+    import splitlab
+    from splitlab.workload import from_prompts
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40] * 14, [99, 98]]
+    wl = from_prompts(prompts, [5, 4, 3, 5], arrivals_s=[0.0, 0.0, 0.0, 0.05], name="triton-paged")
+    expected = {}
+    for r in wl:
+        ids = torch.tensor([list(r.prompt_ids)])
+        out = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                                  max_new_tokens=r.max_new_tokens, min_new_tokens=r.max_new_tokens)
+        expected[r.id] = out[0, ids.shape[1]:].tolist()
+    for mode in ("serial", "chunked"):
+        config = EngineConfig(max_seq_len=32, max_batch=3, chunk_size=6, kernels="triton", kv_block_size=4,
+                              num_pages=12)
+        run = splitlab.run(wl, tiny, mode=mode, config=config, progress=False)
+        assert run.output_ids() == expected, mode

@@ -12,8 +12,8 @@ import random
 import pytest
 
 from splitlab.config import EngineConfig
-from splitlab.errors import ConfigError
-from splitlab.engine.kv import SlotAllocator
+from splitlab.errors import ConfigError, WorkloadError
+from splitlab.engine.kv import PageAllocator, SlotAllocator
 from splitlab.engine.plan import as_chunk
 from splitlab.engine.scheduler import Scheduler, SeqState
 from splitlab.engine.loop import Worker
@@ -37,34 +37,48 @@ def expected_output(r: Request) -> list[int]:
 
 
 class FakeRunner:
-    """Models KV slots: positions must be written in order; reading unwritten KV fails."""
+    """Models the KV pool as flat rows: position ``p`` of a sequence is row ``slot * row_len + p``
+    (slot pool) or ``table[p // row_len] * row_len + p % row_len`` (paged pool, ``row_len`` the
+    block size). Each forward writes its tokens' rows, then reads the sequence back through the
+    same mapping and answers with a hash of it: a wrong slot, page, position, token or order,
+    a page another sequence overwrote, or a never-written position (KeyError) shows."""
 
-    def __init__(self, num_slots: int):
-        self.num_slots = num_slots
-        self.kv: dict[int, list[int]] = {}
+    def __init__(self, num_rows: int, row_len: int, paged: bool = False):
+        self.num_rows, self.row_len, self.paged = num_rows, row_len, paged
+        self.kv: dict[int, int] = {}
 
-    def _write(self, slot: int, start: int, ids) -> list[int]:
-        assert 0 <= slot < self.num_slots
-        seq = self.kv.setdefault(slot, [])
-        if start == 0:
-            seq.clear()  # a new sequence takes the slot over
-        assert len(seq) == start, f"slot {slot}: writing position {start} after {len(seq)} positions"
-        seq.extend(ids)
-        return seq
+    def _row(self, slot, blocks, pos: int) -> int:
+        if self.paged:
+            assert blocks is not None and slot is None, "a paged forward names pages, not slots"
+            page = blocks[pos // self.row_len]
+            assert 0 <= page < self.num_rows
+            return page * self.row_len + pos % self.row_len
+        assert blocks is None and 0 <= slot < self.num_rows and pos < self.row_len
+        return slot * self.row_len + pos
+
+    def _forward(self, slot, blocks, start: int, ids) -> int:
+        for i, t in enumerate(ids):
+            self.kv[self._row(slot, blocks, start + i)] = t
+        return next_token([self.kv[self._row(slot, blocks, p)] for p in range(start + len(ids))])
 
     def prefill(self, chunks):
         return self.mixed_step(None, chunks)[1]
 
-    def decode_step(self, slots, tokens, positions):
-        assert len(set(slots)) == len(slots), "two rows of one step share a slot"
-        return [next_token(self._write(s, p, [t])) for s, t, p in zip(slots, tokens, positions)]
+    def decode_step(self, slots, tokens, positions, blocks=None):
+        if self.paged:
+            owned = [p for table, pos in zip(blocks, positions) for p in table[: pos // self.row_len + 1]]
+            assert len(set(owned)) == len(owned), "two rows of one step share a page"
+        else:
+            assert len(set(slots)) == len(slots), "two rows of one step share a slot"
+        tables = blocks if blocks is not None else [None] * len(slots)
+        return [self._forward(s, bl, p, [t]) for s, t, p, bl in zip(slots, tokens, positions, tables)]
 
     def mixed_step(self, decode, chunks):
         dec = self.decode_step(*decode) if decode is not None else []
         out = []
         for c in map(as_chunk, chunks):
-            seq = self._write(c.slot, c.start_pos, list(c.token_ids))
-            out.append(next_token(seq) if c.last else None)
+            tok = self._forward(c.slot, c.blocks, c.start_pos, list(c.token_ids))
+            out.append(tok if c.last else None)
         return dec, out
 
 
@@ -76,12 +90,14 @@ def random_requests(n: int, seed: int, max_prompt: int = 40, max_new: int = 9) -
 
 
 def simulate(policy: str, requests: list[Request], num_slots: int, max_batch: int, token_budget: int = 64,
-             chunk_size: int = 16):
-    """Step a Worker on the fake runner; arrivals in step units ('arrival_s' = step index)."""
-    alloc = SlotAllocator(num_slots)
+             chunk_size: int = 16, block_size: int | None = None):
+    """Step a Worker on the fake runner; arrivals in step units ('arrival_s' = step index).
+    ``block_size``: a paged pool of ``num_slots`` pages of that many positions."""
+    alloc = SlotAllocator(num_slots) if block_size is None else PageAllocator(num_slots, block_size)
     sched = Scheduler(policy, alloc, max_batch, token_budget, chunk_size)
     clock_now = [0.0]
-    worker = Worker(policy, FakeRunner(num_slots), sched, clock=lambda: clock_now[0])
+    runner = FakeRunner(num_slots, block_size or 64, paged=block_size is not None)
+    worker = Worker(policy, runner, sched, clock=lambda: clock_now[0])
     seqs = {r.id: SeqState.new(r) for r in requests}
     pending = sorted(requests, key=lambda r: r.arrival_s)
     done = 0
@@ -94,23 +110,25 @@ def simulate(policy: str, requests: list[Request], num_slots: int, max_batch: in
             if not pending:
                 break
             continue
-        slots = [s.slot for s in sched.running + sched.prefilling]
-        assert len(slots) == len(set(slots)), "two live sequences share a KV slot"
-        assert len(slots) <= max_batch and alloc.num_used == len(slots)
-        active_slots_seen.append(len(slots))
+        live = sched.running + sched.prefilling
+        held = [s.slot for s in live] if block_size is None else [p for s in live for p in s.blocks]
+        assert len(held) == len(set(held)), "two live sequences share a KV slot or page"
+        assert len(live) <= max_batch and alloc.num_used == len(held)
+        assert all(not s.blocks and s.slot is None for s in sched.waiting)  # waiting holds no KV
+        active_slots_seen.append(len(live))
         outcome = worker.step()
         assert outcome is not None
         done += len(outcome.finished)
     assert done == len(requests) and not pending
-    assert alloc.num_free == num_slots  # every slot came back
-    return seqs, worker.steps, active_slots_seen
+    assert alloc.num_free == num_slots  # every slot or page came back
+    return seqs, worker.steps, active_slots_seen, sched
 
 
 @pytest.mark.parametrize("policy", ["serial", "chunked"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_token_of_every_request_exactly_once(policy, seed):
     requests = random_requests(25, seed)
-    seqs, steps, active = simulate(policy, requests, num_slots=4, max_batch=4, token_budget=50, chunk_size=9)
+    seqs, steps, active, _ = simulate(policy, requests, num_slots=4, max_batch=4, token_budget=50, chunk_size=9)
     for r in requests:
         t = seqs[r.id].trace
         assert t.output_ids == expected_output(r), f"request {r.id}"
@@ -223,3 +241,149 @@ def test_bad_policy_and_budget():
     with pytest.raises(ConfigError):
         EngineConfig(kernels="cuda")
     assert EngineConfig.from_dict(EngineConfig(max_batch=4, chunk_size=8).to_dict()).max_batch == 4
+
+
+# ---- the paged pool: admission by pages, growth, preemption and recompute -------------------------
+
+@pytest.mark.parametrize("policy", ["serial", "chunked"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_paged_every_token_exactly_once_through_preemption(policy, seed):
+    """A pool of 14 pages of 4 positions for up to 4 sequences of up to 46 positions: sequences
+    outgrow it mid-decode, the newest are preempted and recomputed, and every request still
+    gets exactly its tokens; no page is ever held twice and every page comes back."""
+    requests = random_requests(25, seed)
+    seqs, steps, active, sched = simulate(policy, requests, num_slots=14, max_batch=4, token_budget=50,
+                                          chunk_size=9, block_size=4)
+    for r in requests:
+        t = seqs[r.id].trace
+        assert t.output_ids == expected_output(r), f"request {r.id}"
+        assert len(t.token_times_s) == r.max_new_tokens
+        assert t.prefill_start_s >= r.arrival_s and t.token_times_s[0] == t.prefill_end_s
+        assert all(b >= a for a, b in zip(t.token_times_s, t.token_times_s[1:]))
+    assert sched.preemptions > 0 and sched.recomputed_tokens > 0  # the pool really ran out
+    assert sched.counters() == {"preemptions": sched.preemptions, "recomputed_tokens": sched.recomputed_tokens}
+    # a recompute re-prefills what the preempted sequence had: more rows than one pass needs
+    assert sum(s.num_tokens for s in steps) > sum(r.prompt_len + r.max_new_tokens - 1 for r in requests)
+
+
+def test_paged_admission_needs_the_prompt_pages_plus_one():
+    alloc = PageAllocator(5, 4)
+    sched = Scheduler("serial", alloc, max_batch=4, token_budget=100)
+    a = SeqState.new(Request(0, tuple(range(1, 10)), 3))  # 9 positions: 3 pages (+1 free)
+    b = SeqState.new(Request(1, tuple(range(1, 6)), 3))  # 5 positions: 2 pages (+1 free)
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert [c.seq.id for c in batch.chunks] == [0] and a.blocks == [0, 1, 2]  # b waits: 2 free < 2 + 1
+    assert alloc.num_free == 2 and list(sched.waiting) == [b]
+    decode, chunks = batch.runner_inputs()
+    assert decode is None and chunks[0].blocks == [0, 1, 2] and chunks[0].slot is None
+    sched.postprocess(batch, [], [7], 0.0, 1.0)
+    batch = sched.schedule()  # nothing admissible: decode; position 9 needs no new page yet
+    assert batch.kind == "decode" and a.blocks == [0, 1, 2]
+    sched.postprocess(batch, [8], [], 1.0, 2.0)
+    batch = sched.schedule()  # position 10 ... still page 2; the token at 9 was written in page 2
+    assert batch.decode_inputs() == ([None], [8], [10]) and a.blocks == [0, 1, 2]
+    sched.postprocess(batch, [9], [], 2.0, 3.0)
+    assert a.finished and alloc.num_free == 5 and a.blocks == []  # freed at the end
+    batch = sched.schedule()
+    assert [c.seq.id for c in batch.chunks] == [1] and b.blocks == [0, 1]  # lowest pages first
+
+
+def test_paged_growth_and_preemption_of_the_newest_with_exact_recompute():
+    alloc = PageAllocator(5, 2)
+    sched = Scheduler("serial", alloc, max_batch=2, token_budget=100)
+    old = SeqState.new(Request(0, (1, 2, 3), 5))
+    new = SeqState.new(Request(1, (4, 5), 5))
+    for s in (old, new):
+        sched.add(s)
+    batch = sched.schedule()  # old: 2 pages (+1 free): admitted; new: 1 page (+1 free): admitted
+    assert [c.seq.id for c in batch.chunks] == [0, 1] and old.blocks == [0, 1] and new.blocks == [2]
+    sched.postprocess(batch, [], [10, 20], 0.0, 1.0)
+    batch = sched.schedule()  # positions 3 (in page 1) and 2 (a new page for `new`)
+    assert batch.kind == "decode" and old.blocks == [0, 1] and new.blocks == [2, 3]
+    sched.postprocess(batch, [11, 21], [], 1.0, 2.0)
+    batch = sched.schedule()  # position 4 of old takes the last page; position 3 of new is in page 3
+    assert old.blocks == [0, 1, 4] and alloc.num_free == 0 and sched.preemptions == 0
+    sched.postprocess(batch, [12, 22], [], 2.0, 3.0)
+    batch = sched.schedule()  # new needs a page at position 4: none free, it is the newest: it goes
+    assert sched.preemptions == 1 and sched.recomputed_tokens == 4  # its positions 0..3 were in the pool
+    assert [s.id for s in batch.decode] == [0] and list(sched.waiting) == [new] and alloc.num_free == 2
+    assert new.blocks == [] and new.recompute == 3 and new.fill_len == 5
+    assert new.fill_ids(0, 5) == (4, 5, 20, 21, 22)  # re-prefilled over its prompt and its tokens
+    sched.postprocess(batch, [13], [], 3.0, 4.0)
+    batch = sched.schedule()  # 2 free < 3 pages + 1: new waits; old decodes its last token
+    assert batch.kind == "decode" and [s.id for s in batch.decode] == [0]
+    sched.postprocess(batch, [14], [], 4.0, 5.0)
+    assert old.finished and alloc.num_free == 5
+    batch = sched.schedule()  # the recompute: one chunk over the whole fill, its token the 4th output
+    assert [(c.seq.id, c.start, c.length, c.last) for c in batch.chunks] == [(1, 0, 5, True)]
+    assert batch.chunks[0].token_ids == (4, 5, 20, 21, 22) and new.blocks == [0, 1, 2]
+    sched.postprocess(batch, [], [23], 5.0, 6.0)
+    assert new.output == [20, 21, 22, 23] and new.trace.prefill_end_s == 1.0  # TTFT: the first prefill
+    assert new.trace.token_times_s == [1.0, 2.0, 3.0, 6.0] and sched.running == [new]
+
+
+def test_paged_full_reservation_for_the_split_workers():
+    """The prefill worker reserves every page a sequence will write; the decode worker grows
+    nothing and frees the pages one id at a time (as a proxy to another process sees them)."""
+    alloc = PageAllocator(6, 4)
+    pre = Scheduler("prefill", alloc, max_batch=2)
+    freed: list[int] = []
+
+    class Proxy:  # what the decode side of a split engine holds: frees, never allocates
+        def alloc(self, n=1):
+            raise AssertionError("the decode side allocated")
+
+        def free(self, page):
+            assert isinstance(page, int)
+            freed.append(page)
+
+        num_free = 0
+
+    dec = Scheduler("decode", Proxy(), max_batch=2)
+    seq = SeqState.new(Request(0, tuple(range(1, 7)), 7))  # writes positions 0..11: 3 pages
+    pre.add(seq)
+    other = SeqState.new(Request(1, tuple(range(1, 12)), 4))  # 14 positions: 4 pages > 3 left: waits
+    pre.add(other)
+    batch = pre.schedule()
+    assert [c.seq.id for c in batch.chunks] == [0] and seq.blocks == [0, 1, 2]
+    out = pre.postprocess(batch, [], [9], 0.0, 1.0)
+    assert out.prefilled == [seq] and pre.schedule() is None  # other still waits for pages
+    dec.add_running(seq)
+    for step in range(6):
+        b = dec.schedule()
+        assert b.runner_inputs()[0].blocks == [[0, 1, 2]]
+        dec.postprocess(b, [step], [], 1.0 + step, 2.0 + step)
+    assert seq.finished and sorted(freed) == [0, 1, 2] and dec.schedule() is None
+    alloc.free(freed)
+    assert pre.schedule().chunks[0].seq is other
+    with pytest.raises(ConfigError, match="reserve='full'"):
+        Scheduler("prefill", alloc, max_batch=2, reserve="grow")
+    with pytest.raises(ConfigError, match="reservation"):
+        Scheduler("serial", alloc, max_batch=2, reserve="lazy")
+
+
+def test_paged_request_that_can_never_fit_is_refused():
+    sched = Scheduler("serial", PageAllocator(4, 4), max_batch=2)
+    sched.add(SeqState.new(Request(0, tuple(range(1, 10)), 4)))  # 12 positions: 3 pages + 1 headroom = 4
+    with pytest.raises(WorkloadError, match="num_pages"):
+        sched.add(SeqState.new(Request(1, tuple(range(1, 10)), 5)))  # 13 positions: 4 pages + 1 > 4
+
+
+def test_drop_frees_what_a_sequence_holds():
+    alloc = PageAllocator(5, 2)
+    sched = Scheduler("chunked", alloc, max_batch=2, chunk_size=4)
+    seq = SeqState.new(Request(0, (1, 2, 3, 4, 5), 3))
+    sched.add(seq)
+    sched.schedule()  # admitted with 3 pages, first chunk of 4 under way
+    assert alloc.num_used == 3 and sched.prefilling == [seq]
+    sched.drop(seq)
+    assert alloc.num_free == 5 and not sched.has_work() and seq.blocks == []
+    slots = SlotAllocator(1)
+    s2 = Scheduler("serial", slots, max_batch=1)
+    other = SeqState.new(Request(1, (1,), 2))
+    s2.add(other)
+    s2.schedule()
+    s2.drop(other)
+    assert slots.num_free == 1 and other.slot is None

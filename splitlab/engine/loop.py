@@ -24,9 +24,8 @@ import torch
 
 from splitlab.config import EngineConfig
 from splitlab.errors import WorkloadError
-from splitlab.engine.kv import KVPool, SlotAllocator
+from splitlab.engine.kv import KVPool, PageAllocator, PagedKVPool, SlotAllocator, build_kv
 from splitlab.measure.metrics import RequestTrace, StepTrace
-from splitlab.engine.plan import DecodeBatch, PrefillChunk
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.weights import extract_arch, extract_weights
 from splitlab.engine.scheduler import ScheduledBatch, Scheduler, SeqState, StepOutcome
@@ -39,8 +38,10 @@ from splitlab.workload import Workload
 class Handoff:
     """A prefilled sequence, as the decode worker needs it: picklable, no tensors.
 
-    The KV of positions ``0 .. prompt_len - 1`` is in ``slot`` of the shared pool;
-    ``first_token`` is the greedy token after the prompt.
+    The KV of positions ``0 .. prompt_len - 1`` is in ``slot`` of the shared pool, or (a
+    paged pool; ``slot`` None) in the pages ``blocks``, which already cover every position the
+    sequence will write (the prefill side reserves them all); ``first_token`` is the greedy
+    token after the prompt.
     """
 
     request_id: int
@@ -51,12 +52,13 @@ class Handoff:
     arrival_s: float
     prefill_start_s: float
     prefill_end_s: float
+    blocks: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, seq: SeqState) -> "Handoff":
         t = seq.trace
         return cls(seq.id, seq.slot, seq.prompt_len, t.output_ids[0], seq.request.max_new_tokens,
-                   seq.request.arrival_s, t.prefill_start_s, t.prefill_end_s)
+                   seq.request.arrival_s, t.prefill_start_s, t.prefill_end_s, tuple(seq.blocks))
 
 
 # ---- the worker ----------------------------------------------------------------------------
@@ -98,12 +100,13 @@ class Worker:
     @staticmethod
     def run(batch: ScheduledBatch, runner: ModelRunner) -> tuple[list[int], list[int | None]]:
         """Execute ``batch`` on ``runner``: ``(decode tokens, chunk tokens)``."""
-        chunks = [PrefillChunk(c.seq.slot, c.token_ids, c.start, c.last) for c in batch.chunks]
+        decode, chunks = batch.runner_inputs()
         if batch.kind == "decode":
-            return runner.decode_step(*batch.decode_inputs()), []
+            paged = {} if decode.blocks is None else {"blocks": decode.blocks}  # block tables of a paged pool
+            return runner.decode_step(decode.slots, decode.tokens, decode.positions, **paged), []
         if batch.kind == "prefill":
             return [], runner.prefill(chunks)
-        return runner.mixed_step(DecodeBatch(*batch.decode_inputs()), chunks)
+        return runner.mixed_step(decode, chunks)
 
 
 class Placer(Protocol):
@@ -153,7 +156,8 @@ class DecodeWorker(Worker):
                                  prefill_end_s=handoff.prefill_end_s, token_times_s=[handoff.prefill_end_s],
                                  output_ids=[handoff.first_token])
         request = _HandedRequest(handoff.request_id, handoff.prompt_len, handoff.max_new_tokens, handoff.arrival_s)
-        seq = SeqState(request, trace, slot=handoff.slot, num_computed=handoff.prompt_len)  # type: ignore[arg-type]
+        seq = SeqState(request, trace, slot=handoff.slot, num_computed=handoff.prompt_len,  # type: ignore[arg-type]
+                       blocks=list(handoff.blocks))
         self.scheduler.add_running(seq)
         return seq
 
@@ -172,23 +176,23 @@ class _HandedRequest:
 
 @dataclasses.dataclass
 class EngineParts:
-    kv: KVPool
+    kv: KVPool | PagedKVPool
     runner: ModelRunner
-    allocator: SlotAllocator
+    allocator: SlotAllocator | PageAllocator
     config: EngineConfig
     max_seq_len: int
 
 
 def build_engine(model, config: EngineConfig) -> EngineParts:
-    """KV pool, runner and slot allocator for ``model`` (a ``LoadedModel``) under ``config``."""
+    """KV pool, runner and allocator (slots, or pages with ``config.kv_block_size``) for
+    ``model`` (a ``LoadedModel``) under ``config``."""
     max_seq_len = min(config.max_seq_len, model.facts.max_positions)
-    kv = KVPool.for_model(model, max_seq_len, num_slots=config.num_slots, memory_budget_bytes=config.kv_budget_bytes,
-                          memory_fraction=config.kv_memory_fraction, max_slots=config.max_batch)
+    kv, allocator = build_kv(model, config, max_seq_len)
     model.require_engine_support("engine")
     # the HF model's q/k/v and gate/up become views of the fused tensors: no weight held twice
     weights = extract_weights(model.model, share_storage=True)
     runner = ModelRunner.for_config(extract_arch(model.model), weights, kv, config)
-    return EngineParts(kv, runner, SlotAllocator(kv.num_slots), config, max_seq_len)
+    return EngineParts(kv, runner, allocator, config, max_seq_len)
 
 
 def check_requests(workload: Workload, max_seq_len: int, model_positions: int) -> None:
