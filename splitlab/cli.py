@@ -7,6 +7,9 @@
   table as JSON on the last line.
 - ``splitlab env``: what this machine has; JSON on the last line.
 - ``splitlab report RESULTS_DIR -o report.html``: an HTML report of saved runs.
+- ``splitlab serve``: an OpenAI-compatible server over the online engine (``splitlab.serve``).
+- ``splitlab bench --endpoint URL``: a workload replayed against any OpenAI-compatible
+  server; the vLLM-style summary as JSON on the last line.
 
 Errors a user can cause print ``splitlab: error: <what to do>`` on stderr and exit with 2.
 """
@@ -392,6 +395,20 @@ def _request_count(text: str) -> int:
     return value
 
 
+def _workload_flags(p: argparse.ArgumentParser) -> None:
+    """The workload flags of ``run`` and ``bench`` (built by ``_build_workload``)."""
+    p.add_argument("--workload", default="poisson", choices=("fixed", "poisson", "trace"))
+    p.add_argument("--rate", type=_positive_float, default=2.0, help="requests/s (poisson)")
+    p.add_argument("--num-requests", type=_request_count, default=None,
+                   help="requests (default 16; for a trace: the first N rows, default all)")
+    p.add_argument("--prompt-len", default=None,
+                   help="N or LO:HI tokens (default 128); for a trace: a cap on prompt length")
+    p.add_argument("--output-len", default=None,
+                   help="N or LO:HI tokens (default 32); for a trace: a cap on output length")
+    p.add_argument("--trace-path", default=None, help="Azure LLM inference trace CSV (with --workload trace)")
+    p.add_argument("--rate-scale", type=_positive_float, default=1.0, help="trace speed-up (2 = twice as fast)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from splitlab.api import MODES
 
@@ -404,16 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny | smollm2-135m | dummy:<arch> | folder | HF id (default: smollm2-135m on CPU, "
                         "a dummy real-shape model on GPU)")
     p.add_argument("--mode", default="hf-generate", choices=MODES)
-    p.add_argument("--workload", default="poisson", choices=("fixed", "poisson", "trace"))
-    p.add_argument("--rate", type=_positive_float, default=2.0, help="requests/s (poisson)")
-    p.add_argument("--num-requests", type=_request_count, default=None,
-                   help="requests (default 16; for a trace: the first N rows, default all)")
-    p.add_argument("--prompt-len", default=None,
-                   help="N or LO:HI tokens (default 128); for a trace: a cap on prompt length")
-    p.add_argument("--output-len", default=None,
-                   help="N or LO:HI tokens (default 32); for a trace: a cap on output length")
-    p.add_argument("--trace-path", default=None, help="Azure LLM inference trace CSV (with --workload trace)")
-    p.add_argument("--rate-scale", type=_positive_float, default=1.0, help="trace speed-up (2 = twice as fast)")
+    _workload_flags(p)
     p.add_argument("--batch-size", type=_positive_int, default=8, help="static batch of hf-generate")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if visible)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 CPU, bf16 GPU)")
@@ -447,13 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results_dir", metavar="RESULTS_DIR")
     r.add_argument("-o", "--output", default="report.html")
     r.set_defaults(func=cmd_report)
+
+    from splitlab.serve import bench, server  # FastAPI, uvicorn and httpx are imported when they run
+
+    server.add_arguments(sub.add_parser("serve", help="an OpenAI-compatible server over the online engine"))
+    b = sub.add_parser("bench", help="replay a workload against an OpenAI-compatible server; JSON on the last line")
+    _workload_flags(b)
+    b.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts and arrivals")
+    bench.add_arguments(b)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "bench"):
         if args.num_requests is None and args.workload != "trace":
             args.num_requests = 16
         for flag in ("prompt_len", "output_len"):

@@ -1,0 +1,333 @@
+"""``splitlab serve`` as a real subprocess on a free loopback port.
+
+SmolLM2 (serial mode): greedy tokens through HTTP, streamed and not, completions and chat,
+equal HF ``generate()``'s. The tiny model (chunked mode): 32 concurrent streams, a client
+that drops mid-stream (its KV slot frees), every kind of bad request (the right status, an
+OpenAI JSON error, and the server keeps serving), and SIGTERM with requests in flight (exit
+0, no process or port left). The API key and the non-loopback warning are checked in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from splitlab.serve.process import ServerProcess, descendants, port_is_free
+
+pytestmark = pytest.mark.timeout(600)
+
+TINY_ARGS = ["--model", "tiny", "--mode", "chunked", "--max-seq-len", "256", "--num-slots", "8", "--max-batch", "8",
+             "--chunk-size", "64", "--max-body-bytes", "65536", "--device", "cpu"]
+SMOL_ARGS = ["--model", "smollm2-135m", "--mode", "serial", "--max-seq-len", "512", "--num-slots", "4",
+             "--max-batch", "4", "--device", "cpu"]
+
+
+def hf_generate(loaded, prompt, n: int, min_new: int | None = None) -> list[int]:
+    ids = torch.tensor([list(prompt)])
+    extra = {} if min_new is None else {"min_new_tokens": min_new}
+    with torch.no_grad():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                    pad_token_id=0, **extra)
+    tokens = out[0, len(prompt):].tolist()
+    eos = loaded.model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    return tokens[:next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    server = ServerProcess.splitlab(TINY_ARGS)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def smol_server():
+    server = ServerProcess.splitlab(SMOL_ARGS)
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+def post(server, route: str, body, **kw) -> httpx.Response:
+    return httpx.post(server.url + route, json=body, timeout=120.0, trust_env=False, **kw)
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The ``data:`` payloads of a streamed response, ``[DONE]`` as the string."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def stream(server, route: str, body) -> list:
+    with httpx.stream("POST", server.url + route, json=body, timeout=120.0, trust_env=False) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return sse_events(r)
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30.0, trust_env=False).text
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_until(check, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert err["message"] and err["type"]
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+# ---- SmolLM2: the greedy oracle over HTTP ---------------------------------------------------------
+
+def test_completion_tokens_equal_generate_streamed_and_not(smol_server, smollm2):
+    prompt = smollm2.encode("Name a primary color.", chat=True)
+    n = 6
+    expected = hf_generate(smollm2, prompt, n, min_new=n)
+    body = {"model": "smollm2-135m", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = post(smol_server, "/completions", body).json()
+    choice = whole["choices"][0]
+    assert choice["token_ids"] == expected and choice["finish_reason"] == "length"
+    assert choice["text"] == smollm2.tokenizer.decode(expected, skip_special_tokens=True)
+    assert whole["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+    events = stream(smol_server, "/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == n
+    chunks = [e["choices"][0] for e in events[:-2]]
+    assert len(chunks) == n  # one chunk per token
+    assert [t for c in chunks for t in c["token_ids"]] == expected
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["finish_reason"] == "length" and all(c["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_chat_answers_stops_at_eos_and_at_a_stop_string(smol_server, smollm2):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = smollm2.encode("What is the capital of France?", chat=True)
+    expected = hf_generate(smollm2, prompt, 24)
+    body = {"messages": messages, "max_tokens": 24, "temperature": 0, "return_token_ids": True}
+    answer = post(smol_server, "/chat/completions", body).json()
+    choice = answer["choices"][0]
+    assert answer["object"] == "chat.completion"
+    assert choice["message"] == {"role": "assistant", "content": "The capital of France is Paris."}
+    assert choice["finish_reason"] == "stop" and choice["token_ids"] == expected
+    assert choice["prompt_token_ids"] == prompt
+    # streamed, cut by a stop string: the text ends before it, nothing of it is ever sent
+    events = stream(smol_server, "/chat/completions", {**body, "stop": [" Paris"], "stream": True})
+    deltas = [e["choices"][0] for e in events[:-1]]
+    assert events[-1] == "[DONE]" and deltas[0]["delta"]["role"] == "assistant"
+    assert "".join(d["delta"].get("content", "") for d in deltas) == "The capital of France is"
+    assert deltas[-1]["finish_reason"] == "stop"
+    assert [t for d in deltas for t in d["token_ids"]] == expected[:len(expected) - 2]  # "." and EOS never made
+
+
+def test_a_client_dropped_mid_stream_frees_its_kv(smol_server):
+    """SmolLM2 makes a token in tens of milliseconds: the request is surely still running."""
+    server = smol_server
+    aborted = metric(server, "splitlab_request_finished_total", '{finish_reason="abort"}')
+    body = {"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/completions", json=body, timeout=60.0, trust_env=False) as r:
+        lines = r.iter_lines()  # kept: closing this iterator would close the connection already
+        data = [line for line in (next(lines) for _ in range(4)) if line.startswith("data: ")]
+        assert len(data) == 2  # two tokens (each line is followed by an empty one)
+        assert metric(server, "splitlab_kv_slots_in_use") == 1
+        assert metric(server, "splitlab_num_requests_running") == 1
+    # the connection is closed here, 2 tokens into 400
+    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 0, 30.0)
+    assert metric(server, "splitlab_request_finished_total", '{finish_reason="abort"}') == aborted + 1
+    assert metric(server, "splitlab_num_requests_running") == 0
+
+
+# ---- the tiny model: load, drops, bad input, signals ----------------------------------------------
+
+def test_32_concurrent_streams_all_finish_with_their_lengths(tiny_server):
+    lengths = [1 + (i * 7) % 8 for i in range(32)]
+
+    async def one(client, i, n):
+        body = {"prompt": [10 + i, 11, 12, 13 + i % 5], "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "completions", json=body) as r:
+            assert r.status_code == 200
+            events = [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+                      async for line in r.aiter_lines() if line.startswith("data: ")]
+        chunks = [e["choices"][0] for e in events[:-2]]
+        return sum(len(c["token_ids"]) for c in chunks), chunks[-1]["finish_reason"], events[-2]["usage"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=tiny_server.url + "/", timeout=120.0, trust_env=False) as client:
+            return await asyncio.gather(*(one(client, i, n) for i, n in enumerate(lengths)))
+
+    results = asyncio.run(main())
+    for (count, finish, use), n in zip(results, lengths):
+        assert count == n and finish == "length" and use["completion_tokens"] == n
+    assert wait_until(lambda: metric(tiny_server, "splitlab_kv_slots_in_use") == 0)
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b'{"prompt": [5, 6], "max_tokens": ', 400, "invalid_json"),
+    (b"[1, 2]", 400, "invalid_value"),
+    ({"prompt": [5] * 300, "max_tokens": 4}, 400, "context_length_exceeded"),
+    ({"prompt": [5] * 200, "max_tokens": 100}, 400, "context_length_exceeded"),
+    ({"prompt": [5, 6], "max_tokens": 0}, 400, "invalid_value"),
+    ({"prompt": [5, 6], "max_tokens": 4, "model": "gpt-4"}, 404, "model_not_found"),
+    ({"prompt": [5, 6000], "max_tokens": 4}, 400, "invalid_value"),
+    ({"prompt": ["a", "b"], "max_tokens": 4}, 400, "unsupported_parameter"),
+    ({"prompt": [], "max_tokens": 4}, 400, "invalid_value"),
+    ({"prompt": [5], "max_tokens": 4, "n": 2}, 400, "unsupported_parameter"),
+    ({"prompt": [5], "max_tokens": 4, "temperature": "hot"}, 400, "invalid_value"),
+    ({"prompt": [5], "max_tokens": 4, "min_tokens": 9}, 400, "invalid_value"),
+    ({"max_tokens": 4}, 400, "invalid_value"),
+    ({"prompt": "x" * 70000}, 413, "request_too_large"),
+])
+def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(tiny_server, body, status, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(tiny_server.url + "/completions", content=content, timeout=60.0, trust_env=False,
+                   headers={"content-type": "application/json"})
+    assert_error(r, status, code)
+    good = post(tiny_server, "/completions", {"prompt": [5, 6], "max_tokens": 2, "ignore_eos": True})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
+
+
+def test_other_routes_and_errors(tiny_server):
+    base = tiny_server.url.removesuffix("/v1")
+    health = httpx.get(base + "/health", timeout=30.0, trust_env=False)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    models = httpx.get(tiny_server.url + "/models", timeout=30.0, trust_env=False).json()
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
+    assert_error(post(tiny_server, "/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), 400,
+                 "unsupported_model")  # the byte tokenizer has no chat template
+    assert_error(post(tiny_server, "/chat/completions", {"messages": []}), 400, "invalid_value")
+    assert_error(httpx.get(tiny_server.url + "/completions", timeout=30.0, trust_env=False), 405)
+    assert_error(httpx.get(base + "/nowhere", timeout=30.0, trust_env=False), 404)
+    text = httpx.get(base + "/metrics", timeout=30.0, trust_env=False).text
+    for name in ("splitlab_time_to_first_token_seconds_bucket", "splitlab_inter_token_latency_seconds_count",
+                 "splitlab_e2e_request_latency_seconds_sum", "splitlab_num_requests_waiting",
+                 "splitlab_kv_slots_total 8.0"):
+        assert name in text
+
+
+def _open_stream(server, n: int, out: list) -> None:
+    body = {"prompt": [7, 8, 9], "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", server.url + "/completions", json=body, timeout=60.0, trust_env=False) as r:
+            out.append(sse_events(r))
+    except httpx.HTTPError as exc:  # a connection the server closed is an end too
+        out.append(exc)
+
+
+def test_sigterm_with_requests_in_flight_leaves_nothing_behind(smol_server):
+    """SmolLM2 (tens of milliseconds a token): the 400-token requests are surely in flight."""
+    server = smol_server
+    results: list = []
+    threads = [threading.Thread(target=_open_stream, args=(server, 400, results)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: metric(server, "splitlab_num_requests_running") == 3, 60.0)
+    children = descendants(server.pid)
+    port = server.port
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM, timeout_s=60.0) == 0, server.output()
+    assert time.monotonic() - started < 30.0
+    for t in threads:
+        t.join(30.0)
+        assert not t.is_alive()
+    assert len(results) == 3
+    for events in results:  # each stream ended: aborted, then [DONE]
+        assert isinstance(events, list) and events[-1] == "[DONE]", events
+        assert events[-2]["choices"][0]["finish_reason"] == "abort"
+    assert "splitlab serve: stopped" in server.output()
+    assert port_is_free(port)
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def test_drain_finishes_requests_in_flight_then_exits():
+    server = ServerProcess.splitlab(TINY_ARGS + ["--drain", "--drain-timeout", "60"])
+    try:
+        results: list = []
+        thread = threading.Thread(target=_open_stream, args=(server, 250, results))
+        thread.start()
+        assert wait_until(lambda: metric(server, "splitlab_num_requests_running") == 1, 30.0)
+        assert server.stop(signal.SIGINT, timeout_s=60.0) == 0, server.output()  # sent while it runs
+        thread.join(30.0)
+        events = results[0]
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        assert len(events) == 251  # every token came
+    finally:
+        server.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ---- in-process: the API key, the non-loopback warning ----------------------------------------------
+
+def test_api_key_is_required_when_set(tiny):
+    from splitlab.config import EngineConfig
+    from splitlab.engine.online import OnlineEngine
+    from splitlab.serve.app import ServerSettings, create_app
+
+    with OnlineEngine(tiny, "serial", EngineConfig(max_seq_len=128, num_slots=2, max_batch=2)) as engine:
+        app = create_app(engine, tiny.tokenizer, ServerSettings("tiny", api_key="s3cret"))
+
+        async def main():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                body = {"prompt": [5, 6], "max_tokens": 2, "ignore_eos": True}
+                missing = await client.post("/v1/completions", json=body)
+                wrong = await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+                right = await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+                health = await client.get("/health")
+                return missing, wrong, right, health
+
+        missing, wrong, right, health = asyncio.run(main())
+    assert_error(missing, 401, "invalid_api_key")
+    assert_error(wrong, 401, "invalid_api_key")
+    assert right.status_code == 200 and right.json()["usage"]["completion_tokens"] == 2
+    assert health.status_code == 200  # health and metrics need no key
+
+
+def test_a_taken_port_fails_at_once_and_other_hosts_are_warned_about(capsys):
+    from splitlab.cli import main
+    from splitlab.serve.server import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        assert main(["serve", "--model", "tiny", "--host", "0.0.0.0", "--port", str(port)]) == 2
+        assert time.monotonic() - started < 10.0  # before any model loads
+    err = capsys.readouterr().err
+    assert "warning: listening on 0.0.0.0" in err and "without an API key" in err
+    assert f"cannot listen on 0.0.0.0:{port}" in err
