@@ -219,6 +219,9 @@ class EngineConfig(FrozenConfig):
     ``num_pages``: pages of a paged pool; None sizes it as ``num_slots`` None does (from the
     budget, the free GPU memory, or on CPU the memory of ``min(max_batch, 8)`` full slots),
     capped at ``max_batch`` full-length sequences' pages.
+    ``kv_prefix_cache``: a paged pool keeps the full blocks of every fill by content, and a
+    new request whose prompt starts with cached blocks shares their pages instead of
+    computing them (``splitlab.engine.kv.PageAllocator``; its hit rate is a scheduler counter).
     """
 
     max_seq_len: int = 2048
@@ -237,6 +240,7 @@ class EngineConfig(FrozenConfig):
     decode_combine: str = "atomic"
     kv_block_size: int | None = None
     num_pages: int | None = None
+    kv_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False) -> None:
@@ -282,11 +286,14 @@ class EngineConfig(FrozenConfig):
     def _check_paging(self, positive_int) -> None:
         positive_int("kv_block_size", allow_none=True)
         positive_int("num_pages", allow_none=True)
+        if not isinstance(self.kv_prefix_cache, bool):
+            raise ConfigError(f"EngineConfig.kv_prefix_cache must be True or False, got {self.kv_prefix_cache!r}")
         block = self.kv_block_size
         if block is None:
-            if self.num_pages is not None:
-                raise ConfigError("EngineConfig.num_pages sizes a paged KV pool: give kv_block_size too "
-                                  "(e.g. 16), or num_slots for the slot pool")
+            for name in ("num_pages", "kv_prefix_cache"):
+                if getattr(self, name):
+                    raise ConfigError(f"EngineConfig.{name} applies to a paged KV pool: give kv_block_size too "
+                                      "(e.g. 16), or leave it out for the slot pool")
             return
         if block & (block - 1) or block > MAX_KV_BLOCK_SIZE:
             raise ConfigError(f"EngineConfig.kv_block_size must be a power of two up to {MAX_KV_BLOCK_SIZE} "

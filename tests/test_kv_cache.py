@@ -165,6 +165,8 @@ def test_paged_for_model_page_count_rules(tiny):
 def test_build_kv_follows_the_config(tiny):
     kv, alloc = build_kv(tiny, EngineConfig(max_batch=2, chunk_size=8, kv_block_size=16, num_pages=9), 64)
     assert kv.paged and kv.num_pages == 9 and isinstance(alloc, PageAllocator) and alloc.capacity == 9
+    _, alloc = build_kv(tiny, EngineConfig(max_batch=2, chunk_size=8, kv_block_size=16, kv_prefix_cache=True), 64)
+    assert alloc.prefix_cache and not PageAllocator(2, 16).prefix_cache
     kv, alloc = build_kv(tiny, EngineConfig(max_batch=2, chunk_size=8, num_slots=2), 64)
     assert not kv.paged and kv.num_slots == 2 and isinstance(alloc, SlotAllocator) and alloc.capacity == 2
 
@@ -181,6 +183,10 @@ def test_engine_config_paging_fields():
         EngineConfig(kv_block_size=16, num_slots=4)
     with pytest.raises(ConfigError):
         EngineConfig(kv_block_size=16, num_pages=0)
+    with pytest.raises(ConfigError, match="kv_block_size"):
+        EngineConfig(kv_prefix_cache=True)
+    with pytest.raises(ConfigError, match="True or False"):
+        EngineConfig(kv_block_size=16, kv_prefix_cache=1)
     cfg = EngineConfig(kv_block_size=16, num_pages=100)
     assert EngineConfig.from_dict(cfg.to_dict()) == cfg
 

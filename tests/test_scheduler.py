@@ -46,6 +46,7 @@ class FakeRunner:
     def __init__(self, num_rows: int, row_len: int, paged: bool = False):
         self.num_rows, self.row_len, self.paged = num_rows, row_len, paged
         self.kv: dict[int, int] = {}
+        self.written: set[int] = set()  # rows written since the caller last cleared it
 
     def _row(self, slot, blocks, pos: int) -> int:
         if self.paged:
@@ -58,7 +59,9 @@ class FakeRunner:
 
     def _forward(self, slot, blocks, start: int, ids) -> int:
         for i, t in enumerate(ids):
-            self.kv[self._row(slot, blocks, start + i)] = t
+            row = self._row(slot, blocks, start + i)
+            self.kv[row] = t
+            self.written.add(row)
         return next_token([self.kv[self._row(slot, blocks, p)] for p in range(start + len(ids))])
 
     def prefill(self, chunks):
@@ -66,8 +69,8 @@ class FakeRunner:
 
     def decode_step(self, slots, tokens, positions, blocks=None):
         if self.paged:
-            owned = [p for table, pos in zip(blocks, positions) for p in table[: pos // self.row_len + 1]]
-            assert len(set(owned)) == len(owned), "two rows of one step share a page"
+            writes = [table[pos // self.row_len] for table, pos in zip(blocks, positions)]
+            assert len(set(writes)) == len(writes), "two rows of one step write one page"
         else:
             assert len(set(slots)) == len(slots), "two rows of one step share a slot"
         tables = blocks if blocks is not None else [None] * len(slots)
@@ -90,10 +93,10 @@ def random_requests(n: int, seed: int, max_prompt: int = 40, max_new: int = 9) -
 
 
 def simulate(policy: str, requests: list[Request], num_slots: int, max_batch: int, token_budget: int = 64,
-             chunk_size: int = 16, block_size: int | None = None):
+             chunk_size: int = 16, block_size: int | None = None, prefix_cache: bool = False):
     """Step a Worker on the fake runner; arrivals in step units ('arrival_s' = step index).
     ``block_size``: a paged pool of ``num_slots`` pages of that many positions."""
-    alloc = SlotAllocator(num_slots) if block_size is None else PageAllocator(num_slots, block_size)
+    alloc = SlotAllocator(num_slots) if block_size is None else PageAllocator(num_slots, block_size, prefix_cache)
     sched = Scheduler(policy, alloc, max_batch, token_budget, chunk_size)
     clock_now = [0.0]
     runner = FakeRunner(num_slots, block_size or 64, paged=block_size is not None)
@@ -112,12 +115,16 @@ def simulate(policy: str, requests: list[Request], num_slots: int, max_batch: in
             continue
         live = sched.running + sched.prefilling
         held = [s.slot for s in live] if block_size is None else [p for s in live for p in s.blocks]
-        assert len(held) == len(set(held)), "two live sequences share a KV slot or page"
-        assert len(live) <= max_batch and alloc.num_used == len(held)
+        shared = {p for p in held if held.count(p) > 1}
+        assert not shared or prefix_cache, "two live sequences share a KV slot or page"
+        assert len(live) <= max_batch and alloc.num_used == len(set(held))
         assert all(not s.blocks and s.slot is None for s in sched.waiting)  # waiting holds no KV
         active_slots_seen.append(len(live))
+        runner.written.clear()
         outcome = worker.step()
         assert outcome is not None
+        # a page two sequences share is a cached full block: read, never written
+        assert not {r // runner.row_len for r in runner.written} & shared
         done += len(outcome.finished)
     assert done == len(requests) and not pending
     assert alloc.num_free == num_slots  # every slot or page came back
@@ -387,3 +394,69 @@ def test_drop_frees_what_a_sequence_holds():
     s2.schedule()
     s2.drop(other)
     assert slots.num_free == 1 and other.slot is None
+
+
+# ---- shared prefixes ------------------------------------------------------------------------------
+
+def prefixed_requests(n: int, seed: int, prefix_len: int = 13) -> list[Request]:
+    """Requests whose prompts share their first ``prefix_len`` tokens (a system prompt), and a
+    few that repeat another's prompt whole."""
+    rng = random.Random(seed)
+    system = tuple(rng.randrange(1, 500) for _ in range(prefix_len))
+    out = []
+    for i in range(n):
+        if i % 5 == 4:
+            prompt = out[i - 2].prompt_ids  # the same prompt again
+        else:
+            prompt = system + tuple(rng.randrange(1, 500) for _ in range(rng.randrange(1, 20)))
+        out.append(Request(i, prompt, rng.randrange(1, 9), arrival_s=float(rng.randrange(0, 20))))
+    return out
+
+
+@pytest.mark.parametrize("policy", ["serial", "chunked"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prefix_cache_shares_full_blocks_and_keeps_every_output(policy, seed):
+    """Prompts with a common 13-token prefix over pages of 4: the first three blocks are
+    computed once and shared; outputs are unchanged, fewer rows run, a shared page is never
+    written, and every page comes back (cached blocks nobody holds count as free)."""
+    requests = prefixed_requests(20, seed)
+    seqs, steps, _, sched = simulate(policy, requests, num_slots=48, max_batch=4, token_budget=50, chunk_size=9,
+                                     block_size=4, prefix_cache=True)
+    for r in requests:
+        assert seqs[r.id].trace.output_ids == expected_output(r), f"request {r.id}"
+        assert seqs[r.id].trace.prefill_start_s >= r.arrival_s
+    stats = sched.counters()
+    assert stats["prefix_blocks_hit"] > 0 and 0 < stats["prefix_hit_rate"] <= 1
+    _, plain_steps, _, plain = simulate(policy, requests, num_slots=48, max_batch=4, token_budget=50, chunk_size=9,
+                                        block_size=4)
+    assert sched.preemptions == plain.preemptions == 0  # so the rows differ by the cached ones only
+    saved = sum(s.num_tokens for s in plain_steps) - sum(s.num_tokens for s in steps)
+    assert saved == 4 * stats["prefix_blocks_hit"]  # each hit skips one block's rows
+
+
+def test_prefix_cache_allocator_refcounts_lru_and_content_check():
+    alloc = PageAllocator(4, 2, prefix_cache=True)
+    fill = (1, 2, 3, 4, 5)
+    hashes = alloc.block_hashes(fill)
+    assert len(hashes) == 2 and hashes != alloc.block_hashes((9, 9, 3, 4))[:2]  # chained on the earlier blocks
+    pages, hits = alloc.take(fill, 2, 3)
+    assert (pages, hits) == ([0, 1, 2], 0) and alloc.prefix_stats["prefix_blocks_queried"] == 2
+    alloc.register(pages[0], hashes[0], fill[:2])
+    alloc.register(pages[1], hashes[1], fill[2:4])
+    again, hits = alloc.take(fill, 2, 3)  # the same prompt: its two full blocks shared, one fresh page
+    assert (again, hits) == ([0, 1, 3], 2) and alloc.num_free == 0 and alloc.num_used == 4
+    assert alloc.prefix_stats == {"prefix_blocks_queried": 4, "prefix_blocks_hit": 2, "prefix_hit_rate": 0.5}
+    assert alloc.take((1, 2, 7, 7, 7), 2, 3) is None  # one block shared, two fresh needed, none free
+    alloc.free(pages)
+    alloc.free(again)
+    assert alloc.num_free == 4 and alloc.num_used == 0  # cached blocks nobody holds are free...
+    third, hits = alloc.take((1, 2, 7, 7, 7), 2, 3)  # ...and still found: block 0 hit, block 1 differs
+    assert hits == 1 and third[0] == 0 and 1 not in third[1:]  # never-cached pages before cached ones
+    assert alloc.alloc(1) == [1]  # the last page: the least recently freed cached block, now uncached
+    alloc.free(third + [1])
+    assert alloc.take(fill, 2, 3)[1] == 1  # block 1's page was reused: only block 0 still cached
+    with pytest.raises(ValueError, match="not allocated"):
+        alloc.register(3, 123, (0, 0))
+    plain = PageAllocator(4, 2)
+    plain.register(0, 1, (1, 2))  # no cache: nothing kept
+    assert plain.take(fill, 2, 3) == ([0, 1, 2], 0) and plain.prefix_stats["prefix_hit_rate"] is None

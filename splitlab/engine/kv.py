@@ -22,6 +22,7 @@ Which slot or page belongs to which request is the scheduler's business (``SlotA
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 from typing import Any, Iterable
@@ -392,9 +393,9 @@ class PagedKVPool:
         """Pages that hold ``positions`` positions."""
         return -(-int(positions) // self.block_size)
 
-    def new_allocator(self) -> "PageAllocator":
-        """A fresh allocator of this pool's pages."""
-        return PageAllocator(self.num_pages, self.block_size)
+    def new_allocator(self, prefix_cache: bool = False) -> "PageAllocator":
+        """A fresh allocator of this pool's pages (``prefix_cache``: see ``PageAllocator``)."""
+        return PageAllocator(self.num_pages, self.block_size, prefix_cache)
 
     # ---- views ----------------------------------------------------------------------------
     def layer_flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,17 +440,32 @@ class PageAllocator:
 
     ``alloc(n)`` gives ``n`` pages or none (None when fewer are free: not an error, the caller
     waits or preempts). ``free`` takes one page id or an iterable of them; freeing a page that
-    is not allocated (twice, or never) is a bug and raises, so no page is ever owned twice.
+    is not held (twice, or never) is a bug and raises. A page is held by one sequence, except
+    a cached prefix block, which its sharers hold together (a reference count).
+
+    ``prefix_cache``: full blocks of a sequence's fill are kept by content: ``register`` names
+    a written page by its block hash (``block_hashes``: each full block's hash chained on the
+    blocks before it), ``take`` gives a new sequence the cached pages of its longest cached
+    prefix (shared, read-only: they are full, so nobody writes them again) and fresh pages for
+    the rest. A cached page nobody holds counts as free and is reused (least recently freed
+    first) only when no never-cached page is left. ``prefix_stats`` counts the blocks looked
+    up and found.
     """
 
-    def __init__(self, num_pages: int, block_size: int):
+    def __init__(self, num_pages: int, block_size: int, prefix_cache: bool = False):
         for name, value in (("num_pages", num_pages), ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"PageAllocator needs a positive {name}, got {value!r}")
         self.num_pages = num_pages
         self.block_size = block_size
+        self.prefix_cache = bool(prefix_cache)
         self._free = list(range(num_pages))  # a heap: the lowest free page first
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}  # held pages -> holders
+        self._block_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # cached page -> (hash, tokens)
+        self._page_of: dict[int, int] = {}  # block hash -> cached page
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unheld: LRU first
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     def pages_for(self, positions: int) -> int:
         """Pages that hold ``positions`` positions."""
@@ -458,32 +474,97 @@ class PageAllocator:
     def alloc(self, n: int = 1) -> list[int] | None:
         if n < 0:
             raise ValueError(f"cannot allocate {n} pages")
-        if n > len(self._free):
+        if n > self.num_free:
             return None
-        pages = [heapq.heappop(self._free) for _ in range(n)]
-        self._used.update(pages)
+        pages = []
+        for _ in range(n):
+            if self._free:
+                page = heapq.heappop(self._free)
+            else:  # reuse the least recently freed cached block: it is no longer cached
+                page, _ = self._idle.popitem(last=False)
+                self._page_of.pop(self._block_of.pop(page)[0], None)
+            self._refs[page] = 1
+            pages.append(page)
         return pages
 
     def free(self, pages: int | Iterable[int]) -> None:
         pages = [pages] if isinstance(pages, int) else [int(p) for p in pages]
-        bad = [p for p in pages if p not in self._used]
+        bad = [p for p in pages if p not in self._refs]
         if bad or len(set(pages)) != len(pages):
             raise ValueError(f"pages {bad or pages} are not allocated (double free or foreign pages)")
         for p in pages:
-            self._used.remove(p)
-            heapq.heappush(self._free, p)
+            self._refs[p] -= 1
+            if self._refs[p]:
+                continue
+            del self._refs[p]
+            if p in self._block_of:
+                self._idle[p] = None
+            else:
+                heapq.heappush(self._free, p)
 
+    # ---- the prefix cache --------------------------------------------------------------------
+    def block_hashes(self, token_ids: tuple[int, ...]) -> list[int]:
+        """The chained hash of each full block of ``token_ids``."""
+        out, h, b = [], 0, self.block_size
+        for i in range(len(token_ids) // b):
+            h = hash((h, tuple(token_ids[i * b:(i + 1) * b])))
+            out.append(h)
+        return out
+
+    def take(self, token_ids: tuple[int, ...], cacheable: int, total: int, headroom: int = 0
+             ) -> tuple[list[int], int] | None:
+        """``total`` pages for a sequence whose fill is ``token_ids``: the cached pages of its
+        longest cached prefix among the first ``cacheable`` full blocks, then fresh ones; None
+        unless ``headroom`` more stay free. Returns ``(pages, cached blocks)``."""
+        hits: list[int] = []
+        if self.prefix_cache and cacheable > 0:
+            b = self.block_size
+            for i, h in enumerate(self.block_hashes(token_ids[: cacheable * b])):
+                page = self._page_of.get(h)
+                if page is None or self._block_of[page][1] != tuple(token_ids[i * b:(i + 1) * b]):
+                    break
+                hits.append(page)
+        fresh = max(0, total - len(hits))
+        idle_hits = sum(p in self._idle for p in hits)  # taking them leaves fewer pages free
+        if self.num_free - idle_hits < fresh + headroom:
+            return None
+        for p in hits:
+            if p in self._idle:
+                del self._idle[p]
+            self._refs[p] = self._refs.get(p, 0) + 1
+        self.prefix_queries += cacheable if self.prefix_cache else 0
+        self.prefix_hits += len(hits)
+        return hits + self.alloc(fresh), len(hits)
+
+    def register(self, page: int, block_hash: int, tokens: tuple[int, ...]) -> None:
+        """Page ``page`` (held) now holds the full block ``tokens`` of hash ``block_hash``; a
+        block cached already keeps its first page."""
+        if not self.prefix_cache or block_hash in self._page_of or page in self._block_of:
+            return
+        if page not in self._refs:
+            raise ValueError(f"page {page} is not allocated; only a held page can be cached")
+        self._page_of[block_hash] = page
+        self._block_of[page] = (block_hash, tuple(tokens))
+
+    @property
+    def prefix_stats(self) -> dict[str, Any]:
+        q = self.prefix_queries
+        return {"prefix_blocks_queried": q, "prefix_blocks_hit": self.prefix_hits,
+                "prefix_hit_rate": self.prefix_hits / q if q else None}
+
+    # ---- counts ------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
         return self.num_pages
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages an ``alloc`` can hand out: never-cached ones and cached blocks nobody holds."""
+        return len(self._free) + len(self._idle)
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        return len(self._refs)
 
     def __repr__(self) -> str:
         return f"PageAllocator({self.num_used}/{self.num_pages} pages of {self.block_size} used)"
@@ -500,6 +581,7 @@ def build_kv(model: Any, config: Any, max_seq_len: int) -> tuple[KVPool | PagedK
         kv = PagedKVPool.for_model(model, max_seq_len, config.kv_block_size, num_pages=config.num_pages,
                                    memory_budget_bytes=config.kv_budget_bytes,
                                    memory_fraction=config.kv_memory_fraction, max_batch=config.max_batch)
+        return kv, kv.new_allocator(prefix_cache=config.kv_prefix_cache)
     return kv, kv.new_allocator()
 
 

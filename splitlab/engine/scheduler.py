@@ -40,6 +40,12 @@ by free pages, under one of two reservation policies (``reserve``):
 
 A sequence's KV is freed when it finishes: its slot, or each of its pages (one id per
 ``allocator.free`` call, so a proxy that forwards ids to another process serves both pools).
+
+Shared prefixes (a ``PageAllocator`` with ``prefix_cache``): at admission the fill's full
+blocks, up to the one before its last position, are looked up by content; the cached ones
+are shared (read-only: full, nobody writes them again) and the fill's prefill starts after
+them, at ``num_computed``. Each full block of a fill is registered once it is written.
+``counters`` then carries the blocks looked up, found, and the hit rate.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class SeqState:
     blocks: list[int] = dataclasses.field(default_factory=list)
     recompute: int = 0
     admitted: int = -1  # admission order (the newest is preempted first)
+    block_hashes: list[int] = dataclasses.field(default_factory=list)  # its fill's full blocks (prefix cache)
 
     @classmethod
     def new(cls, request: Request, worker: str = "") -> "SeqState":
@@ -199,6 +206,7 @@ class Scheduler:
         if reserve not in RESERVE_POLICIES:
             raise ConfigError(f"unknown page reservation {reserve!r}; accepted: {', '.join(RESERVE_POLICIES)}")
         self.block_size: int | None = getattr(allocator, "block_size", None)
+        self.prefix_cache = bool(getattr(allocator, "prefix_cache", False))
         if split and self.block_size is not None and reserve != "full":
             raise ConfigError(f"a {policy} worker of a split engine needs reserve='full': the decode worker "
                               "never allocates, so every page a sequence will write is reserved at admission")
@@ -219,9 +227,13 @@ class Scheduler:
     def paged(self) -> bool:
         return self.block_size is not None
 
-    def counters(self) -> dict[str, int]:
-        """What a run reports of the scheduler: preemptions and the KV positions they discarded."""
-        return {"preemptions": self.preemptions, "recomputed_tokens": self.recomputed_tokens}
+    def counters(self) -> dict[str, Any]:
+        """What a run reports of the scheduler: preemptions and the KV positions they discarded
+        (and, with a prefix cache, its blocks looked up, found and the hit rate)."""
+        out: dict[str, Any] = {"preemptions": self.preemptions, "recomputed_tokens": self.recomputed_tokens}
+        if self.prefix_cache:
+            out.update(self.allocator.prefix_stats)
+        return out
 
     # ---- input ------------------------------------------------------------------------------
     def add(self, seq: SeqState) -> None:
@@ -283,18 +295,19 @@ class Scheduler:
         if not self.waiting or self.num_active >= self.max_batch:
             return None
         seq = self.waiting[0]
+        cached = 0
         if self.paged:
-            pages = self._pages_to_admit(seq)
-            if pages is None:
+            got = self._pages_to_admit(seq)
+            if got is None:
                 return None
-            seq.blocks = pages
+            seq.blocks, cached = got
         else:
             slot = self.allocator.alloc()
             if slot is None:
                 return None
             seq.slot = slot
         self.waiting.popleft()
-        seq.num_computed = 0
+        seq.num_computed = cached
         seq.admitted = self._admissions
         self._admissions += 1
         self.prefilling.append(seq)
@@ -303,15 +316,22 @@ class Scheduler:
     def _pages(self, positions: int) -> int:
         return -(-max(1, positions) // self.block_size)
 
-    def _pages_to_admit(self, seq: SeqState) -> list[int] | None:
-        """The pages ``seq`` is admitted with under the reservation policy, or None (not now)."""
+    def _pages_to_admit(self, seq: SeqState) -> tuple[list[int], int] | None:
+        """The pages ``seq`` is admitted with under the reservation policy and the fill
+        positions already in them (a cached prefix), or None (not now)."""
         if self.reserve == "full":
             need, headroom = self._pages(seq.prompt_len + seq.request.max_new_tokens - 1), 0
         else:
             need, headroom = self._pages(seq.fill_len), 1
+        if self.prefix_cache:
+            fill = seq.fill_ids(0, seq.fill_len)
+            seq.block_hashes = self.allocator.block_hashes(fill)
+            # never the block of the fill's last position: its logits must be computed
+            got = self.allocator.take(fill, (seq.fill_len - 1) // self.block_size, need, headroom)
+            return None if got is None else (got[0], got[1] * self.block_size)
         if self.allocator.num_free < need + headroom:
             return None
-        return self.allocator.alloc(need)
+        return self.allocator.alloc(need), 0
 
     def _make_room(self) -> None:
         """``grow``: every running sequence gets the page its next position needs, oldest first;
@@ -341,6 +361,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    def _register_blocks(self, seq: SeqState, chunk: ChunkPlan) -> None:
+        """Cache the full blocks of ``seq``'s fill that ``chunk`` finished writing."""
+        b = self.block_size
+        for i in range(chunk.start // b, min(seq.num_computed // b, len(seq.block_hashes))):
+            self.allocator.register(seq.blocks[i], seq.block_hashes[i], seq.fill_ids(i * b, b))
+
     def _release(self, seq: SeqState) -> None:
         """Free whatever KV ``seq`` holds: its pages (one id per call) or its slot."""
         for page in seq.blocks:
@@ -360,8 +386,8 @@ class Scheduler:
             seq = self._admit()
             if seq is None:
                 break
-            chunks.append(ChunkPlan(seq, 0, need))
-            budget -= need
+            chunks.append(ChunkPlan(seq, seq.num_computed, seq.fill_len - seq.num_computed))
+            budget -= chunks[-1].length
         return chunks
 
     def _schedule_chunked(self) -> ScheduledBatch | None:
@@ -379,8 +405,8 @@ class Scheduler:
             seq = self._admit()
             if seq is None:
                 break
-            n = min(seq.fill_len, budget)
-            chunks.append(ChunkPlan(seq, 0, n))
+            n = min(seq.fill_len - seq.num_computed, budget)
+            chunks.append(ChunkPlan(seq, seq.num_computed, n))
             budget -= n
         if not decode and not chunks:
             return None
@@ -405,9 +431,11 @@ class Scheduler:
                 finished.append(seq)
         for chunk, tok in zip(batch.chunks, chunk_tokens):
             seq = chunk.seq
-            if chunk.start == 0 and seq.trace.prefill_start_s is None:
+            if seq.trace.prefill_start_s is None:  # a recompute keeps its first; a cached prefix starts later
                 seq.trace.prefill_start_s = start_s
             seq.num_computed = chunk.start + chunk.length
+            if self.prefix_cache:
+                self._register_blocks(seq, chunk)
             if chunk.last:
                 if tok is None:
                     raise RuntimeError(f"request {seq.id}: the prompt's last chunk returned no token")

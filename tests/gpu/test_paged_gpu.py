@@ -111,3 +111,18 @@ def test_paged_pool_sizing_on_the_gpu(fp32_model):
     assert capped.num_pages == 2 * 16
     del kv, capped
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("mode", ["serial", "chunked"])
+def test_prefix_cache_on_the_gpu_is_exact(fp32_model, mode):
+    """Prompts behind one 100-token system prompt share its pages (the prefill after the cached
+    prefix is a later chunk reading them in place); every output is HF's."""
+    gen = random.Random(9)
+    vocab = fp32_model.facts.vocab_size
+    system = rand_ids(gen, vocab, 100)
+    wl = Workload("paged-prefix", tuple(Request(i, tuple(system + rand_ids(gen, vocab, n)), 12, 0.05 * i)
+                                        for i, n in enumerate([7, 30, 1, 64, 16, 45])))
+    expected = {r.id: hf_greedy(fp32_model, r.prompt_ids, r.max_new_tokens) for r in wl}
+    config = EngineConfig(**BASE, kv_block_size=16, num_pages=64, kv_prefix_cache=True)
+    run = splitlab.run(wl, fp32_model, mode=mode, config=config, progress=False)
+    assert_exact(run, expected)
