@@ -130,7 +130,8 @@ def test_paged_layer_flat_rows_and_sequence_gather_through_the_block_table():
         v_flat[table[pos // 4] * 4 + pos % 4] = -float(pos + 1)
     k, v = kv.sequence(1, torch.tensor(table), 10)
     assert k.shape == (10, 2, 3)
-    assert [int(x) for x in k[:, 0, 0]] == list(range(1, 11)) and [int(x) for x in v[:, 1, 2]] == list(range(-1, -11, -1))
+    assert [int(x) for x in k[:, 0, 0]] == list(range(1, 11))
+    assert [int(x) for x in v[:, 1, 2]] == list(range(-1, -11, -1))
     assert torch.count_nonzero(kv.k[0]) == 0  # the other layer untouched
     assert torch.all(kv.k[1, 5, 2] == 3.0) and torch.all(kv.k[1, 3, 1] == 10.0)
     slot_pool = KVPool.allocate(1, 2, 5, 1, 2, torch.float32, "cpu")
