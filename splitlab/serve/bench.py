@@ -122,8 +122,12 @@ async def served_model(client) -> str | None:
 
     try:
         resp = await client.get("models")
+    except httpx.HTTPError as exc:
+        raise SplitlabError(f"cannot reach {client.base_url}models: {type(exc).__name__}: {exc}; is the server "
+                            "running, and is --endpoint its /v1 URL?") from None
+    try:
         data = resp.json().get("data") if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, AttributeError):
+    except (ValueError, AttributeError):
         return None
     return str(data[0]["id"]) if data and isinstance(data[0], dict) and "id" in data[0] else None
 

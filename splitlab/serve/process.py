@@ -1,9 +1,9 @@
 """A server in a subprocess, started and stopped cleanly (tests, notebooks, benchmarks).
 
 ``ServerProcess.splitlab(args)`` runs ``python -m splitlab.serve --port 0 ARGS`` and waits for
-its ``listening on http://HOST:PORT/v1`` line; ``ServerProcess.start(argv, url)`` runs any
-command (``transformers serve ...``) and waits until ``url`` answers 200. Its output is read
-by a thread (the pipe never fills) and kept in ``lines`` (the last 400) for error messages.
+its ``listening on http://HOST:PORT/v1`` line; ``ServerProcess.start(argv, url, ready_url)``
+runs any command (``transformers serve ...``) and waits until ``ready_url`` answers 200. Its
+output is read by a thread (the pipe never fills) and kept in ``lines`` (the last 400).
 ``stop()`` sends SIGTERM, waits, and kills what did not exit; a ``with`` block stops it too.
 """
 
@@ -88,13 +88,13 @@ class ServerProcess:
         return server
 
     @classmethod
-    def start(cls, argv: list[str], url: str, health: str = "/health", timeout_s: float = 300.0,
+    def start(cls, argv: list[str], url: str, ready_url: str, timeout_s: float = 300.0,
               env: dict[str, str] | None = None) -> "ServerProcess":
-        """Any server command, once ``url + health`` answers 200."""
+        """Any server command (``url``: its OpenAI base URL), once ``ready_url`` answers 200."""
         server = cls(argv, env=env)
         server.url = url
         try:
-            server.wait_http(url.rstrip("/") + health, timeout_s)
+            server.wait_http(ready_url, timeout_s)
         except BaseException:
             server.stop()
             raise
