@@ -276,6 +276,9 @@ def test_eos_is_masked_like_hf_min_new_tokens():
 RUNNER_FIELDS = ("max_seq_len", "num_slots", "max_batch", "sdpa_backend", "decode_variant", "warmup")
 STEP_FIELDS = ("token_budget", "chunk_size")  # scheduler budgets: bounds on every step's tokens
 SIZING_FIELDS = ("kv_budget_bytes",)  # the KV pool's slot count when num_slots is None
+# a paged KV pool: serial and chunked only (tests/test_paged.py checks them there); split and
+# replicas refuse it until their workers take pages
+PAGED_FIELDS = ("kv_block_size", "num_pages", "kv_prefix_cache")
 GPU_ONLY = {
     "cuda_graphs": "a CPU runner never has graphs (True is refused there, None means False)",
     "kernels": "'auto' is 'torch' on CPU; the Triton kernels run there only in Triton's interpreter",
@@ -305,7 +308,7 @@ def worker_facts_of(run) -> dict:
 
 
 def test_every_engine_config_field_is_checked_or_gpu_only():
-    classified = set(RUNNER_FIELDS) | set(STEP_FIELDS) | set(SIZING_FIELDS) | set(GPU_ONLY)
+    classified = set(RUNNER_FIELDS) | set(STEP_FIELDS) | set(SIZING_FIELDS) | set(GPU_ONLY) | set(PAGED_FIELDS)
     fields = {f.name for f in dataclasses.fields(EngineConfig)}
     assert fields - classified == set(), ("a new EngineConfig field: check that it reaches every mode's workers "
                                           "below, or list it in GPU_ONLY with the reason")

@@ -20,7 +20,7 @@ from _traces import assert_traces_complete
 
 import splitlab
 from splitlab.config import EngineConfig
-from splitlab.errors import WorkloadError
+from splitlab.errors import ConfigError, WorkloadError
 from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker, Worker, build_engine, drive
 from splitlab.engine.scheduler import Scheduler, SeqState
 from splitlab.engine.warmup import warm_up
@@ -165,3 +165,10 @@ def test_prefix_cache_shares_a_system_prompt_and_stays_exact(tiny, mode):
     assert sum(s.num_tokens for s in steps) < sum(r.prompt_len + r.max_new_tokens - 1 for r in wl)  # work saved
     run = splitlab.run(wl, tiny, mode=mode, config=config, progress=False)
     assert run.output_ids() == expected
+
+
+@pytest.mark.parametrize("mode,kwargs", [("split", {"backend": "streams"}), ("replicas", {"num_replicas": 2})])
+def test_split_and_replicas_refuse_a_paged_pool_for_now(tiny, mode, kwargs):
+    config = EngineConfig(max_seq_len=64, max_batch=2, chunk_size=8, kv_block_size=16)
+    with pytest.raises(ConfigError, match="serial and chunked"):
+        splitlab.run(from_prompts([[5, 6, 7]], 2), tiny, mode=mode, config=config, progress=False, **kwargs)
