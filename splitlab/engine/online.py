@@ -427,6 +427,12 @@ class OnlineEngine:
             raise WorkloadError(f"the request needs {need} positions (prompt {request.prompt_len} + "
                                 f"{request.max_new_tokens} new) but the engine's context is {room}; "
                                 "shorten the prompt or ask for fewer tokens")
+        block = getattr(self.parts.allocator, "block_size", None)
+        if block is not None:  # a paged pool: the pages the scheduler will ask for (one of them headroom)
+            pages = -(-(need - 1) // block) + (self.scheduler.reserve == "grow")
+            if pages > self.parts.allocator.capacity:
+                raise WorkloadError(f"the request needs {pages} KV pages of {block} positions but the pool has "
+                                    f"{self.parts.allocator.capacity}; shorten the prompt or ask for fewer tokens")
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -537,8 +543,13 @@ class OnlineEngine:
         now = self.clock()
         while self._pending and (self._pending[0][0] <= now or self._pending[0][2].cancelled):
             _, _, seq = heapq.heappop(self._pending)
-            if not seq.cancelled:
+            if seq.cancelled:
+                continue
+            try:
                 self.scheduler.add(seq)
+            except SplitlabError as exc:  # a request the pool can never hold: it alone fails
+                self._active.pop(seq.id, None)
+                seq.handle._deliver(Delta((), (), "error", str(exc)))
         return max(0.0, self._pending[0][0] - now) if self._pending else None
 
     def _drop(self, seq: OnlineSeq, final: Delta) -> None:
