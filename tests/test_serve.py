@@ -230,6 +230,26 @@ def test_other_routes_and_errors(tiny_server):
         assert name in text
 
 
+def test_the_openai_client_reads_it(tiny_server):
+    """The official client: its models, completions (whole and streamed) and error classes."""
+    import openai
+
+    client = openai.OpenAI(base_url=tiny_server.url, api_key="unused", max_retries=0, timeout=60.0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    whole = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 4
+    chunks = list(client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 4
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=3)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=0)
+    assert bad.value.code == "invalid_value"
+
+
 def _open_stream(server, n: int, out: list) -> None:
     body = {"prompt": [7, 8, 9], "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
     try:

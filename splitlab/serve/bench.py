@@ -10,9 +10,10 @@ output length, and vLLM's ``ignore_eos`` / ``min_tokens`` so the lengths are for
 The wire dialect is found by one probe request before the clock starts (``--dialect auto``),
 in this order: prompts as token ids with the forcing fields; text (the ids decoded by the
 tokenizer) with them; ids without them; text without them; or given (``--dialect ids`` ...:
-no probe request, so the server's own metrics hold only the workload's requests). A server that refuses the forcing fields (HTTP
-4xx) may stop at EOS before the asked length: the run records that (``dialect``), and the
-prompt length the server reports (``usage.prompt_tokens``) against the intended one.
+no probe request, so the server's own metrics hold only the workload's requests). A server
+that refuses the forcing fields (HTTP 4xx) may stop at EOS before the asked length: the run
+records that (``lengths_forced``), and the prompt length the server reports
+(``usage.prompt_tokens``) against the intended one.
 
 Client-side metrics use the definitions of every ``Run``: TTFT from the request's arrival
 time (queueing in the client and the server included) to the first chunk that carries a
