@@ -1,7 +1,8 @@
 """``splitlab bench`` against two real servers on free loopback ports.
 
-- ``splitlab serve`` (the tiny model): the bench sends the workload's own token ids and forces
-  the lengths, so its saved ``Run`` holds exactly the tokens HF ``generate()`` gives; the
+- ``splitlab serve`` (the tiny model, the split engine): the bench sends the workload's own
+  token ids and forces the lengths, so its saved ``Run`` holds exactly the tokens HF
+  ``generate()`` gives; the
   client's TTFT and ITL agree with the server's own ``/metrics`` within a stated margin: the
   client's mean TTFT is never below the server's by more than 5 ms (the client's clock starts
   at the request's arrival, before the server's) and at most 250 ms above it (HTTP, JSON and
@@ -30,7 +31,7 @@ from splitlab.workload import LengthDist, poisson
 
 pytestmark = pytest.mark.timeout(600)
 
-TINY_ARGS = ["--model", "tiny", "--mode", "serial", "--max-seq-len", "256", "--num-slots", "8", "--max-batch", "8",
+TINY_ARGS = ["--model", "tiny", "--mode", "split", "--max-seq-len", "256", "--num-slots", "8", "--max-batch", "8",
              "--device", "cpu"]
 TTFT_BELOW_S, TTFT_ABOVE_S = 0.005, 0.25
 ITL_ABS_S, ITL_REL = 0.010, 0.30

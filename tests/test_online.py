@@ -4,8 +4,9 @@ Greedy tokens must equal HF ``generate()``'s (fp32 on CPU): with EOS masked (``i
 they are ``generate(min_new_tokens=n)``'s, through the runner's own path; with EOS allowed
 (SmolLM2, a chat prompt it answers in a few tokens) ``generate(do_sample=False)``'s up to and
 including the EOS, through the logits path. The same over a paged KV pool small enough that
-the scheduler preempts. Cancelling frees the KV; a seeded sampled request is reproducible;
-``min_tokens`` holds EOS back; closing ends every request.
+the scheduler preempts, and in the split engine (a prefill and a decode thread). Cancelling
+frees the KV; a seeded sampled request is reproducible; ``min_tokens`` holds EOS back;
+closing ends every request.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def ragged(seed: int = 0, n: int = 10):
 PAGED = CONFIG.replace(num_slots=None, kv_block_size=16, num_pages=8)
 
 
-@pytest.fixture(scope="module", params=["serial", "chunked", "chunked-paged"])
+@pytest.fixture(scope="module", params=["serial", "chunked", "chunked-paged", "split", "split-paged"])
 def engine(request, tiny):
     mode, _, paged = request.param.partition("-")
     eng = OnlineEngine(tiny, mode, PAGED if paged else CONFIG)
@@ -73,7 +74,7 @@ def test_greedy_equals_generate_with_requests_arriving_while_it_runs(engine, tin
         assert len(t.token_times_s) == n and t.token_times_s == sorted(t.token_times_s)
         assert t.arrival_s <= t.prefill_start_s <= t.prefill_end_s == t.token_times_s[0]
     assert engine.stats()["kv_slots_in_use"] == 0
-    if engine.scheduler.block_size is not None:
+    if engine.scheduler.block_size is not None and engine.scheduler.reserve == "grow":
         assert engine.scheduler.preemptions > 0  # the tokens stayed exact through recomputation
 
 
@@ -172,10 +173,10 @@ def test_async_iteration(engine, tiny):
     assert got == [hf_generate(tiny, [40 + i, 41, 42], 6, min_new=6) for i in range(3)]
 
 
-def test_eos_ends_a_greedy_request_and_min_tokens_suppresses_it(smollm2):
+@pytest.mark.parametrize("mode", ["chunked", "split"])
+def test_eos_ends_a_greedy_request_and_min_tokens_suppresses_it(smollm2, mode):
     prompt = smollm2.encode("What is the capital of France?", chat=True)
-    with OnlineEngine(smollm2, "chunked", EngineConfig(max_seq_len=512, num_slots=2, max_batch=2,
-                                                       chunk_size=64)) as eng:
+    with OnlineEngine(smollm2, mode, EngineConfig(max_seq_len=512, num_slots=2, max_batch=2, chunk_size=64)) as eng:
         free = eng.submit(prompt, 24)
         forced = eng.submit(prompt, 14, min_tokens=14)
         held = eng.submit(prompt, 24, min_tokens=10)
@@ -231,8 +232,20 @@ async def _drain_async(handle):
     return [d async for d in handle]
 
 
+def test_split_engine_runs_two_threads(tiny):
+    from splitlab.engine.online import OnlineSplitEngine
+
+    with OnlineEngine(tiny, "split", CONFIG) as eng:
+        assert isinstance(eng, OnlineSplitEngine) and eng._decode_thread.is_alive()
+        h = eng.submit([60, 61, 62], 6, ignore_eos=True)
+        assert h.result(30) == hf_generate(tiny, [60, 61, 62], 6, min_new=6)
+        kinds = {(s.worker, s.kind) for s in eng.steps}
+        assert kinds == {("prefill", "prefill"), ("decode", "decode")}
+    assert not eng._thread.is_alive() and not eng._decode_thread.is_alive()
+
+
 def test_bad_engine_arguments(tiny):
-    with pytest.raises(ModeError, match="serial, chunked"):
-        OnlineEngine(tiny, "split")
+    with pytest.raises(ModeError, match="serial, chunked, split"):
+        OnlineEngine(tiny, "replicas")
     with pytest.raises(ConfigError, match="EngineConfig"):
         OnlineEngine(tiny, "serial", {"max_seq_len": 64})

@@ -3,10 +3,12 @@
 ``OnlineEngine(model, mode="serial" | "chunked", config)`` builds the engine the offline modes
 build (``build_engine``, ``warm_up``, a ``Scheduler`` of the mode's policy) on ONE background
 thread, which then runs the same ``Worker`` step loop (schedule -> run -> postprocess) for as
-long as the engine lives. Any thread may ``submit`` a request; its tokens come back through
-the ``RequestHandle`` as they are made (a thread-safe queue for ``for delta in handle``, or an
-asyncio queue for ``async for delta in handle`` when submitted with ``loop=``); ``cancel``
-frees its KV slot at the next step boundary; ``close`` stops the thread.
+long as the engine lives. ``mode="split"`` gives an ``OnlineSplitEngine``: the two-thread
+split of ``splitlab.modes.split.threads`` (a prefill thread and a decode thread, one KV pool).
+Any thread may ``submit`` a request; its tokens come back through the ``RequestHandle`` as
+they are made (a thread-safe queue for ``for delta in handle``, or an asyncio queue for
+``async for delta in handle`` when submitted with ``loop=``); ``cancel`` frees its KV at the
+next step boundary; ``close`` stops the thread(s).
 
 Which path makes a request's tokens:
 
@@ -53,13 +55,14 @@ import torch
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, WorkloadError
 from splitlab.engine.loop import Worker, build_engine
+from splitlab.engine.runner import ModelRunner
 from splitlab.engine.plan import split_outputs
 from splitlab.engine.scheduler import ScheduledBatch, Scheduler, SeqState
 from splitlab.engine.warmup import warm_up
 from splitlab.measure.metrics import RequestTrace
 from splitlab.workload import Request
 
-MODES = ("serial", "chunked")
+MODES = ("serial", "chunked", "split")
 FINISH_REASONS = ("length", "stop", "abort", "error")
 #: Most requests waiting or running at once; beyond it ``submit`` raises EngineBusyError.
 MAX_QUEUED = 4096
@@ -240,6 +243,7 @@ class OnlineSeq(SeqState):
     generator: torch.Generator | None = None
     sent: int = 0  # tokens already delivered to the handle
     cancelled: bool = False
+    owner: str = "prefill"  # the loop that holds it (a split engine has two)
 
     @property
     def finished(self) -> bool:
@@ -301,6 +305,11 @@ class OnlineEngine:
     ``ready_timeout_s``: how long the build and warm-up may take before ``WorkerError``.
     """
 
+    def __new__(cls, model=None, mode: str = "serial", *args, **kwargs):
+        if cls is OnlineEngine and mode == "split":  # the two-thread engine below
+            return super().__new__(OnlineSplitEngine)
+        return super().__new__(cls)
+
     def __init__(self, model, mode: str = "serial", config: EngineConfig | None = None, *,
                  keep_steps: int | None = 10_000, max_queued: int = MAX_QUEUED, ready_timeout_s: float = 600.0):
         if mode not in MODES:
@@ -316,7 +325,7 @@ class OnlineEngine:
         self.vocab_size = int(model.facts.vocab_size)
         self._cv = threading.Condition()
         self._inbox: list[OnlineSeq] = []
-        self._cancels: list[int] = []
+        self._cancels: set[int] = set()
         self._pending: list[tuple[float, int, OnlineSeq]] = []  # future arrivals, a heap
         self._active: dict[int, OnlineSeq] = {}
         self._ids = itertools.count()
@@ -446,7 +455,7 @@ class OnlineEngine:
         if handle.done:
             return False
         with self._cv:
-            self._cancels.append(handle.id)
+            self._cancels.add(handle.id)
             self._cv.notify()
         if wait and threading.current_thread() is not self._thread:
             handle._done.wait(timeout)
@@ -484,9 +493,13 @@ class OnlineEngine:
         try:
             self._serve()
         except BaseException as exc:  # noqa: BLE001 - reported to every request and to submit
-            self._failure, self._failure_text = exc, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            self._fail(exc)
         finally:
             self._end_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure, self._failure_text = exc, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
 
     def _build(self) -> None:
         """The offline modes' engine: KV pool, runner, allocator, warm-up, scheduler, worker."""
@@ -497,12 +510,15 @@ class OnlineEngine:
             warm_up(runner, token_budget=config.token_budget)
         self.scheduler = Scheduler(self.mode, self.parts.allocator, runner.max_batch, config.token_budget,
                                    config.chunk_size)
-        self.worker = OnlineWorker(self.mode, runner, self.scheduler, self.clock)
+        self.worker = self._worker(self.mode, runner, self.scheduler)
+
+    def _worker(self, name: str, runner, scheduler: Scheduler) -> "OnlineWorker":
+        worker = OnlineWorker(name, runner, scheduler, self.clock)
         if self.keep_steps is not None:
-            self.worker.steps = collections.deque(maxlen=self.keep_steps)
+            worker.steps = collections.deque(maxlen=self.keep_steps)
+        return worker
 
     def _serve(self) -> None:
-        failed_steps = 0
         while True:
             with self._cv:
                 self._take_inbox()
@@ -512,18 +528,31 @@ class OnlineEngine:
                 if not self.scheduler.has_work():
                     self._cv.wait(wait)
                     continue
-            try:
-                outcome = self.worker.step()
-            except Exception as exc:  # noqa: BLE001 - fails this step's requests only
-                failed_steps += 1
-                self._fail_batch(exc)
-                if failed_steps >= MAX_FAILED_STEPS:
-                    raise
-                continue
-            failed_steps = 0
-            if outcome is None:
+            outcome = self._step(self.worker)
+            if outcome is not None:
+                self._publish(self._batch_seqs(self.worker))
+            elif self.worker.last_batch is None:
                 raise WorkerError("the scheduler has work but scheduled nothing (no KV slot can ever free)")
-            self._publish()
+
+    def _step(self, worker: "OnlineWorker"):
+        """One step of ``worker``; a failing step fails only its batch's requests (the engine
+        stops after ``MAX_FAILED_STEPS`` in a row). None when it failed or had nothing to run."""
+        worker.last_batch = None
+        try:
+            outcome = worker.step()
+        except Exception as exc:  # noqa: BLE001 - fails this step's requests only
+            worker.failed_steps = getattr(worker, "failed_steps", 0) + 1
+            self._fail_batch(exc, worker)
+            if worker.failed_steps >= MAX_FAILED_STEPS:
+                raise
+            return None
+        worker.failed_steps = 0
+        return outcome
+
+    @staticmethod
+    def _batch_seqs(worker: "OnlineWorker") -> list[OnlineSeq]:
+        batch = worker.last_batch
+        return [] if batch is None else list(batch.decode) + [c.seq for c in batch.chunks]
 
     def _take_inbox(self) -> None:
         """Under the lock: new requests in, cancels and a closing abort applied."""
@@ -531,12 +560,17 @@ class OnlineEngine:
             self._active[seq.id] = seq
             heapq.heappush(self._pending, (seq.trace.arrival_s, seq.id, seq))
         self._inbox.clear()
-        cancels = list(self._active) if (self._closing and self._abort) else self._cancels
+        cancels = list(self._active) if (self._closing and self._abort) else list(self._cancels)
         for rid in cancels:
             seq = self._active.get(rid)
-            if seq is not None:
+            if seq is not None and self._owns(seq):
                 self._drop(seq, Delta((), (), "abort"))
-        self._cancels.clear()
+            if seq is None or self._owns(seq):
+                self._cancels.discard(rid)
+
+    def _owns(self, seq: OnlineSeq) -> bool:
+        """Whether the calling loop may drop ``seq`` now (one loop owns every request here)."""
+        return True
 
     def _admit_arrived(self) -> float | None:
         """Arrived requests to the scheduler; seconds until the next future one (None: none)."""
@@ -552,21 +586,23 @@ class OnlineEngine:
                 seq.handle._deliver(Delta((), (), "error", str(exc)))
         return max(0.0, self._pending[0][0] - now) if self._pending else None
 
-    def _drop(self, seq: OnlineSeq, final: Delta) -> None:
-        """Take ``seq`` out of every queue, free its slot, end its handle with ``final``."""
+    def _drop(self, seq: OnlineSeq, final: Delta, scheduler: Scheduler | None = None) -> None:
+        """Under the lock: take ``seq`` out of every queue, free its KV (``scheduler``: the one
+        that holds it), end its handle with ``final``."""
         seq.cancelled = True
         if any(entry[2] is seq for entry in self._pending):
             self._pending = [entry for entry in self._pending if entry[2] is not seq]
             heapq.heapify(self._pending)
-        self.scheduler.drop(seq)  # out of its queues, its KV (slot or pages) freed
+        (scheduler or self.scheduler).drop(seq)  # out of its queues, its KV (slot or pages) freed
         self._active.pop(seq.id, None)
+        self._cancels.discard(seq.id)
         seq.handle._deliver(final)
 
-    def _publish(self) -> None:
-        """Each request's new tokens to its handle; finished ones end (their slot is free)."""
-        for seq in list(self._active.values()):
+    def _publish(self, seqs: Iterable[OnlineSeq]) -> None:
+        """The new tokens of ``seqs`` to their handles; finished ones end (their KV is free)."""
+        for seq in seqs:
             out = seq.trace.output_ids
-            if len(out) == seq.sent:
+            if len(out) == seq.sent or seq.cancelled:
                 continue
             new = tuple(out[seq.sent:])
             times = tuple(seq.trace.token_times_s[seq.sent:])
@@ -574,20 +610,20 @@ class OnlineEngine:
             reason = None
             if seq.finished:
                 reason = "stop" if seq.stopped else "length"
-                del self._active[seq.id]
+                with self._cv:
+                    self._active.pop(seq.id, None)
+                    self._cancels.discard(seq.id)
             seq.handle._deliver(Delta(new, times, reason))
 
-    def _fail_batch(self, exc: BaseException) -> None:
-        batch, self.worker.last_batch = self.worker.last_batch, None
-        seqs = [] if batch is None else list(batch.decode) + [c.seq for c in batch.chunks]
+    def _fail_batch(self, exc: BaseException, worker: "OnlineWorker") -> None:
         text = f"the engine step failed: {type(exc).__name__}: {exc}"
         with self._cv:
-            for seq in seqs:
+            for seq in self._batch_seqs(worker):
                 if seq.id in self._active:
-                    self._drop(seq, Delta((), (), "error", text))
+                    self._drop(seq, Delta((), (), "error", text), worker.scheduler)
 
     def _end_all(self) -> None:
-        """The thread is ending: every request still held gets its last delta."""
+        """Every loop has ended: every request still held gets its last delta."""
         with self._cv:
             self._closing = True
             self._take_inbox()
@@ -595,7 +631,193 @@ class OnlineEngine:
                 if self._failure is not None else ("abort", None)
             for seq in list(self._active.values()):
                 try:
-                    self._drop(seq, Delta((), (), reason, text))
+                    for scheduler in self._schedulers():
+                        scheduler.drop(seq)  # frees its KV wherever it is (a no-op where it is not)
                 except Exception:  # noqa: BLE001 - a broken queue must not keep other handles waiting
-                    self._active.pop(seq.id, None)
-                    seq.handle._deliver(Delta((), (), reason, text))
+                    pass
+                self._active.pop(seq.id, None)
+                seq.handle._deliver(Delta((), (), reason, text))
+            self._cancels.clear()
+
+    def _schedulers(self) -> list[Scheduler]:
+        return [self.scheduler]
+
+
+# ---- the split engine: a prefill thread and a decode thread ----------------------------------------
+
+class _LockedAllocator:
+    """One KV allocator for the two threads of a split engine: every call under one lock."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name)
+        if not callable(value):
+            return value
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+        return locked
+
+
+_END = object()
+
+
+class OnlineSplitEngine(OnlineEngine):
+    """``OnlineEngine(model, "split", config)``: the ``streams`` split of ``modes/split/threads``
+    as an online engine. A prefill thread (the engine thread: arrivals, admission, prompt
+    steps, first tokens) and a decode thread (decode steps of everything handed over) over one
+    KV pool and two runners (the decode one owns the CUDA graphs); on CUDA each thread runs on
+    its own stream, decode at the higher priority. A prefilled request is handed over after
+    the host sync that returned its first token, and its KV is freed after the decode step
+    that finished it returned, so neither stream touches KV the other still uses. Each request
+    belongs to one thread at a time, which alone delivers its deltas and drops it on cancel."""
+
+    def _build(self) -> None:
+        config = self.config
+        if getattr(config, "kv_prefix_cache", False):
+            raise ConfigError("the online split engine does not share prefix pages; set kv_prefix_cache=False")
+        self.parts = build_engine(self.model, config)
+        prefill_runner = self.parts.runner
+        arch, weights = prefill_runner.export()
+        decode_runner = ModelRunner.for_config(arch, weights, self.parts.kv, config, max_batch=prefill_runner.max_batch)
+        allocator = _LockedAllocator(self.parts.allocator)
+        self.scheduler = Scheduler("prefill", allocator, prefill_runner.max_batch, config.token_budget)
+        self.decode_scheduler = Scheduler("decode", allocator, decode_runner.max_batch)
+        self.worker = self._worker("prefill", prefill_runner, self.scheduler)
+        self.decode_worker = self._worker("decode", decode_runner, self.decode_scheduler)
+        cuda = torch.device(self.model.device).type == "cuda"
+        self._streams = (torch.cuda.Stream(), torch.cuda.Stream(priority=-1)) if cuda else (None, None)
+        self._hand_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._decode_ready = threading.Event()
+        self._decode_thread = threading.Thread(target=self._decode_main, name="splitlab-online-decode", daemon=True)
+        self._decode_thread.start()
+        # one after the other: a graph capture must not overlap the other stream's work
+        while not self._decode_ready.wait(0.05):
+            if not self._decode_thread.is_alive():
+                raise self._failure or WorkerError("the decode thread of the online split engine died")
+        try:
+            with _on_stream(self._streams[0]):
+                if config.warmup:
+                    warm_up(prefill_runner, decode=False, token_budget=config.token_budget)
+        except BaseException:
+            self._hand_q.put(_END)  # the decode thread ends with the failed build
+            self._decode_thread.join(30.0)
+            raise
+
+    @property
+    def steps(self):
+        return sorted([*self.worker.steps, *self.decode_worker.steps], key=lambda s: s.start_s)
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["running"] = len(self.decode_scheduler.running)
+        return out
+
+    def _schedulers(self) -> list[Scheduler]:
+        return [self.scheduler, self.decode_scheduler]
+
+    def _owns(self, seq: OnlineSeq) -> bool:
+        return threading.current_thread() is (self._thread if seq.owner == "prefill" else self._decode_thread)
+
+    # ---- the prefill thread (the engine thread) ---------------------------------------------
+    def _serve(self) -> None:
+        try:
+            with _on_stream(self._streams[0]):
+                self._prefill_loop()
+        finally:
+            with self._cv:
+                if self._failure is not None:
+                    self._abort = True
+            self._hand_q.put(_END)
+            self._decode_thread.join()
+
+    def _prefill_loop(self) -> None:
+        while True:
+            with self._cv:
+                self._take_inbox()
+                if self._failure is not None:
+                    return
+                busy = bool(self._pending) or self.scheduler.has_work()
+                if self._closing and (self._abort or not busy):
+                    return
+                wait = self._admit_arrived()
+                if not self.scheduler.has_work():
+                    self._cv.wait(wait)
+                    continue
+            outcome = self._step(self.worker)
+            if outcome is None:
+                if self.worker.last_batch is None:  # every KV slot is held by the decode side
+                    with self._cv:
+                        self._cv.wait(0.05)
+                continue
+            self._publish(self._batch_seqs(self.worker))  # first tokens before the handoff
+            for seq in outcome.prefilled:
+                if not seq.finished and not seq.cancelled:
+                    seq.owner = "decode"
+                    self._hand_q.put(seq)
+
+    # ---- the decode thread ------------------------------------------------------------------
+    def _decode_main(self) -> None:
+        try:
+            with _on_stream(self._streams[1]):
+                if self.config.warmup:
+                    warm_up(self.decode_worker.runner, prefill=False)
+                self._decode_ready.set()
+                self._decode_loop()
+        except BaseException as exc:  # noqa: BLE001 - the engine thread reports it
+            self._fail(exc)
+            with self._cv:
+                self._closing = self._abort = True
+                self._cv.notify_all()
+            if not self._decode_ready.is_set():
+                self._decode_ready.set()
+
+    def _decode_loop(self) -> None:
+        ended = False
+        sch = self.decode_scheduler
+        while True:
+            ended = self._receive(block=not sch.has_work()) or ended
+            with self._cv:
+                self._decode_cancels()
+            if ended and not sch.has_work():
+                return
+            if not sch.has_work():
+                continue
+            outcome = self._step(self.decode_worker)
+            if outcome is not None:
+                self._publish(self._batch_seqs(self.decode_worker))
+            with self._cv:
+                self._cv.notify_all()  # KV may have freed: the prefill thread may admit
+
+    def _receive(self, block: bool) -> bool:
+        """Handed-over requests into the decode batch; True once the end marker came."""
+        ended = False
+        try:
+            item = self._hand_q.get(timeout=0.05) if block else self._hand_q.get_nowait()
+            while True:
+                if item is _END:
+                    ended = True
+                else:
+                    with self._cv:
+                        self.decode_scheduler.add_running(item)
+                item = self._hand_q.get_nowait()
+        except queue.Empty:
+            pass
+        return ended
+
+    def _decode_cancels(self) -> None:
+        """Under the lock: cancelled requests of the decode batch dropped (all, on an abort)."""
+        abort = self._closing and self._abort
+        for seq in list(self.decode_scheduler.running):
+            if abort or seq.id in self._cancels:
+                self._drop(seq, Delta((), (), "abort"), self.decode_scheduler)
+
+
+def _on_stream(stream):
+    import contextlib
+
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

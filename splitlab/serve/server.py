@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=None, help="tiny | smollm2-135m | dummy:<arch> | folder | HF id "
                                                  "(default: smollm2-135m on CPU, a real-shape dummy on GPU)")
-    p.add_argument("--mode", default="serial", choices=("serial", "chunked"))
+    p.add_argument("--mode", default="serial", choices=("serial", "chunked", "split"),
+                   help="the online engine: serial, chunked, or split (a prefill and a decode thread)")
     p.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; printed when listening)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
