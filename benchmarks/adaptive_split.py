@@ -72,7 +72,29 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "results" / "adaptive_h200.json"))
     p.add_argument("--runs-dir", required=True)
     p.add_argument("--merge-from", action="append")
+    p.add_argument("--analyse-only", action="store_true", help="judge the saved runs of --out; run nothing")
     return p.parse_args(argv)
+
+
+SLOS = {"relaxed": SLO(ttft_s=1.0, tpot_s=0.05), "smooth": SLO(ttft_s=1.0, tpot_s=None, itl_s=SMOOTH_GAP_S)}
+
+
+def analyse_only(args) -> int:
+    """Judge every saved run of the result file under both SLOs; write the analysis into it."""
+    from splitlab.measure import analysis
+    from splitlab.measure.sweep import load_result, write_json_atomic
+
+    data = load_result(args.out, "adaptive_split")
+    runs = {row["cell"]: splitlab.load_run(Path(args.runs_dir) / row["file"]) for row in data["runs"]}
+    data["analysis"] = analysis.where_split_pays(runs, SLOS)
+    write_json_atomic(args.out, data)
+    for key, entry in data["analysis"]["max_rate"].items():
+        say(f"{key}: " + ", ".join(f"{st} {v['text']}" for st, v in entry.items()))
+    for key, entry in data["analysis"]["vs_best_peer"].items():
+        say(f"{key}: best peer {entry['best_peer']} ({entry['best_peer_status']}), " + ", ".join(
+            f"{st} {v['ratio']:.2f}x{'+' if v['ratio_is_lower_bound'] else ''}" for st, v in entry.items()
+            if isinstance(v, dict)))
+    return 0
 
 
 def workloads(args, model) -> dict[str, Any]:
@@ -102,6 +124,8 @@ def engine_config(chunk_size: int = 1024) -> EngineConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.analyse_only:
+        return analyse_only(args)
     quiet_transformers()
     model = splitlab.load_model(args.model, device="cuda", dtype="bfloat16")
     wls = workloads(args, model)
@@ -134,7 +158,9 @@ def main(argv=None) -> int:
             run = splitlab.run(wl, model, mode=opts.pop("mode"), config=engine_config(**opts), progress=False)
         else:
             run = sess.run(wl, progress=False)
-        run.save(runs_dir / f"{cell.name}.json.gz")
+        from splitlab.present.results import save_runs
+
+        save_runs([run], runs_dir, [cell.name], compress=True)  # beside an index the report reads
         s = run.summary(SLO(ttft_s=1.0, itl_s=SMOOTH_GAP_S, tpot_s=None))
         say(f"{cell.name}: goodput(smooth) {s['goodput_req_s']:.2f} req/s, TTFT p50 {s['ttft_p50_s']:.3f} s, "
             f"ITL p99 {s['itl_p99_s'] * 1e3:.1f} ms")
@@ -143,9 +169,7 @@ def main(argv=None) -> int:
                 "itl_p99_s": s["itl_p99_s"]}
 
     sweep.run(cells, measure, group_context=session)
-    sweep.write(leftovers=leftover_diff(before), slos={"relaxed": SLO(ttft_s=1.0, tpot_s=0.05).to_dict(),
-                                                       "smooth": SLO(ttft_s=1.0, tpot_s=None,
-                                                                     itl_s=SMOOTH_GAP_S).to_dict()})
+    sweep.write(leftovers=leftover_diff(before), slos={k: v.to_dict() for k, v in SLOS.items()})
     say(f"done: {len(sweep.rows)} runs; left: {len((sweep.data().get('left') or []))}")
     return 0
 

@@ -513,3 +513,89 @@ def floor_summary(r: Mapping[str, Any], targets: Mapping[str, float] = FLOOR_TAR
     if "total_s" in r:
         s["total_s"] = round(r["total_s"], 1)
     return s
+
+
+# ---- where splitting pays: a rate sweep judged under several SLOs --------------------------------
+
+def _sweep_point(name: str) -> tuple[str, str, float]:
+    """``"split-green-slo--poisson-r16"`` -> (step, workload family, rate)."""
+    import re
+
+    m = re.fullmatch(r"(.+)--([a-z]+)-r([0-9.]+)", name)
+    if m is None:
+        raise ValueError(f"run name {name!r} is not '<step>--<workload>-r<rate>'")
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+def _rate_value(mr) -> float:
+    """A MaxRate as a number to compare: NaN below the lowest rate counts as 0."""
+    return 0.0 if math.isnan(mr.rate) else mr.rate
+
+
+def run_latency_row(run: Run, slos: dict[str, Any]) -> dict[str, Any]:
+    """One run of a sweep: goodput and attainment under each SLO, TTFT p50/p99, ITL
+    p99/p99.9, decode slowdown beside prefill (split), the policy's decision time and the
+    share of decode steps on each SM count (adaptive split)."""
+    s = run.summary()
+    gaps = run.itl_gaps()
+    row: dict[str, Any] = {"ttft_p50_s": s["ttft_p50_s"], "ttft_p99_s": s["ttft_p99_s"],
+                           "itl_p99_s": float(np.quantile(gaps, 0.99)) if len(gaps) else math.nan,
+                           "itl_p999_s": float(np.quantile(gaps, 0.999)) if len(gaps) else math.nan,
+                           "throughput_tok_s": s["throughput_tok_s"]}
+    for label, slo in slos.items():
+        scored = run.summary(slo)
+        row[f"goodput_{label}_req_s"], row[f"attainment_{label}"] = scored["goodput_req_s"], scored["slo_attainment"]
+    if run.mode == "split":
+        row["decode_slowdown"] = decode_interference(run)["slowdown_batch_matched"]
+    green = run.config.green or {}
+    if "decide_p50_s" in green:
+        dec = [st.sms for st in run.steps if st.worker == "decode" and st.sms]
+        row.update(decide_p50_s=green["decide_p50_s"], decide_p99_s=green["decide_p99_s"],
+                   decide_max_s=green["decide_max_s"],
+                   decode_sms_share={str(k): dec.count(k) / len(dec) for k in sorted(set(dec))} if dec else {})
+    return row
+
+
+def where_split_pays(runs: dict[str, Run], slos: dict[str, Any], target: float = 0.9,
+                     adaptive: tuple[str, ...] = ("split-green-table", "split-green-slo", "split-green-slo-g20"),
+                     peers: tuple[str, ...] = ("serial", "chunked")) -> dict[str, Any]:
+    """A rate sweep (``{"<step>--<workload>-r<rate>": Run}``) judged under ``slos``: per
+    workload family and SLO the highest rate each step sustains at ``target`` attainment,
+    chunked at its best chunk budget for that SLO (the fair peer), each adaptive policy's
+    rate over the best peer's, and per run the latencies (``run_latency_row``)."""
+    from splitlab.measure.slo import attainment_vs_rate, max_rates
+
+    points = {name: _sweep_point(name) for name in runs}
+    per_run = {name: {"step": st, "workload": fam, "rate": rate, **run_latency_row(runs[name], slos)}
+               for name, (st, fam, rate) in points.items()}
+    out: dict[str, Any] = {"target_attainment": target, "runs": per_run, "max_rate": {}, "vs_best_peer": {}}
+    for fam in sorted({fam for _, fam, _ in points.values()}):
+        groups: dict[str, list] = {}
+        for name, (st, f, rate) in points.items():
+            if f == fam:
+                groups.setdefault(st, []).append((rate, runs[name]))
+        for label, slo in slos.items():
+            rates = max_rates(attainment_vs_rate(groups, slo), target)
+            key = f"{fam}/{label}"
+            out["max_rate"][key] = {st: {"rate": mr.rate, "status": mr.status, "text": str(mr)}
+                                    for st, mr in rates.items()}
+            chunked = [st for st in rates if st.startswith("chunked")]
+            best_chunked = max(chunked, key=lambda st: _rate_value(rates[st])) if chunked else None
+            peer_names = [st for st in rates if st in peers] + ([best_chunked] if best_chunked else [])
+            best = max(peer_names, key=lambda st: _rate_value(rates[st]))
+            lowest = min(r for st in groups for r, _ in groups[st])
+            entry: dict[str, Any] = {"best_chunked": best_chunked, "best_peer": best,
+                                     "best_peer_rate": rates[best].rate, "best_peer_status": rates[best].status}
+            for st in adaptive:
+                if st not in rates:
+                    continue
+                num, den = _rate_value(rates[st]), _rate_value(rates[best])
+                if rates[best].at_least:  # the peer met the target at every rate: no ratio to give
+                    ratio, bound = math.nan, False
+                else:  # a peer below the lowest rate measured sustains less than it: a lower bound
+                    ratio = num / den if den else (num / lowest if num else math.nan)
+                    bound = den == 0 or rates[st].at_least
+                entry[st] = {"ratio": ratio, "ratio_is_lower_bound": bound, "rate": rates[st].rate,
+                             "status": rates[st].status}
+            out["vs_best_peer"][key] = entry
+    return out
