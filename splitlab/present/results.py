@@ -285,7 +285,7 @@ def find_profiles(folder: str | Path) -> list[Path]:
 def results_root() -> Path:
     """``$SPLITLAB_RESULTS``, else the repository's ``results/`` folder (next to the package)."""
     env = os.environ.get("SPLITLAB_RESULTS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "results"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "results"
 
 
 def load_recorded(name: str, made_by: str, show: Sequence[str] = (), root: str | Path | None = None
