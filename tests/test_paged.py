@@ -97,9 +97,12 @@ def test_preemption_and_recompute_keep_every_output_exact(tiny, mode, cfg):
         assert t.token_times_s[0] == t.prefill_end_s >= t.prefill_start_s >= r.arrival_s
         assert all(b >= a for a, b in zip(t.token_times_s, t.token_times_s[1:]))
     assert sum(s.num_tokens for s in steps) > sum(r.prompt_len + r.max_new_tokens - 1 for r in wl)  # recomputed
-    # the same requests through the front door: the same tokens
-    run = splitlab.run(wl, tiny, mode=mode, config=config, progress=False)
+    # the same requests through the front door: the same tokens, and the user is told
+    with pytest.warns(UserWarning, match="KV pool ran out"):
+        run = splitlab.run(wl, tiny, mode=mode, config=config, progress=False)
     assert run.output_ids() == expected
+    assert run.memory["preemptions"] > 0 and run.memory["recomputed_tokens"] > 0
+    assert (run.config.effective["kv_block_size"], run.config.effective["num_pages"]) == (4, 16)
 
 
 def test_a_request_the_pool_can_never_hold_is_refused(tiny):

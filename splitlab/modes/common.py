@@ -320,7 +320,7 @@ def worker_facts(runner: ModelRunner, warmed_up: bool) -> dict[str, Any]:
         "num_slots": kv.num_slots,
         "max_batch": runner.max_batch,
         "kernels": runner.kernels.name,
-        "gemv": runner._gemv is not None,  # the runner keeps no other record of it
+        "gemv": runner.gemv,
         "sdpa_backend": runner.sdpa_backend,
         "sdpa_effective": runner.sdpa_effective_backend() if cuda else runner.sdpa_backend,
         "decode_combine": getattr(runner.kernels, "combine", None),  # Triton kernels only
@@ -330,6 +330,8 @@ def worker_facts(runner: ModelRunner, warmed_up: bool) -> dict[str, Any]:
         "device": str(runner.device),
         "dtype": str(runner.dtype).replace("torch.", ""),
         "kv_pool_bytes": kv.nbytes,
+        "kv_block_size": kv.block_size if kv.paged else None,  # None: slots of max_seq_len positions
+        "num_pages": kv.shape.num_pages if kv.paged else None,
         "weight_bytes": runner.weight_bytes,
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -41,6 +42,12 @@ def _run_continuous(workload: Workload, model, mode: str, config: EngineConfig, 
 
     worker = Worker(mode, runner, scheduler, clock)
     traces = drive(worker, workload, clock, progress=progress)
-    memory = {"peak_bytes": peak_bytes(device), "kv_pool_bytes": parts.kv.nbytes, "weight_bytes": runner.weight_bytes}
+    counters = scheduler.counters()  # preemptions of a paged pool that ran out, prefix-cache hits
+    if counters["preemptions"]:
+        warnings.warn(f"{mode}: the KV pool ran out {counters['preemptions']} times; those sequences were "
+                      f"preempted and recomputed ({counters['recomputed_tokens']} positions again): give the pool "
+                      "more pages (EngineConfig.num_pages / kv_memory_fraction) or lower max_batch", stacklevel=2)
+    memory = {"peak_bytes": peak_bytes(device), "kv_pool_bytes": parts.kv.nbytes, "weight_bytes": runner.weight_bytes,
+              **counters}
     config_record = RunConfig(mode=mode, engine=config, effective=worker_facts(runner, config.warmup))
     return build_run(config_record, model, workload, traces.values(), worker.steps, memory)
