@@ -312,7 +312,7 @@ class SplitConfig(FrozenConfig):
 
     ``backend``:
       - ``"streams"``: one process, two threads; on CUDA each thread on its own stream (no SM
-        partition: FACTS.md section 3 measured decode starving behind prefill GEMMs this way).
+        partition: co-running decode starves behind prefill GEMMs this way, see the ``streams`` rows of ``results/colocation_h200.json``).
       - ``"processes"``: two spawned processes, time-sliced by the driver (no MPS).
       - ``"mps"``: the same two processes as clients of a private MPS daemon, each with its
         own ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (``prefill_share`` / ``decode_share``).
@@ -331,7 +331,7 @@ class SplitConfig(FrozenConfig):
     its granularity, multiples of 8 on Hopper); the decode context gets every other SM.
     ``None``: half the device's SMs, rounded down to the granularity.
     ``high_priority_decode``: ``streams`` / ``green``: the decode stream gets the highest
-    stream priority (FACTS.md: priorities alone do not protect decode; kept on, harmless).
+    stream priority (priorities alone do not protect decode; kept on, harmless).
     ``poll_s``: how long a worker blocked on its queue waits before it re-checks arrivals
     and stop requests. A handoff or a freed slot wakes the waiting worker at once, so this
     is not a latency added to the handoff.

@@ -94,7 +94,7 @@ def test_llama_8b_decode_and_prefill():
     p = flops.prefill_cost(f, batch=4, prompt_len=1024)
     assert p.matmul_flops == 2 * 32 * L8_LAYER * 4096
     assert p.attention_flops == 4 * 32 * 32 * 128 * (1024 * 1025 / 2) * 4
-    assert p.flops == pytest.approx(577e12 * 0.1006, rel=0.01)  # FACTS: 4x1024 prefill at 577 TFLOP/s took 100.6 ms
+    assert p.flops == pytest.approx(577e12 * 0.1006, rel=0.01)  # 4x1024 at 577 TFLOP/s is 100.6 ms
     assert p.intensity > 1000  # compute-bound
 
 

@@ -1,7 +1,7 @@
 """Green contexts: one GPU's SMs split into two DISJOINT groups, one CUDA stream on each.
 
 Why not ``torch.cuda.green_contexts.GreenContext.create()`` twice: each call splits the whole
-device on its own, so the two groups OVERLAP (FACTS.md section 3). A disjoint split takes ONE
+device on its own, so the two groups OVERLAP (seen on an H200). A disjoint split takes ONE
 ``cuDevSmResourceSplitByCount`` call: it returns a group of the requested size and the
 remainder, which is the second group. Each gets ``cuDevResourceGenerateDesc`` +
 ``cuGreenCtxCreate`` and a stream from ``cuGreenCtxStreamCreate``, wrapped in
@@ -32,7 +32,7 @@ HINT = (
 MIN_DRIVER_VERSION = 12040
 
 # Keep-alive registry, the one piece of module-level state here, on purpose: a stream made on
-# a green context dies with it ("CUDA error: context is destroyed", FACTS.md section 3), and
+# a green context dies with it ("CUDA error: context is destroyed"), and
 # PyTorch's ExternalStream does not own what it wraps. So every green context and stream
 # created here stays referenced, never destroyed, for the life of the process.
 _KEEP_ALIVE: list[Any] = []
