@@ -312,7 +312,8 @@ class SplitConfig(FrozenConfig):
 
     ``backend``:
       - ``"streams"``: one process, two threads; on CUDA each thread on its own stream (no SM
-        partition: co-running decode starves behind prefill GEMMs this way, see the ``streams`` rows of ``results/colocation_h200.json``).
+        partition: co-running decode starves behind prefill GEMMs this way; see the
+        ``split-streams`` rows of ``results/colocation_h200.json``).
       - ``"processes"``: two spawned processes, time-sliced by the driver (no MPS).
       - ``"mps"``: the same two processes as clients of a private MPS daemon, each with its
         own ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (``prefill_share`` / ``decode_share``).
