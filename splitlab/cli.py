@@ -145,7 +145,8 @@ def cmd_run(args) -> int:
     spec = args.model or default_model()
     model = load_model(spec, device=args.device, dtype=args.dtype, seed=args.seed)
     wl = _build_workload(args, model)
-    result = run(wl, model, mode=args.mode, batch_size=args.batch_size, slo=slo, progress=not args.no_progress)
+    result = run(wl, model, mode=args.mode, batch_size=args.batch_size, slo=slo, progress=not args.no_progress,
+                 **_split_options(args))
     summary = result.summary()
     print(f"model {spec} on {model.device} ({str(model.dtype).replace('torch.', '')}), "
           f"workload {wl.name}: {len(wl)} requests")
@@ -395,6 +396,29 @@ def _request_count(text: str) -> int:
     return value
 
 
+def _split_options(args) -> dict:
+    """``--backend``, the shares and the SM policy as ``split``'s keywords (refused by other modes)."""
+    names = ("backend", "prefill_share", "decode_share", "prefill_sms", "sm_policy", "sm_profile")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.gap_ms is not None:
+        options["gap_s"] = args.gap_ms / 1000
+    if options and args.mode != "split":
+        raise ConfigError(f"--{next(iter(options)).replace('_', '-')} applies to --mode split only")
+    return options
+
+
+def _split_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("split mode", "how the prefill and decode workers share the GPU (SplitConfig)")
+    g.add_argument("--backend", choices=("streams", "processes", "mps", "green"), default=None)
+    g.add_argument("--prefill-share", type=_positive_float, default=None, help="mps: prefill SM percent")
+    g.add_argument("--decode-share", type=_positive_float, default=None, help="mps: decode SM percent")
+    g.add_argument("--prefill-sms", type=_positive_int, default=None, help="green: SMs of the prefill context")
+    g.add_argument("--sm-policy", choices=("static", "table", "slo"), default=None,
+                   help="green: how the SMs follow the load (table / slo need --sm-profile)")
+    g.add_argument("--sm-profile", default=None, help="a measured SM profile (benchmarks/sm_profile.py)")
+    g.add_argument("--gap-ms", type=_positive_float, default=None, help="slo policy: the token gap to keep under")
+
+
 def _workload_flags(p: argparse.ArgumentParser) -> None:
     """The workload flags of ``run`` and ``bench`` (built by ``_build_workload``)."""
     p.add_argument("--workload", default="poisson", choices=("fixed", "poisson", "trace"))
@@ -434,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the SLO in vLLM's syntax, milliseconds: ttft:1000 tpot:50 itl:30 e2el:5000 (itl: every "
                         "inter-token gap); only the named bounds apply; instead of --slo-ttft/--slo-tpot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _split_flags(p)
     p.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="the default comparison on this machine's default model")

@@ -164,3 +164,18 @@ def test_a_bad_trace_row_exits_2_naming_it(tmp_path, capsys):
     trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,1e30,5\n")
     assert main(["run", "--model", "tiny", "--workload", "trace", "--trace-path", str(trace), "--no-progress"]) == 2
     assert "row 1 (line 2): ContextTokens" in capsys.readouterr().err
+
+
+def test_run_picks_the_split_backend_and_its_sm_policy(tmp_path, capsys):
+    """``--backend`` / ``--sm-policy`` reach SplitConfig; on a non-split mode they are refused."""
+    profile = Path(__file__).resolve().parents[1] / "results" / "sm_profile_h200.json"
+    out = tmp_path / "run.json"
+    assert main(["run", "--model", "tiny", "--mode", "split", "--backend", "streams", "--sm-policy", "slo",
+                 "--sm-profile", str(profile), "--gap-ms", "30", "--num-requests", "4", "--prompt-len", "12",
+                 "--output-len", "4", "--save", str(out), "--no-progress"]) == 0
+    run = load_run(out)
+    assert (run.config.backend, run.config.split.sm_policy, run.config.split.gap_s) == ("streams", "slo", 0.03)
+    assert run.config.green["decisions"] == len(run.steps)
+    capsys.readouterr()
+    assert main(["run", "--model", "tiny", "--mode", "serial", "--backend", "green", "--no-progress"]) == 2
+    assert "--backend applies to --mode split only" in capsys.readouterr().err
