@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.splitlab-installed
 
-.PHONY: demo test env clean-venv binder-check notebooks-sync
+.PHONY: demo test env lab clean-venv binder-check notebooks-sync
 
 demo: $(STAMP)
 	$(BIN)/splitlab demo
@@ -29,6 +29,10 @@ test: $(STAMP)
 	SPLITLAB_BROWSER=1 SPLITLAB_EXECUTED_DIR=$(abspath $(NB_EXECUTED)) \
 	  $(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# JupyterLab on the notebooks, in the project's environment (open 00_quickstart first)
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
 
 env: $(STAMP)
 	$(BIN)/splitlab env
