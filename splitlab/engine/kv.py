@@ -49,7 +49,55 @@ class KVShape:
         return (self.num_layers, self.num_slots + 1, self.max_seq_len, self.num_kv_heads, self.head_dim)
 
 
-class KVPool:
+class _Pool:
+    """What both pools read the same way off their ``shape`` and their two tensors ``k`` and
+    ``v`` (``[num_layers, rows, block_size, num_kv_heads, head_dim]``; a slot pool's row is a
+    slot of ``max_seq_len`` positions, a paged pool's a page of ``block_size``)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    num_layers = property(lambda self: self.shape.num_layers)
+    max_seq_len = property(lambda self: self.shape.max_seq_len)
+    num_kv_heads = property(lambda self: self.shape.num_kv_heads)
+    head_dim = property(lambda self: self.shape.head_dim)
+    dtype = property(lambda self: self.k.dtype)
+    device = property(lambda self: self.k.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both tensors, the scratch row (or page) included."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V bytes of one position, all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
+
+    def layer_flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one layer as ``[rows * block_size, num_kv_heads, head_dim]`` views (rows:
+        the usable slots or pages and the scratch one): row ``row * block_size + offset`` is one
+        position (the write index)."""
+        n = self.k.shape[1] * self.block_size
+        return (self.k[layer].view(n, self.num_kv_heads, self.head_dim),
+                self.v[layer].view(n, self.num_kv_heads, self.head_dim))
+
+    def share_memory_(self):
+        """Move CPU tensors to shared memory (for a child process); a no-op on CUDA (use IPC).
+        Returns the pool."""
+        if self.device.type == "cpu":
+            self.k.share_memory_()
+            self.v.share_memory_()
+        return self
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+    def describe(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device), "bytes": self.nbytes}
+
+
+class KVPool(_Pool):
     """Preallocated K/V cache for ``num_slots`` sequences of up to ``max_seq_len`` positions."""
 
     paged = False
@@ -73,15 +121,8 @@ class KVPool:
                  dtype: torch.dtype, device: str | torch.device) -> "KVPool":
         """Zero-filled pool (zeros: padded reads of never-written positions stay finite)."""
         shape = KVShape(num_layers, num_slots, max_seq_len, num_kv_heads, head_dim)
-        try:
-            k = torch.zeros(shape.tensor_shape, dtype=dtype, device=device)
-            v = torch.zeros(shape.tensor_shape, dtype=dtype, device=device)
-        except torch.OutOfMemoryError as exc:
-            need = 2 * _numel(shape.tensor_shape) * torch.empty((), dtype=dtype).element_size()
-            raise DeviceError(
-                f"out of memory allocating a KV pool of {num_slots} slots x {max_seq_len} positions "
-                f"({need / 2**30:.2f} GiB); lower num_slots, max_seq_len or kv_memory_fraction"
-            ) from exc
+        k, v = _zeros(shape.tensor_shape, dtype, device, f"a KV pool of {num_slots} slots x {max_seq_len} positions",
+                      "num_slots, max_seq_len or kv_memory_fraction")
         return cls(k, v)
 
     @classmethod
@@ -117,11 +158,7 @@ class KVPool:
         return cls.allocate(facts.num_layers, num_slots, max_seq_len, facts.num_kv_heads, facts.head_dim,
                             model.dtype, model.device)
 
-    # ---- facts ----------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return self.shape.num_layers
-
+    # ---- facts (the common ones: _Pool) -----------------------------------------------------
     @property
     def num_slots(self) -> int:
         return self.shape.num_slots
@@ -130,36 +167,6 @@ class KVPool:
     def pad_slot(self) -> int:
         """The scratch row that padded batch rows write into."""
         return self.shape.num_slots
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.shape.max_seq_len
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.shape.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.shape.head_dim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of both tensors, scratch row included."""
-        return 2 * self.k.numel() * self.k.element_size()
-
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V bytes of one position, all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
 
     @property
     def block_size(self) -> int:
@@ -175,32 +182,11 @@ class KVPool:
         """A fresh allocator of this pool's slots."""
         return SlotAllocator(self.num_slots)
 
-    # ---- views ----------------------------------------------------------------------------
-    def layer_flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer as ``[(num_slots + 1) * max_seq_len, num_kv_heads, head_dim]``
-        views: row ``slot * max_seq_len + pos`` is one position (the write index)."""
-        n = (self.num_slots + 1) * self.max_seq_len
-        return (self.k[layer].view(n, self.num_kv_heads, self.head_dim),
-                self.v[layer].view(n, self.num_kv_heads, self.head_dim))
-
+    # ---- views (layer_flat: _Pool) ------------------------------------------------------------
     def sequence(self, layer: int, where: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions ``0 .. length - 1`` of the sequence in slot ``where``:
         ``[length, num_kv_heads, head_dim]`` views."""
         return self.k[layer][where, :length], self.v[layer][where, :length]
-
-    def share_memory_(self) -> "KVPool":
-        """Move CPU tensors to shared memory (for a child process); a no-op on CUDA (use IPC)."""
-        if self.device.type == "cpu":
-            self.k.share_memory_()
-            self.v.share_memory_()
-        return self
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k, self.v
-
-    def describe(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
-                "device": str(self.device), "bytes": self.nbytes}
 
     def __repr__(self) -> str:
         s = self.shape
@@ -280,7 +266,7 @@ class PagedShape:
         return -(-self.max_seq_len // self.block_size)
 
 
-class PagedKVPool:
+class PagedKVPool(_Pool):
     """Preallocated K/V cache of ``num_pages`` pages of ``block_size`` positions; a sequence of
     up to ``max_seq_len`` positions holds ``cdiv(length, block_size)`` of them, in any order."""
 
@@ -309,15 +295,8 @@ class PagedKVPool:
                  head_dim: int, dtype: torch.dtype, device: str | torch.device) -> "PagedKVPool":
         """Zero-filled pool (zeros: padded reads of never-written positions stay finite)."""
         shape = PagedShape(num_layers, num_pages, block_size, max_seq_len, num_kv_heads, head_dim)
-        try:
-            k = torch.zeros(shape.tensor_shape, dtype=dtype, device=device)
-            v = torch.zeros(shape.tensor_shape, dtype=dtype, device=device)
-        except torch.OutOfMemoryError as exc:
-            need = 2 * _numel(shape.tensor_shape) * torch.empty((), dtype=dtype).element_size()
-            raise DeviceError(
-                f"out of memory allocating a paged KV pool of {num_pages} pages x {block_size} positions "
-                f"({need / 2**30:.2f} GiB); lower num_pages or kv_memory_fraction"
-            ) from exc
+        k, v = _zeros(shape.tensor_shape, dtype, device,
+                      f"a paged KV pool of {num_pages} pages x {block_size} positions", "num_pages or kv_memory_fraction")
         return cls(k, v, max_seq_len)
 
     @classmethod
@@ -357,16 +336,10 @@ class PagedKVPool:
         return cls.allocate(facts.num_layers, num_pages, block_size, max_seq_len, facts.num_kv_heads,
                             facts.head_dim, model.dtype, model.device)
 
-    # ---- facts ----------------------------------------------------------------------------
-    num_layers = property(lambda self: self.shape.num_layers)
+    # ---- facts (the common ones: _Pool) -----------------------------------------------------
     num_pages = property(lambda self: self.shape.num_pages)
     block_size = property(lambda self: self.shape.block_size)
-    max_seq_len = property(lambda self: self.shape.max_seq_len)
     max_blocks = property(lambda self: self.shape.max_blocks)
-    num_kv_heads = property(lambda self: self.shape.num_kv_heads)
-    head_dim = property(lambda self: self.shape.head_dim)
-    dtype = property(lambda self: self.k.dtype)
-    device = property(lambda self: self.k.device)
     num_slots = None  # no slots: sequences hold pages (kept so that slot-pool readers see "none")
 
     @property
@@ -379,16 +352,6 @@ class PagedKVPool:
         """The most sequences the pool can hold at once (one page each)."""
         return self.shape.num_pages
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of both tensors, scratch page included."""
-        return 2 * self.k.numel() * self.k.element_size()
-
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V bytes of one position, all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
-
     def pages_for(self, positions: int) -> int:
         """Pages that hold ``positions`` positions."""
         return -(-int(positions) // self.block_size)
@@ -397,14 +360,7 @@ class PagedKVPool:
         """A fresh allocator of this pool's pages (``prefix_cache``: see ``PageAllocator``)."""
         return PageAllocator(self.num_pages, self.block_size, prefix_cache)
 
-    # ---- views ----------------------------------------------------------------------------
-    def layer_flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer as ``[(num_pages + 1) * block_size, num_kv_heads, head_dim]``
-        views: row ``page * block_size + offset`` is one position (the write index)."""
-        n = (self.num_pages + 1) * self.block_size
-        return (self.k[layer].view(n, self.num_kv_heads, self.head_dim),
-                self.v[layer].view(n, self.num_kv_heads, self.head_dim))
-
+    # ---- views (layer_flat: _Pool) ------------------------------------------------------------
     def sequence(self, layer: int, where: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions ``0 .. length - 1`` of the sequence whose block table starts
         with ``where`` (a device int64 tensor of page ids covering ``length``), gathered:
@@ -413,20 +369,6 @@ class PagedKVPool:
         k = self.k[layer].index_select(0, pages).flatten(0, 1)[:length]
         v = self.v[layer].index_select(0, pages).flatten(0, 1)[:length]
         return k, v
-
-    def share_memory_(self) -> "PagedKVPool":
-        """Move CPU tensors to shared memory (for a child process); a no-op on CUDA (use IPC)."""
-        if self.device.type == "cpu":
-            self.k.share_memory_()
-            self.v.share_memory_()
-        return self
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k, self.v
-
-    def describe(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
-                "device": str(self.device), "bytes": self.nbytes}
 
     def __repr__(self) -> str:
         s = self.shape
@@ -601,6 +543,18 @@ def _check_seq_len(max_seq_len: Any, max_positions: int) -> None:
     if max_seq_len > max_positions:
         raise ConfigError(f"max_seq_len {max_seq_len} is beyond the model's context of {max_positions} positions; "
                           "lower max_seq_len")
+
+
+def _zeros(tensor_shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device, what: str,
+           lower: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-filled K and V of ``tensor_shape``; out of memory, a ``DeviceError`` naming ``what``
+    is allocated, its size, and the settings to ``lower``."""
+    try:
+        return (torch.zeros(tensor_shape, dtype=dtype, device=device),
+                torch.zeros(tensor_shape, dtype=dtype, device=device))
+    except torch.OutOfMemoryError as exc:
+        need = 2 * _numel(tensor_shape) * torch.empty((), dtype=dtype).element_size()
+        raise DeviceError(f"out of memory allocating {what} ({need / 2**30:.2f} GiB); lower {lower}") from exc
 
 
 def _budget(model: Any, memory_budget_bytes: int | None, memory_fraction: float) -> tuple[int | None, str]:
