@@ -341,3 +341,61 @@ def test_roofline_roofs_and_points():
     assert [t.name for t in two_fig.data][2:] == ["prefill L=512 · m", "prefill L=512 · n", "decode C=512 · m",
                                                   "decode C=512 · n", "decode C=2048 · m", "decode C=2048 · n"]
     assert two_fig.data[2].marker.symbol != two_fig.data[3].marker.symbol
+
+
+def test_timeline_draws_the_sm_split_when_steps_know_it():
+    """Adaptive green split: each step records its partition's SMs; a row under the batch line
+    draws them per worker as a step line, broken where the worker was idle."""
+    run = make_run(monitor=False)
+    run.env = {"gpu_name": "NVIDIA H200", "sm_count": 132}
+    sms = {("prefill", 0.1): 100, ("prefill", 0.3): 100, ("prefill", 0.5): 68,
+           ("decode", 0.3): 32, ("decode", 0.4): 32, ("decode", 0.5): 64, ("decode", 0.7): 64, ("decode", 0.9): 132}
+    for s in run.steps:
+        s.sms = sms[(s.worker, round(s.start_s, 3))]
+    run.steps.append(StepTrace("decode", "decode", 1.5, 1.6, [2], 1, sms=16))  # after a 0.5 s pause
+    fig = plots.timeline(run)
+    assert [t.name for t in fig.data] == ["prefill", "decode", "requests per decode step", "decode SMs", "prefill SMs"]
+    dec, pre = fig.data[3], fig.data[4]
+    # decode: 32 from 0.3, 64 from 0.5, 132 from 0.9 until 1.0; idle until 1.5 (a break); 16 until 1.6
+    assert list(dec.x) == pytest.approx([0.3, 0.5, 0.9, 1.0, 1.0, 1.5, 1.6])
+    assert list(dec.y) == [32, 64, 132, 132, None, 16, 16]
+    # prefill: back to back from 0.1 to 0.6, 100 SMs then 68
+    assert list(pre.x) == pytest.approx([0.1, 0.5, 0.6]) and list(pre.y) == [100, 68, 68]
+    assert dec.line.shape == "hv" and dec.xaxis == "x3" and dec.line.color == plots.PHASE_COLORS["decode"]
+    assert fig.layout.yaxis3.title.text == "SMs (of 132)"
+    assert fig.layout.yaxis3.range[0] == 0 and fig.layout.yaxis3.range[1] >= 132
+    assert fig.layout.xaxis3.title.text == "time since run start (s)"
+    assert plots.step_sms(run)[-1] == 16 and plots.total_sms(run) == 132
+
+
+def test_timeline_sm_row_of_a_static_green_split_and_none_without_sms():
+    """A static green split records its partition once, in its config: the row draws it flat.
+    MPS shares (no SM count per step) get no SM row."""
+    from splitlab.config import RunConfig
+
+    run = make_run(backend="green", shares=None, monitor=False)
+    run.config = RunConfig(mode="split", backend="green", prefill_sms=72, decode_sms=60,
+                           green={"total_sms": 132, "prefill_sms": 72, "decode_sms": 60})
+    fig = plots.timeline(run)
+    rows = {t.name: t for t in fig.data}
+    assert set(rows["decode SMs"].y) == {60} and set(rows["prefill SMs"].y) == {72}
+    assert fig.layout.yaxis3.title.text == "SMs (of 132)"  # from the green record
+    assert "decode SMs" not in [t.name for t in plots.timeline(make_run(monitor=False)).data]
+    assert plots.step_sms(make_run()) == [None] * 8
+
+
+def test_rate_curves_one_line_per_label_log_when_wide():
+    df = pd.DataFrame([{"label": "serial", "rate": r, "itl_p99_s": v, "goodput_req_s": g}
+                       for r, v, g in ((2.0, 0.9, 1.0), (1.0, 0.5, 0.9))]
+                      + [{"label": "split", "rate": r, "itl_p99_s": 0.01, "goodput_req_s": r} for r in (1.0, 2.0)])
+    fig = plots.rate_curves(df, "itl_p99_s", colors={"split": "#000000"}, dash=("serial",))
+    assert [t.name for t in fig.data] == ["serial", "split"]
+    assert list(fig.data[0].x) == [1.0, 2.0] and list(fig.data[0].y) == [0.5, 0.9]  # sorted by rate
+    assert fig.data[0].line.dash == "dash" and fig.data[1].line.color == "#000000"
+    assert list(fig.data[0].text) == ["500 ms", "900 ms"]
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.title.text == "ITL p99 (s), log scale"  # 90x
+    assert fig.layout.xaxis.title.text == "arrival rate (req/s)"
+    lin = plots.rate_curves(df, "goodput_req_s")
+    assert lin.layout.yaxis.type is None and lin.layout.yaxis.title.text == "goodput (req/s)"
+    with pytest.raises(SplitlabError):
+        plots.rate_curves(df, "ttft_p99_s")

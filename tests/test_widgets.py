@@ -52,17 +52,20 @@ def test_sweep_explorer_slider_steps_pick_the_matching_runs(folder):
         expected = [plots.legend_label(runs[i]) for i in select_runs(table, rate=rate, share=share)["id"]]
         breakdown = [t for t in shown(v) if t.legend in (None, "legend")]
         assert [list(t.x) for t in breakdown] == [expected] * len(breakdown), label
-        assert panel_titles(v)[1] == f"Timeline — split mps {share}/{100 - share}"
+        # the timeline's title names the recorded run it draws
+        assert panel_titles(v)[1] == (f"Timeline of run split-mps-{share}-{100 - share}-poisson-r{rate}-n2 "
+                                      f"(split mps {share}/{100 - share} · {rate} req/s)")
         timeline = [t for t in shown(v) if t.legend == "legend2" and t.type == "bar"]
         assert {t.name for t in timeline} == {"prefill", "decode"}
-    assert panel_titles(widgets.view(widgets.sweep_explorer(folder, mode="serial"), 0))[1] == "Timeline — serial"
+    assert panel_titles(widgets.view(widgets.sweep_explorer(folder, mode="serial"), 0))[1] == \
+        "Timeline of run serial-poisson-r1-n2 (serial · 1 req/s)"
 
 
 def test_sweep_explorer_without_shares_or_rates(tmp_path):
     save_runs([make_run("serial", 1), make_run("chunked", 1)], tmp_path)
     fig = widgets.sweep_explorer(tmp_path, mode="split")  # no split run: the first mode's timeline
     assert widgets.labels(fig) == ["1 req/s"]
-    assert panel_titles(fig)[1] == "Timeline — chunked"
+    assert panel_titles(fig)[1] == "Timeline of run chunked-poisson-r1-n2 (chunked · 1 req/s)"
 
 
 def test_runs_explorer_menu_picks_metric_and_percentile(folder):
@@ -99,3 +102,38 @@ def test_roofline_explorer(tmp_path):
     b = widgets.view(fig, "b (hf)")
     assert [t.name for t in shown(b)][2:] == ["prefill L=8", "decode C=8"]
     assert b.layout.xaxis.type == "log" and b.layout.yaxis.type == "log" and panel_titles(b) == ["Roofline — b (hf)"]
+
+
+def sm_run(rate, decode_sms, tpot=0.1):
+    run = make_run("split", rate, tpot=tpot)
+    run.steps = [StepTrace("prefill", "prefill", 0.05, 0.2, [0], 4, sms=132 - decode_sms),
+                 StepTrace("decode", "decode", 0.2, 0.4, [0, 1], 2, sms=decode_sms)]
+    run.env = {"sm_count": 132}
+    return run
+
+
+def test_policy_explorer_dropdown_shows_goodput_itl_and_the_sm_split():
+    from splitlab.config import SLO
+
+    groups = {"serial": [make_run("serial", r, tpot=0.2) for r in (1, 2, 4)],
+              "split-table": [sm_run(r, 32) for r in (1, 2, 4)], "split-slo": [sm_run(r, 64, 0.05) for r in (1, 2, 4)]}
+    slo = SLO(ttft_s=1.0, tpot_s=None, itl_s=0.15)
+    fig = widgets.policy_explorer(groups, slo, {"table": "split-table", "slo": "split-slo"}, peers=("serial",), rate=2)
+    assert isinstance(fig, go.Figure) and fig.layout.updatemenus and widgets.labels(fig) == ["table", "slo"]
+    for name, label, sms in (("table", "split-table", 32), ("slo", "split-slo", 64)):
+        v = widgets.view(fig, name)
+        assert panel_titles(v) == [f"{name}: goodput under TTFT ≤ 1 s, every gap ≤ 150 ms",
+                                   f"{name}: p99 of the gaps between tokens",
+                                   f"{name}: run {label} at 2 req/s, the SM split over time"]
+        curves = [t for t in shown(v) if t.legend in (None, "legend")]
+        assert [t.name for t in curves] == ["serial", label] and list(curves[0].x) == [1, 2, 4]
+        assert curves[0].line.dash == "dash" and curves[1].line.dash is None  # the peer dashed
+        # serial's gaps (0.2 s) break the 150 ms bound: no goodput; the split's 0.1 / 0.05 s meet it
+        assert list(curves[0].y) == [0, 0, 0] and min(curves[1].y) > 0
+        itl = {t.name: list(t.y) for t in shown(v) if t.legend == "legend2"}
+        assert itl["serial"] == pytest.approx([0.2] * 3)
+        assert v.layout.yaxis2.title.text == plots.column_title("itl_p99_s")
+        sm = {t.name: [y for y in t.y if y is not None] for t in shown(v) if t.name and t.name.endswith(" SMs")}
+        assert sm == {"decode SMs": [sms, sms], "prefill SMs": [132 - sms, 132 - sms]}
+    with pytest.raises(ValueError, match="missing"):
+        widgets.policy_explorer(groups, slo, {"x": "split-nope"})

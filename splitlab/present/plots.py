@@ -367,22 +367,76 @@ def _batch_traces(go, run, gap_s: float) -> list[Any]:
     return traces
 
 
+def step_sms(run) -> list[int | None]:
+    """The SMs of the partition each of ``run.steps`` ran on: ``StepTrace.sms`` (the adaptive
+    green split records it per step), else, for a static green split, its worker's partition
+    from the run's config (``prefill_sms`` / ``decode_sms``); None where neither is known
+    (one stream, MPS shares, streams, processes)."""
+    cfg = run.config
+    static = {"prefill": getattr(cfg, "prefill_sms", None), "decode": getattr(cfg, "decode_sms", None)}
+    return [s.sms if s.sms is not None else static.get(s.worker) for s in run.steps]
+
+
+def total_sms(run) -> int | None:
+    """The SM count of the run's GPU (its environment, else its green-context record)."""
+    n = (run.env or {}).get("sm_count") or (getattr(run.config, "green", None) or {}).get("total_sms")
+    return int(n) if n else None
+
+
+def _sms_line(steps: Sequence[tuple[Any, int]], gap_s: float) -> tuple[list[float], list[int | None]]:
+    """Corners of a step line of SMs per step over one worker's steps ((step, sms) pairs, by
+    start): the SM count at each step's start where it changes, held to the step's end, and a
+    break (None) wherever the worker paused longer than ``gap_s``: an idle worker holds no
+    partition."""
+    xs: list[float] = []
+    ys: list[int | None] = []
+    end = None
+    for s, sms in sorted(steps, key=lambda p: p[0].start_s):
+        if end is not None and s.start_s - end > gap_s:
+            xs += [end, end]
+            ys += [ys[-1], None]
+        if not ys or ys[-1] != sms:
+            xs.append(s.start_s)
+            ys.append(sms)
+        end = s.end_s if end is None else max(end, s.end_s)
+    if end is not None:
+        xs.append(end)
+        ys.append(ys[-1])
+    return rounded(xs, 6), ys
+
+
+def _sms_traces(go, run, gap_s: float) -> list[Any]:
+    """One step line per worker of the SMs its steps ran on (none when no step's is known)."""
+    known = [(s, n) for s, n in zip(run.steps, step_sms(run)) if n is not None]
+    traces = []
+    for worker in sorted({s.worker for s, _ in known}, key=lambda w: (w != "decode", w)):
+        x, y = _sms_line([(s, n) for s, n in known if s.worker == worker], gap_s)
+        traces.append(go.Scatter(x=x, y=y, mode="lines", line_shape="hv", name=f"{worker} SMs",
+                                 line=dict(width=1.5, color=PHASE_COLORS.get(worker)), connectgaps=False,
+                                 hovertemplate=f"{worker}: %{{y}} SMs from %{{x:.3f}} s<extra></extra>"))
+    return traces
+
+
 def timeline(run, title: str | None = None, max_ids: int = 16, merge_gap_s: float = MERGE_GAP_S):
-    """Each worker's steps over time, the decode batch under them, NVML utilisation last.
+    """Each worker's steps over time, the decode batch under them, the SM split, NVML last.
 
     Row 1: one bar per prefill step; back-to-back decode (and mixed) steps of a worker, each
     starting within ``merge_gap_s`` of the last one's end, as one bar (hover: how many steps,
     their batch sizes, the mean step time). Row 2: requests per decode (or mixed) step, a
-    step line, dropping to 0 where the worker paused. Row 3, when ``run.monitor`` holds NVML
-    samples: SM and memory-controller utilisation (%). One time axis for all rows.
+    step line, dropping to 0 where the worker paused. Row 3, when the run knows the SMs its
+    steps ran on (``step_sms``: the adaptive green split per step, a static green split from
+    its config): the SMs of each worker's partition, a step line per worker, broken where the
+    worker was idle. Last, when ``run.monitor`` holds NVML samples: SM and memory-controller
+    utilisation (%). One time axis for all rows.
     """
     go = _go()
     from plotly.subplots import make_subplots
 
     samples = [s for s in (run.monitor or []) if s.get("t_s") is not None]
     band = _batch_traces(go, run, merge_gap_s)
-    rows = 1 + bool(band) + bool(samples)
-    heights = {1: [1.0], 2: [0.62, 0.38], 3: [0.5, 0.25, 0.25]}[rows]
+    sms = _sms_traces(go, run, merge_gap_s)
+    rows = 1 + bool(band) + bool(sms) + bool(samples)
+    heights = {1: [1.0], 2: [0.62, 0.38], 3: [0.5, 0.25, 0.25], 4: [0.4, 0.2, 0.2, 0.2]}[rows]
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, row_heights=heights, vertical_spacing=0.07)
     workers = sorted({s.worker for s in run.steps})
     for kind in ("prefill", "mixed", "decode"):
@@ -390,10 +444,20 @@ def timeline(run, title: str | None = None, max_ids: int = 16, merge_gap_s: floa
         if steps:
             fig.add_trace(_step_bars(go, steps, kind, max_ids, merge_gap_s), row=1, col=1)
     fig.update_yaxes(title_text="worker", type="category", categoryorder="array", categoryarray=workers, row=1, col=1)
-    for trace in band:
-        fig.add_trace(trace, row=2, col=1)
+    row = 1
     if band:
-        fig.update_yaxes(title_text="requests per step", rangemode="tozero", row=2, col=1)
+        row += 1
+        for trace in band:
+            fig.add_trace(trace, row=row, col=1)
+        fig.update_yaxes(title_text="requests per step", rangemode="tozero", row=row, col=1)
+    if sms:
+        row += 1
+        for trace in sms:
+            fig.add_trace(trace, row=row, col=1)
+        total = total_sms(run)
+        top = max([total or 0] + [v for t in sms for v in t.y if v is not None])
+        fig.update_yaxes(title_text=f"SMs{f' (of {total})' if total else ''}", range=[0, top * 1.08],
+                         row=row, col=1)
     if samples:
         t = rounded([s["t_s"] for s in samples], 6)
         for key, name, color in (("sm_util_pct", "SM util (%)", "#4C78A8"),
@@ -705,10 +769,10 @@ def slo_scale_curve(table, target: float = 0.9, title: str | None = None):
         if col not in table:
             raise SplitlabError(f"the table has no {col!r} column; give the table of attainment_vs_scale")
     fig = go.Figure()
-    for label, g in table.groupby("label", sort=False):
+    for i, (label, g) in enumerate(table.groupby("label", sort=False)):
         g = g.sort_values("scale")
         fig.add_trace(go.Scatter(x=g["scale"].tolist(), y=(g["slo_attainment"] * 100).tolist(), mode="lines+markers",
-                                 name=str(label),
+                                 name=str(label), line=dict(color=_color(i)),
                                  hovertemplate=f"{label}: %{{y:.1f}}% at %{{x:g}}× the SLO<extra></extra>"))
     fig.add_trace(_target_trace(go, (float(table["scale"].min()), float(table["scale"].max())), target))
     words = _slo_words(table, "scale")
@@ -732,25 +796,58 @@ def attainment_rate_curve(table, target: float = 0.9, title: str | None = None):
     go = _go()
     limits = max_rates(table, target)
     fig = go.Figure()
-    for label, g in table.groupby("label", sort=False):
+    colors = {}
+    for i, (label, g) in enumerate(table.groupby("label", sort=False)):
         g = g.sort_values("rate")
+        colors[str(label)] = _color(i)
         fig.add_trace(go.Scatter(x=g["rate"].tolist(), y=(g["slo_attainment"] * 100).tolist(), mode="lines+markers",
-                                 name=str(label),
+                                 name=str(label), legendgroup=str(label), line=dict(color=_color(i)),
                                  hovertemplate=f"{label}: %{{y:.1f}}% at %{{x:.3g}} req/s<extra></extra>"))
     fig.add_trace(_target_trace(go, (float(table["rate"].min()), float(table["rate"].max())), target))
-    for label, limit in limits.items():
+    for label, limit in limits.items():  # each mode's mark in its line's colour, toggled with it
         name = f"{label}: max rate at {target:.0%} {limit}"
         if limit.status == "below_lowest":
             name = f"{label}: below {target:.0%} at every rate measured"
         fig.add_trace(go.Scatter(x=[] if limit.status == "below_lowest" else [limit.rate],
                                  y=[] if limit.status == "below_lowest" else [target * 100], mode="markers",
-                                 name=name, marker=dict(symbol="triangle-right" if limit.at_least else "x", size=12),
+                                 name=name, legendgroup=label,
+                                 marker=dict(symbol="triangle-right" if limit.at_least else "x", size=12,
+                                             color=colors.get(label)),
                                  hovertemplate=f"{label}: {limit.reason}<extra></extra>"))
     words = _slo_words(table)
     fig.update_layout(template="plotly_white",
                       title=title or "SLO attainment against arrival rate" + (f" ({words})" if words else ""),
                       xaxis=dict(title=dict(text="arrival rate (req/s)")),
                       yaxis=dict(title=dict(text="SLO attainment (% of requests)"), range=[0, 105]))
+    return fig
+
+
+def rate_curves(table, column: str, title: str | None = None, log: bool | None = None,
+                colors: Mapping[str, str] | None = None, dash: Sequence[str] = ()):
+    """One summary column against the arrival rate, one line per ``label`` (e.g. goodput or
+    ITL p99 of each mode over a rate sweep). ``table``: rows with ``label``, ``rate`` and
+    ``column`` (e.g. ``attainment_vs_rate`` or ``load_results``). ``log``: a logarithmic y
+    axis; by default when the values span more than 10×. ``colors``: a colour per label
+    (else one each, in order); labels in ``dash`` are drawn dashed (e.g. the peers)."""
+    go = _go()
+    for col in ("label", "rate", column):
+        if col not in table:
+            raise SplitlabError(f"the table has no {col!r} column")
+    values = table[column].to_numpy(float)
+    if log is None:
+        log = _wide(values)
+    fig = go.Figure()
+    for i, (label, g) in enumerate(table.groupby("label", sort=False)):
+        g = g.sort_values("rate")
+        color = (colors or {}).get(str(label), _color(i))
+        text = [format_value(v, column) for v in g[column]]
+        fig.add_trace(go.Scatter(x=g["rate"].tolist(), y=rounded(g[column]), mode="lines+markers", name=str(label),
+                                 line=dict(color=color, dash="dash" if label in dash else None), text=text,
+                                 hovertemplate=f"{label}: %{{text}} at %{{x:.3g}} req/s<extra></extra>"))
+    fig.update_layout(template=template(), title=title or f"{column_title(column)} against arrival rate",
+                      xaxis=dict(title=dict(text=column_title("rate"))),
+                      yaxis=dict(title=dict(text=column_title(column) + (", log scale" if log else "")),
+                                 type="log" if log else None, rangemode=None if log else "tozero"))
     return fig
 
 

@@ -234,8 +234,10 @@ def sweep_explorer(results, mode: str | None = "split", slo=None, title: str | N
 
     At each step: the phase breakdown of every run that ``select_runs(table, rate, share)``
     picks (baselines without shares stay in view), and under it the timeline of the picked
-    ``mode`` run (the one with that share when there is one). Rates without a share-carrying
-    run get one step; with no rates at all, one step shows every run.
+    ``mode`` run (the one with that share when there is one), its title naming that run (id,
+    mode, shares and rate), so a reader sees which recorded run a step shows.
+    Rates without a share-carrying run get one step; with no rates at all, one step shows
+    every run.
     """
     table, runs = _load(results, slo)
     modes = choices(table, "mode")
@@ -254,10 +256,11 @@ def sweep_explorer(results, mode: str | None = "split", slo=None, title: str | N
             main = main[main["prefill_share"] == share]
         panels = [plots.phase_breakdown_runs([runs[i] for i in chosen["id"]],
                                              title=f"Phase time per run at this rate (mean per request)")]
-        if len(main):
-            rid = main["id"].iloc[0]
-            if rid not in timelines:
-                timelines[rid] = plots.timeline(runs[rid], max_ids=4)  # hover lists 4 request ids a step
+        rid = main["id"].iloc[0] if len(main) else None
+        if rid is not None:
+            if rid not in timelines:  # its title names the recorded run it draws (the step may snap to it)
+                timelines[rid] = plots.timeline(runs[rid], max_ids=4,  # hover lists 4 request ids a step
+                                                title=f"Timeline of run {rid} ({plots.legend_label(runs[rid])})")
             panels.append(timelines[rid])
         else:
             panels.append(plots._go().Figure(layout=dict(title=f"no {mode} run here")))
@@ -281,3 +284,43 @@ def roofline_explorer(profile, title: str | None = None):
         part = df[(df["model"] == m) & (df["backend"] == b)]
         views.append((f"{m} ({b})", [plots.roofline(part, prof.ceilings, prof.datasheet, title=f"Roofline — {m} ({b})")]))
     return _combine(views, "dropdown", title or "Roofline: pick a model")
+
+
+def policy_explorer(groups, slo, policies, peers: Sequence[str] = ("serial", "chunked-2048"),
+                    rate: float | None = None, title: str | None = None):
+    """A dropdown over SM policies of a split, each showing goodput and the inter-token tail
+    against the arrival rate beside the peers, and the SM split over time at one rate.
+
+    ``groups``: ``{label: runs of that label at several rates}`` (as
+    ``splitlab.measure.slo.attainment_vs_rate``: Runs that record their rate, or
+    ``(rate, run)`` pairs), one workload; ``policies``: ``{menu label: label in groups}``,
+    e.g. ``{"static": "split-green", "table": "split-green-table"}``; ``peers``: labels drawn
+    dashed in every view. Per choice: goodput under ``slo`` (req/s), the p99 of the pooled
+    inter-token gaps (log axis when it spans more than 10x), and ``plots.timeline`` of the
+    policy's run at the recorded rate nearest ``rate`` (default: the middle one), its title
+    naming that run and rate.
+    """
+    from splitlab.measure.slo import _rate_points
+    from splitlab.present.results import nearest
+
+    missing = [g for g in [*policies.values(), *peers] if g not in groups]
+    if missing or not policies:
+        raise ValueError(f"policies and peers must be labels of groups ({sorted(groups)}); missing: {missing}")
+    points = {label: _rate_points(groups[label]) for label in [*peers, *policies.values()]}
+    rows = [{"label": label, "rate": r, **run.summary(slo)} for label, pts in points.items() for r, _, run in pts]
+    table = pd.DataFrame(rows)
+    colors = {label: plots._color(i) for i, label in enumerate(points)}
+    log_itl = plots._wide(table["itl_p99_s"].to_numpy(float))
+    views = []
+    for name, label in policies.items():
+        part = table[table["label"].isin([*peers, label])]
+        rates = [r for r, _, _ in points[label]]
+        at = nearest(rates, rate if rate is not None else rates[len(rates) // 2])
+        run = next(run for r, _, run in points[label] if r == at)
+        panels = [plots.rate_curves(part, "goodput_req_s", colors=colors, dash=peers,
+                                    title=f"{name}: goodput under {slo.describe()}"),
+                  plots.rate_curves(part, "itl_p99_s", log=log_itl, colors=colors, dash=peers,
+                                    title=f"{name}: p99 of the gaps between tokens"),
+                  plots.timeline(run, max_ids=4, title=f"{name}: run {label} at {at:g} req/s, the SM split over time")]
+        views.append((name, panels))
+    return _combine(views, "dropdown", title or "SM policy: pick one")
