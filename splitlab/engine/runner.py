@@ -168,11 +168,7 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
     def mixed_step(self, decode: DecodeBatch | tuple | None, chunks: Iterable[PrefillChunk | tuple]
                    ) -> tuple[list[int], list[int | None]]:
         """Decode rows and prompt chunks in one eager forward: ``(decode tokens, chunk tokens)``."""
-        chunks = [as_chunk(c) for c in chunks]
-        if decode is not None and not isinstance(decode, DecodeBatch):
-            decode = DecodeBatch(*decode)
-        if decode is not None and len(decode.slots) == 0:
-            decode = None
+        decode, chunks = _step_parts(decode, chunks)
         if decode is None and not chunks:
             return [], []
         if decode is not None:
@@ -199,11 +195,7 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         """The forward of ``mixed_step`` (eager, never a CUDA graph) returning, instead of greedy
         tokens, the fp32 logits (EOS not masked) of the rows that would get one: every decode
         row, then each chunk that ends its prompt, in order ([rows, vocab]). For sampling."""
-        chunks = [as_chunk(c) for c in chunks]
-        if decode is not None and not isinstance(decode, DecodeBatch):
-            decode = DecodeBatch(*decode)
-        if decode is not None and len(decode.slots) == 0:
-            decode = None
+        decode, chunks = _step_parts(decode, chunks)
         if decode is None and not chunks:
             return torch.empty(0, self.lm_head.shape[0], device=self.device)
         if decode is not None:
@@ -317,3 +309,15 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         bad = [p for p in table[:need] if not 0 <= int(p) < kv.num_pages]
         if bad:
             raise ConfigError(f"{name}: pages {bad} are outside the KV pool's {kv.num_pages} pages")
+
+
+def _step_parts(decode: DecodeBatch | tuple | None, chunks: Iterable[PrefillChunk | tuple]
+                ) -> tuple[DecodeBatch | None, list[PrefillChunk]]:
+    """A mixed step's decode rows (a ``DecodeBatch``; None when it has none) and its chunks
+    (``PrefillChunk`` s), from the tuples or objects a caller passes."""
+    chunks = [as_chunk(c) for c in chunks]
+    if decode is not None and not isinstance(decode, DecodeBatch):
+        decode = DecodeBatch(*decode)
+    if decode is not None and len(decode.slots) == 0:
+        decode = None
+    return decode, chunks
