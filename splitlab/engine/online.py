@@ -57,7 +57,7 @@ from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, 
 from splitlab.engine.loop import Worker, build_engine
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.plan import split_outputs
-from splitlab.engine.scheduler import ScheduledBatch, Scheduler, SeqState
+from splitlab.engine.scheduler import RequestFacts, ScheduledBatch, Scheduler, SeqState
 from splitlab.engine.warmup import warm_up
 from splitlab.measure.metrics import RequestTrace
 from splitlab.workload import Request
@@ -151,7 +151,7 @@ class Delta:
     error: str | None = None
 
 
-class RequestHandle:
+class RequestHandle(RequestFacts):
     """One submitted request: iterate it for its ``Delta`` s (``for`` when submitted without
     ``loop``, ``async for`` with one), or wait with ``result()``. ``trace`` is its
     ``RequestTrace``; ``output_ids`` and ``finish_reason`` fill in as it runs."""
@@ -167,14 +167,6 @@ class RequestHandle:
         self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None else None
         self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self._iterated = False
-
-    @property
-    def id(self) -> int:
-        return self.request.id
-
-    @property
-    def prompt_len(self) -> int:
-        return self.request.prompt_len
 
     @property
     def done(self) -> bool:
@@ -522,12 +514,11 @@ class OnlineEngine:
         while True:
             with self._cv:
                 self._take_inbox()
-                if self._closing and (self._abort or not self._active):
-                    return
-                wait = self._admit_arrived()
-                if not self.scheduler.has_work():
-                    self._cv.wait(wait)
-                    continue
+                ready = self._await_work(busy=bool(self._active))
+            if ready is None:
+                return
+            if not ready:
+                continue
             outcome = self._step(self.worker)
             if outcome is not None:
                 self._publish(self._batch_seqs(self.worker))
@@ -570,6 +561,19 @@ class OnlineEngine:
 
     def _owns(self, seq: OnlineSeq) -> bool:
         """Whether the calling loop may drop ``seq`` now (one loop owns every request here)."""
+        return True
+
+    def _await_work(self, busy: bool) -> bool | None:
+        """Under the lock, the inbox taken: None when the engine closes and aborts or has
+        nothing ``busy`` left (the loop ends); else the arrived requests admitted, then False
+        after waiting (until the next arrival or a notify) when the scheduler has no work, True
+        when it has (the loop steps)."""
+        if self._closing and (self._abort or not busy):
+            return None
+        wait = self._admit_arrived()
+        if not self.scheduler.has_work():
+            self._cv.wait(wait)
+            return False
         return True
 
     def _admit_arrived(self) -> float | None:
@@ -741,13 +745,11 @@ class OnlineSplitEngine(OnlineEngine):
                 self._take_inbox()
                 if self._failure is not None:
                     return
-                busy = bool(self._pending) or self.scheduler.has_work()
-                if self._closing and (self._abort or not busy):
-                    return
-                wait = self._admit_arrived()
-                if not self.scheduler.has_work():
-                    self._cv.wait(wait)
-                    continue
+                ready = self._await_work(busy=bool(self._pending) or self.scheduler.has_work())
+            if ready is None:
+                return
+            if not ready:
+                continue
             outcome = self._step(self.worker)
             if outcome is None:
                 if self.worker.last_batch is None:  # every KV slot is held by the decode side

@@ -63,8 +63,22 @@ POLICIES = ("serial", "chunked", "prefill", "decode")
 RESERVE_POLICIES = ("grow", "full")
 
 
+class RequestFacts:
+    """``id`` and ``prompt_len``: those of the ``request`` it carries (a sequence, a handle)."""
+
+    request: Request
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.prompt_len
+
+
 @dataclasses.dataclass(eq=False)
-class SeqState:
+class SeqState(RequestFacts):
     """The engine's state of one request. ``trace`` receives its timestamps and tokens.
 
     ``slot``: its slot in a slot pool; ``blocks``: its block table (page ids) in a paged pool.
@@ -85,14 +99,6 @@ class SeqState:
         trace = RequestTrace(id=request.id, arrival_s=request.arrival_s, prompt_len=request.prompt_len,
                              max_new_tokens=request.max_new_tokens, worker=worker)
         return cls(request, trace)
-
-    @property
-    def id(self) -> int:
-        return self.request.id
-
-    @property
-    def prompt_len(self) -> int:
-        return self.request.prompt_len
 
     @property
     def output(self) -> list[int]:
