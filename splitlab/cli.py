@@ -164,11 +164,11 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from splitlab.config import SLO
     from splitlab.api import available_modes, run
-    from splitlab.measure.metrics import check_writable, summaries_table
+    from splitlab.config import SLO
+    from splitlab.measure.metrics import check_writable
     from splitlab.models import load_model
-    from splitlab.workload import from_prompts, poisson, poisson_arrivals
+    from splitlab.present.report import write_report
 
     _quiet_transformers()
     out_dir = Path(args.out)
@@ -184,79 +184,73 @@ def cmd_demo(args) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot make the --out folder {out_dir}: {exc.strerror or exc}") from None
-
-    if spec.startswith("dummy:") or spec == "tiny":
-        # random weights: synthetic prompts, the text would be noise
-        ctx = model.facts.max_positions
-        wl = poisson(args.num_requests or 32, rate=args.rate or 8.0, prompt_len=min(512, ctx // 4),
-                     output_len=min(64, ctx // 8), seed=0, model=model, name="demo-poisson")
-        text_note = f"({spec} has random weights: its tokens are not text; the timings are real)"
-        shown = None
-    else:
-        prompts = list(DEMO_PROMPTS)[: args.num_requests or len(DEMO_PROMPTS)]
-        ids = [model.encode(p, chat=True) for p in prompts]
-        rate = args.rate or 4.0
-        arrivals = poisson_arrivals(len(ids), rate, seed=0)
-        wl = from_prompts(ids, args.output_len, arrivals_s=arrivals, name=f"demo-chat-r{rate:g}")
-        text_note = None
-        shown = prompts[0]
-
-    runs = []
-    skipped = []
+    wl, shown = _demo_workload(spec, model, args)
+    runs, skipped = [], []
     for mode in modes:
         try:
-            r = run(wl, model, mode=mode, batch_size=args.batch_size, slo=slo, progress=not args.no_progress)
+            runs.append(run(wl, model, mode=mode, batch_size=args.batch_size, slo=slo, progress=not args.no_progress))
         except SplitlabError as exc:  # a mode that cannot run here is reported, not fatal
             skipped.append((mode, str(exc)))
-            continue
-        runs.append(r)
     if not runs:
         raise SplitlabError("no mode could run: " + "; ".join(f"{m}: {e}" for m, e in skipped))
     _save_demo_runs(runs, out_dir)
+    _print_demo(runs, skipped, wl, slo, model, spec, shown, args.output_len)
+    print(f"runs saved under {out_dir}/")
+    report_path = write_report(out_dir, out_dir / "report.html")
+    print(f"HTML report: {report_path}")
+    print(f"demo took {time.perf_counter() - t_start:.1f} s")
+    busy = _busy_note()
+    if busy:
+        print(busy)
+    from splitlab.measure.metrics import summaries_table
 
+    table = summaries_table(runs)
+    cols = [c for c in TABLE_COLUMNS if c in table.columns]
+    print(_json_line({"model": spec, "out": str(out_dir), "report": str(report_path),
+                      "runs": table[cols].to_dict(orient="records")}))
+    return 0
+
+
+def _demo_workload(spec: str, model, args):
+    """The demo's workload and the question whose answer it prints (None for random weights)."""
+    from splitlab.workload import from_prompts, poisson, poisson_arrivals
+
+    if spec.startswith("dummy:") or spec == "tiny":  # random weights: synthetic prompts, text would be noise
+        ctx = model.facts.max_positions
+        wl = poisson(args.num_requests or 32, rate=args.rate or 8.0, prompt_len=min(512, ctx // 4),
+                     output_len=min(64, ctx // 8), seed=0, model=model, name="demo-poisson")
+        return wl, None
+    prompts = list(DEMO_PROMPTS)[: args.num_requests or len(DEMO_PROMPTS)]
+    ids = [model.encode(p, chat=True) for p in prompts]
+    rate = args.rate or 4.0
+    wl = from_prompts(ids, args.output_len, arrivals_s=poisson_arrivals(len(ids), rate, seed=0),
+                      name=f"demo-chat-r{rate:g}")
+    return wl, prompts[0]
+
+
+def _print_demo(runs, skipped, wl, slo, model, spec: str, shown: str | None, output_len: int) -> None:
     print()
     if shown is not None:
         first = runs[0]
         print(f"Q: {shown}")
         print(f"A: {model.decode(first.output_ids()[0]).strip()}")
         print(f"   (request 0 via {first.mode}: greedy, EOS ignored, so every request gets exactly "
-              f"{args.output_len} tokens in every mode and the text may run on past the answer)")
+              f"{output_len} tokens in every mode and the text may run on past the answer)")
     else:
-        print(text_note)
-    agree = _agreement(runs)
+        print(f"({spec} has random weights: its tokens are not text; the timings are real)")
     print()
     print(f"workload {wl.name}: {len(wl)} requests, {wl.total_output_tokens} output tokens; "
           f"SLO ttft<={slo.ttft_s:g}s tpot<={slo.tpot_s:g}s")
-    summaries = [r.summary() for r in runs]
-    print(_table(summaries))
+    print(_table([r.summary() for r in runs]))
+    agree = _agreement(runs)
     if agree:
         print(agree)
     for mode, why in skipped:
         print(f"skipped {mode}: {why}")
-    print(f"runs saved under {out_dir}/")
-    report_path = None
-    try:
-        from splitlab.present import report as report_module  # written by another part of the project
-    except ModuleNotFoundError as exc:
-        if exc.name != "splitlab.present.report":
-            raise
-        report_module = None
-    if report_module is not None and hasattr(report_module, "write_report"):
-        report_path = report_module.write_report(out_dir, out_dir / "report.html")
-        print(f"HTML report: {report_path}")
-    print(f"demo took {time.perf_counter() - t_start:.1f} s")
-    busy = _busy_note()
-    if busy:
-        print(busy)
-    table = summaries_table(runs)
-    cols = [c for c in TABLE_COLUMNS if c in table.columns]
-    print(_json_line({"model": spec, "out": str(out_dir), "report": str(report_path) if report_path else None,
-                      "runs": table[cols].to_dict(orient="records")}))
-    return 0
 
 
 def _save_demo_runs(runs, out_dir: Path) -> None:
-    """Save the runs as ``<mode>.json`` (+ ``index.json`` where splitlab.present.results exists).
+    """Save the runs as ``<mode>.json`` beside an ``index.json``.
 
     The runs of an earlier demo in the same folder (those its index lists) are removed first,
     so the folder always holds exactly this demo's runs.
@@ -272,15 +266,9 @@ def _save_demo_runs(runs, out_dir: Path) -> None:
             if name and "/" not in name and name.endswith(".json"):
                 (out_dir / name).unlink(missing_ok=True)
         index.unlink()
-    try:
-        from splitlab.present.results import save_runs
-    except ImportError:
-        save_runs = None
-    if save_runs is not None:
-        save_runs(runs, out_dir, names=[r.mode for r in runs])
-    else:
-        for r in runs:
-            r.save(out_dir / f"{r.mode}.json")
+    from splitlab.present.results import save_runs
+
+    save_runs(runs, out_dir, names=[r.mode for r in runs])
 
 
 def _busy_note() -> str | None:

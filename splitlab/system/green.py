@@ -236,6 +236,24 @@ def split_sms(
             f"{HINT}"
         )
     cu_device = _check(driver, driver.cuDeviceGet(device), f"cuDeviceGet({device})")
+    resources, planned, total, granularity = _split_resources(driver, cu_device, requested, total, granularity)
+    contexts, raw_streams, actual = _green_contexts(driver, cu_device, resources, planned, priorities)
+    streams = tuple(_wrap_stream(s, device) for s in raw_streams)
+    _keep(*streams)
+    return GreenPartition(
+        device=device,
+        requested=requested,
+        sm_counts=(actual[0], actual[1]),
+        total_sms=total,
+        granularity=granularity,
+        streams=(streams[0], streams[1]),
+        contexts=(contexts[0], contexts[1]),
+        raw_streams=(raw_streams[0], raw_streams[1]),
+    )
+
+
+def _split_resources(driver: Any, cu_device: Any, requested: tuple[int, int], total: int, granularity: int):
+    """ONE ``cuDevSmResourceSplitByCount``: a group of the first count and the remainder."""
     sm_type = driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
     whole = _check(
         driver, driver.cuDeviceGetDevResource(cu_device, sm_type), "cuDeviceGetDevResource"
@@ -246,7 +264,6 @@ def split_sms(
     granularity = int(getattr(whole.sm, "smCoscheduledAlignment", 0) or granularity)
     first, _ = plan_split(requested, total, granularity)
     first = max(first, int(getattr(whole.sm, "minSmPartitionSize", 0) or 0))
-    # ONE split: a group of `first` SMs, and the remainder as the second group
     groups, n_groups, remainder = _check(
         driver,
         driver.cuDevSmResourceSplitByCount(1, whole, 0, first),
@@ -257,7 +274,6 @@ def split_sms(
             f"cuDevSmResourceSplitByCount made {int(n_groups)} groups of {first} SMs "
             f"out of {total}, not 1. {HINT}"
         )
-    resources = (groups[0], remainder)
     _keep(whole, groups, remainder)
     planned = (int(groups[0].sm.smCount), int(remainder.sm.smCount))
     if planned[1] < requested[1]:
@@ -265,7 +281,12 @@ def split_sms(
             f"the split left {planned[1]} SMs for the second group, fewer than the "
             f"{requested[1]} asked for (first group: {planned[0]} of {total})"
         )
+    return (groups[0], remainder), planned, total, granularity
 
+
+def _green_contexts(driver: Any, cu_device: Any, resources, planned: tuple[int, int], priorities):
+    """A green context and a non-blocking stream on each group; the SMs each really got."""
+    sm_type = driver.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
     contexts, raw_streams, actual = [], [], []
     create_flags = driver.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
     stream_flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING
@@ -294,19 +315,7 @@ def split_sms(
             )
             count = int(got.sm.smCount)
         actual.append(count)
-
-    streams = tuple(_wrap_stream(s, device) for s in raw_streams)
-    _keep(*streams)
-    return GreenPartition(
-        device=device,
-        requested=requested,
-        sm_counts=(actual[0], actual[1]),
-        total_sms=total,
-        granularity=granularity,
-        streams=(streams[0], streams[1]),
-        contexts=(contexts[0], contexts[1]),
-        raw_streams=(raw_streams[0], raw_streams[1]),
-    )
+    return contexts, raw_streams, actual
 
 
 _PARTITIONS: dict[tuple, GreenPartition] = {}
