@@ -41,7 +41,7 @@ from splitlab.measure.metrics import Run
 from splitlab.modes.common import (Fault, build_run, check_faults, check_workload, cpu_threads_per_worker,
                                    engine_config, fault_for, mapped_not_owned, round_robin, total_or_none,
                                    weight_fingerprint, worker_facts, worker_model_args)
-from splitlab.modes.session import Arm, ProcessSession, Ready, clock_from, serve_runs
+from splitlab.modes.session import Arm, ProcessSession, Ready, clock_from, get_checking_parent, serve_runs
 from splitlab.system.env import synchronize
 from splitlab.workload import Workload
 
@@ -212,17 +212,6 @@ def _load_and_share(model_args: dict[str, Any], engine: str, config: EngineConfi
     return loaded, shared
 
 
-def _receive(share_q, channel, timeout_s: float) -> Shared:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return share_q.get(timeout=0.2)
-        except queue.Empty:
-            channel.check_parent()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{channel.name}: no weights from replica-0 within {timeout_s:.0f} s") from None
-
-
 def _counting(report: Callable[[int], None], fault: Fault | None) -> Callable[[int], None]:
     """Per step (or batch): report its tokens, then let an injected fault fire."""
     steps = [0]
@@ -298,7 +287,8 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], option
         owner = {"model_facts": loaded.facts.to_dict(), "fingerprint": weight_fingerprint(loaded.model)}
         facts: dict[str, Any] = {"weights_shared": None}  # its own
     else:
-        shared = _receive(share_q, channel, options.ready_timeout_s)
+        shared = get_checking_parent(share_q, channel, options.ready_timeout_s,
+                                     f"{channel.name}: no weights from replica-0")
         facts = {"weights_shared": mapped_not_owned(shared.tensors(), device)}
     prepare = None
     if options.engine == "generate":

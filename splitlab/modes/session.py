@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import queue
 import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -226,6 +227,20 @@ ServeOne = Callable[[Arm, float, Callable[[int], None]], tuple[Sequence[RequestT
 def clock_from(t0: float) -> Callable[[], float]:
     """Seconds since ``t0`` (a ``time.perf_counter()`` value): the clock of a run."""
     return lambda: time.perf_counter() - t0
+
+
+def get_checking_parent(q, channel, timeout_s: float, missing: str):
+    """The next item of ``q``, blocking at most ``timeout_s`` seconds and checking the parent
+    (``channel.check_parent``) every 0.2 s; past the deadline a ``TimeoutError``:
+    ``"{missing} within N s"``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return q.get(timeout=0.2)
+        except queue.Empty:
+            channel.check_parent()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{missing} within {timeout_s:.0f} s") from None
 
 
 def serve_runs(channel, device, serve: ServeOne, flush_s: float,

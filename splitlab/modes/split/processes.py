@@ -38,7 +38,7 @@ from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
 from splitlab.modes.common import (Fault, FreedSlots, cpu_threads_per_worker, decode_loop, fault_for, mapped_not_owned,
                                    prefill_loop, total_or_none, weight_fingerprint, worker_facts, worker_model_args)
-from splitlab.modes.session import Arm, ProcessSession, Ready, clock_from, serve_runs
+from splitlab.modes.session import Arm, ProcessSession, Ready, clock_from, get_checking_parent, serve_runs
 from splitlab.system.env import synchronize
 
 # ---- between the two children --------------------------------------------------------------------
@@ -171,18 +171,6 @@ def _parent_check(channel) -> Callable[[], bool]:
 
 # ---- the decode child ----------------------------------------------------------------------------
 
-def _get(q, channel, timeout: float, what: str):
-    """Block on ``q`` (checking the parent every 0.2 s) for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return q.get(timeout=0.2)
-        except queue.Empty:
-            channel.check_parent()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker {channel.name}: no {what} within {timeout:.0f} s") from None
-
-
 def _receiver(handoff_q, run_id: int):
     """The decode loop's ``receive(timeout)`` over the handoff queue, for run ``run_id``."""
     def receive(timeout: float):
@@ -205,7 +193,8 @@ def _receiver(handoff_q, run_id: int):
 
 def decode_main(channel, config: EngineConfig, split: SplitConfig, fault: Fault | None, handoff_q, freed_q) -> None:
     started = time.perf_counter()
-    setup = _get(handoff_q, channel, split.ready_timeout_s, "weights and KV pool from the prefill worker")
+    setup = get_checking_parent(handoff_q, channel, split.ready_timeout_s,
+                                f"worker {channel.name}: no weights and KV pool from the prefill worker")
     if not isinstance(setup, Setup):
         raise RuntimeError(f"decode worker: expected the Setup message first, got {setup!r}")
     kv = KVPool.from_tensors(setup.k, setup.v)
