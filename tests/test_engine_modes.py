@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from _oracle import hf_greedy
 from _traces import assert_slots_never_overcommitted, assert_traces_complete
 
 from splitlab.config import EngineConfig
@@ -28,14 +29,6 @@ from splitlab.workload import Workload, from_prompts
 def run_continuous(workload, model, mode, config=None, **kwargs):
     """A serial / chunked run, through the one entry point."""
     return splitlab.run(workload, model, mode=mode, config=config, **kwargs)
-
-
-def hf_greedy(loaded, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                    min_new_tokens=n, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def ragged_workload(seed: int = 0, n: int = 12, spread_s: float = 0.3) -> Workload:

@@ -157,23 +157,29 @@ def test_decode_attention_strided_query(tk):
 @interpreter_only
 def test_engine_with_triton_kernels_matches_hf(tk, tiny):
     """The whole engine with the GPU kernels (batched decode attention, fused RoPE/KV write)."""
+    for run in _triton_engine_runs(tiny, "triton", num_slots=3):
+        assert run.config.effective["kernels"] == "triton"
+
+
+def _triton_engine_runs(tiny, name: str, **config) -> list:
+    """``serial`` and ``chunked`` runs with Triton kernels (``EngineConfig(**config)`` for the
+    pool) of four ragged prompts, each asserted equal to HF generate(); returns the runs."""
+    from _oracle import hf_greedy
+
     from splitlab.config import EngineConfig
     import splitlab
     from splitlab.workload import from_prompts
 
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40] * 14, [99, 98]]
-    wl = from_prompts(prompts, [5, 4, 3, 5], arrivals_s=[0.0, 0.0, 0.0, 0.05], name="triton")
-    expected = {}
-    for r in wl:
-        ids = torch.tensor([list(r.prompt_ids)])
-        out = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
-                                  max_new_tokens=r.max_new_tokens, min_new_tokens=r.max_new_tokens)
-        expected[r.id] = out[0, ids.shape[1]:].tolist()
+    wl = from_prompts(prompts, [5, 4, 3, 5], arrivals_s=[0.0, 0.0, 0.0, 0.05], name=name)
+    expected = {r.id: hf_greedy(tiny, r.prompt_ids, r.max_new_tokens) for r in wl}
+    runs = []
     for mode in ("serial", "chunked"):
-        config = EngineConfig(max_seq_len=32, num_slots=3, max_batch=3, chunk_size=6, kernels="triton")
-        run = splitlab.run(wl, tiny, mode=mode, config=config, progress=False)
-        assert run.config.effective["kernels"] == "triton"
+        engine = EngineConfig(max_seq_len=32, max_batch=3, chunk_size=6, kernels="triton", **config)
+        run = splitlab.run(wl, tiny, mode=mode, config=engine, progress=False)
         assert run.output_ids() == expected, mode
+        runs.append(run)
+    return runs
 
 
 @interpreter_only
@@ -593,20 +599,4 @@ def test_paged_graph_decode_body_with_triton_kernels(tk, variant):
 def test_engine_with_triton_kernels_over_a_paged_pool_matches_hf(tk, tiny):
     """serial and chunked through the engine's front door with a paged pool and Triton
     kernels: eager decode and mixed steps read through block tables."""
-    from splitlab.config import EngineConfig
-    import splitlab
-    from splitlab.workload import from_prompts
-
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40] * 14, [99, 98]]
-    wl = from_prompts(prompts, [5, 4, 3, 5], arrivals_s=[0.0, 0.0, 0.0, 0.05], name="triton-paged")
-    expected = {}
-    for r in wl:
-        ids = torch.tensor([list(r.prompt_ids)])
-        out = tiny.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
-                                  max_new_tokens=r.max_new_tokens, min_new_tokens=r.max_new_tokens)
-        expected[r.id] = out[0, ids.shape[1]:].tolist()
-    for mode in ("serial", "chunked"):
-        config = EngineConfig(max_seq_len=32, max_batch=3, chunk_size=6, kernels="triton", kv_block_size=4,
-                              num_pages=12)
-        run = splitlab.run(wl, tiny, mode=mode, config=config, progress=False)
-        assert run.output_ids() == expected, mode
+    _triton_engine_runs(tiny, "triton-paged", kv_block_size=4, num_pages=12)

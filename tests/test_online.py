@@ -17,26 +17,13 @@ import time
 
 import pytest
 import torch
+from _oracle import hf_generate
 
 from splitlab.config import EngineConfig
 from splitlab.engine.online import GREEDY, OnlineEngine, SamplingParams, sample
 from splitlab.errors import ConfigError, ModeError, WorkerError, WorkloadError
 
 CONFIG = EngineConfig(max_seq_len=256, num_slots=4, max_batch=4, chunk_size=24, token_budget=64)
-
-
-def hf_generate(loaded, prompt, n: int, min_new: int | None = None) -> list[int]:
-    """HF greedy: ``min_new`` None stops at EOS (its EOS kept, the padding after it dropped)."""
-    ids = torch.tensor([list(prompt)])
-    extra = {} if min_new is None else {"min_new_tokens": min_new}
-    with torch.no_grad():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                    pad_token_id=0, **extra)
-    tokens = out[0, len(prompt):].tolist()
-    eos = loaded.model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or [])
-    cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
-    return tokens[:cut]
 
 
 def ragged(seed: int = 0, n: int = 10):

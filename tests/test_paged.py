@@ -15,7 +15,7 @@ import random
 import time
 
 import pytest
-import torch
+from _oracle import hf_greedy
 from _traces import assert_traces_complete
 
 import splitlab
@@ -25,14 +25,6 @@ from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker, Worker, b
 from splitlab.engine.scheduler import Scheduler, SeqState
 from splitlab.engine.warmup import warm_up
 from splitlab.workload import from_prompts
-
-
-def hf_greedy(loaded, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                    min_new_tokens=n, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def workload_of(seed: int, n: int = 10, longest: int = 40, spread_s: float = 0.2):

@@ -19,7 +19,7 @@ import time
 
 import httpx
 import pytest
-import torch
+from _oracle import hf_generate
 
 from splitlab.serve.process import ServerProcess, descendants, port_is_free
 
@@ -29,18 +29,6 @@ TINY_ARGS = ["--model", "tiny", "--mode", "chunked", "--max-seq-len", "256", "--
              "--chunk-size", "64", "--max-body-bytes", "65536", "--device", "cpu"]
 SMOL_ARGS = ["--model", "smollm2-135m", "--mode", "serial", "--max-seq-len", "512", "--num-slots", "4",
              "--max-batch", "4", "--device", "cpu"]
-
-
-def hf_generate(loaded, prompt, n: int, min_new: int | None = None) -> list[int]:
-    ids = torch.tensor([list(prompt)])
-    extra = {} if min_new is None else {"min_new_tokens": min_new}
-    with torch.no_grad():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                    pad_token_id=0, **extra)
-    tokens = out[0, len(prompt):].tolist()
-    eos = loaded.model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or [])
-    return tokens[:next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
 
 
 @pytest.fixture(scope="module")
