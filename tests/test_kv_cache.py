@@ -77,15 +77,20 @@ def _child_writes(k, v):
     pool.v[0, 1, 0] = 4.0
 
 
-def test_share_memory_crosses_a_process_boundary():
-    kv = KVPool.allocate(1, 2, 4, 1, 2, torch.float32, "cpu").share_memory_()
-    assert kv.k.is_shared() and kv.v.is_shared()
+def _assert_a_child_writes_into(kv) -> None:
+    """A forked child rebuilds a pool around ``kv``'s tensors and writes; the writes show here."""
     ctx = mp.get_context("fork")
     proc = ctx.Process(target=_child_writes, args=kv.tensors())
     proc.start()
     proc.join(30)
     assert proc.exitcode == 0
     assert torch.all(kv.k[0, 0, 1] == 3.0) and torch.all(kv.v[0, 1, 0] == 4.0)
+
+
+def test_share_memory_crosses_a_process_boundary():
+    kv = KVPool.allocate(1, 2, 4, 1, 2, torch.float32, "cpu").share_memory_()
+    assert kv.k.is_shared() and kv.v.is_shared()
+    _assert_a_child_writes_into(kv)
 
 
 def test_slot_allocator_alloc_free_reuse_exhaustion():
@@ -197,12 +202,7 @@ def test_paged_share_memory_crosses_a_process_boundary():
     assert kv.k.is_shared() and kv.v.is_shared()
     other = PagedKVPool.from_tensors(*kv.tensors(), max_seq_len=8)
     assert other.describe() == kv.describe()
-    ctx = mp.get_context("fork")
-    proc = ctx.Process(target=_child_writes, args=kv.tensors())
-    proc.start()
-    proc.join(30)
-    assert proc.exitcode == 0
-    assert torch.all(kv.k[0, 0, 1] == 3.0) and torch.all(kv.v[0, 1, 0] == 4.0)
+    _assert_a_child_writes_into(kv)
 
 
 def test_page_allocator_lowest_first_all_or_nothing_and_refuses_double_frees():
