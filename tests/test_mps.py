@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -336,19 +337,28 @@ SIGTERM_CHILD = textwrap.dedent(
 )
 
 
-def test_sigterm_stops_daemon(fake_mps):
-    child = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD], stdout=subprocess.PIPE,
-                             text=True, cwd=REPO)
+def _sigterm_child(code: str, check_root: Callable[[Path], None]) -> tuple[int, Path]:
+    """Run ``code`` in a child that prints its daemon's root; once printed, ``check_root(root)``,
+    then SIGTERM the child. Returns its exit code and the root (the child killed if it lingers)."""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         root = Path(child.stdout.readline().strip())
-        assert root.name.startswith("splitlab-mps-") and root.exists()
-        assert len(_fake_pids(fake_mps)) == 2
+        check_root(root)
         child.send_signal(signal.SIGTERM)
         rc = child.wait(timeout=20)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
+    return rc, root
+
+
+def test_sigterm_stops_daemon(fake_mps):
+    def check_root(root: Path) -> None:
+        assert root.name.startswith("splitlab-mps-") and root.exists()
+        assert len(_fake_pids(fake_mps)) == 2
+
+    rc, root = _sigterm_child(SIGTERM_CHILD, check_root)
     assert rc == -signal.SIGTERM  # the default action still happens, after the cleanup
     assert not root.exists()
     assert _fake_pids(fake_mps) == []
@@ -577,17 +587,10 @@ def test_sigterm_chains_to_previous_handler(fake_mps):
             time.sleep(60)
         """
     )
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             cwd=REPO)
-    try:
-        root = Path(child.stdout.readline().strip())
+    def check_root(root: Path) -> None:
         assert root.exists()
-        child.send_signal(signal.SIGTERM)
-        rc = child.wait(timeout=20)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+
+    rc, root = _sigterm_child(code, check_root)
     assert rc == 7  # the program's own handler still ran, after the daemon was stopped
     assert not root.exists()
     assert _fake_pids(fake_mps) == []
