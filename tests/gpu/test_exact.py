@@ -11,41 +11,28 @@ clients; green contexts get disjoint SM groups).
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 import splitlab
 from splitlab.config import EngineConfig
-from splitlab.measure.analysis import config_fields, token_match
-from splitlab.workload import Request, Workload
+from splitlab.measure.analysis import config_fields
+from splitlab.workload import Workload
 
-from _gpu_helpers import hf_greedy, rand_ids
+from _gpu_helpers import assert_exact, hf_outputs, ragged_workload
 
 pytestmark = pytest.mark.gpu
 
-LENS = [37, 120, 5, 64, 90, 17, 48, 3]
-NEWS = [16, 12, 16, 8, 14, 1, 10, 12]
-ARRIVALS = [0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2]
 CONFIG = EngineConfig(max_seq_len=256, num_slots=4, max_batch=4, token_budget=256, chunk_size=48)
 
 
 @pytest.fixture(scope="module")
 def workload(fp32_model) -> Workload:
-    gen = random.Random(11)
-    vocab = fp32_model.facts.vocab_size
-    return Workload("fp32-check", tuple(Request(i, tuple(rand_ids(gen, vocab, n)), NEWS[i], ARRIVALS[i])
-                                        for i, n in enumerate(LENS)))
+    return ragged_workload(fp32_model, "fp32-check")
 
 
 @pytest.fixture(scope="module")
 def expected(fp32_model, workload) -> dict[int, list[int]]:
-    return {r.id: hf_greedy(fp32_model, r.prompt_ids, r.max_new_tokens) for r in workload}
-
-
-def assert_exact(run, expected) -> None:
-    match = token_match(run.output_ids(), expected)
-    assert match["exact"], f"{run.mode} differs from HF generate: {match}"
+    return hf_outputs(fp32_model, workload)
 
 
 @pytest.mark.parametrize("mode, engine", [

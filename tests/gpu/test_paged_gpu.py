@@ -17,32 +17,21 @@ from splitlab.config import EngineConfig
 from splitlab.measure.analysis import token_match
 from splitlab.workload import Request, Workload
 
-from _gpu_helpers import hf_greedy, rand_ids
+from _gpu_helpers import assert_exact, hf_outputs, ragged_workload, rand_ids
 
 pytestmark = pytest.mark.gpu
 
-LENS = [37, 120, 5, 64, 90, 17, 48, 3]
-NEWS = [16, 12, 16, 8, 14, 1, 10, 12]
-ARRIVALS = [0.0, 0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2]
 BASE = dict(max_seq_len=256, max_batch=4, token_budget=256, chunk_size=48)
 
 
 @pytest.fixture(scope="module")
 def workload(fp32_model) -> Workload:
-    gen = random.Random(11)
-    vocab = fp32_model.facts.vocab_size
-    return Workload("paged-check", tuple(Request(i, tuple(rand_ids(gen, vocab, n)), NEWS[i], ARRIVALS[i])
-                                         for i, n in enumerate(LENS)))
+    return ragged_workload(fp32_model, "paged-check")
 
 
 @pytest.fixture(scope="module")
 def expected(fp32_model, workload) -> dict[int, list[int]]:
-    return {r.id: hf_greedy(fp32_model, r.prompt_ids, r.max_new_tokens) for r in workload}
-
-
-def assert_exact(run, expected) -> None:
-    match = token_match(run.output_ids(), expected)
-    assert match["exact"], f"{run.mode} over a paged pool differs from HF generate: {match}"
+    return hf_outputs(fp32_model, workload)
 
 
 @pytest.mark.parametrize("mode, engine", [
@@ -56,7 +45,7 @@ def test_the_engine_modes_over_a_paged_pool_are_exact(fp32_model, workload, expe
     config = EngineConfig(**BASE, num_pages=4 * 256 // engine["kv_block_size"], **engine)
     run = splitlab.run(workload, fp32_model, mode=mode, config=config, progress=False)
     assert run.config.effective["cuda_graphs"] is True and run.config.effective["kernels"] == "triton"
-    assert_exact(run, expected)
+    assert_exact(run, expected, " over a paged pool")
 
 
 @pytest.mark.parametrize("mode", ["serial", "chunked"])
@@ -71,7 +60,7 @@ def test_preemption_and_recompute_on_the_gpu_are_exact(fp32_model, mode):
     vocab = fp32_model.facts.vocab_size
     wl = Workload("paged-preempt", tuple(Request(i, tuple(rand_ids(gen, vocab, n)), 40, 0.0)
                                          for i, n in enumerate([15, 30, 9, 20, 40, 12])))
-    expected = {r.id: hf_greedy(fp32_model, r.prompt_ids, r.max_new_tokens) for r in wl}
+    expected = hf_outputs(fp32_model, wl)
     config = EngineConfig(**BASE, kv_block_size=16, num_pages=10)
     parts = build_engine(fp32_model, config)
     warm_up(parts.runner, token_budget=config.token_budget)
@@ -122,7 +111,7 @@ def test_prefix_cache_on_the_gpu_is_exact(fp32_model, mode):
     system = rand_ids(gen, vocab, 100)
     wl = Workload("paged-prefix", tuple(Request(i, tuple(system + rand_ids(gen, vocab, n)), 12, 0.05 * i)
                                         for i, n in enumerate([7, 30, 1, 64, 16, 45])))
-    expected = {r.id: hf_greedy(fp32_model, r.prompt_ids, r.max_new_tokens) for r in wl}
+    expected = hf_outputs(fp32_model, wl)
     config = EngineConfig(**BASE, kv_block_size=16, num_pages=64, kv_prefix_cache=True)
     run = splitlab.run(wl, fp32_model, mode=mode, config=config, progress=False)
-    assert_exact(run, expected)
+    assert_exact(run, expected, " over a paged pool")
