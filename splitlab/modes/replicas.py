@@ -41,7 +41,8 @@ from splitlab.measure.metrics import Run
 from splitlab.modes.common import (Fault, build_run, check_faults, check_workload, cpu_threads_per_worker,
                                    engine_config, fault_for, mapped_not_owned, round_robin, total_or_none,
                                    weight_fingerprint, worker_facts, worker_model_args)
-from splitlab.modes.session import Arm, ProcessSession, Ready, clock_from, get_checking_parent, serve_runs
+from splitlab.modes.session import (Arm, OnSession, ProcessSession, Ready, clock_from, get_checking_parent,
+                                    serve_runs)
 from splitlab.system.env import synchronize
 from splitlab.workload import Workload
 
@@ -344,7 +345,7 @@ def _wait_byes(channel, bye_q, count: int, timeout_s: float = 60.0) -> None:
 
 # ==== parent side ===================================================================================
 
-class ReplicaSession:
+class ReplicaSession(OnSession):
     """N replica processes (and, with ``mps=True``, the daemon), up between runs.
 
     ``model``: a ``LoadedModel`` (replica 0 reloads it by spec, device, dtype and seed in its
@@ -381,15 +382,6 @@ class ReplicaSession:
             close_order=list(reversed(self.names)),  # replica 0, the owner of the weights, last
             ready_timeout_s=options.ready_timeout_s, stall_timeout_s=options.stall_timeout_s,
             mps_shares={name: None for name in self.names} if options.mps else None)
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return self.session.pids
-
-    @property
-    def children(self) -> dict[str, dict[str, Any]]:
-        """Each replica process: ``{"pid", "tmpdir", "exitcode"}``, kept after ``close()``."""
-        return self.session.children
 
     def run(self, workload: Workload, progress: bool = True) -> Run:
         """Serve ``workload`` (checked first: it must fit the model and each replica's KV slots)."""

@@ -219,6 +219,22 @@ class ProcessSession:
             self.group = None
 
 
+class OnSession:
+    """``pids`` and ``children`` of the ``ProcessSession`` (``self.session``) a mode's workers
+    run in."""
+
+    session: ProcessSession
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return self.session.pids
+
+    @property
+    def children(self) -> dict[str, dict[str, Any]]:
+        """Each worker process: ``{"pid", "tmpdir", "exitcode"}``, kept after ``close()``."""
+        return self.session.children
+
+
 # ---- the child side ------------------------------------------------------------------------------
 
 ServeOne = Callable[[Arm, float, Callable[[int], None]], tuple[Sequence[RequestTrace], Sequence[StepTrace]]]

@@ -38,7 +38,8 @@ from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
 from splitlab.modes.common import (Fault, FreedSlots, cpu_threads_per_worker, decode_loop, fault_for, mapped_not_owned,
                                    prefill_loop, total_or_none, weight_fingerprint, worker_facts, worker_model_args)
-from splitlab.modes.session import Arm, ProcessSession, Ready, clock_from, get_checking_parent, serve_runs
+from splitlab.modes.session import (Arm, OnSession, ProcessSession, Ready, clock_from, get_checking_parent,
+                                    serve_runs)
 from splitlab.system.env import synchronize
 
 # ---- between the two children --------------------------------------------------------------------
@@ -230,7 +231,7 @@ def decode_main(channel, config: EngineConfig, split: SplitConfig, fault: Fault 
 
 # ---- the parent side -----------------------------------------------------------------------------
 
-class ProcessSplit:
+class ProcessSplit(OnSession):
     """The two children of ``processes`` / ``mps`` (and the MPS daemon), up between runs."""
 
     streams = (None, None)
@@ -252,14 +253,6 @@ class ProcessSplit:
                  "process: pass an unmodified model, or use backend='streams'"),
             close_order=["decode", "prefill"],  # the decode child lets go of the shared memory first
             ready_timeout_s=split.ready_timeout_s, stall_timeout_s=split.stall_timeout_s, mps_shares=shares)
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return self.session.pids
-
-    @property
-    def children(self) -> dict[str, dict[str, Any]]:
-        return self.session.children
 
     @property
     def mps(self) -> dict[str, Any] | None:
