@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from _oracle import hf_greedy
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 # the platforms the dev extra installs triton on (pyproject.toml: the marker of `triton`)
@@ -164,8 +165,6 @@ def test_engine_with_triton_kernels_matches_hf(tk, tiny):
 def _triton_engine_runs(tiny, name: str, **config) -> list:
     """``serial`` and ``chunked`` runs with Triton kernels (``EngineConfig(**config)`` for the
     pool) of four ragged prompts, each asserted equal to HF generate(); returns the runs."""
-    from _oracle import hf_greedy
-
     from splitlab.config import EngineConfig
     import splitlab
     from splitlab.workload import from_prompts
@@ -195,12 +194,7 @@ def test_graph_decode_body_with_triton_kernels(tk, variant):
 
     loaded = make_model("qwen2")
     prompts = [[7, 30, 99, 4], [250, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
-    expected = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=5,
-                                    min_new_tokens=5, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
+    expected = [hf_greedy(loaded, p, 5) for p in prompts]
     kv = KVPool.for_model(loaded, 64, num_slots=4)
     runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner, max_batch=4, kernels="triton",
                         decode_variant=variant)
@@ -237,12 +231,7 @@ def test_graph_decode_body_with_triton_gemv(tk):
 
     loaded = make_model("llama", head_dim=16, tie_word_embeddings=True)
     prompts = [[7, 30, 99, 4], [250, 3]]
-    expected = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4,
-                                    min_new_tokens=4, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
+    expected = [hf_greedy(loaded, p, 4) for p in prompts]
     kv = KVPool.for_model(loaded, 32, num_slots=2)
     runner = runner_for(loaded, kv, runner_cls=EmulatedGraphRunner, max_batch=2, kernels="triton", gemv=True)
     assert runner.gemv and not runner_for(loaded, kv, kernels="triton").gemv
