@@ -1,4 +1,4 @@
-"""One self-contained HTML report of a results folder (opens offline: plotly.js inline, once).
+"""One self-contained HTML report of a results folder (opens offline, in under 2 s).
 
 ``write_report(results_dir, out_path)`` reads every run (``index.json`` folders: the folder
 itself and its direct sub-folders, each one *experiment*) and every profile JSON there, and
@@ -6,17 +6,24 @@ writes one HTML file a student can read top to bottom:
 
 - the runs of each experiment in one table (readable units), and apart from them the short
   correctness checks (``is_check``), which no figure shows;
-- per workload: latency CDFs of its runs, their speedup over the experiment's baseline on
-  five metrics, and where each run's time went (queue, prefill, decode);
-- the timeline of one split run beside its baseline's, and the per-request breakdown;
-- goodput over arrival rate × run, one heatmap per experiment (never averaged across);
+- per workload family (one workload at several loads, ``family``: ``poisson-r8-n80`` ...
+  ``poisson-r24-n80``): goodput and p99 TTFT, TPOT and ITL over the load, one line per run
+  label and experiment; then, at the load with the most runs, the latency CDFs and (a table)
+  each experiment's speedups over its baseline on five metrics;
+- the timeline of one split run beside its baseline's, and (a table) where a request's time
+  went in each;
 - the roofline of each profile sweep with its measured-vs-datasheet ceilings.
 
-Runs of different experiments are never averaged together; legends carry the arrival rate,
-and the experiment where two runs would otherwise read the same. The first figure carries
-plotly.js (``include_plotlyjs=True``), every later one refers to it; no CDN is referenced.
-The figures keep a few hundred points each (``splitlab.present.plots``), so the report of
-the recorded H200 results is under 1 MB beside plotly.js itself (4.8 MB in plotly 7).
+Runs of different experiments are never averaged together, nor runs of different
+configurations that ``run_label`` names alike (``distinct_labels``: ``chunked 512`` and
+``chunked 2048``); legends carry the experiment where two runs would otherwise read the same.
+
+The page stays small and quick to open (``splitlab.present.html``): plotly.js travels once,
+gzip + base64 (2.0 MB of its 4.8 MB), inflated in the browser; each figure is its JSON,
+drawn once the library runs, with margins wide enough that plotly draws it once
+(``roomy_margins``); a CDF keeps a few hundred points (``splitlab.present.plots``); a sweep
+of loads draws a few figures, not a set per load. The recorded H200 results (three
+experiments, over a hundred runs) make a page of about 2.4 MB and 11 figures.
 
 ``png=True`` also writes each figure as PNG next to the report, where kaleido and a
 Chromium are present; elsewhere it says so (stderr and in the report) and carries on.
@@ -26,11 +33,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from splitlab.errors import SplitlabError
+from splitlab.present import html as page
 from splitlab.present import plots
 from splitlab.present.results import INDEX, find_profiles, load_profile, load_results
 from splitlab.present.tables import fmt_si, for_people, missing
@@ -42,6 +52,8 @@ SUMMARY_COLUMNS = (
 CHECK_COLUMNS = ("experiment", "label", "workload", "num_requests", "completed", "wall_s", "ttft_p50_s", "tpot_p50_s")
 SPEEDUP_METRICS = ("throughput_tok_s", "goodput_req_s", "ttft_p99_s", "tpot_p99_s", "itl_p99_s")
 BASELINES = ("serial", "chunked", "hf-generate")
+# the CDFs of a workload: the first token (prefill's share) and every token gap (decode's)
+CDF_METRICS = ("ttft_s", "itl")
 _RUN_FORMAT_PREFIX = '"splitlab.run/'
 # a run this small beside a run of its experiment 8× larger is a check, not a measurement
 CHECK_MAX_REQUESTS = 8
@@ -54,6 +66,8 @@ table.data{border-collapse:collapse;font-size:12px;margin:8px 0}
 table.data td,table.data th{border:1px solid #ddd;padding:3px 6px;text-align:left;white-space:nowrap}
 table.data td.num{text-align:right}table.data th{background:#f4f4f4}
 .note{color:#555;font-size:13px}.warn{color:#a33}
+.tablewrap{overflow-x:auto;content-visibility:auto;contain-intrinsic-size:auto 300px}
+.splitlab-figure-error{color:#a33;font-size:13px;padding:8px;border:1px dashed #d99}
 """
 _DEFINITIONS = ("Metric definitions: TTFT = arrival to first token; TPOT = (E2E - TTFT)/(tokens - 1); ITL = every "
                 "gap between consecutive tokens; E2E = arrival to last token; goodput = requests meeting every SLO "
@@ -91,28 +105,70 @@ def write_report(results_dir: str | Path, out_path: str | Path, *, slo=None, png
             f"sweep(s). {_DEFINITIONS}</p>")
     if png_note:
         meta += f"<p class='note'>{html.escape(png_note)}</p>"
+    library = page.scripts() if figures else ""
     doc = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(head)}</title>"
-           f"<style>{_CSS}</style></head><body><h1>{html.escape(head)}</h1>{meta}{_render(sections)}</body></html>")
+           f"<style>{_CSS}</style>{library}</head><body><h1>{html.escape(head)}</h1>{meta}{_render(sections)}"
+           "</body></html>")
     out.write_text(doc, encoding="utf-8")
     return out
 
 
 def _render(sections) -> str:
-    """The sections as HTML: plotly.js inline with the first figure only."""
+    """The sections as HTML, each figure as its JSON (``splitlab.present.html.figure``: the
+    loader in the page's head draws it)."""
     body = []
-    first = True
+    count = 0
     for heading, items in sections:
         body.append(f"<h2>{html.escape(heading)}</h2>")
         for item in items:
             if isinstance(item, tuple):
-                _, fig = item
-                height = fig.layout.height or 480
-                body.append(fig.to_html(full_html=False, include_plotlyjs=first, default_width="100%",
-                                        default_height=f"{height}px", config={"displaylogo": False}))
-                first = False
+                name, fig = item
+                count += 1
+                body.append(page.figure(roomy_margins(fig), f"fig-{count}-{_slug(name)}"))
             else:
                 body.append(item)
     return "".join(body)
+
+
+# a 12 px label's width per character, generously (plotly's fonts: Open Sans, Verdana, Arial)
+_CHAR_PX = 7.0
+
+
+def roomy_margins(fig):
+    """``fig`` with margins wide enough for its legend, tick labels and title, estimated from
+    their text. plotly widens a margin that is too narrow for them by drawing the figure
+    again (automargin): with room enough it draws once, 10-20% of a report's drawing time.
+    It still widens one the estimate left too narrow."""
+    def chars(values) -> int:
+        return max((len(str(v)) for v in values), default=0)
+
+    shown = [t for t in fig.data if t.showlegend is not False and t.name]
+    legend = fig.layout.showlegend is True or (fig.layout.showlegend is None and len(fig.data) > 1)
+    right = 30
+    if legend and shown:
+        title = fig.layout.legend.title.text or ""
+        right = int(min(480, 50 + _CHAR_PX * max(chars(t.name for t in shown), len(title))))
+    bottom, left = 70, 80
+    for t in fig.data:
+        if t.type != "bar":
+            continue
+        horizontal = t.orientation == "h"
+        cats = t.y if horizontal else t.x
+        if cats is None or not len(cats) or not isinstance(cats[0], str):
+            continue
+        if horizontal:
+            left = max(left, int(40 + _CHAR_PX * chars(cats)))
+        else:
+            angle = abs(fig.layout.xaxis.tickangle or 0) if isinstance(fig.layout.xaxis.tickangle, (int, float)) else 0
+            slant = 0.5 if 0 < angle < 60 else (1.0 if angle >= 60 else 0.0)
+            bottom = max(bottom, int(60 + _CHAR_PX * chars(cats) * slant))
+    top = 90 if fig.layout.title.text else 40
+    margin = fig.layout.margin
+    fig.update_layout(margin=dict(l=margin.l if margin.l is not None else left,
+                                  r=margin.r if margin.r is not None else right,
+                                  t=margin.t if margin.t is not None else top,
+                                  b=margin.b if margin.b is not None else bottom))
+    return fig
 
 
 # ---- collecting ------------------------------------------------------------------------------
@@ -146,10 +202,37 @@ def _collect_runs(root: Path, slo):
         table, found = load_results(folder, slo)
         prefix = "" if folder == root else f"{folder.name}/"
         table = table.assign(id=[prefix + i for i in table["id"]], experiment=folder.name)
+        if "label" in table:
+            table["label"] = distinct_labels(table["label"], [i[len(prefix):] for i in table["id"]], table["workload"])
         tables.append(table)
         runs.update({prefix + k: v for k, v in found.items()})
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return table, runs
+
+
+def distinct_labels(labels, ids, workloads) -> list[str]:
+    """Run labels that tell one experiment's configurations apart. ``run_label`` says mode,
+    backend and shares: two chunk sizes, or a green split's policies, read the same. A label
+    that two runs of one workload share is, for every run of it, replaced by its run id's
+    configuration part (before ``--``: ``chunked-512--poisson-r8`` -> ``chunked 512``, or the
+    label and that part where the part does not read as the label). Ids without ``--`` keep
+    their label (the legends then carry the run id)."""
+    labels = [str(x) for x in labels]
+    stems = [str(i).split("--")[0] if "--" in str(i) else None for i in ids]
+    seen: set[tuple[str, str]] = set()
+    shared: set[str] = set()
+    for lab, wl in zip(labels, workloads):
+        if (lab, str(wl)) in seen:
+            shared.add(lab)
+        seen.add((lab, str(wl)))
+    out = []
+    for lab, stem in zip(labels, stems):
+        if lab not in shared or stem is None:
+            out.append(lab)
+            continue
+        words = stem.replace("-", " ").replace("_", " ")
+        out.append(words if words.startswith(lab) else f"{lab} ({stem})")
+    return out
 
 
 def is_check(table):
@@ -183,13 +266,124 @@ def _run_sections(table, runs) -> list[tuple[str, list[Any]]]:
             "listed here, left out of every figure and comparison.</p>",
             _table_html(_ordered(check)[[c for c in CHECK_COLUMNS if c in check.columns]])]))
     many = real["experiment"].nunique() > 1
-    for workload, part in real.groupby("workload", sort=False):
-        sections.append((f"Workload {workload}", _workload_items(workload, part, runs, many)))
+    fam = real.assign(_family=[family(w)[0] for w in real["workload"]])
+    for name, part in fam.groupby("_family", sort=False):
+        part = part.drop(columns="_family")
+        # a lone run beside its experiment's sweeps (a side measurement) is in the tables only
+        lone = len(part) == 1 and (fam["experiment"] == part["experiment"].iloc[0]).sum() > 1
+        items = [_lone_note(part)] if lone else _family_items(name, part, runs, many)
+        sections.append((_family_heading(name, part), items))
     sections += _timeline_sections(real, runs)
-    heat = _heatmap_items(real)
-    if heat:
-        sections.append(("Goodput over arrival rate, per experiment", heat))
     return sections
+
+
+# a workload name's load token: -r<rate> (Poisson or a trace at that mean rate), -x<speed-up>
+_LOAD_TOKEN = re.compile(r"-(r|x)(\d+(?:\.\d+)?)(?=-|$)")
+
+
+def family(workload: str) -> tuple[str, str | None, float | None]:
+    """(workload less its load token, the token's letter, its value): ``poisson-r21.2-n160``
+    -> ``("poisson-n160", "r", 21.2)``; a name without one is its own family."""
+    m = _LOAD_TOKEN.search(str(workload))
+    if m is None:
+        return str(workload), None, None
+    name = str(workload)
+    return name[:m.start()] + name[m.end():], m.group(1), float(m.group(2))
+
+
+def _loads(part):
+    """Each row's load: the arrival rate where recorded, else the value in the workload name."""
+    names = [family(w) for w in part["workload"]]
+    rates = part["rate"] if "rate" in part else [None] * len(part)
+    return [float(r) if not missing(r) else v for r, (_, _, v) in zip(rates, names)]
+
+
+def _load_axis(part) -> str:
+    letters = {family(w)[1] for w in part["workload"]}
+    return "trace speed-up (×)" if letters == {"x"} else "arrival rate (req/s)"
+
+
+def _family_heading(name, part) -> str:
+    workloads = list(dict.fromkeys(part["workload"]))
+    if len(workloads) == 1:
+        return f"Workload {workloads[0]}"
+    loads = sorted({v for v in _loads(part) if v is not None})
+    unit = "×" if _load_axis(part).startswith("trace") else " req/s"
+    return f"Workload {name}, {len(workloads)} loads ({loads[0]:g} to {loads[-1]:g}{unit})"
+
+
+def _lone_note(part) -> str:
+    row = part.iloc[0]
+    return (f"<p class='note'>One run ({html.escape(str(row['label']))}, experiment "
+            f"{html.escape(str(row['experiment']))}), beside that experiment's other workloads: nothing of its own "
+            "workload to compare it with; its numbers are in the table above.</p>")
+
+
+def _family_items(name, part, runs, many_experiments: bool) -> list[Any]:
+    """A family of workloads (one workload at several loads): goodput and tail latencies over
+    the load, then, at the load with the most runs, the latency CDFs and the speedups per
+    experiment (where it has a baseline and another run)."""
+    loads = _loads(part)
+    part = part.assign(_load=loads)
+    workloads = list(dict.fromkeys(part["workload"]))
+    counts = part.groupby("workload", sort=False).agg(n=("id", "size"), load=("_load", "max"))
+    top = counts.assign(load=counts["load"].fillna(float("-inf"))).sort_values(["n", "load"]).index[-1]
+    at_top = part[part["workload"] == top].drop(columns="_load")
+    items: list[Any] = []
+    if len(workloads) > 1:
+        sizes = sorted(part["num_requests"].unique()) if "num_requests" in part else []
+        what = [f"{len(part)} run(s) of {len(workloads)} workloads"]
+        if sizes:
+            what.append(f"{', '.join(str(s) for s in sizes)} requests each")
+        if many_experiments:
+            what.append("experiments " + ", ".join(part["experiment"].unique()))
+        items.append(f"<p class='note'>{html.escape('; '.join(what))}. Every load in the first figure (and the "
+                     f"tables above); the figures after it at {html.escape(str(top))}, the load with the most runs "
+                     "(the highest of those).</p>")
+        items.append((f"over_load_{_slug(name)}", over_load(part.drop(columns="_load"), loads, name)))
+    items += _workload_items(top, at_top, runs, many_experiments, note=len(workloads) == 1)
+    return items
+
+
+# the summary columns drawn over the load: goodput, then the tail latencies
+OVER_LOAD = ("goodput_req_s", "ttft_p99_s", "tpot_p99_s", "itl_p99_s")
+
+
+def over_load(rows, loads, name: str):
+    """Goodput and p99 latencies over the load, one line per run label and experiment (runs of
+    different experiments are never averaged: each its own line), the SLO bound dashed."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from splitlab.present.tables import column_info, column_title
+
+    cols = [c for c in OVER_LOAD if c in rows and rows[c].notna().any()]
+    df = rows.assign(_load=loads).dropna(subset=["_load"])
+    fig = make_subplots(rows=(len(cols) + 1) // 2, cols=2, subplot_titles=[column_info(c).title for c in cols],
+                        horizontal_spacing=0.09, vertical_spacing=0.14)
+    many = df["experiment"].nunique() > 1
+    lines = list(df.groupby(["experiment", "label"], sort=False))
+    for i, ((experiment, label), g) in enumerate(lines):
+        g = g.sort_values("_load")
+        lab = f"{label} ({experiment})" if many else str(label)
+        for j, c in enumerate(cols):
+            fig.add_trace(go.Scatter(x=plots.rounded(g["_load"]), y=plots.rounded(g[c]), mode="lines+markers",
+                                     name=lab, legendgroup=lab, showlegend=j == 0,
+                                     line=dict(color=plots._color(i), width=1.5), marker=dict(size=5),
+                                     hovertemplate=f"{lab}<br>%{{x:g}}: %{{y:.4g}}<extra></extra>"),
+                          row=j // 2 + 1, col=j % 2 + 1)
+    bounds = {"ttft_p99_s": "slo_ttft_s", "tpot_p99_s": "slo_tpot_s", "itl_p99_s": "slo_itl_s"}
+    for j, c in enumerate(cols):
+        axis = dict(row=j // 2 + 1, col=j % 2 + 1)
+        fig.update_xaxes(title_text=_load_axis(df), **axis)
+        latency = c != "goodput_req_s"
+        fig.update_yaxes(title_text=column_title(c), type="log" if latency and plots._wide(df[c]) else None, **axis)
+        slo = bounds.get(c)
+        if slo in df and df[slo].nunique() == 1 and not missing(df[slo].iloc[0]):
+            fig.add_hline(y=float(df[slo].iloc[0]), line_dash="dash", line_color="#888888", line_width=1, **axis)
+    fig.update_layout(template=plots.template(), title=f"Over the load — {name}",
+                      height=340 * ((len(cols) + 1) // 2) + 100)
+    return fig
 
 
 def _ordered(table):
@@ -228,7 +422,7 @@ def legends(rows) -> list[str]:
     return [f"{o} [{rid}]" if counts[o] > 1 else o for o, rid in zip(out, rows["id"])]
 
 
-def _workload_items(workload, part, runs, many_experiments: bool) -> list[Any]:
+def _workload_items(workload, part, runs, many_experiments: bool, note: bool = True) -> list[Any]:
     rates = part["rate"].dropna().unique() if "rate" in part else []
     sizes = sorted(part["num_requests"].unique()) if "num_requests" in part else []
     what = [f"{len(part)} run(s)"]
@@ -238,9 +432,9 @@ def _workload_items(workload, part, runs, many_experiments: bool) -> list[Any]:
         what.append(f"{', '.join(str(s) for s in sizes)} requests each")
     if many_experiments:
         what.append("experiments " + ", ".join(part["experiment"].unique()))
-    items: list[Any] = [f"<p class='note'>{html.escape('; '.join(what))}.</p>"]
+    items: list[Any] = [f"<p class='note'>{html.escape('; '.join(what))}.</p>"] if note else []
     chosen = dict(zip(legends(part), (runs[i] for i in part["id"])))
-    cdf = plots.latency_cdf_grid(chosen, title=f"Latency distributions — {workload}")
+    cdf = plots.latency_cdf_grid(chosen, CDF_METRICS, title=f"Latency distributions — {workload}")
     items.append((f"cdf_{_slug(workload)}", cdf))
     for experiment, rows in part.groupby("experiment", sort=False):
         base = next((b for b in BASELINES if b in set(rows["mode"])), None)
@@ -249,15 +443,42 @@ def _workload_items(workload, part, runs, many_experiments: bool) -> list[Any]:
         metrics = [m for m in SPEEDUP_METRICS if m in rows and rows[m].notna().all() and (rows[m] > 0).all()]
         if not metrics:
             continue
-        fig = plots.speedup_bars(rows, base, metrics,
-                                 title=f"Speedup over {base} — {workload}" + (f", {experiment}" if many_experiments
-                                                                              else ""))
-        fig.update_layout(height=440)
-        items.append((f"speedup_{_slug(experiment)}_{_slug(workload)}", fig))
-    if len(part) > 1:
-        fig = plots.phase_breakdown_runs(chosen, title=f"Phase time per run (mean per request) — {workload}")
-        items.append((f"breakdown_{_slug(workload)}", fig))
+        items.append(speedup_table(rows, base, metrics, f"Speedup over {base} — {workload}"
+                                   + (f", {experiment}" if many_experiments else "")))
     return items
+
+
+def speedup_table(rows, base: str, metrics, title: str) -> str:
+    """Each run's speedup over the baseline on ``metrics`` (> 1 = better: baseline ÷ run for a
+    latency, run ÷ baseline for a rate), as ``plots.speedup_bars`` computes it, in a table:
+    a row per run label (runs of one label averaged: give one experiment's rows of one
+    workload), shaded green above 1 and red below; the baseline's own values on top, each
+    run's on hover. A table, not a figure: exact, and nothing to draw when the page opens."""
+    from splitlab.present.tables import column_info, format_value
+
+    is_base = (rows["mode"] == base) | (rows["label"] == base)
+    base_values = {m: float(rows.loc[is_base, m].astype(float).mean()) for m in metrics}
+    means = rows.groupby("label", sort=False)[list(metrics)].mean()
+    head = "".join(f"<th>{html.escape(column_info(m).title)}</th>" for m in metrics)
+    first = "".join(f"<td class='num'>{html.escape(format_value(base_values[m], m))}</td>" for m in metrics)
+    body = [f"<tr><td>{html.escape(base)} (baseline)</td>{first}</tr>"]
+    for label, values in means.iterrows():
+        cells = []
+        for m in metrics:
+            v = float(values[m])
+            ratio = (base_values[m] / v if plots.lower_is_better(m) else v / base_values[m]) if v else float("nan")
+            if ratio != ratio:
+                cells.append("<td class='num'>n/a</td>")
+                continue
+            strength = min(1.0, abs(math.log2(ratio)) / 2) * 0.55
+            color = f"rgba(84,162,75,{strength:.2f})" if ratio > 1 else f"rgba(228,87,86,{strength:.2f})"
+            cells.append(f"<td class='num' style='background:{color}' title='{html.escape(format_value(v, m))}'>"
+                         f"{ratio:.2f}×</td>")
+        body.append(f"<tr><td>{html.escape(str(label))}</td>{''.join(cells)}</tr>")
+    return (f"<h3>{html.escape(title)}</h3><p class='note'>&gt; 1: better than {html.escape(base)} (latencies: "
+            f"{html.escape(base)} ÷ run; throughput and goodput: run ÷ {html.escape(base)}); a run's own value "
+            "on hover.</p><div class='tablewrap'><table class='data'><thead><tr><th>run</th>" + head
+            + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
 
 
 def _timeline_pick(real, runs) -> list[str]:
@@ -290,35 +511,29 @@ def _timeline_sections(real, runs) -> list[tuple[str, list[Any]]]:
         items.append((f"timeline_{_slug(rid)}", plots.timeline(runs[rid], title=f"Timeline — {names[rid]} "
                                                                                f"({where[rid]})")))
     first = picks[0]
-    items.append((f"breakdown_requests_{_slug(first)}",
-                  plots.phase_breakdown(runs[first], title=f"Where each request's time went — {names[first]} "
-                                                           f"({where[first]})")))
+    items.append(_phase_table([(names[rid], runs[rid]) for rid in picks]))
     return [(f"Timeline of one run ({names[first]}, {where[first]})", items)]
 
 
-def _heatmap_items(real) -> list[Any]:
-    """Goodput over rate × run label, one heatmap per experiment. At each rate only the
-    workload most of the experiment's runs share there (its sweep) is drawn: a run of
-    another workload at that rate (e.g. a shorter one) is named below, not pooled."""
-    if not {"rate", "goodput_req_s", "label"} <= set(real.columns):
-        return []
-    grid = real.dropna(subset=["rate"])
-    keep = [e for e, part in grid.groupby("experiment", sort=False) if part["rate"].nunique() > 1]
-    grid = grid[grid["experiment"].isin(keep)]
-    if not len(grid):
-        return []
-    main = grid.groupby(["experiment", "rate"])["workload"].agg(lambda w: w.value_counts().index[0])
-    in_sweep = [main[(e, r)] == w for e, r, w in zip(grid["experiment"], grid["rate"], grid["workload"])]
-    left = grid[[not k for k in in_sweep]]
-    grid = grid[in_sweep]
-    slo = f" at SLO {grid['slo'].iloc[0]}" if "slo" in grid and grid["slo"].nunique() == 1 else ""
-    fig = plots.heatmap(grid, "rate", "label", "goodput_req_s", title=f"Goodput (req/s){slo}: run × arrival rate")
-    note = ("One heatmap per experiment: runs of different experiments are never averaged. A cell shows the "
-            "goodput of the run(s) of that label at that rate, and how many runs it holds when more than one.")
-    if len(left):
-        note += " Not drawn (another workload at the same rate): " + ", ".join(
-            f"{lab} ({w})" for lab, w in zip(left["label"], left["workload"])) + "."
-    return [f"<p class='note'>{html.escape(note)}</p>", ("heatmap", fig)]
+def _phase_table(named_runs) -> str:
+    """Where a request's time went in each run, on average: queue, prefill, from prefill's end
+    to the first token, decode (``plots.phase_breakdown`` draws it request by request)."""
+    import numpy as np
+
+    from splitlab.present.tables import format_value
+
+    keys = ("queue", "prefill", "handoff", "unsplit", "decode")
+    rows = []
+    for name, run in named_runs:
+        seg = plots._segments(run)
+        rows.append((name, {k: float(np.mean(seg[k])) if len(seg[k]) else float("nan") for k in keys}))
+    shown = [k for k in keys if any(v[k] > 0 for _, v in rows)]
+    head = "".join(f"<th>{html.escape(plots._SEGMENT_NAMES[k])}</th>" for k in shown)
+    body = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
+        f"<td class='num'>{html.escape(format_value(v[k], 'ttft_p50_s'))}</td>" for k in shown) + "</tr>"
+        for name, v in rows)
+    return ("<p class='note'>Where a request's time went, mean per request:</p><div class='tablewrap'>"
+            f"<table class='data'><thead><tr><th>run</th>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
 # ---- profiles ----------------------------------------------------------------------------------
@@ -363,7 +578,7 @@ def _table_html(df) -> str:
     rows = "".join("<tr>" + "".join(f"<td class='{k}'>{html.escape(v)}</td>" if k else f"<td>{html.escape(v)}</td>"
                                     for k, v in zip(cls, row)) + "</tr>"
                    for row in shown.itertuples(index=False))
-    return (f"<div style='overflow-x:auto'><table class='data'><thead><tr>{head}</tr></thead>"
+    return (f"<div class='tablewrap'><table class='data'><thead><tr>{head}</tr></thead>"
             f"<tbody>{rows}</tbody></table></div>")
 
 
