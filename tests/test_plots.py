@@ -399,3 +399,22 @@ def test_rate_curves_one_line_per_label_log_when_wide():
     assert lin.layout.yaxis.type is None and lin.layout.yaxis.title.text == "goodput (req/s)"
     with pytest.raises(SplitlabError):
         plots.rate_curves(df, "ttft_p99_s")
+
+
+def test_attainment_rate_curve_colours_marks_and_names_modes_without_one():
+    from splitlab.measure.slo import attainment_vs_rate
+    from splitlab.config import SLO
+
+    def run(rate, gap):
+        traces = [RequestTrace(i, i * 0.1, 4, 3, 0.0, 0.05 + i * 0.1, [0.05 + i * 0.1 + k * gap for k in range(3)],
+                               [1, 2, 3], "w") for i in range(4)]
+        return Run(mode="serial", model="tiny", workload=f"poisson-r{rate}-n4", config={"rate": rate}, env={},
+                   traces=traces)
+
+    table = attainment_vs_rate({"fast": [run(r, 0.01) for r in (1, 2)], "slow": [run(r, 0.2) for r in (1, 2)]},
+                               SLO(ttft_s=1, tpot_s=None, itl_s=0.05))
+    fig = plots.attainment_rate_curve(table)
+    line = {t.name: t for t in fig.data}
+    mark = line["fast: max rate at 90% ≥ 2 req/s (highest rate measured)"]
+    assert mark.marker.color == line["fast"].line.color and mark.legendgroup == "fast"
+    assert [a.text for a in fig.layout.annotations] == ["no mark: below 90% at every rate measured: slow"]

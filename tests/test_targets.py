@@ -53,6 +53,7 @@ def test_split_targets_verdicts_from_the_analysis():
     assert slow["verdict"] == "partly" and slow["measured"] == "1.1-2x (a 1.1-1.3x; s 2x)"  # the NaN is left out
     decide = rows["policy decision time, p99 per run"]
     assert decide["verdict"] == "met" and decide["measured"] == "at most 0.03 ms over 2 runs"
+    assert (smooth["threshold"], relaxed["threshold"], ttft["threshold"], decide["threshold"]) == (2.0, None, 1.2, 1e-3)
     strict = {r["target"]: r for r in T.split_targets(analysis(), {**T.SPLIT_TARGETS, "decode_slowdown": 1.0},
                                                       adaptive=("a",), splits=("a",))}
     assert strict["decode step slowdown beside a prefill (batch-matched)"]["verdict"] == "missed"
@@ -99,3 +100,34 @@ def test_paper_setup_table_and_claims():
     assert "reduction_with_startup" not in untimed
     with pytest.raises(ConfigError):
         T.paper_setup_table(rows[1:])
+
+
+def test_sm_choices_counts_decode_steps_per_partition_and_beside_prefill():
+    from splitlab.measure.metrics import StepTrace
+
+    run = fake_run([1.0], 1.0)
+    run.steps = [StepTrace("prefill", "prefill", 0.0, 0.3, [5], 100, sms=100),
+                 StepTrace("decode", "decode", 0.1, 0.2, [0, 1], 2, sms=32),
+                 StepTrace("decode", "decode", 0.2, 0.35, [0, 1, 2], 3, sms=32),
+                 StepTrace("decode", "decode", 0.4, 0.5, [0], 1, sms=132),
+                 StepTrace("decode", "decode", 0.5, 0.6, [0, 1, 2, 3], 4, sms=132)]
+    t = T.sm_choices(run).set_index("decode_sms")
+    assert list(t.index) == [32, 132] and list(t.decode_steps) == [2, 2] and list(t.share) == [0.5, 0.5]
+    assert list(t.beside_prefill) == [1.0, 0.0]  # both 32-SM steps overlap the prefill, neither whole-GPU one
+    assert (t.loc[132, "batch_min"], t.loc[132, "batch_median"], t.loc[132, "batch_max"]) == (1, 2.5, 4)
+    run.steps = [StepTrace("w", "decode", 0.0, 0.1, [0], 1)]
+    assert T.sm_choices(run).empty
+
+
+def test_paper_setup_rows_time_start_up_warm_up_and_run_apart():
+    import splitlab as sl
+
+    model = sl.load_model("tiny")
+    wl = sl.fixed_batch(4, prompt_len=8, max_new_tokens=3, model=model, seed=0)
+    rows = T.paper_setup_rows(model, wl, batch_size=2, processes=(2,))
+    assert [r["cell"] for r in rows] == ["sequential", "replicas-2"]
+    seq, rep = rows
+    assert seq["startup_s"] == 0.0 and rep["startup_s"] > 0 and seq["warmup_s"] > 0 and rep["warmup_s"] > 0
+    assert rep["requests"] == 4 and rep["run"].output_ids() == seq["run"].output_ids()  # greedy: the same tokens
+    table = T.paper_setup_table(rows)
+    assert list(table.processes) == [1, 2] and table.reduction_with_startup.iloc[1] < table.wall_reduction.iloc[1]

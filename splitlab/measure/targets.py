@@ -8,7 +8,10 @@ reads an analysis of ``splitlab.measure.analysis.where_split_pays`` and returns 
 target: what was aimed at, what was measured, and the verdict, every number from the
 analysis. ``paper_setup_table`` adds the paper's two figures (latency reduction, throughput
 ratio) to rows of ``benchmarks/paper_setup.py`` or of a live run of the same setup;
-``paper_claims`` puts the recorded figures beside the paper's. Plain Python and pandas (lazy).
+``paper_claims`` puts the recorded figures beside the paper's. ``sm_choices`` says how a split
+that records its SMs per step (the adaptive green split) chose them: per decode SM count, how
+many steps, at which batch sizes, and how many of them ran beside a prefill. Plain Python and
+pandas (lazy).
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ def split_targets(analysis: Mapping[str, Any], targets: Mapping[str, float] = SP
                   adaptive: Sequence[str] = ADAPTIVE, splits: Sequence[str] = GREEN,
                   goodput_slos: Sequence[str] = ("smooth",)) -> list[dict[str, Any]]:
     """The split's targets judged from a ``where_split_pays`` analysis, one row per target:
-    ``target`` (words), ``aim``, ``measured`` (words), ``verdict`` and the numbers (``value``,
-    ``low``, ``high``).
+    ``target`` (words), ``aim`` (words) and its ``threshold`` (a ratio, or seconds for the
+    decision time; None where only reported), ``measured`` (words), ``verdict`` and the
+    numbers (``value``, ``low``, ``high``).
 
     - For each workload and SLO of ``vs_best_peer``: the best of the ``adaptive`` policies'
       highest rate at the target attainment over the best peer's (serial, chunked at its best
@@ -101,7 +105,7 @@ def split_targets(analysis: Mapping[str, Any], targets: Mapping[str, float] = SP
             st, ratio, bound = None, math.nan, False
             measured = f"no ratio: the best peer, {peer}, met the target at every rate measured"
         rows.append({"target": f"adaptive split's max rate over the best peer's, {family}, {slo} SLO",
-                     "aim": f"≥ {aim:g}x" if aim is not None else "reported", "measured": measured,
+                     "aim": f"≥ {aim:g}x" if aim is not None else "reported", "threshold": aim, "measured": measured,
                      "verdict": _ratio_verdict(ratio, bound, aim), "value": ratio, "low": ratio, "high": ratio,
                      "lower_bound": bound, "best": st})
     serial = {(r["workload"], r["rate"]): r for r in runs.values() if r["step"] == "serial"}
@@ -117,6 +121,7 @@ def split_targets(analysis: Mapping[str, Any], targets: Mapping[str, float] = SP
     if decide:
         worst = max(decide)
         rows.append({"target": "policy decision time, p99 per run", "aim": f"≤ {targets['decide_p99_s'] * 1e3:g} ms",
+                     "threshold": targets["decide_p99_s"],
                      "measured": f"at most {worst * 1e3:.3g} ms over {len(decide)} runs",
                      "verdict": "met" if worst <= targets["decide_p99_s"] else "missed", "value": worst,
                      "low": min(decide), "high": worst, "lower_bound": False, "best": None})
@@ -130,8 +135,9 @@ def _bound_row(what: str, aim: float, values: Mapping[str, list[float]]) -> dict
     within = sum(v <= aim for v in every)
     verdict = "met" if within == len(every) else ("missed" if within == 0 else "partly")
     detail = "; ".join(f"{st} {_range(vs)}" for st, vs in values.items() if vs)
-    return {"target": what, "aim": f"≤ {aim:g}x", "measured": f"{_range(every)} ({detail})", "verdict": verdict,
-            "value": max(every), "low": min(every), "high": max(every), "lower_bound": False, "best": None}
+    return {"target": what, "aim": f"≤ {aim:g}x", "threshold": aim, "measured": f"{_range(every)} ({detail})",
+            "verdict": verdict, "value": max(every), "low": min(every), "high": max(every), "lower_bound": False,
+            "best": None}
 
 
 def _rate_words(rate, status: str) -> str:
@@ -152,6 +158,45 @@ def setup_row(run, cell: str, startup_s: float | None = None, warmup_s: float | 
     return {"cell": cell, "startup_s": startup_s, "warmup_s": warmup_s, "wall_s": run.wall_s,
             "throughput_tok_s": run.summary()["throughput_tok_s"], "e2e_mean_s": float(table["e2e_s"].mean()),
             "e2e_p50_s": float(table["e2e_s"].median()), "requests": len(table)}
+
+
+def paper_setup_rows(model, workload, batch_size: int, processes: Sequence[int] = (2, 4),
+                     mps: Sequence[bool] = (False,), progress: bool = False) -> list[dict[str, Any]]:
+    """The paper's setup measured as ``benchmarks/paper_setup.py`` measures it: ``sequential``
+    (one ``generate()`` loop over static batches of ``batch_size``, in this process: no
+    start-up) and ``replicas-N[-mps]`` (N processes of ``generate()``, each on its share of the
+    requests) for every N of ``processes`` and every choice of ``mps``. Each is timed three
+    ways, apart: the session's start-up (spawning the processes, loading and sharing the
+    model), a warm-up run (one static batch per replica, other prompts), and the measured run
+    of ``workload``. Returns ``setup_row`` dicts (the Run of each under ``"run"``)."""
+    import time
+
+    import splitlab
+    from splitlab.modes.replicas import ReplicaSession
+    from splitlab.workload import fixed_batch
+
+    lengths = sorted({len(r.prompt_ids) for r in workload.requests})
+    out_len = max(r.max_new_tokens for r in workload.requests)
+
+    def warm(n: int):
+        return fixed_batch(max(1, n) * batch_size, lengths[-1], out_len, model=model, seed=1, name="warm-up")
+
+    start = time.perf_counter()
+    splitlab.run(warm(1), model, mode="hf-generate", batch_size=batch_size, progress=False)
+    warm_s = time.perf_counter() - start
+    run = splitlab.run(workload, model, mode="hf-generate", batch_size=batch_size, progress=progress)
+    rows = [{**setup_row(run, "sequential", 0.0, warm_s), "run": run}]
+    for n in processes:
+        for on in mps:
+            start = time.perf_counter()
+            with ReplicaSession(model, num_replicas=n, engine="generate", mps=on, batch_size=batch_size) as session:
+                startup_s = time.perf_counter() - start
+                start = time.perf_counter()
+                session.run(warm(n), progress=False)
+                warm_s = time.perf_counter() - start
+                run = session.run(workload, progress=progress)
+            rows.append({**setup_row(run, f"replicas-{n}{'-mps' if on else ''}", startup_s, warm_s), "run": run})
+    return rows
 
 
 def paper_setup_table(rows: Iterable[Mapping[str, Any]], baseline: str = "sequential"):
@@ -206,3 +251,36 @@ def paper_claims(table, paper: Mapping[str, float] = PAPER_FIGURES) -> list[dict
         add("best latency reduction vs sequential", f"up to {paper['latency_reduction_max']:.1%}",
             "latency_reduction", (replicas["latency_reduction"].idxmax(),), pct)
     return rows
+
+
+# ---- the SM split over time ------------------------------------------------------------------
+
+def sm_choices(run):
+    """One row per SM count the decode steps of ``run`` ran on (``plots.step_sms``: the
+    adaptive green split's per-step record, a static green split's partition): ``decode_sms``,
+    ``decode_steps``, ``share`` of the decode steps, ``batch_min`` / ``batch_median`` /
+    ``batch_max`` (requests per step), and ``beside_prefill``: the share of those steps that
+    overlapped a prefill step in time. Empty when no step's SMs are known."""
+    import numpy as np
+    import pandas as pd
+
+    from splitlab.present.plots import step_sms
+
+    pre = sorted((s.start_s, s.end_s) for s in run.steps if s.worker == "prefill")
+    starts = np.array([a for a, _ in pre])
+    ends = np.maximum.accumulate(np.array([b for _, b in pre])) if pre else np.array([])
+    rows = []
+    for s, sms in zip(run.steps, step_sms(run)):
+        if s.worker != "decode" or sms is None:
+            continue
+        k = int(np.searchsorted(starts, s.end_s))  # prefill steps starting before this step ends
+        rows.append({"decode_sms": sms, "batch": len(s.request_ids), "beside": bool(k and ends[k - 1] > s.start_s)})
+    cols = ["decode_sms", "decode_steps", "share", "batch_min", "batch_median", "batch_max", "beside_prefill"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(rows)
+    out = df.groupby("decode_sms").agg(decode_steps=("batch", "size"), batch_min=("batch", "min"),
+                                       batch_median=("batch", "median"), batch_max=("batch", "max"),
+                                       beside_prefill=("beside", "mean")).reset_index()
+    out.insert(2, "share", out["decode_steps"] / out["decode_steps"].sum())
+    return out[cols]

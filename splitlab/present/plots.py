@@ -789,7 +789,7 @@ def attainment_rate_curve(table, target: float = 0.9, title: str | None = None):
 
     ``table``: ``splitlab.measure.slo.attainment_vs_rate``. A mode that meets the target at
     every rate measured gets a triangle at its highest rate (≥); one that misses it at every
-    rate gets no marker (its legend entry says so).
+    rate gets no marker, and a note over the plot names it.
     """
     from splitlab.measure.slo import max_rates
 
@@ -814,9 +814,15 @@ def attainment_rate_curve(table, target: float = 0.9, title: str | None = None):
                                  marker=dict(symbol="triangle-right" if limit.at_least else "x", size=12,
                                              color=colors.get(label)),
                                  hovertemplate=f"{label}: {limit.reason}<extra></extra>"))
+    never = [label for label, limit in limits.items() if limit.status == "below_lowest"]
+    if never:  # their marks are empty, and plotly draws no legend entry for an empty trace
+        fig.add_annotation(text=f"no mark: below {target:.0%} at every rate measured: {', '.join(never)}",
+                           x=0, y=1.0, xref="paper", yref="paper", xanchor="left", yanchor="bottom",
+                           showarrow=False, font=dict(size=11, color="#555555"))
     words = _slo_words(table)
     fig.update_layout(template="plotly_white",
                       title=title or "SLO attainment against arrival rate" + (f" ({words})" if words else ""),
+                      legend=dict(tracegroupgap=4), height=max(450, 150 + 21 * len(fig.data)),  # every entry in view
                       xaxis=dict(title=dict(text="arrival rate (req/s)")),
                       yaxis=dict(title=dict(text="SLO attainment (% of requests)"), range=[0, 105]))
     return fig
