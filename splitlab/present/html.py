@@ -55,8 +55,8 @@ _LOADER = """
     if (window.Plotly) return;
     if (typeof DecompressionStream !== 'function')
       throw new Error('this browser has no DecompressionStream, which unpacks the figures\\' library');
-    var packed = document.getElementById('%(lib)s').textContent.replace(/\\s+/g, '');
-    var stream = new Blob([bytesOf(packed)]).stream().pipeThrough(new DecompressionStream('gzip'));
+    var packed = bytesOf(document.getElementById('%(lib)s').textContent);  // base64 skips the line breaks
+    var stream = new Blob([packed]).stream().pipeThrough(new DecompressionStream('gzip'));
     var code = await new Response(stream).blob();
     performance.mark('splitlab:plotly-inflated');
     // V8's compile hint (plotly's start-up calls most of its functions: compile them all at
