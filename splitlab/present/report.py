@@ -66,7 +66,7 @@ table.data{border-collapse:collapse;font-size:12px;margin:8px 0}
 table.data td,table.data th{border:1px solid #ddd;padding:3px 6px;text-align:left;white-space:nowrap}
 table.data td.num{text-align:right}table.data th{background:#f4f4f4}
 .note{color:#555;font-size:13px}.warn{color:#a33}
-.tablewrap{overflow-x:auto;content-visibility:auto;contain-intrinsic-size:auto 300px}
+.tablewrap{overflow-x:auto;content-visibility:auto}
 .splitlab-figure-error{color:#a33;font-size:13px;padding:8px;border:1px dashed #d99}
 """
 _DEFINITIONS = ("Metric definitions: TTFT = arrival to first token; TPOT = (E2E - TTFT)/(tokens - 1); ITL = every "
@@ -477,8 +477,8 @@ def speedup_table(rows, base: str, metrics, title: str) -> str:
         body.append(f"<tr><td>{html.escape(str(label))}</td>{''.join(cells)}</tr>")
     return (f"<h3>{html.escape(title)}</h3><p class='note'>&gt; 1: better than {html.escape(base)} (latencies: "
             f"{html.escape(base)} ÷ run; throughput and goodput: run ÷ {html.escape(base)}); a run's own value "
-            "on hover.</p><div class='tablewrap'><table class='data'><thead><tr><th>run</th>" + head
-            + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
+            "on hover.</p>" + _wrapped("<table class='data'><thead><tr><th>run</th>" + head + "</tr></thead><tbody>"
+                                       + "".join(body) + "</tbody></table>", len(body) + 1))
 
 
 def _timeline_pick(real, runs) -> list[str]:
@@ -532,8 +532,9 @@ def _phase_table(named_runs) -> str:
     body = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
         f"<td class='num'>{html.escape(format_value(v[k], 'ttft_p50_s'))}</td>" for k in shown) + "</tr>"
         for name, v in rows)
-    return ("<p class='note'>Where a request's time went, mean per request:</p><div class='tablewrap'>"
-            f"<table class='data'><thead><tr><th>run</th>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+    return ("<p class='note'>Where a request's time went, mean per request:</p>"
+            + _wrapped(f"<table class='data'><thead><tr><th>run</th>{head}</tr></thead><tbody>{body}</tbody></table>",
+                       len(rows) + 1))
 
 
 # ---- profiles ----------------------------------------------------------------------------------
@@ -578,8 +579,19 @@ def _table_html(df) -> str:
     rows = "".join("<tr>" + "".join(f"<td class='{k}'>{html.escape(v)}</td>" if k else f"<td>{html.escape(v)}</td>"
                                     for k, v in zip(cls, row)) + "</tr>"
                    for row in shown.itertuples(index=False))
-    return (f"<div class='tablewrap'><table class='data'><thead><tr>{head}</tr></thead>"
-            f"<tbody>{rows}</tbody></table></div>")
+    return _wrapped(f"<table class='data'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>", len(shown) + 1)
+
+
+# a table row's height (12 px text, 3 px padding, 1 px border) and what its wrapper adds (margins, border)
+_ROW_PX, _TABLE_PX = 21, 17
+
+
+def _wrapped(table: str, rows: int) -> str:
+    """A table in a scrolling wrapper that the browser lays out only when it comes near the
+    view (``content-visibility: auto``: the page's first layout skips the long run tables),
+    holding meanwhile the height the table will take, so nothing moves when it does."""
+    return (f"<div class='tablewrap' style='contain-intrinsic-size:auto {rows * _ROW_PX + _TABLE_PX}px'>"
+            f"{table}</div>")
 
 
 def _slug(text: Any) -> str:
