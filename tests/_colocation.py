@@ -1,4 +1,4 @@
-"""Helpers of the co-location tests (split, replicas, robustness): the greedy oracle, a ragged
+"""Helpers of the co-location tests (split, replicas, robustness): the greedy oracle's tokens, a ragged
 workload, run invariants, and snapshots of what a run could leave behind (processes,
 /dev/shm entries, multiprocessing temp folders)."""
 
@@ -8,23 +8,14 @@ import os
 import random
 import time
 
-import torch
 
+from _oracle import hf_greedy
 from _traces import assert_slots_never_overcommitted, assert_traces_complete
 
 from splitlab.system.procs import alive, descendants, shm_mapped_elsewhere
 from splitlab.workload import Workload, from_prompts
 
 PREFIX = "splitlab-"
-
-
-def hf_greedy(loaded, prompt, n: int) -> list[int]:
-    """The oracle: HF generate(do_sample=False, min_new_tokens=n, max_new_tokens=n), one prompt."""
-    ids = torch.tensor([list(prompt)])
-    with torch.no_grad():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                    min_new_tokens=n, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def ragged_workload(seed: int = 0, n: int = 12, spread_s: float = 0.4, name: str | None = None) -> Workload:

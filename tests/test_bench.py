@@ -22,7 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
+
+from _oracle import hf_greedy
 
 from splitlab.cli import main
 from splitlab.measure.metrics import load_run
@@ -35,14 +36,6 @@ TINY_ARGS = ["--model", "tiny", "--mode", "split", "--max-seq-len", "256", "--nu
              "--device", "cpu"]
 TTFT_BELOW_S, TTFT_ABOVE_S = 0.005, 0.25
 ITL_ABS_S, ITL_REL = 0.010, 0.30
-
-
-def hf_generate(loaded, prompt, n: int) -> list[int]:
-    ids = torch.tensor([list(prompt)])
-    with torch.no_grad():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                    min_new_tokens=n, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def histogram(base: str, name: str) -> tuple[float, float]:
@@ -91,7 +84,7 @@ def test_bench_against_splitlab_serve(tiny_server, tiny, tmp_path, capsys):
     run = load_run(tmp_path / "run.json")  # what splitlab report and the notebooks read
     assert run.mode == "bench" and run.workload == expected.name and run.summary()["completed"] == 12
     for trace, request in zip(sorted(run.traces, key=lambda t: t.id), expected):
-        assert trace.output_ids == hf_generate(tiny, request.prompt_ids, request.max_new_tokens), trace.id
+        assert trace.output_ids == hf_greedy(tiny, request.prompt_ids, request.max_new_tokens), trace.id
         assert trace.arrival_s == pytest.approx(request.arrival_s)
         assert trace.arrival_s < trace.token_times_s[0] <= trace.token_times_s[-1] <= run.wall_s
     vllm = json.loads((tmp_path / "vllm.json").read_text())
