@@ -266,9 +266,9 @@ elif rec is not None:
 # On green contexts the split can change its SM partition before every step: the adaptive split
 # (`benchmarks/adaptive_split.py`, a Llama-3.1-8B-shaped model on one H200) gives decode a few SMs
 # when its batch is small and more as it grows (`table` policy: by the decode batch alone), or as
-# many as keep each decode step under a time aim (`slo` policy, here 20 ms), and prefill the rest;
-# a side that is idle leaves the other the whole GPU. The timeline's third row shows the SMs of the
-# partition each worker's steps ran on, broken where the worker was idle.
+# many as keep each decode step under a time aim (`slo` policy: 30 ms, or 20 ms in `-g20`), and
+# prefill the rest; a side that is idle leaves the other the whole GPU. The timeline's third row
+# shows the SMs of the partition each worker's steps ran on, broken where the worker was idle.
 
 # %%
 adaptive = load_recorded(ADAPTIVE, "python benchmarks/adaptive_split.py --out results/adaptive_h200.json --runs-dir RUNS",
