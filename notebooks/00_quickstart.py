@@ -42,7 +42,7 @@ QUESTION = "What is the capital of France? Answer in one sentence."
 ANSWER_TOKENS = 48          # most tokens the answer may use (it stops earlier at its end-of-turn token)
 PROMPT_LEN = 256            # prompt tokens of the request we time
 NEW_TOKENS = 16             # tokens it generates
-SMOKE = False               # True: smaller sizes (the CI run)
+SMOKE = False               # True: smaller sizes, for a quick look
 
 # %% [markdown]
 # ## 1. What this machine has

@@ -45,7 +45,7 @@ REPEATS = None
 BACKEND = "auto"        # engine (splitlab runner), hf (Huggingface forward), auto: engine for Llama-family models
 RECORDED_PROFILE = "profile_h200.json"   # under results/
 RECORDED_FLOOR = "engine_floor_h200.json"  # under results/
-SMOKE = False           # True: the smallest grid (the CI run)
+SMOKE = False           # True: the smallest grid, for a quick look
 
 # %%
 import pandas as pd

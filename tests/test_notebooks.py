@@ -142,10 +142,9 @@ def test_structure(path):
     assert "What you will learn" in first.source, "the first cell says what the reader will learn"
     code = _code_cells(nb)
     assert COLAB_GUARD in code[0].source, "the first code cell installs splitlab on Colab only"
-    assert "sl.environment()" in code[1].source and "torch.__version__" in code[1].source, \
-        "the second code cell prints the versions and the device"
+    assert "ENV = start()" in code[1].source and "from splitlab.present.notebook import start" in code[1].source, \
+        "the second code cell sets the notebook up and prints the versions and the device (present.notebook.start)"
     assert code[2] is _params_cell(nb), "the third code cell is the one tagged 'parameters'"
-    assert "SMOKE" in code[2].source
     text = "\n".join(c.source for c in nb.cells)
     assert "## What was shown" in text and "## Things to try" in text, "the notebook ends with a summary and things to try"
     assert any(re.search(r"^\s*assert ", c.source, re.M) for c in code), "the notebook checks its claims with assert"
@@ -153,7 +152,7 @@ def test_structure(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_no_function_defined_in_a_notebook(path):
-    """Logic the library should own stays in the library (DESIGN.md)."""
+    """Logic the library should own stays in the library."""
     for i, cell in enumerate(_code_cells(_read(path))):
         source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("!", "%")))
         for node in ast.walk(ast.parse(source)):
