@@ -94,3 +94,39 @@ def assert_clean(before: dict[str, set], children: dict | None = None, timeout_s
     assert not known, f"workers still alive: {known}"
     assert not dirs, f"multiprocessing temp folders left behind: {dirs}"
     assert not shm, f"/dev/shm entries left behind: {sorted(shm)}"
+
+
+def drive_split_workers(loaded, config, workload, on_handoff=None):
+    """The split-mode building blocks driven alternately in one process on a virtual clock
+    (one tick per step): a prefill worker and a decode worker over one engine, every request
+    added at once. ``on_handoff(handoff, seq)`` sees each handoff before the decode worker
+    accepts it. Returns ``(seqs by id, prefill worker, decode worker, engine parts, clock)``."""
+    from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
+    from splitlab.engine.scheduler import SeqState
+    from splitlab.engine.warmup import warm_up
+
+    parts = build_engine(loaded, config)
+    warm_up(parts.runner)
+    t = [0.0]
+
+    def clock() -> float:
+        return t[0]
+
+    pre = PrefillWorker(parts.runner, parts.allocator, config, clock)
+    dec = DecodeWorker(parts.runner, parts.allocator, config, clock)
+    seqs = {r.id: SeqState.new(r) for r in workload}
+    for r in workload:
+        pre.add(seqs[r.id])
+    done = 0
+    while done < len(workload):
+        t[0] += 1.0
+        hand, outcome = pre.step_handoffs()
+        done += len(outcome.finished) if outcome is not None else 0
+        for h in hand:
+            if on_handoff is not None:
+                on_handoff(h, seqs[h.request_id])
+            dec.accept(h, seqs[h.request_id].trace)
+        t[0] += 1.0
+        out = dec.step()
+        done += len(out.finished) if out is not None else 0
+    return seqs, pre, dec, parts, clock

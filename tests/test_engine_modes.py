@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from _colocation import drive_split_workers
 from _oracle import hf_greedy
 from _traces import assert_slots_never_overcommitted, assert_traces_complete
 
@@ -19,9 +20,7 @@ from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModelSpecError, ModeError, WorkloadError
 from splitlab.measure.metrics import Run, load_run
 from splitlab.engine.kv import slot_bytes
-from splitlab.engine.scheduler import SeqState
-from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
-from splitlab.engine.warmup import warm_up
+from splitlab.engine.loop import DecodeWorker
 import splitlab
 from splitlab.workload import Workload, from_prompts
 
@@ -185,39 +184,23 @@ def test_bad_input_raises_clear_errors(tiny):
 def test_prefill_and_decode_workers_hand_off_through_slots(tiny, workload, expected):
     """The split-mode building blocks, driven alternately in one process, give the oracle too."""
     config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, token_budget=64)
-    parts = build_engine(tiny, config)
-    warm_up(parts.runner)
-    t = [0.0]
-    clock = lambda: t[0]  # noqa: E731 (a virtual clock: one tick per step)
-    pre = PrefillWorker(parts.runner, parts.allocator, config, clock)
-    dec = DecodeWorker(parts.runner, parts.allocator, config, clock)
-    seqs = {r.id: SeqState.new(r) for r in workload}
-    for r in workload:
-        pre.add(seqs[r.id])
-    done, handoffs = 0, 0
-    while done < len(workload):
-        t[0] += 1.0
-        hand, outcome = pre.step_handoffs()
-        if outcome is not None:
-            done += len(outcome.finished)
-        for h in hand:
-            assert h.prompt_len == seqs[h.request_id].prompt_len and h.first_token == seqs[h.request_id].output[0]
-            dec.accept(h, seqs[h.request_id].trace)
-            handoffs += 1
-        t[0] += 1.0
-        out = dec.step()
-        if out is not None:
-            done += len(out.finished)
+    handed = []
+
+    def check(h, seq):
+        assert h.prompt_len == seq.prompt_len and h.first_token == seq.output[0]
+        handed.append(h)
+
+    seqs, pre, dec, parts, clock = drive_split_workers(tiny, config, workload, check)
+    handoffs = len(handed)
     assert {rid: s.output for rid, s in seqs.items()} == expected
     assert handoffs == sum(r.max_new_tokens > 1 for r in workload)
     assert {s.kind for s in pre.steps} == {"prefill"} and {s.kind for s in dec.steps} == {"decode"}
     assert parts.allocator.num_free == 3
     # a decode worker in another process would rebuild the trace from the handoff alone
     other = DecodeWorker(parts.runner, parts.allocator, config, clock)
-    h = hand[0] if hand else None
-    if h is not None:
-        seq = other.accept(h)
-        assert seq.trace.output_ids == [h.first_token] and seq.next_position == h.prompt_len
+    h = handed[0]
+    seq = other.accept(h)
+    assert seq.trace.output_ids == [h.first_token] and seq.next_position == h.prompt_len
 
 
 @pytest.mark.slow

@@ -15,14 +15,15 @@ import random
 import time
 
 import pytest
+from _colocation import drive_split_workers
 from _oracle import hf_greedy
 from _traces import assert_traces_complete
 
 import splitlab
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, WorkloadError
-from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker, Worker, build_engine, drive
-from splitlab.engine.scheduler import Scheduler, SeqState
+from splitlab.engine.loop import DecodeWorker, Handoff, Worker, build_engine, drive
+from splitlab.engine.scheduler import Scheduler
 from splitlab.engine.warmup import warm_up
 from splitlab.workload import from_prompts
 
@@ -109,28 +110,13 @@ def test_split_workers_hand_over_pages(tiny, workload, expected):
     sequence will write and hands them over in ``Handoff.blocks``; the decode worker decodes
     through them and frees them; nothing is copied, every page comes back."""
     config = EngineConfig(max_seq_len=64, max_batch=3, token_budget=64, kv_block_size=8, num_pages=24)
-    parts = build_engine(tiny, config)
-    warm_up(parts.runner)
-    t = [0.0]
-    clock = lambda: t[0]  # noqa: E731 (a virtual clock: one tick per step)
-    pre = PrefillWorker(parts.runner, parts.allocator, config, clock)
-    dec = DecodeWorker(parts.runner, parts.allocator, config, clock)
+
+    def check(h, seq):  # every page the sequence will write, reserved by the prefill side
+        r = seq.request
+        assert h.slot is None and len(h.blocks) == -(-(r.prompt_len + r.max_new_tokens - 1) // 8)
+
+    seqs, pre, dec, parts, clock = drive_split_workers(tiny, config, workload, check)
     assert pre.scheduler.reserve == "full"
-    seqs = {r.id: SeqState.new(r) for r in workload}
-    for r in workload:
-        pre.add(seqs[r.id])
-    done = 0
-    while done < len(workload):
-        t[0] += 1.0
-        hand, outcome = pre.step_handoffs()
-        done += len(outcome.finished) if outcome is not None else 0
-        for h in hand:
-            r = seqs[h.request_id].request
-            assert h.slot is None and len(h.blocks) == -(-(r.prompt_len + r.max_new_tokens - 1) // 8)
-            dec.accept(h, seqs[h.request_id].trace)
-        t[0] += 1.0
-        out = dec.step()
-        done += len(out.finished) if out is not None else 0
     assert {rid: s.output for rid, s in seqs.items()} == expected
     assert parts.allocator.num_free == 24
     h = Handoff(7, None, 3, 42, 4, 0.0, 0.0, 1.0, (5, 6))  # rebuilt in another process from the handoff alone
