@@ -46,13 +46,6 @@ _END = object()
 GREEN_HINT = ("split backend green needs an NVIDIA GPU with green contexts (CUDA 12.4+ driver, cuda-python); "
               "use backend='processes' or 'streams'")
 
-# Green contexts are never destroyed (a stream made on one dies with it),
-# so a partition is made once per (device, SM split, priorities) and reused by every session
-# of this process: the one piece of module-level state here, on purpose.
-_GREEN_PARTITIONS: dict[tuple, Any] = {}
-_GREEN_LOCK = threading.Lock()
-
-
 def green_partition(device: torch.device, prefill_sms: int | None, high_priority_decode: bool):
     """``(partition, prefill_sms, decode_sms)``: disjoint green contexts, prefill first."""
     from splitlab.system import green
@@ -67,11 +60,8 @@ def green_partition(device: torch.device, prefill_sms: int | None, high_priority
         prefill_sms = max(gran, (total // 2) // gran * gran)
     first, second = green.plan_split((prefill_sms, gran), total, gran)
     priority = -1 if high_priority_decode else 0
-    key = (index, first, second, priority)
-    with _GREEN_LOCK:
-        if key not in _GREEN_PARTITIONS:
-            _GREEN_PARTITIONS[key] = green.split_sms((prefill_sms, second), device=index, priorities=(0, priority))
-        part = _GREEN_PARTITIONS[key]
+    # made once per (device, split, priorities) and reused: green contexts are never destroyed
+    part = green.cached_split_sms((first, second), device=index, priorities=(0, priority))
     return part, int(part.sm_counts[0]), int(part.sm_counts[1])
 
 
