@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +63,9 @@ def main() -> None:
                                  contexts=ints(args.contexts))
     out["env"] = environment()
     out["profile"] = profile.to_dict()
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(out, tmp, indent=1)
-    os.replace(tmp.name, path)
+    from splitlab.measure.sweep import write_json_atomic
+
+    path = write_json_atomic(args.out, out)
     print(json.dumps({k: v for k, v in out["profile"].items() if k != "facts"})[:4000])
     print(f"wrote {path}")
 
