@@ -349,6 +349,8 @@ class SplitConfig(FrozenConfig):
     ``benchmarks/sm_profile.py``). ``backend="green"`` partitions for real; under
     ``backend="streams"`` the policy decides and records every step but nothing is
     partitioned (a CPU check of the decisions).
+    ``prefill_layer_group``: an adaptive ``sm_policy`` asks again every this many layers of a
+    prefill, so a re-partition can land inside a long prompt (None: once per prefill step).
     """
 
     DEFAULT_PREFILL_SHARE: ClassVar[float] = 60
@@ -367,6 +369,7 @@ class SplitConfig(FrozenConfig):
     decode_sm_choices: tuple[int, ...] = (16, 32, 48, 64, 96)
     sm_profile: str | None = None
     gap_s: float | None = None
+    prefill_layer_group: int | None = 8
 
     def __post_init__(self) -> None:
         self._check_sm_policy()
@@ -407,6 +410,10 @@ class SplitConfig(FrozenConfig):
         policies = ("static", "table", "slo")
         if self.sm_policy not in policies:
             raise ConfigError(f"SplitConfig.sm_policy must be one of {', '.join(policies)}; got {self.sm_policy!r}")
+        group = self.prefill_layer_group
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+            raise ConfigError(f"SplitConfig.prefill_layer_group must be a positive number of layers or None, "
+                              f"got {group!r}")
         if self.sm_policy == "static":
             return
         if self.backend not in ("green", "streams"):

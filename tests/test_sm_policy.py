@@ -147,3 +147,47 @@ def test_adaptive_policy_decides_every_step_and_keeps_the_oracle(tiny):
     last_prefill = max(s.end_s for s in run.steps if s.worker == "prefill")
     tail = [s for s in run.steps if s.worker == "decode" and s.start_s > last_prefill + 1e-3]
     assert tail and all(s.sms == TOTAL for s in tail)
+
+
+def test_a_prefill_asks_the_policy_again_between_layer_groups(tiny):
+    """``prefill_layer_group=1`` on the 2-layer model: every prefill step asks once more, before
+    its second layer (the split may change inside a prompt), and the tokens stay the oracle's."""
+    import splitlab
+    from splitlab.config import EngineConfig
+
+    from _colocation import expected_tokens, ragged_workload
+
+    workload = ragged_workload(seed=5)
+    config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, token_budget=64)
+    run = splitlab.run(workload, tiny, mode="split", config=config, backend="streams", sm_policy="table",
+                       sm_profile=str(ROOT / "results" / "sm_profile_h200.json"), prefill_layer_group=1,
+                       progress=False)
+    assert run.output_ids() == expected_tokens(tiny, workload)
+    facts = run.config.green
+    prefill_steps = sum(1 for s in run.steps if s.worker == "prefill")
+    layers = len(tiny.model.model.layers)
+    assert facts["prefill_layer_group"] == 1
+    assert facts["decisions"] == len(run.steps) + prefill_steps * (layers - 1)
+    assert 0 <= facts["prefill_moves"] <= prefill_steps * (layers - 1)
+
+
+def test_between_layers_is_called_before_every_layer_after_the_first(tiny):
+    from splitlab.config import EngineConfig
+    from splitlab.engine.loop import build_engine
+
+    parts = build_engine(tiny, EngineConfig(max_seq_len=64, num_slots=2, max_batch=2, warmup=False))
+    plain = parts.runner.prefill([(0, [5, 6, 7, 8], 0)])
+    seen: list[int] = []
+    hooked = parts.runner.prefill([(1, [5, 6, 7, 8], 0)], between_layers=lambda i: seen.append(i))
+    assert hooked == plain
+    assert seen == list(range(1, len(tiny.model.model.layers)))
+
+
+def test_prefill_layer_group_is_checked():
+    from splitlab.config import SplitConfig
+
+    with pytest.raises(ConfigError, match="prefill_layer_group"):
+        SplitConfig(prefill_layer_group=0)
+    with pytest.raises(ConfigError, match="prefill_layer_group"):
+        SplitConfig(prefill_layer_group=2.5)
+    assert SplitConfig(prefill_layer_group=None).prefill_layer_group is None

@@ -86,9 +86,11 @@ class Worker:
         if lane is None:
             decode_tokens, chunk_tokens = self.run(batch, self.runner)
         else:
-            # a lane without a stream (the streams backend's policy check) runs where the thread is
+            # a lane without a stream (the streams backend's policy check) runs where the thread is;
+            # a prefill may move to another lane between its layer groups (``Placer.regroup``)
+            regroup = getattr(self.placer, "regroup", None) if batch.kind == "prefill" else None
             with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
-                decode_tokens, chunk_tokens = self.run(batch, lane.runner or self.runner)
+                decode_tokens, chunk_tokens = self.run(batch, lane.runner or self.runner, regroup)
         end = self.clock()  # after the host sync that returned the tokens
         outcome = self.scheduler.postprocess(batch, decode_tokens, chunk_tokens, start, end)
         if self.placer is not None:
@@ -98,21 +100,24 @@ class Worker:
         return outcome
 
     @staticmethod
-    def run(batch: ScheduledBatch, runner: ModelRunner) -> tuple[list[int], list[int | None]]:
-        """Execute ``batch`` on ``runner``: ``(decode tokens, chunk tokens)``."""
+    def run(batch: ScheduledBatch, runner: ModelRunner, between_layers: Callable[[int], Any] | None = None
+            ) -> tuple[list[int], list[int | None]]:
+        """Execute ``batch`` on ``runner``: ``(decode tokens, chunk tokens)``; ``between_layers``:
+        a prefill's hook between layers (``ModelRunner.prefill``)."""
         decode, chunks = batch.runner_inputs()
         if batch.kind == "decode":
             paged = {} if decode.blocks is None else {"blocks": decode.blocks}  # block tables of a paged pool
             return runner.decode_step(decode.slots, decode.tokens, decode.positions, **paged), []
         if batch.kind == "prefill":
-            return [], runner.prefill(chunks)
+            return [], runner.prefill(chunks, between_layers)
         return runner.mixed_step(decode, chunks)
 
 
 class Placer(Protocol):
     """Where each step of a worker runs (the adaptive green split's SM lanes): ``place``
     returns a lane (``stream``, ``runner`` or None for the worker's own, ``sms``) for the
-    scheduled batch, ``done`` sees the scheduler after the step's tokens were recorded."""
+    scheduled batch, ``done`` sees the scheduler after the step's tokens were recorded. A
+    placer may also have ``regroup(layer) -> stream | None``, asked between a prefill's layers."""
 
     def place(self, batch: ScheduledBatch, scheduler: Scheduler) -> Any: ...
 

@@ -274,12 +274,12 @@ class OnlineWorker(Worker):
 
     last_batch: ScheduledBatch | None = None
 
-    def run(self, batch: ScheduledBatch, runner=None) -> tuple[list[int], list[int | None]]:
+    def run(self, batch: ScheduledBatch, runner=None, between_layers=None) -> tuple[list[int], list[int | None]]:
         runner = self.runner if runner is None else runner
         self.last_batch = batch
         rows = list(batch.decode) + [c.seq for c in batch.chunks if c.last]
         if all(getattr(s, "exact_path", True) for s in rows):
-            return super().run(batch, runner)
+            return super().run(batch, runner, between_layers)
         decode, chunks = batch.runner_inputs()
         logits = runner.step_logits(decode, chunks)
         tokens = [seq.pick(logits[i]) for i, seq in enumerate(rows)]

@@ -28,7 +28,7 @@ and a flat dict of tensors, shareable through CUDA IPC) plus the shared ``KVPool
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,10 +142,20 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         return weight_bytes(self._weights)
 
     # ---- public steps ----------------------------------------------------------------------
-    def prefill(self, chunks: Iterable[PrefillChunk | tuple]) -> list[int | None]:
+    def prefill(self, chunks: Iterable[PrefillChunk | tuple],
+                between_layers: Callable[[int], Any] | None = None) -> list[int | None]:
         """Run prompt chunks of several sequences in one forward; write their KV into their
-        slots; return the greedy next token of each chunk that ends its prompt (else None)."""
-        _, out = self.mixed_step(None, chunks)
+        slots; return the greedy next token of each chunk that ends its prompt (else None).
+
+        ``between_layers(i)``: called before every layer ``i > 0``; a CUDA stream it returns
+        becomes the stream the rest of the forward runs on (after the work so far, which the
+        new stream waits for). The adaptive split moves a long prefill to a new SM partition
+        this way, between layer groups."""
+        chunks = [as_chunk(c) for c in chunks]
+        if not chunks:
+            return []
+        self._check_chunks(chunks)
+        _, out = self._eager(None, chunks, between_layers=between_layers)
         return out
 
     def decode_step(self, slots: Sequence[int | None], tokens: Sequence[int], positions: Sequence[int],
@@ -205,11 +215,11 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
 
     # ---- the forward -----------------------------------------------------------------------
     def _eager(self, decode: DecodeBatch | None, chunks: list[PrefillChunk], all_logits: bool = False,
-               row_logits: bool = False):
+               row_logits: bool = False, between_layers: Callable[[int], Any] | None = None):
         fwd = plan_forward(decode, chunks, seq_len=self.kv.max_seq_len, batched_decode=self.kernels.name != "torch",
                            prefill_pad=self._prefill_pad(), device=self.device, variant_for=self._variant_for,
                            block_size=self.kv.block_size if self.kv.paged else None)
-        h, residual = self._hidden(fwd.tokens, fwd.positions, fwd.write_index, fwd.plan)
+        h, residual = self._hidden(fwd.tokens, fwd.positions, fwd.write_index, fwd.plan, between_layers)
         if all_logits:
             x, _ = self.kernels.add_rmsnorm(h, residual, self.final_norm, self.eps)
             return F.linear(x, self.lm_head).float()
@@ -223,7 +233,7 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         return split_outputs(self._greedy(logits).tolist(), decode, chunks)
 
     def _hidden(self, tokens: torch.Tensor, positions: torch.Tensor, write_index: torch.Tensor,
-                plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+                plan: Plan, between_layers: Callable[[int], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, residual)`` after the last layer: the final norm is ``add_rmsnorm(h, residual)``
         (left to the caller, which may need it on a few rows only)."""
         kern = self.kernels
@@ -236,6 +246,8 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         h = None
         for i, layer in enumerate(self.layers):
             if h is not None:
+                if between_layers is not None:
+                    _move_to(between_layers(i))
                 x, residual = kern.add_rmsnorm(h, residual, layer.attn_norm, self.eps)
             qkv = self._linear(x, layer.qkv, layer.qkv_bias)
             if fused:
@@ -309,6 +321,16 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         bad = [p for p in table[:need] if not 0 <= int(p) < kv.num_pages]
         if bad:
             raise ConfigError(f"{name}: pages {bad} are outside the KV pool's {kv.num_pages} pages")
+
+
+def _move_to(stream) -> None:
+    """Continue the forward on ``stream`` (None: stay). It waits for what the current stream
+    queued; no tensor made so far is freed to the old stream's pool before the step's closing
+    host sync, so nothing the new stream reads can be reused under it."""
+    if stream is None or stream == torch.cuda.current_stream():
+        return
+    stream.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_stream(stream)
 
 
 def _step_parts(decode: DecodeBatch | tuple | None, chunks: Iterable[PrefillChunk | tuple]

@@ -15,6 +15,11 @@ attribute change: every step ends with a host sync (its tokens), so no kernel of
 step is still queued on the stream left behind. While one side's step is in flight on the
 old split, the other's next step may already run on the new one: the two overlap on the
 SMs that moved, for at most one step.
+
+A long prompt would hold the split for its whole forward, so a prefill asks again every
+``layer_group`` layers (``SplitConfig.prefill_layer_group``): if the policy now picks another
+split (decode's batch grew, or decode went idle), the rest of the forward moves to that
+split's prefill stream, which first waits for the layers already queued.
 """
 
 from __future__ import annotations
@@ -130,13 +135,15 @@ class SMController:
     length; ``prefill_tokens``: prompt tokens the prefill side is running or can run next.
     Each side writes only its own fields (plain attribute writes, atomic under the GIL)."""
 
-    def __init__(self, policy, plan: GreenPlan, clock):
+    def __init__(self, policy, plan: GreenPlan, clock, layer_group: int | None = None):
         self.policy = policy
         self.plan = plan
         self.clock = clock
+        self.layer_group = layer_group  # a prefill asks again every this many layers (None: never)
         self.decode_batch = 0
         self.decode_context = 0
         self.prefill_tokens = 0
+        self.prefill_moves = 0  # prefills that moved to another partition between layer groups
         self._lock = threading.Lock()
         self.decisions: list[tuple[float, str, int, int, float]] = []  # (t, side, decode, prefill SMs, s)
 
@@ -167,7 +174,8 @@ class SMController:
 
         return {"policy": getattr(self.policy, "name", type(self.policy).__name__), **self.plan.facts(),
                 "decisions": len(rows), "decide_p50_s": q(0.5), "decide_p99_s": q(0.99),
-                "decide_max_s": spent[-1] if spent else None}
+                "decide_max_s": spent[-1] if spent else None,
+                "prefill_layer_group": self.layer_group, "prefill_moves": self.prefill_moves}
 
 
 class _DecodePlacer:
@@ -187,10 +195,25 @@ class _DecodePlacer:
 class _PrefillPlacer:
     def __init__(self, controller: SMController):
         self.c = controller
+        self.current: Lane | None = None
 
     def place(self, batch, scheduler) -> Lane:
         self.c.prefill_tokens = batch.num_tokens
-        return self.c.lane("prefill")
+        self.current = self.c.lane("prefill")
+        return self.current
+
+    def regroup(self, layer: int):
+        """Between layer groups of a prefill: the stream of the split the policy picks now
+        (the decode batch may have grown or finished since the prompt started), or None to stay."""
+        group = self.c.layer_group
+        if not group or layer % group:
+            return None
+        lane = self.c.lane("prefill")
+        if lane is self.current:
+            return None
+        self.current = lane
+        self.c.prefill_moves += 1
+        return lane.stream
 
     def done(self, scheduler) -> None:
         # prompts that can run next keep the split; none (or none with a free slot) frees it

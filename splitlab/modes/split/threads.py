@@ -228,7 +228,7 @@ class _ThreadRun:
         self.dec = DecodeWorker(engine.decode_runner, self.freed, engine.config, self.clock)
         self.controller = None
         if engine.plan is not None:  # an adaptive sm_policy: every step asks where it runs
-            self.controller = SMController(engine.policy, engine.plan, self.clock)
+            self.controller = SMController(engine.policy, engine.plan, self.clock, engine.split.prefill_layer_group)
             self.pre.placer = self.controller.prefill_placer()
             self.dec.placer = self.controller.decode_placer()
         self.stop = threading.Event()
