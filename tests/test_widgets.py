@@ -137,3 +137,22 @@ def test_policy_explorer_dropdown_shows_goodput_itl_and_the_sm_split():
         assert sm == {"decode SMs": [sms, sms], "prefill SMs": [132 - sms, 132 - sms]}
     with pytest.raises(ValueError, match="missing"):
         widgets.policy_explorer(groups, slo, {"x": "split-nope"})
+
+
+def test_combine_unsets_in_each_view_what_another_view_set_and_refuses_bad_input():
+    from splitlab.errors import ConfigError
+
+    log = go.Figure(go.Scatter(x=[1, 10], y=[1, 100], name="log"), layout=dict(title="log view", yaxis_type="log"))
+    flat = go.Figure(go.Scatter(x=[1, 2], y=[3, 4], name="flat"), layout=dict(title="flat view"))
+    fig = widgets._combine([("log", [log]), ("flat", [flat])], "dropdown", "two views", active=1)
+    items = fig.layout.updatemenus[0].buttons
+    assert set(items[0].args[1]) == set(items[1].args[1])  # the same keys in every view
+    assert items[0].args[1]["yaxis.type"] == "log" and items[1].args[1]["yaxis.type"] is None
+    assert [t.name for t in shown(fig)] == ["flat"] and panel_titles(fig) == ["flat view"]  # opens on `active`
+    assert panel_titles(widgets.view(fig, "log")) == ["log view"] and widgets.view(fig, "log").layout.yaxis.type == "log"
+    with pytest.raises(ConfigError, match="at least one view"):
+        widgets._combine([], "dropdown", "none")
+    with pytest.raises(ConfigError, match="'dropdown' or 'slider'"):
+        widgets._combine([("log", [log])], "radio", "bad control")
+    with pytest.raises(ConfigError, match="no dropdown or slider"):
+        widgets.labels(go.Figure())

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from splitlab.errors import ConfigError
 from splitlab.present import plots
 from splitlab.present.results import choices, load_profile, load_results, select_runs
 
@@ -74,23 +75,44 @@ def _combine(views: Sequence[tuple[str, Sequence[Any]]], control: str, title: st
     from plotly.subplots import make_subplots
 
     if not views:
-        raise ValueError("an explorer needs at least one view")
-    n_panels = len(views[0][1])
-    rows_of = [max(_rows(panels[j]) for _, panels in views) for j in range(n_panels)]
-    first_row = [1 + sum(rows_of[:j]) for j in range(n_panels)]
-    total = sum(rows_of)
-    fig = make_subplots(rows=total, cols=1)
+        raise ConfigError("an explorer needs at least one view")
+    if control not in ("dropdown", "slider"):
+        raise ConfigError(f"control must be 'dropdown' or 'slider', got {control!r}")
+    rows_of = [max(_rows(panels[j]) for _, panels in views) for j in range(len(views[0][1]))]
+    first_row = [1 + sum(rows_of[:j]) for j in range(len(rows_of))]
+    fig = make_subplots(rows=sum(rows_of), cols=1)
+    plot_height = _place_rows(fig, _row_heights(views, rows_of), first_row)
+    added, base_visible = _add_traces(fig, views, first_row)
+    _panel_titles_and_legends(fig, views, first_row)
+    items = _control_items(views, added, base_visible, rows_of, first_row)
+    first = views[0][1][0].layout
+    margin = dict(t=110, b=150 if control == "slider" else 70)
+    fig.update_layout(template=first.template, barmode=first.barmode, bargap=first.bargap, title=title,
+                      height=round(plot_height) + margin["t"] + margin["b"], margin=margin)
+    _add_control(fig, control, items, active, control_label)
+    fig.update_traces(visible=False)
+    fig.plotly_update(restyle_data=items[active]["args"][0], relayout_data=items[active]["args"][1])
+    return fig
 
-    # each panel as tall as its tallest figure, split into rows as that figure splits them; room
-    # between panels for tick labels, an axis title and the next panel's title
+
+def _row_heights(views, rows_of: list[int]) -> list[float]:
+    """Pixels of each row of the combined figure: each panel as tall as its tallest figure, split
+    into rows as that figure splits them."""
     row_px: list[float] = []
-    for j in range(n_panels):
+    for j, rows in enumerate(rows_of):
         tallest = max((panels[j] for _, panels in views), key=lambda f: (_rows(f), f.layout.height or _HEIGHT))
         plot_px = max(_MIN_PANEL_PX, (tallest.layout.height or _HEIGHT) - _MARGIN_PX)
         spans = [tallest.layout[_axis_name("y", k)].domain or (0, 1) for k in range(1, _rows(tallest) + 1)]
-        spans += [(0, 1)] * (rows_of[j] - len(spans))
+        spans += [(0, 1)] * (rows - len(spans))
         size = sum(b - a for a, b in spans)
         row_px += [plot_px * (b - a) / size for a, b in spans]
+    return row_px
+
+
+def _place_rows(fig, row_px: list[float], first_row: list[int]) -> float:
+    """Set each row's y domain, leaving room between panels for tick labels, an axis title and
+    the next panel's title; returns the height in pixels of all rows and gaps."""
+    total = len(row_px)
     gaps = [(_PANEL_GAP_PX if r + 1 in first_row else _ROW_GAP_PX) for r in range(1, total)]
     plot_height = sum(row_px) + sum(gaps)
     top = plot_height
@@ -98,8 +120,13 @@ def _combine(views: Sequence[tuple[str, Sequence[Any]]], control: str, title: st
         bottom = top - row_px[r - 1]
         fig.layout[_axis_name("y", r)].domain = (max(0.0, bottom / plot_height), min(1.0, top / plot_height))
         top = bottom - (gaps[r - 1] if r < total else 0)
+    return plot_height
 
-    added: dict[int, list[int]] = {}  # id(panel figure) -> its trace indexes in fig
+
+def _add_traces(fig, views, first_row: list[int]) -> tuple[dict[int, list[int]], list[bool]]:
+    """Every panel figure's traces, once per figure: ``{id(panel): its trace indexes in fig}``
+    and whether each trace was visible in its own figure."""
+    added: dict[int, list[int]] = {}
     base_visible: list[bool] = []
     for _, panels in views:
         for j, panel in enumerate(panels):
@@ -112,10 +139,13 @@ def _combine(views: Sequence[tuple[str, Sequence[Any]]], control: str, title: st
                 fig.add_trace(trace, row=row, col=1)
                 fig.data[-1].update(legend="legend" if j == 0 else f"legend{j + 1}")
                 added[id(panel)].append(len(fig.data) - 1)
+    return added, base_visible
 
-    # a title over each panel; a legend beside each panel
-    for j in range(n_panels):
-        top = fig.layout[_axis_name("y", first_row[j])].domain[1]
+
+def _panel_titles_and_legends(fig, views, first_row: list[int]) -> None:
+    """An (empty, filled per view) title over each panel and a legend beside it."""
+    for j, row in enumerate(first_row):
+        top = fig.layout[_axis_name("y", row)].domain[1]
         fig.add_annotation(text="", x=0.5, y=top, xref="paper", yref="paper", xanchor="center", yanchor="bottom",
                            showarrow=False, font=dict(size=14))
         legend = dict(y=top, yanchor="top", x=1.02, xanchor="left", tracegroupgap=2)
@@ -124,52 +154,56 @@ def _combine(views: Sequence[tuple[str, Sequence[Any]]], control: str, title: st
             legend["title"] = dict(text=source_title)
         fig.update_layout({"legend" if j == 0 else f"legend{j + 1}": legend})
 
+
+def _panel_update(panel, j: int, rows_of: list[int], first_row: list[int]) -> dict[str, Any]:
+    """The relayout that shows ``panel`` in the rows of panel ``j``: its title and its axes
+    (rows it does not use hidden)."""
+    update: dict[str, Any] = {f"annotations[{j}].text": panel.layout.title.text or ""}
+    own = _rows(panel)
+    for k in range(1, rows_of[j] + 1):
+        row = first_row[j] - 1 + k
+        for letter in "xy":
+            name = _axis_name(letter, row)
+            update[f"{name}.visible"] = k <= own
+            if k > own:
+                continue
+            source = panel.layout[_axis_name(letter, k)].to_plotly_json()
+            if "range" not in source:  # a range zoomed in one view must not stick in the next
+                update[f"{name}.autorange"] = source.get("autorange", True)
+            for key, value in source.items():
+                if key not in _AXIS_FIXED and key != "visible":
+                    update[f"{name}.{key}"] = value
+            if source.get("matches"):  # rows of one panel that share an axis still do
+                update[f"{name}.matches"] = f"{letter}{first_row[j] - 1 + _axis_number(source['matches'])}"
+    return update
+
+
+def _control_items(views, added, base_visible: list[bool], rows_of: list[int], first_row: list[int]) -> list[dict]:
+    """One ``update`` item per view: which traces it shows and its layout, every key any view
+    sets present in each (None unsets what another view set)."""
     visibles, layouts = [], []
     for _, panels in views:
         shown = {i for panel in panels for i in added[id(panel)]}
-        visibles.append([i in shown and base_visible[i] for i in range(len(fig.data))])
+        visibles.append([i in shown and base_visible[i] for i in range(len(base_visible))])
         update: dict[str, Any] = {}
         for j, panel in enumerate(panels):
-            update[f"annotations[{j}].text"] = panel.layout.title.text or ""
-            own = _rows(panel)
-            for k in range(1, rows_of[j] + 1):
-                row = first_row[j] - 1 + k
-                for letter in "xy":
-                    name = _axis_name(letter, row)
-                    update[f"{name}.visible"] = k <= own
-                    if k > own:
-                        continue
-                    source = panel.layout[_axis_name(letter, k)].to_plotly_json()
-                    if "range" not in source:  # a range zoomed in one view must not stick in the next
-                        update[f"{name}.autorange"] = source.get("autorange", True)
-                    for key, value in source.items():
-                        if key not in _AXIS_FIXED and key != "visible":
-                            update[f"{name}.{key}"] = value
-                    if source.get("matches"):  # rows of one panel that share an axis still do
-                        update[f"{name}.matches"] = f"{letter}{first_row[j] - 1 + _axis_number(source['matches'])}"
+            update.update(_panel_update(panel, j, rows_of, first_row))
         layouts.append(update)
     keys = sorted({k for update in layouts for k in update})
-    layouts = [{k: update.get(k) for k in keys} for update in layouts]  # unset what another view set
+    return [dict(label=label, method="update", args=[{"visible": visibles[i]}, {k: layouts[i].get(k) for k in keys}])
+            for i, (label, _) in enumerate(views)]
 
-    first = views[0][1][0].layout
-    margin = dict(t=110, b=150 if control == "slider" else 70)
-    fig.update_layout(template=first.template, barmode=first.barmode, bargap=first.bargap, title=title,
-                      height=round(plot_height) + margin["t"] + margin["b"], margin=margin)
-    items = [dict(label=label, method="update", args=[visibles[i], layouts[i]]) for i, (label, _) in enumerate(views)]
-    for item in items:
-        item["args"][0] = {"visible": item["args"][0]}
+
+def _add_control(fig, control: str, items: list[dict], active: int, control_label: str) -> None:
+    """The dropdown (above the figure) or the slider (under it) that switches the views."""
     if control == "dropdown":
         fig.update_layout(updatemenus=[dict(type="dropdown", buttons=items, active=active, showactive=True,
                                             x=0.0, xanchor="left", y=1.0, yanchor="bottom",
                                             pad=dict(t=38), direction="down")])
-    elif control == "slider":
-        fig.update_layout(sliders=[dict(steps=items, active=active, x=0.0, len=1.0, y=0.0, yanchor="top",
-                                        pad=dict(t=60), currentvalue=dict(prefix=f"{control_label}: " if control_label else ""))])
     else:
-        raise ValueError(f"control must be 'dropdown' or 'slider', got {control!r}")
-    fig.update_traces(visible=False)
-    fig.plotly_update(restyle_data=items[active]["args"][0], relayout_data=items[active]["args"][1])
-    return fig
+        prefix = f"{control_label}: " if control_label else ""
+        fig.update_layout(sliders=[dict(steps=items, active=active, x=0.0, len=1.0, y=0.0, yanchor="top",
+                                        pad=dict(t=60), currentvalue=dict(prefix=prefix))])
 
 
 def _controls(fig) -> list:
@@ -178,7 +212,7 @@ def _controls(fig) -> list:
         return list(fig.layout.updatemenus[0].buttons)
     if fig.layout.sliders:
         return list(fig.layout.sliders[0].steps)
-    raise ValueError("this figure has no dropdown or slider")
+    raise ConfigError("this figure has no dropdown or slider")
 
 
 def labels(fig) -> list[str]:
@@ -305,7 +339,7 @@ def policy_explorer(groups, slo, policies, peers: Sequence[str] = ("serial", "ch
 
     missing = [g for g in [*policies.values(), *peers] if g not in groups]
     if missing or not policies:
-        raise ValueError(f"policies and peers must be labels of groups ({sorted(groups)}); missing: {missing}")
+        raise ConfigError(f"policies and peers must be labels of groups ({sorted(groups)}); missing: {missing}")
     points = {label: _rate_points(groups[label]) for label in [*peers, *policies.values()]}
     rows = [{"label": label, "rate": r, **run.summary(slo)} for label, pts in points.items() for r, _, run in pts]
     table = pd.DataFrame(rows)
