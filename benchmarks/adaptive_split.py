@@ -31,19 +31,24 @@ from splitlab.measure.sweep import Cell, Sweep  # noqa: E402
 from splitlab.workload import LengthDist, from_azure_trace, poisson  # noqa: E402
 
 AZURE_CSV = REPO.parent / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_code.csv"
-POISSON_RATES = (8.0, 12.0, 16.0, 20.0, 24.0)  # serial's burst capacity here was 16.3 req/s
-AZURE_RATES = (4.0, 7.0, 10.0)
+POISSON_RATES = (8.0, 12.0, 16.0, 20.0, 24.0, 32.0, 40.0)  # to overload under the relaxed SLO too
+AZURE_RATES = (4.0, 7.0, 10.0, 13.0, 16.0)
 SMOOTH_GAP_S = 0.030  # about 3x a solo decode step at batch 32 (the SM profile: 5-7 ms)
 # (step, kind, options): serial/chunked through splitlab.run, the rest as a SplitSession
 STEPS = [  # in priority order: a call that runs out of budget leaves the last ones for the next
     ("serial", "engine", {"mode": "serial"}),
     ("chunked-2048", "engine", {"mode": "chunked", "chunk_size": 2048}),
-    ("split-green-slo", "split", {"backend": "green", "sm_policy": "slo", "gap_s": SMOOTH_GAP_S}),
+    # the adaptive steps of the first grid ran each prefill on one split (no layer groups);
+    # "-lg8" asks the policy again every 8 layers of a prefill
+    ("split-green-slo", "split", {"backend": "green", "sm_policy": "slo", "gap_s": SMOOTH_GAP_S,
+                                  "prefill_layer_group": None}),
     ("split-mps-p60-d40", "split", {"backend": "mps", "prefill_share": 60, "decode_share": 40}),
     # the same policy keeping decode steps under 20 ms: the 30 ms aim left the largest gaps of
     # a request over 30 ms often enough to fail it (the SLO judges each request's largest gap)
-    ("split-green-slo-g20", "split", {"backend": "green", "sm_policy": "slo", "gap_s": 0.020}),
-    ("split-green-table", "split", {"backend": "green", "sm_policy": "table"}),
+    ("split-green-slo-g20", "split", {"backend": "green", "sm_policy": "slo", "gap_s": 0.020,
+                                      "prefill_layer_group": None}),
+    ("split-green-table", "split", {"backend": "green", "sm_policy": "table", "prefill_layer_group": None}),
+    ("split-green-table-lg8", "split", {"backend": "green", "sm_policy": "table", "prefill_layer_group": 8}),
     ("chunked-512", "engine", {"mode": "chunked", "chunk_size": 512}),
     ("split-green", "split", {"backend": "green", "prefill_sms": 68}),
     ("split-mps-p100-d100", "split", {"backend": "mps", "prefill_share": 100, "decode_share": 100}),
