@@ -5,7 +5,8 @@
 - ``splitlab demo``: the default comparison on this machine's default model; prints one
   request's text, the comparison table, where the runs (and the HTML report) went, and the
   table as JSON on the last line.
-- ``splitlab env``: what this machine has; JSON on the last line.
+- ``splitlab env``: what this machine has; JSON on the last line. With ``--model M``: how much
+  KV fits for M on this GPU (or a card of ``--gpu-memory-gib G``); ``--json``: the JSON alone.
 - ``splitlab report RESULTS_DIR -o report.html``: an HTML report of saved runs.
 - ``splitlab serve``: an OpenAI-compatible server over the online engine (``splitlab.serve``).
 - ``splitlab bench --endpoint URL``: a workload replayed against any OpenAI-compatible
@@ -301,9 +302,14 @@ def _agreement(runs) -> str | None:
 
 
 def cmd_env(args) -> int:
-    from splitlab.system.env import environment
+    from splitlab.system.env import capacity_rows, environment, model_capacity
     from splitlab.api import available_modes, MODES
 
+    asked = [f for f in ("max_seq_len", "kv_block_size", "gpu_memory_gib") if getattr(args, f) is not None]
+    if asked and args.model is None:
+        raise ConfigError(f"--{asked[0].replace('_', '-')} sizes the KV of a model: give --model M too")
+    cap = None if args.model is None else model_capacity(args.model, args.max_seq_len, args.kv_block_size,
+                                                         args.gpu_memory_gib, args.dtype)
     env = environment()
     env["modes_built"] = [m for m in MODES if m in available_modes(gpu=True)]
     env["modes_here"] = list(available_modes())
@@ -323,8 +329,11 @@ def cmd_env(args) -> int:
         ("default model here", default_model()),
     ]
     rows += [(f"  {name}", version or "not installed") for name, version in env["versions"].items()]
+    if cap is not None:
+        env["kv_capacity"] = cap
+        rows += capacity_rows(cap)
     width = max(len(k) for k, _ in rows)
-    for key, value in rows:
+    for key, value in rows if not args.json else ():
         print(f"{key:<{width}}  {value}")
     print(_json_line(env))
     return 0
@@ -461,7 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    e = sub.add_parser("env", help="what this machine has; JSON on the last line")
+    e = sub.add_parser("env", help="what this machine has (with --model: how much KV fits); JSON on the last line")
+    e.add_argument("--model", default=None, help="print how much KV fits for this model (any run --model spec)")
+    e.add_argument("--max-seq-len", type=int, default=None, help="positions per sequence (default min(2048, context))")
+    e.add_argument("--kv-block-size", type=int, default=None, help="page size of a paged pool (default: slots)")
+    e.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="compute for a card of this many GiB (needed without a GPU) instead of measuring")
+    e.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default: bf16, the GPU's)")
+    e.add_argument("--json", action="store_true", help="print the JSON line only")
     e.set_defaults(func=cmd_env)
 
     r = sub.add_parser("report", help="write an HTML report of saved runs")

@@ -175,9 +175,15 @@ class EngineConfig(FrozenConfig):
 
     ``max_seq_len``: positions per KV slot (prompt + output must fit).
     ``num_slots``: KV slots (sequences resident at once); None sizes the pool from free GPU
-    memory (``kv_memory_fraction`` of it, or ``kv_budget_bytes``), capped at ``max_batch``;
-    on CPU None means ``min(max_batch, 8)`` unless ``kv_budget_bytes`` is given.
+    memory, capped at ``max_batch`` (256 when it is None): ``kv_budget_bytes`` if given, else
+    ``kv_memory_fraction`` of the memory free after the weights less a reserve for the
+    activations of the largest prefill step and the decode graph pools (estimates, stated in
+    ``splitlab.engine.capacity.Reserve``; ``splitlab env --model M`` prints them); on CPU
+    None means ``min(max_batch, 8)`` unless ``kv_budget_bytes`` is given.
     ``max_batch``: most sequences decoding at once (the largest CUDA-graph batch bucket).
+    None derives it from the pool built: as many sequences as it holds at
+    ``min(max_seq_len, 2048)`` positions each (a slot pool: its slots), at most 256 and below
+    ``chunk_size``, at least 1 (``splitlab.engine.capacity.decode_batch_limit``).
     ``token_budget``: ``serial`` mode, most prompt tokens in one prefill step (a single
     prompt longer than this still runs alone).
     ``chunk_size``: ``chunked`` mode, most tokens in one step, decode tokens included
@@ -218,7 +224,7 @@ class EngineConfig(FrozenConfig):
     newest sequence when the pool runs out, see ``splitlab.engine.scheduler``).
     ``num_pages``: pages of a paged pool; None sizes it as ``num_slots`` None does (from the
     budget, the free GPU memory, or on CPU the memory of ``min(max_batch, 8)`` full slots),
-    capped at ``max_batch`` full-length sequences' pages.
+    capped at ``max_batch`` (256 when None) full-length sequences' pages.
     ``kv_prefix_cache``: a paged pool keeps the full blocks of every fill by content, and a
     new request whose prompt starts with cached blocks shares their pages instead of
     computing them (``splitlab.engine.kv.PageAllocator``; its hit rate is a scheduler counter).
@@ -226,7 +232,7 @@ class EngineConfig(FrozenConfig):
 
     max_seq_len: int = 2048
     num_slots: int | None = None
-    max_batch: int = 64
+    max_batch: int | None = 64
     token_budget: int = 8192
     chunk_size: int = 512
     cuda_graphs: bool | None = None
@@ -250,11 +256,11 @@ class EngineConfig(FrozenConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
 
-        for name in ("max_seq_len", "max_batch", "token_budget", "chunk_size"):
+        for name in ("max_seq_len", "token_budget", "chunk_size"):
             positive_int(name)
-        positive_int("num_slots", allow_none=True)
-        positive_int("kv_budget_bytes", allow_none=True)
-        if self.chunk_size <= self.max_batch:
+        for name in ("max_batch", "num_slots", "kv_budget_bytes"):
+            positive_int(name, allow_none=True)
+        if self.max_batch is not None and self.chunk_size <= self.max_batch:
             raise ConfigError(
                 f"EngineConfig.chunk_size ({self.chunk_size}) must be larger than max_batch "
                 f"({self.max_batch}) so a chunked step has room for prompt tokens beside a full "

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
+import types
 
 import pytest
 import torch
 
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, DeviceError
-from splitlab.engine.kv import (CPU_DEFAULT_SLOTS, KVPool, PageAllocator, PagedKVPool, SlotAllocator, build_kv,
-                                slot_bytes)
+from splitlab.engine.capacity import MAX_DERIVED_BATCH, decode_batch_limit, reserve_for
+from splitlab.engine.kv import (CPU_DEFAULT_SLOTS, KVPool, PageAllocator, PagedKVPool, SlotAllocator, _budget,
+                                build_kv, slot_bytes)
 
 
 def test_allocate_shape_scratch_row_and_bytes():
@@ -176,6 +178,68 @@ def test_build_kv_follows_the_config(tiny):
     kv, alloc = build_kv(tiny, EngineConfig(max_batch=2, chunk_size=8, num_slots=2), 64)
     assert not kv.paged and kv.num_slots == 2 and isinstance(alloc, SlotAllocator) and alloc.capacity == 2
 
+
+
+def test_build_kv_with_a_derived_max_batch(tiny):
+    """max_batch None: the pool is capped at what the derivation can use (256 sequences), and
+    decode_batch_limit reads the batch off the pool built."""
+    per_slot = 64 * tiny.facts.kv_bytes_per_token
+    config = EngineConfig(max_batch=None, kv_budget_bytes=301 * per_slot)  # 300 slots fit
+    kv, alloc = build_kv(tiny, config, 64)
+    assert kv.num_slots == alloc.capacity == MAX_DERIVED_BATCH == decode_batch_limit(kv, config)
+    kv, _ = build_kv(tiny, config.replace(chunk_size=40), 64)  # the batch stays below chunk_size
+    assert kv.num_slots == decode_batch_limit(kv, config.replace(chunk_size=40)) == 39
+    paged = EngineConfig(max_batch=None, kv_block_size=16)  # CPU: 8 full sequences of 4 pages
+    kv, _ = build_kv(tiny, paged, 64)
+    assert kv.num_pages == CPU_DEFAULT_SLOTS * 4 and decode_batch_limit(kv, paged) == CPU_DEFAULT_SLOTS
+    kv, _ = build_kv(tiny, EngineConfig(max_batch=4, chunk_size=8, num_slots=6), 64)
+    assert decode_batch_limit(kv, EngineConfig(max_batch=4, chunk_size=8)) == 4
+
+
+class _Recorder:
+    """Stands in for a pool class: records the keywords build_kv sizes it with."""
+
+    calls: list = []
+
+    @classmethod
+    def for_model(cls, model, max_seq_len, *args, **kwargs):
+        cls.calls.append(kwargs)
+        return types.SimpleNamespace(new_allocator=lambda **_: None)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_build_kv_reserves_only_when_it_sizes_from_free_memory(tiny, monkeypatch, paged):
+    import splitlab.engine.kv as kv_module
+
+    monkeypatch.setattr(kv_module, "PagedKVPool" if paged else "KVPool", _Recorder)
+    gpu_model = types.SimpleNamespace(facts=tiny.facts, device=torch.device("cuda"), dtype=tiny.dtype)
+    block = {"kv_block_size": 16} if paged else {}
+    count = {"num_pages": 9} if paged else {"num_slots": 9}
+    cases = [(gpu_model, EngineConfig(**block), True), (gpu_model, EngineConfig(**block, **count), False),
+             (gpu_model, EngineConfig(**block, kv_budget_bytes=10**6), False), (tiny, EngineConfig(**block), False)]
+    for model, config, reserved in cases:
+        _Recorder.calls.clear()
+        build_kv(model, config, 64)
+        expected = reserve_for(tiny.facts, config).total_bytes if reserved else 0
+        assert _Recorder.calls[0]["reserve_bytes"] == expected and expected >= 0
+    build_kv(gpu_model, EngineConfig(**block, max_batch=None), 64)
+    assert _Recorder.calls[-1]["max_batch" if paged else "max_slots"] == MAX_DERIVED_BATCH
+
+
+def test_free_memory_less_the_reserve(tiny, monkeypatch):
+    """On CUDA the pool gets memory_fraction of the measured free memory less the reserve
+    (mem_get_info faked: no GPU needed); an explicit budget is the pool's alone."""
+    free = 100 * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    gpu_model = types.SimpleNamespace(facts=tiny.facts, device=torch.device("cuda"), dtype=tiny.dtype)
+    budget, where = _budget(gpu_model, None, 0.5, 10 * 2**20)
+    assert budget == 40 * 2**20 and "less 0.01 GiB reserved for activations and decode graphs" in where
+    assert _budget(gpu_model, None, 0.5, 0) == (50 * 2**20, "50% of the 0.1 GiB free on the GPU")
+    assert _budget(gpu_model, 2**20, 0.5, 10 * 2**20)[0] == 2**20
+    with pytest.raises(DeviceError, match="reserved for activations"):
+        KVPool.for_model(gpu_model, 64, memory_fraction=0.5, reserve_bytes=free)  # nothing left, nothing allocated
+    with pytest.raises(DeviceError, match="reserved for activations"):
+        PagedKVPool.for_model(gpu_model, 64, 16, memory_fraction=0.5, reserve_bytes=free)
 
 def test_engine_config_paging_fields():
     assert EngineConfig().kv_block_size is None and EngineConfig(kv_block_size=32).num_pages is None

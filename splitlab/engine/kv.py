@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import torch
 
 from splitlab.errors import ConfigError, DeviceError
+from splitlab.engine.capacity import batch_bound, measured_free_bytes, reserve_for
 
 CPU_DEFAULT_SLOTS = 8
 
@@ -128,19 +129,21 @@ class KVPool(_Pool):
     @classmethod
     def for_model(cls, model: Any, max_seq_len: int, num_slots: int | None = None,
                   memory_budget_bytes: int | None = None, memory_fraction: float = 0.9,
-                  max_slots: int | None = None) -> "KVPool":
+                  max_slots: int | None = None, reserve_bytes: int = 0) -> "KVPool":
         """A pool shaped for ``model`` (a ``LoadedModel``) on its device, in its dtype.
 
         The slot count is, in order: ``num_slots`` if given; else as many slots as fit in
         ``memory_budget_bytes``; else (CUDA) as many as fit in ``memory_fraction`` of the free
-        memory measured now by ``torch.cuda.mem_get_info``; else (CPU) ``CPU_DEFAULT_SLOTS``.
-        ``max_slots`` caps the derived counts (a slot no decode batch can use is waste).
+        memory measured now by ``torch.cuda.mem_get_info``, less ``reserve_bytes`` (what the
+        engine allocates after the pool: ``splitlab.engine.capacity.reserve_for``); else (CPU)
+        ``CPU_DEFAULT_SLOTS``. ``max_slots`` caps the derived counts (a slot no decode batch
+        can use is waste).
         """
         facts = model.facts
         _check_seq_len(max_seq_len, facts.max_positions)
         per_slot = slot_bytes(facts.num_layers, max_seq_len, facts.num_kv_heads, facts.head_dim, model.dtype)
         if num_slots is None:
-            budget, where = _budget(model, memory_budget_bytes, memory_fraction)
+            budget, where = _budget(model, memory_budget_bytes, memory_fraction, reserve_bytes)
             if budget is None:
                 num_slots = CPU_DEFAULT_SLOTS
             else:
@@ -302,12 +305,13 @@ class PagedKVPool(_Pool):
     @classmethod
     def for_model(cls, model: Any, max_seq_len: int, block_size: int, num_pages: int | None = None,
                   memory_budget_bytes: int | None = None, memory_fraction: float = 0.9,
-                  max_batch: int | None = None) -> "PagedKVPool":
+                  max_batch: int | None = None, reserve_bytes: int = 0) -> "PagedKVPool":
         """A paged pool shaped for ``model`` (a ``LoadedModel``) on its device, in its dtype.
 
         The page count is, in order: ``num_pages`` if given; else as many pages as fit in
         ``memory_budget_bytes``; else (CUDA) in ``memory_fraction`` of the free memory measured
-        now; else (CPU) the pages of ``min(max_batch, CPU_DEFAULT_SLOTS)`` full-length
+        now less ``reserve_bytes`` (as ``KVPool.for_model``); else (CPU) the pages of
+        ``min(max_batch, CPU_DEFAULT_SLOTS)`` full-length
         sequences (the memory of the slot pool's CPU default). The derived counts are capped at
         ``max_batch`` full-length sequences' pages (more can never be in use at once).
         """
@@ -319,7 +323,7 @@ class PagedKVPool(_Pool):
         per_page = slot_bytes(facts.num_layers, block_size, facts.num_kv_heads, facts.head_dim, model.dtype)
         full = -(-max_seq_len // block_size)  # pages of one full-length sequence
         if num_pages is None:
-            budget, where = _budget(model, memory_budget_bytes, memory_fraction)
+            budget, where = _budget(model, memory_budget_bytes, memory_fraction, reserve_bytes)
             if budget is None:
                 num_pages = min(max_batch or CPU_DEFAULT_SLOTS, CPU_DEFAULT_SLOTS) * full
             else:
@@ -514,15 +518,22 @@ class PageAllocator:
 
 def build_kv(model: Any, config: Any, max_seq_len: int) -> tuple[KVPool | PagedKVPool, SlotAllocator | PageAllocator]:
     """The pool and allocator ``config`` (an ``EngineConfig``) asks for: slots when
-    ``kv_block_size`` is None, else pages of that many positions."""
+    ``kv_block_size`` is None, else pages of that many positions. Sized from free GPU memory,
+    the pool leaves the reserve of ``capacity.reserve_for`` for the activations and decode
+    graphs. The largest decode batch of the pool is ``capacity.decode_batch_limit(kv, config)``
+    (``config.max_batch``, or derived from the pool when that is None)."""
+    batch = batch_bound(config)  # max_batch None: the most it may derive (more would be waste)
+    count = config.num_slots if config.kv_block_size is None else config.num_pages
+    measured = count is None and config.kv_budget_bytes is None and torch.device(model.device).type == "cuda"
+    reserve = reserve_for(model.facts, config).total_bytes if measured else 0
     if config.kv_block_size is None:
         kv = KVPool.for_model(model, max_seq_len, num_slots=config.num_slots,
                               memory_budget_bytes=config.kv_budget_bytes, memory_fraction=config.kv_memory_fraction,
-                              max_slots=config.max_batch)
+                              max_slots=batch, reserve_bytes=reserve)
     else:
         kv = PagedKVPool.for_model(model, max_seq_len, config.kv_block_size, num_pages=config.num_pages,
                                    memory_budget_bytes=config.kv_budget_bytes,
-                                   memory_fraction=config.kv_memory_fraction, max_batch=config.max_batch)
+                                   memory_fraction=config.kv_memory_fraction, max_batch=batch, reserve_bytes=reserve)
         return kv, kv.new_allocator(prefix_cache=config.kv_prefix_cache)
     return kv, kv.new_allocator()
 
@@ -557,15 +568,20 @@ def _zeros(tensor_shape: tuple[int, ...], dtype: torch.dtype, device: str | torc
         raise DeviceError(f"out of memory allocating {what} ({need / 2**30:.2f} GiB); lower {lower}") from exc
 
 
-def _budget(model: Any, memory_budget_bytes: int | None, memory_fraction: float) -> tuple[int | None, str]:
-    """The bytes a pool may take and where that number came from (None: no budget, the CPU)."""
+def _budget(model: Any, memory_budget_bytes: int | None, memory_fraction: float,
+            reserve_bytes: int = 0) -> tuple[int | None, str]:
+    """The bytes a pool may take and where that number came from (None: no budget, the CPU).
+    An explicit budget is the pool's alone; measured free memory loses ``reserve_bytes``."""
     if memory_budget_bytes is not None:
         return int(memory_budget_bytes), f"the budget of {memory_budget_bytes / 2**30:.2f} GiB"
-    device = torch.device(model.device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * memory_fraction), f"{memory_fraction:.0%} of the {free / 2**30:.1f} GiB free on the GPU"
-    return None, ""
+    free = measured_free_bytes(model.device)
+    if free is None:
+        return None, ""
+    where = f"{memory_fraction:.0%} of the {free / 2**30:.1f} GiB free on the GPU"
+    if reserve_bytes:
+        where += (f" less {reserve_bytes / 2**30:.2f} GiB reserved for activations and decode graphs "
+                  "(lower token_budget or max_batch to shrink it)")
+    return max(0, int(free * memory_fraction) - int(reserve_bytes)), where
 
 
 def _numel(shape) -> int:
