@@ -56,19 +56,11 @@ def _mode_options(mode: str, batch_size: int, config, mode_kwargs: dict[str, Any
     if mode == "split":
         from splitlab.modes.split.run import split_config
 
-        return _slot_pool_only(mode, engine_config(config)), split_config(**mode_kwargs)
+        return engine_config(config), split_config(**mode_kwargs)
     from splitlab.modes.replicas import replica_config
 
     options = replica_config(batch_size=batch_size, **mode_kwargs)
-    return _slot_pool_only(mode, engine_config(config) if options.engine != "generate" else None), options
-
-
-def _slot_pool_only(mode: str, engine):
-    """The split and replicas workers are not wired to a paged KV pool yet: refuse it here."""
-    if engine is not None and engine.kv_block_size is not None:
-        raise ConfigError(f"mode {mode!r} runs on the slot KV pool; a paged pool (kv_block_size) runs in the "
-                          "serial and chunked modes: leave kv_block_size None here")
-    return engine
+    return (engine_config(config) if options.engine != "generate" else None), options
 
 
 def run(workload: Workload, model, mode: str = "hf-generate", *, batch_size: int = 8,

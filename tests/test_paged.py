@@ -5,26 +5,31 @@ arrivals spread over time and more requests than the pool holds, so freed pages 
 and a pool so small that running sequences outgrow it, so the newest is preempted and later
 recomputed (re-prefilled over its prompt and the tokens it had), its output continuing
 exactly: no request lost, none duplicated, every page back at the end. The split workers
-hand a sequence's pages over (``Handoff.blocks``). With the prefix cache, prompts that share
-a system prompt share its pages and compute only the rest.
+hand a sequence's pages over (``Handoff.blocks``); ``split`` (two threads, two processes)
+runs on such a pool with the prefill side reserving every page a sequence will write and
+the decode side handing them back, and each ``replicas`` engine on its share of the pages.
+With the prefix cache, prompts that share a system prompt share its pages and compute only
+the rest.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import pytest
-from _colocation import drive_split_workers
+from _colocation import assert_clean, check_split_run, drive_split_workers, snapshot
 from _oracle import hf_greedy
 from _traces import assert_traces_complete
 
 import splitlab
 from splitlab.config import EngineConfig
-from splitlab.errors import ConfigError, WorkloadError
+from splitlab.errors import WorkloadError
 from splitlab.engine.loop import DecodeWorker, Handoff, Worker, build_engine, drive
 from splitlab.engine.scheduler import Scheduler
 from splitlab.engine.warmup import warm_up
+from splitlab.modes.split import SplitSession
 from splitlab.workload import from_prompts
 
 
@@ -124,17 +129,22 @@ def test_split_workers_hand_over_pages(tiny, workload, expected):
     assert seq.blocks == [5, 6] and seq.next_position == 3 and seq.slot is None
 
 
+def system_prompt_workload():
+    """Eight prompts behind one 21-token system prompt (one of them twice), arriving over 0.4 s."""
+    rng = random.Random(3)
+    system = [rng.randrange(4, 260) for _ in range(21)]
+    prompts = [system + [rng.randrange(4, 260) for _ in range(rng.randrange(1, 12))] for _ in range(8)]
+    prompts.append(list(prompts[2]))  # one prompt twice: all but its last block shared
+    return from_prompts(prompts, [rng.randrange(2, 9) for _ in prompts], [0.0] + [0.05 * i for i in range(1, 9)],
+                        name="system-prompt")
+
+
 @pytest.mark.parametrize("mode", ["serial", "chunked"])
 def test_prefix_cache_shares_a_system_prompt_and_stays_exact(tiny, mode):
     """Prompts behind one 21-token system prompt, pages of 4: once the first is prefilled,
     later requests take its five full blocks from the cache (their prefill is a later chunk
     attending to them in place) and every output is still HF's."""
-    rng = random.Random(3)
-    system = [rng.randrange(4, 260) for _ in range(21)]
-    prompts = [system + [rng.randrange(4, 260) for _ in range(rng.randrange(1, 12))] for _ in range(8)]
-    prompts.append(list(prompts[2]))  # one prompt twice: all but its last block shared
-    wl = from_prompts(prompts, [rng.randrange(2, 9) for _ in prompts], [0.0] + [0.05 * i for i in range(1, 9)],
-                      name="system-prompt")
+    wl = system_prompt_workload()
     expected = {r.id: hf_greedy(tiny, list(r.prompt_ids), r.max_new_tokens) for r in wl}
     config = EngineConfig(max_seq_len=64, max_batch=3, chunk_size=9, kv_block_size=4, num_pages=60,
                           kv_prefix_cache=True)
@@ -148,8 +158,135 @@ def test_prefix_cache_shares_a_system_prompt_and_stays_exact(tiny, mode):
     assert run.output_ids() == expected
 
 
-@pytest.mark.parametrize("mode,kwargs", [("split", {"backend": "streams"}), ("replicas", {"num_replicas": 2})])
-def test_split_and_replicas_refuse_a_paged_pool_for_now(tiny, mode, kwargs):
-    config = EngineConfig(max_seq_len=64, max_batch=2, chunk_size=8, kv_block_size=16)
-    with pytest.raises(ConfigError, match="serial and chunked"):
-        splitlab.run(from_prompts([[5, 6, 7]], 2), tiny, mode=mode, config=config, progress=False, **kwargs)
+# ---- split and replicas on a paged pool ----------------------------------------------------------
+
+PAGED_SPLIT = EngineConfig(max_seq_len=64, max_batch=3, token_budget=48, kv_block_size=4, num_pages=30)
+
+
+def pages_of(r, block: int) -> int:
+    """Pages a split worker reserves for ``r``: every position it will write."""
+    return -(-(r.prompt_len + r.max_new_tokens - 1) // block)
+
+
+def assert_pages_never_overcommitted(run, workload, block: int, num_pages: int) -> None:
+    """A split request holds its pages from (before) its prefill start to (after) its last
+    token: the pages of the requests live at any moment never exceed the pool, and the whole
+    workload needs more pages than the pool has, so pages were freed and handed out again."""
+    need = {r.id: pages_of(r, block) for r in workload}
+    events = sorted([(t.prefill_start_s, need[t.id]) for t in run.traces]
+                    + [(t.token_times_s[-1], -need[t.id]) for t in run.traces])  # a free before an alloc at a tie
+    held = peak = 0
+    for _, d in events:
+        held += d
+        peak = max(peak, held)
+    assert peak <= num_pages and sum(need.values()) > num_pages
+
+
+@pytest.mark.parametrize("backend,policy", [
+    ("streams", {}),
+    # the adaptive split's lanes and decisions (simulated off a GPU) over the paged pool
+    ("streams", {"sm_policy": "table", "sm_profile": str(Path(__file__).resolve().parents[1] / "results"
+                                                         / "sm_profile_h200.json")}),
+    ("processes", {}),
+], ids=["streams", "streams-table", "processes"])
+def test_split_on_a_paged_pool_is_exact_and_hands_every_page_back(tiny, workload, expected, backend, policy):
+    """Two runs in one session, each needing more pages than the pool has: the prefill side
+    reserves, the decode side frees, and a run only completes (streams) or starts (processes,
+    the second) once every page of the last one is back in the prefill side's allocator."""
+    before = snapshot()
+    other = workload_of(4, n=8)
+    with SplitSession(tiny, PAGED_SPLIT, backend=backend, **policy) as session:
+        runs = [(session.run(wl, progress=False), wl) for wl in (workload, other)]
+    assert runs[0][0].output_ids() == expected
+    assert runs[1][0].output_ids() == {r.id: hf_greedy(tiny, list(r.prompt_ids), r.max_new_tokens) for r in other}
+    for run, wl in runs:
+        check_split_run(run, wl, num_slots=PAGED_SPLIT.num_pages)  # every row computed once: nothing preempted
+        assert_pages_never_overcommitted(run, wl, 4, PAGED_SPLIT.num_pages)
+        assert max(len(s.request_ids) for s in run.steps if s.worker == "decode") <= PAGED_SPLIT.max_batch
+        assert run.memory["preemptions"] == 0 and run.memory["kv_pool_bytes"] == 2 * 2 * 31 * 4 * 2 * 16 * 4
+    assert max(r.prompt_len for r in workload) > 8 * 4  # some prompt spans more than 8 pages
+    for facts in runs[0][0].config.workers.values():  # both workers view the one pool as paged
+        assert (facts["kv_block_size"], facts["num_pages"], facts["num_slots"]) == (4, 30, None)
+    if backend == "processes":
+        assert runs[0][0].config.effective["decode_weights_shared"] is True  # weights and KV mapped, not copied
+    if policy:
+        assert runs[0][0].config.green["decisions"] > 0 and all(s.sms for s in runs[0][0].steps)
+    assert_clean(before, session.children)
+
+
+def test_the_adaptive_prefill_placer_waits_for_a_prompts_pages():
+    """A waiting prompt keeps the prefill side's SMs only when the pages it will be admitted
+    with are free (a slot pool: a free slot)."""
+    from types import SimpleNamespace
+
+    from splitlab.engine.kv import PageAllocator
+    from splitlab.engine.scheduler import SeqState
+    from splitlab.modes.split.adaptive import _PrefillPlacer
+
+    allocator = PageAllocator(10, 4)
+    scheduler = Scheduler("prefill", allocator, max_batch=4)
+    scheduler.add(SeqState.new(from_prompts([[5] * 10], 4).requests[0]))  # 13 positions: 4 pages
+    taken = allocator.alloc(7)
+    placer = _PrefillPlacer(SimpleNamespace(prefill_tokens=-1))
+    placer.done(scheduler)
+    assert placer.c.prefill_tokens == 0  # 3 pages free: it cannot run next
+    allocator.free(taken[0])
+    placer.done(scheduler)
+    assert placer.c.prefill_tokens == 10
+
+
+def test_split_decode_batches_stay_within_max_batch_when_the_pages_hold_more(tiny):
+    """Short prompts and long outputs on a big pool: more sequences are prefilled (and hold
+    their pages) than a decode batch takes; the rest wait for room, in order, and stay exact."""
+    wl = from_prompts([[7 + i, 9, 11] for i in range(8)], 30, name="short-long")
+    config = EngineConfig(max_seq_len=64, max_batch=2, token_budget=48, kv_block_size=4, num_pages=80)
+    run = splitlab.run(wl, tiny, mode="split", config=config, backend="streams", progress=False)
+    assert run.output_ids() == {r.id: hf_greedy(tiny, list(r.prompt_ids), 30) for r in wl}
+    assert max(len(s.request_ids) for s in run.steps if s.worker == "decode") == 2
+    ends = sorted(t.token_times_s[-1] for t in run.traces)
+    prefilled_before_first_end = sum(t.prefill_end_s < ends[0] for t in run.traces)
+    assert prefilled_before_first_end > 2  # more handed over than a batch holds
+
+
+def test_split_shares_a_cached_prefix_and_stays_exact(tiny):
+    wl = system_prompt_workload()
+    config = EngineConfig(max_seq_len=64, max_batch=3, token_budget=64, kv_block_size=4, num_pages=60,
+                          kv_prefix_cache=True)
+    run = splitlab.run(wl, tiny, mode="split", config=config, backend="streams", progress=False)
+    assert run.output_ids() == {r.id: hf_greedy(tiny, list(r.prompt_ids), r.max_new_tokens) for r in wl}
+    assert run.memory["prefix_blocks_hit"] >= 5 * 4  # the prefill side's allocator found them
+    rows = sum(s.num_tokens for s in run.steps)
+    assert rows < sum(r.prompt_len + r.max_new_tokens - 1 for r in wl)  # the cached blocks were not computed
+
+
+def test_replicas_each_serve_their_share_of_the_pages_exactly(tiny):
+    """32 pages for two replicas: 16 each. Four requests per replica, all at once, grow past
+    their share, so each replica preempts and recomputes as serial does, exactly."""
+    rng = random.Random(5)
+    wl = from_prompts([[rng.randrange(4, 260) for _ in range(17 + 2 * i)] for i in range(8)], 20, name="replica-pages")
+    expected = {r.id: hf_greedy(tiny, list(r.prompt_ids), 20) for r in wl}
+    config = EngineConfig(max_seq_len=64, max_batch=4, token_budget=64, kv_block_size=4, num_pages=32)
+    before = snapshot()
+    with pytest.warns(UserWarning, match="replicas x2: the KV pool ran out"):
+        run = splitlab.run(wl, tiny, mode="replicas", config=config, num_replicas=2, engine="serial",
+                           progress=False)
+    assert run.output_ids() == expected
+    assert_traces_complete(run, wl)
+    for facts in run.config.workers.values():
+        assert (facts["kv_block_size"], facts["num_pages"]) == (4, 16)
+    assert run.memory["kv_pool_bytes"] == 2 * (2 * 2 * 17 * 4 * 2 * 16 * 4)
+    assert run.memory["preemptions"] > 0 and run.memory["recomputed_tokens"] > 0
+    assert_clean(before)
+
+
+@pytest.mark.parametrize("mode,kwargs,pages,need", [
+    ("split", {"backend": "streams"}, 9, "10 KV pages"),
+    ("replicas", {"num_replicas": 2}, 18, r"11 KV pages of 4 positions \(one of them headroom\)"),  # 9 each
+])
+def test_split_and_replicas_refuse_a_request_their_pages_can_never_hold(tiny, mode, kwargs, pages, need):
+    wl = from_prompts([[5] * 30, [6] * 3], [10, 2], name="too-big")  # 39 positions: 10 pages of 4
+    config = EngineConfig(max_seq_len=64, max_batch=2, chunk_size=8, kv_block_size=4, num_pages=pages)
+    before = snapshot()
+    with pytest.raises(WorkloadError, match=f"request 0 .* needs {need}.*has 9; raise EngineConfig.num_pages"):
+        splitlab.run(wl, tiny, mode=mode, config=config, progress=False, **kwargs)
+    assert_clean(before)

@@ -90,3 +90,22 @@ def test_replicas_arguments_are_checked(tiny, workload):
         run_replicas(workload, tiny, progress=False, mps=True)
     with pytest.raises(splitlab.WorkloadError, match="max_seq_len"):
         run_replicas(workload, tiny, config=EngineConfig(max_seq_len=32, max_batch=2, chunk_size=8), progress=False)
+
+
+def test_each_replica_gets_its_share_of_the_slots_or_pages():
+    """``_kv_plan``: the EngineConfig fields each of N replicas builds its pool from."""
+    import torch
+
+    from splitlab.modes.replicas import _kv_plan
+
+    cpu = torch.device("cpu")
+    assert _kv_plan(EngineConfig(num_slots=5, max_batch=4), 2, cpu, 96) == {"num_slots": 2}
+    paged = EngineConfig(max_batch=4, kv_block_size=16)
+    assert _kv_plan(paged.replace(num_pages=33), 2, cpu, 96) == {"num_pages": 16}
+    assert _kv_plan(paged.replace(num_pages=1), 2, cpu, 96) == {"num_pages": 1}  # never none
+    assert _kv_plan(paged.replace(kv_budget_bytes=1000), 4, cpu, 96) == {"num_pages": None, "kv_budget_bytes": 250}
+    assert _kv_plan(EngineConfig(max_batch=4, kv_budget_bytes=1000), 4, cpu, 96) == {
+        "num_slots": None, "kv_budget_bytes": 250}
+    # the CPU default of one engine (min(max_batch, 8) sequences) split N ways; pages: theirs at full length
+    assert _kv_plan(EngineConfig(max_batch=4), 2, cpu, 96) == {"num_slots": 2}
+    assert _kv_plan(paged, 2, cpu, 96) == {"num_pages": 2 * 6}

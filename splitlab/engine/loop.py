@@ -7,9 +7,9 @@ tokens and frees what finished. ``drive`` feeds one worker its arrivals in real 
 runner and the slot allocator of a model (warm it with ``splitlab.engine.warmup.warm_up``).
 
 A split engine reuses the same pieces: ``PrefillWorker`` (policy ``prefill``)
-prefills arrived prompts into KV slots and emits a ``Handoff`` per finished prompt;
+prefills arrived prompts into the KV pool and emits a ``Handoff`` per finished prompt;
 ``DecodeWorker`` (policy ``decode``) accepts handoffs and batches them. Both address the
-same KV pool, so a handoff carries a slot number, never KV bytes.
+same KV pool, so a handoff carries a slot number or page ids, never KV bytes.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ class Placer(Protocol):
 
 
 class PrefillWorker(Worker):
-    """Prefills arrived prompts into KV slots; every finished prompt becomes a ``Handoff``."""
+    """Prefills arrived prompts into KV slots or pages (on a paged pool it reserves every page
+    a sequence will write); every finished prompt becomes a ``Handoff``."""
 
     def __init__(self, runner: ModelRunner, allocator: Any, config: EngineConfig, clock: Callable[[], float],
                  name: str = "prefill"):
@@ -146,7 +147,8 @@ class PrefillWorker(Worker):
 
 
 class DecodeWorker(Worker):
-    """Continuously batches handed-over sequences; frees their slots when they finish."""
+    """Continuously batches handed-over sequences; frees their slots or pages when they finish
+    (through its allocator, one id per call: a proxy forwards them to the prefill side's)."""
 
     def __init__(self, runner: ModelRunner, allocator: Any, config: EngineConfig, clock: Callable[[], float],
                  name: str = "decode"):

@@ -4,20 +4,24 @@ The loops are written once, against small callables for their transport, so thre
 (``queue.Queue``) and processes (``torch.multiprocessing`` queues) run the same code:
 
 - ``prefill_loop``: feeds arrived requests (never before their ``arrival_s``) to a
-  ``PrefillWorker``, runs batched prefill steps straight into KV slots, and hands every
-  prefilled sequence over as a ``Handoff`` (slot, prompt length, first token). Slots come
-  from its own ``SlotAllocator``; slots the decode side freed come back through
-  ``wait_freed``. When it has nothing to run it blocks on that freed-slot channel until a
-  slot frees or the next request arrives, whichever is first.
+  ``PrefillWorker``, runs batched prefill steps straight into the KV pool, and hands every
+  prefilled sequence over as a ``Handoff`` (its slot, or on a paged pool its block table;
+  prompt length, first token). Slots or pages come from its own allocator (a paged one
+  reserves every page the sequence will ever write, so the decode side never needs one);
+  those the decode side freed come back through ``wait_freed``. When it has nothing to run
+  it blocks on that freed channel until something frees or the next request arrives,
+  whichever is first.
 - ``decode_loop``: accepts handoffs, runs decode steps over everything handed over
-  (continuous batching), and returns the slots of finished sequences through a
-  ``FreedSlots`` proxy (the decode side never allocates). It ends after the prefill side's
-  end marker, once its batch is empty.
+  (continuous batching, at most the runner's ``max_batch`` sequences: a paged pool can hold
+  more, which wait their turn), and returns the slots or page ids of finished sequences
+  through a ``FreedSlots`` proxy (the decode side never allocates). It ends after the
+  prefill side's end marker, once its batch is empty.
 
 No KV byte moves in a handoff: both workers address the same pool, and a handoff is sent
 only after the host sync that returned the prefill step's tokens, which orders the KV
 writes (on the prefill worker's stream or process) before the decode worker's first read.
-Likewise a slot is freed only after the decode step that finished it returned its tokens.
+Likewise a slot or page is freed only after the decode step that finished it returned its
+tokens.
 
 ``build_run`` makes the ``Run`` of every mode; ``worker_facts`` reads what a runner really
 runs with (its ``RunConfig.effective`` / ``workers``).
@@ -101,11 +105,12 @@ def check_faults(faults: Any) -> tuple[Fault, ...]:
     return tuple(faults)
 
 
-# ---- slots freed by the decode side ---------------------------------------------------------------
+# ---- KV freed by the decode side ------------------------------------------------------------------
 
 class FreedSlots:
-    """The decode side's allocator: ``free(slot)`` collects, ``flush()`` sends the slots back
-    to the prefill side's allocator through ``send(list_of_slots)``. It never allocates."""
+    """The decode side's allocator: ``free(slot)`` collects (a slot, or one page id: the
+    scheduler frees a sequence's pages one id per call), ``flush()`` sends them back to the
+    prefill side's allocator through ``send(list_of_ids)``. It never allocates."""
 
     def __init__(self, send: Callable[[list[int]], None]):
         self._send = send
@@ -140,8 +145,9 @@ def prefill_loop(worker: PrefillWorker, allocator, requests: Iterable, clock: Ca
 
     ``hand_off(pairs)``: the step's handoffs with their sequence states (a thread backend
     passes the states' traces on; a process backend sends the handoffs alone).
-    ``wait_freed(timeout)``: slots the decode side freed, waiting up to ``timeout`` seconds
-    for at least one (0: just look). ``on_step(step_trace, outcome)``: after each step.
+    ``wait_freed(timeout)``: slots or page ids the decode side freed, waiting up to
+    ``timeout`` seconds for at least one (0: just look). ``on_step(step_trace, outcome)``:
+    after each step.
     """
     pending = collections.deque(sorted(requests, key=lambda r: (r.arrival_s, r.id)))
     seqs = {r.id: SeqState.new(r, worker.name) for r in pending}
@@ -150,20 +156,20 @@ def prefill_loop(worker: PrefillWorker, allocator, requests: Iterable, clock: Ca
     while left:
         if stop is not None and stop():
             raise Stopped
-        for slot in wait_freed(0.0):
-            allocator.free(slot)
+        for kv_id in wait_freed(0.0):
+            allocator.free(kv_id)
         now = clock()
         while pending and pending[0].arrival_s <= now:
             worker.add(seqs[pending.popleft().id])
         handoffs, outcome = worker.step_handoffs()
         if outcome is None:
-            # Nothing runnable: requests wait for a slot, or none has arrived. Sleep on the
-            # freed-slot channel until a slot frees, the next arrival, or poll_s.
+            # Nothing runnable: requests wait for KV, or none has arrived. Sleep on the freed
+            # channel until a slot or page frees, the next arrival, or poll_s.
             timeout = poll_s
             if pending:
                 timeout = min(timeout, max(0.0, pending[0].arrival_s - clock()))
-            for slot in wait_freed(timeout):
-                allocator.free(slot)
+            for kv_id in wait_freed(timeout):
+                allocator.free(kv_id)
             continue
         left -= len(outcome.prefilled)
         if handoffs:
@@ -190,6 +196,10 @@ def decode_loop(worker: DecodeWorker, freed: FreedSlots, *,
     ``on_step(step_trace, outcome, seqs_by_id)``: after each step.
     """
     seqs: dict[int, SeqState] = {}
+    # handed over while the batch is full (a paged pool can hold more sequences than a batch):
+    # they join as others finish; the runner's max_batch is its largest graph bucket
+    backlog: collections.deque = collections.deque()
+    room = worker.runner.max_batch
     ended = False
     steps = 0
     while True:
@@ -197,7 +207,9 @@ def decode_loop(worker: DecodeWorker, freed: FreedSlots, *,
             raise Stopped
         busy = worker.scheduler.has_work()
         pairs, end = receive(0.0 if busy else poll_s)
-        for handoff, trace in pairs:
+        backlog.extend(pairs)
+        while backlog and len(worker.scheduler.running) < room:
+            handoff, trace = backlog.popleft()
             seqs[handoff.request_id] = worker.accept(handoff, trace)
         ended = ended or end
         if worker.scheduler.has_work():

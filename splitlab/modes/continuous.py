@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch
 
@@ -13,6 +12,7 @@ from splitlab.engine.scheduler import Scheduler
 from splitlab.engine.warmup import warm_up
 from splitlab.measure.metrics import Run
 from splitlab.modes.common import build_run, peak_bytes, reset_peak, worker_facts
+from splitlab.modes.worker_kv import warn_preemptions
 from splitlab.workload import Workload
 
 MODES = ("serial", "chunked")
@@ -43,10 +43,7 @@ def _run_continuous(workload: Workload, model, mode: str, config: EngineConfig, 
     worker = Worker(mode, runner, scheduler, clock)
     traces = drive(worker, workload, clock, progress=progress)
     counters = scheduler.counters()  # preemptions of a paged pool that ran out, prefix-cache hits
-    if counters["preemptions"]:
-        warnings.warn(f"{mode}: the KV pool ran out {counters['preemptions']} times; those sequences were "
-                      f"preempted and recomputed ({counters['recomputed_tokens']} positions again): give the pool "
-                      "more pages (EngineConfig.num_pages / kv_memory_fraction) or lower max_batch", stacklevel=2)
+    warn_preemptions(mode, counters)
     memory = {"peak_bytes": peak_bytes(device), "kv_pool_bytes": parts.kv.nbytes, "weight_bytes": runner.weight_bytes,
               **counters}
     config_record = RunConfig(mode=mode, engine=config, effective=worker_facts(runner, config.warmup))

@@ -12,11 +12,13 @@ Weights exist once: ``replica-0`` loads the model by (spec, device, dtype, seed)
 its weight tensors with the others through a ``torch.multiprocessing`` queue (CUDA IPC on
 GPU, as the paper's vLLM fork did; shared memory on CPU); it keeps them alive until every
 other replica said ``Bye``. The KV cache does NOT: each engine replica allocates its own
-pool with 1/N of the budget (``num_slots // N`` slots when ``num_slots`` is given, else
-``kv_budget_bytes / N``, else ``kv_memory_fraction / N`` of the free memory replica 0 sees
-after loading; on CPU ``min(max_batch, 8) // N``), the paper's ``0.9 / N`` memory split. So
-each replica batches at most 1/N of the sequences one engine could, and ``Run.memory``
-lists every replica's peak (``per_worker``) and their sum (``peak_bytes``).
+pool with 1/N of the budget (``num_slots // N`` slots, or on a paged pool ``num_pages // N``
+pages, when given; else ``kv_budget_bytes / N``, else ``kv_memory_fraction / N`` of the free
+memory replica 0 sees after loading; on CPU ``min(max_batch, 8) // N`` slots, or those
+sequences' full-length pages), the paper's ``0.9 / N`` memory split. So each replica batches
+at most 1/N of the sequences one engine could, and ``Run.memory`` lists every replica's peak
+(``per_worker``) and their sum (``peak_bytes``). A paged replica admits, grows and preempts
+as the ``serial`` / ``chunked`` engine does; ``Run.memory`` sums their preemptions.
 
 ``mps=True`` runs the replicas as clients of a private MPS daemon (no SM percentages, as the
 paper); ``mps=False`` leaves them time-sliced by the driver. The processes' life cycle is
@@ -41,6 +43,7 @@ from splitlab.measure.metrics import Run
 from splitlab.modes.common import (Fault, build_run, check_faults, check_workload, cpu_threads_per_worker,
                                    engine_config, fault_for, mapped_not_owned, round_robin, total_or_none,
                                    weight_fingerprint, worker_facts, worker_model_args)
+from splitlab.modes.worker_kv import check_pages_fit, merged_counters, new_allocator, warn_preemptions
 from splitlab.modes.session import (Arm, OnSession, ProcessSession, Ready, clock_from, get_checking_parent,
                                     serve_runs)
 from splitlab.system.env import synchronize
@@ -104,12 +107,13 @@ def replica_config(options: ReplicaConfig | None = None, **kwargs: Any) -> Repli
 @dataclasses.dataclass(frozen=True)
 class Shared:
     """What replica 0 gives every other replica: the model's facts and dtype, each engine
-    replica's KV share (``kv_plan``), and the weights: the engine's (``arch``, ``weights``)
-    or, for ``generate``, the HF model's class, config, tensors and tokenizer."""
+    replica's KV share (``kv_plan``: the ``EngineConfig`` fields that size its pool), and the
+    weights: the engine's (``arch``, ``weights``) or, for ``generate``, the HF model's class,
+    config, tensors and tokenizer."""
 
     facts: Any
     dtype: torch.dtype
-    kv_plan: dict[str, int]
+    kv_plan: dict[str, int | None]
     arch: dict[str, Any] | None = None
     weights: dict[str, torch.Tensor] | None = None
     hf_class: type | None = None
@@ -130,7 +134,7 @@ class Bye:
 
 @dataclasses.dataclass(frozen=True)
 class _Shape:
-    """What ``KVPool.for_model`` reads of a model: facts, dtype, device."""
+    """What ``build_kv`` reads of a model: facts, dtype, device."""
 
     facts: Any
     dtype: torch.dtype
@@ -177,16 +181,20 @@ def _rebuild_hf(cls, config, tensors, dtype: torch.dtype):
     return model
 
 
-def _kv_plan(config: EngineConfig, n: int, device: torch.device) -> dict[str, int]:
-    """Each engine replica's share of the KV budget (see the module docstring)."""
-    if config.num_slots is not None:
-        return {"num_slots": max(1, config.num_slots // n)}
+def _kv_plan(config: EngineConfig, n: int, device: torch.device, max_seq_len: int) -> dict[str, int | None]:
+    """Each engine replica's share of the KV budget (see the module docstring), as the
+    ``EngineConfig`` fields its pool is built from."""
+    block = config.kv_block_size
+    count, given = ("num_slots", config.num_slots) if block is None else ("num_pages", config.num_pages)
+    if given is not None:
+        return {count: max(1, given // n)}
     if config.kv_budget_bytes is not None:
-        return {"memory_budget_bytes": config.kv_budget_bytes // n}
+        return {count: None, "kv_budget_bytes": max(1, config.kv_budget_bytes // n)}
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return {"memory_budget_bytes": int(free * config.kv_memory_fraction / n)}
-    return {"num_slots": max(1, min(config.max_batch, 8) // n)}
+        return {count: None, "kv_budget_bytes": max(1, int(free * config.kv_memory_fraction / n))}
+    sequences = max(1, min(config.max_batch or 8, 8) // n)  # the CPU default of one engine, split N ways
+    return {count: sequences if block is None else sequences * -(-max_seq_len // block)}
 
 
 def _load_and_share(model_args: dict[str, Any], engine: str, config: EngineConfig, n: int, share_q):
@@ -197,7 +205,8 @@ def _load_and_share(model_args: dict[str, Any], engine: str, config: EngineConfi
 
     device = torch.device(model_args["device"])
     loaded = load_model(model_args["spec"], device=device, dtype=model_args["dtype"], seed=model_args["seed"])
-    common = {"facts": loaded.facts, "dtype": loaded.dtype, "kv_plan": _kv_plan(config, n, device)}
+    max_seq_len = min(config.max_seq_len, loaded.facts.max_positions)
+    common = {"facts": loaded.facts, "dtype": loaded.dtype, "kv_plan": _kv_plan(config, n, device, max_seq_len)}
     if engine == "generate":
         shared = Shared(**common, hf_class=type(loaded.model), hf_config=loaded.model.config,
                         hf_tensors=_hf_tensors(loaded.model, device.type == "cpu"), tokenizer=loaded.tokenizer)
@@ -227,7 +236,6 @@ def _counting(report: Callable[[int], None], fault: Fault | None) -> Callable[[i
 
 def _engine_server(name: str, runner, policy: str, config: EngineConfig, fault: Fault | None):
     """``serve`` of an engine replica: its share through the ``serial`` / ``chunked`` loop."""
-    from splitlab.engine.kv import SlotAllocator
     from splitlab.engine.loop import Worker, drive
     from splitlab.engine.scheduler import Scheduler
 
@@ -246,13 +254,13 @@ def _engine_server(name: str, runner, policy: str, config: EngineConfig, fault: 
 
     def serve(arm: Arm, t0: float, report: Callable[[int], None]):
         if not arm.requests:
-            return [], []
+            return [], [], {}
         clock = clock_from(t0)
-        scheduler = Scheduler(policy, SlotAllocator(runner.kv.num_slots), runner.max_batch, config.token_budget,
+        scheduler = Scheduler(policy, new_allocator(runner.kv, config), runner.max_batch, config.token_budget,
                               config.chunk_size)
         worker = Reporting(name, runner, scheduler, clock, on_step=_counting(report, fault))
         traces = drive(worker, Workload(f"{name}-share", arm.requests), clock, progress=False)
-        return list(traces.values()), worker.steps
+        return list(traces.values()), worker.steps, scheduler.counters()
     return serve
 
 
@@ -262,17 +270,17 @@ def _generate_server(name: str, loaded, batch_size: int, fault: Fault | None):
 
     def serve(arm: Arm, t0: float, report: Callable[[int], None]):
         if not arm.requests:
-            return [], []
+            return [], [], {}
         on_step = _counting(report, fault)
         traces, steps = serve_static_batches(loaded, arm.requests, batch_size, t0, worker=name,
                                              on_batch=lambda batch: on_step(sum(r.max_new_tokens for r in batch)))
-        return list(traces.values()), steps
+        return list(traces.values()), steps, {}
     return serve
 
 
 def replica_main(channel, index: int, n: int, model_args: dict[str, Any], options: ReplicaConfig,
                  config: EngineConfig, fault: Fault | None, share_q, bye_q) -> None:
-    from splitlab.engine.kv import KVPool
+    from splitlab.engine.kv import build_kv
     from splitlab.engine.runner import ModelRunner
     from splitlab.engine.warmup import warm_up
     from splitlab.models import LoadedModel
@@ -306,11 +314,10 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], option
                 if arm.requests:
                     warm_up_static(loaded, arm.requests, options.batch_size)
     else:
-        kv = KVPool.for_model(_Shape(shared.facts, shared.dtype, device),
-                              min(config.max_seq_len, shared.facts.max_positions), max_slots=config.max_batch,
-                              memory_fraction=config.kv_memory_fraction, **shared.kv_plan)
-        runner = ModelRunner.for_config(shared.arch, shared.weights, kv, config,
-                                        max_batch=min(config.max_batch, kv.num_slots))
+        # this replica's share of the pool, built as one engine builds its whole pool
+        kv, _ = build_kv(_Shape(shared.facts, shared.dtype, device), config.replace(**shared.kv_plan),
+                         min(config.max_seq_len, shared.facts.max_positions))
+        runner = ModelRunner.for_config(shared.arch, shared.weights, kv, config)
         if config.warmup:
             warm_up(runner, token_budget=config.token_budget)
         facts.update(worker_facts(runner, config.warmup))
@@ -384,16 +391,20 @@ class ReplicaSession(OnSession):
             mps_shares={name: None for name in self.names} if options.mps else None)
 
     def run(self, workload: Workload, progress: bool = True) -> Run:
-        """Serve ``workload`` (checked first: it must fit the model and each replica's KV slots)."""
+        """Serve ``workload`` (checked first: it must fit the model and each replica's KV slots or pages)."""
         check_workload(workload, self.model, self.config if self.options.engine != "generate" else None)
         return self._serve(workload, progress)
 
     def _serve(self, workload: Workload, progress: bool) -> Run:
         options, names = self.options, self.names
+        facts = {name: dict(ready.facts) for name, ready in self.session.ready.items()}
         shares = round_robin(workload.requests, options.num_replicas)
+        for name, share in zip(names, shares):
+            check_pages_fit(share, facts[name], headroom=1)  # a serial / chunked engine keeps a page to grow into
         done = self.session.run({name: tuple(share) for name, share in zip(names, shares)},
                                 workload.total_output_tokens, workload.requests[-1].arrival_s, progress)
-        facts = {name: dict(ready.facts) for name, ready in self.session.ready.items()}
+        counters = merged_counters(done[name].counters for name in names)
+        warn_preemptions(f"replicas x{options.num_replicas}", counters)
         peaks = {name: done[name].peak_bytes for name in names}
         generate = options.engine == "generate"
         memory = {
@@ -402,6 +413,7 @@ class ReplicaSession(OnSession):
             "kv_pool_bytes": total_or_none(facts[n].get("kv_pool_bytes") for n in names),
             "kv_pools": 0 if generate else options.num_replicas,
             "weight_bytes": facts[names[0]].get("weight_bytes") or self.model.facts.weight_bytes,
+            **counters,
         }
         config = RunConfig(
             mode="replicas", backend=f"{options.engine}+mps" if options.mps else options.engine,

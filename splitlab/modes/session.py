@@ -59,12 +59,14 @@ class Progress:
 
 @dataclasses.dataclass(frozen=True)
 class RunDone:
-    """A worker finished its part of a run: its requests' traces, its steps, its peak memory."""
+    """A worker finished its part of a run: its requests' traces, its steps, its peak memory,
+    its scheduler's ``counters()`` (preemptions, prefix-cache hits; empty when it has none)."""
 
     run_id: int
     traces: tuple[RequestTrace, ...]
     steps: tuple[StepTrace, ...]
     peak_bytes: int | None
+    counters: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # ---- parent -> child -----------------------------------------------------------------------------
@@ -237,7 +239,8 @@ class OnSession:
 
 # ---- the child side ------------------------------------------------------------------------------
 
-ServeOne = Callable[[Arm, float, Callable[[int], None]], tuple[Sequence[RequestTrace], Sequence[StepTrace]]]
+ServeOne = Callable[[Arm, float, Callable[[int], None]],
+                    tuple[Sequence[RequestTrace], Sequence[StepTrace], Mapping[str, Any]]]
 
 
 def clock_from(t0: float) -> Callable[[], float]:
@@ -262,8 +265,8 @@ def get_checking_parent(q, channel, timeout_s: float, missing: str):
 def serve_runs(channel, device, serve: ServeOne, flush_s: float,
                prepare: Callable[[Arm], None] | None = None) -> None:
     """A worker's side of the session, until ``Close``: per ``Arm``, ``prepare(arm)`` (off the
-    clock), ``Armed``, wait for ``Go``, then ``serve(arm, t0, report)`` -> (traces, steps),
-    then ``RunDone``. ``t0``: the run's shared start (``time.perf_counter()``);
+    clock), ``Armed``, wait for ``Go``, then ``serve(arm, t0, report)`` -> (traces, steps,
+    scheduler counters), then ``RunDone``. ``t0``: the run's shared start (``time.perf_counter()``);
     ``report(tokens)``: progress, sent to the parent at most every ``flush_s`` seconds."""
     from splitlab.modes.common import peak_bytes, reset_peak
 
@@ -281,9 +284,9 @@ def serve_runs(channel, device, serve: ServeOne, flush_s: float,
         if not (isinstance(go, Go) and go.run_id == cmd.run_id):
             raise RuntimeError(f"worker {channel.name}: expected Go for run {cmd.run_id}, got {go!r}")
         outbox = _ProgressOutbox(channel, flush_s)
-        traces, steps = serve(cmd, go.t0, outbox.add)
+        traces, steps, counters = serve(cmd, go.t0, outbox.add)
         outbox.flush()
-        channel.send(RunDone(cmd.run_id, tuple(traces), tuple(steps), peak_bytes(device)))
+        channel.send(RunDone(cmd.run_id, tuple(traces), tuple(steps), peak_bytes(device), dict(counters)))
 
 
 class _ProgressOutbox:

@@ -1,13 +1,17 @@
 """The paged KV pool on the GPU: CUDA graphs with static block tables, Triton kernels reading
 through them, greedy outputs equal to HF generate() in fp32; preemption and recompute forced
 with a small pool; in bf16 the paged engine gives the slot engine's very tokens (the same
-arithmetic, only the addresses differ).
+arithmetic, only the addresses differ). The split backends (green static and adaptive, with
+graphs captured per partition over the shared pool; processes, the pool mapped by CUDA IPC)
+and the replicas on a pool smaller than the workload needs, so pages are handed back and
+handed out again.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +119,41 @@ def test_prefix_cache_on_the_gpu_is_exact(fp32_model, mode):
     config = EngineConfig(**BASE, kv_block_size=16, num_pages=64, kv_prefix_cache=True)
     run = splitlab.run(wl, fp32_model, mode=mode, config=config, progress=False)
     assert_exact(run, expected, " over a paged pool")
+
+
+# 20 pages of 16 positions; the ragged workload's requests need 34 in all (the longest 9)
+SPLIT_PAGED = EngineConfig(**BASE, kv_block_size=16, num_pages=20)
+PROFILE = str(Path(__file__).resolve().parents[2] / "results" / "sm_profile_h200.json")
+
+
+def _pages_needed(workload, block: int) -> int:
+    return sum(-(-(r.prompt_len + r.max_new_tokens - 1) // block) for r in workload)
+
+
+@pytest.mark.parametrize("backend, policy", [("green", "static"), ("green", "table"), ("processes", "static")],
+                         ids=["green-static", "green-table", "processes"])
+def test_split_over_a_paged_pool_is_exact(fp32_model, workload, expected, backend, policy):
+    """The prefill side reserves every page a sequence writes and hands their ids over; the
+    decode graphs read them through static block tables (on each partition's stream for the
+    adaptive split); every token is HF's."""
+    extra = {} if policy == "static" else dict(sm_policy=policy, sm_profile=PROFILE, gap_s=0.03)
+    run = splitlab.run(workload, fp32_model, mode="split", config=SPLIT_PAGED, backend=backend, progress=False,
+                       **extra)
+    assert_exact(run, expected, f" split {backend} ({policy}) over a paged pool")
+    assert _pages_needed(workload, 16) > SPLIT_PAGED.num_pages  # pages were freed and handed out again
+    for name, facts in run.config.workers.items():
+        assert (facts["kv_block_size"], facts["num_pages"]) == (16, 20), name
+        assert facts["cuda_graphs"] is True, name
+    assert run.memory["preemptions"] == 0
+    if policy != "static":
+        g = run.config.green
+        assert g["simulated"] is False and g["decisions"] > 0 and all(s.sms for s in run.steps), g
+    if backend == "processes":  # the decode process maps the prefill process's weights and paged KV
+        assert run.config.effective["decode_weights_shared"] is True
+
+
+def test_replicas_over_a_paged_pool_are_exact(fp32_model, workload, expected):
+    run = splitlab.run(workload, fp32_model, mode="replicas", config=SPLIT_PAGED.replace(num_pages=40),
+                       num_replicas=2, engine="serial", progress=False)
+    assert_exact(run, expected, " replicas over a paged pool")
+    assert [f["num_pages"] for f in run.config.workers.values()] == [20, 20]

@@ -216,7 +216,18 @@ class _PrefillPlacer:
         return lane.stream
 
     def done(self, scheduler) -> None:
-        # prompts that can run next keep the split; none (or none with a free slot) frees it
-        runnable = scheduler.prefilling or (scheduler.waiting and scheduler.allocator.num_free > 0)
+        # prompts that can run next keep the split; none (or none whose KV is free) frees it
+        runnable = scheduler.prefilling or (scheduler.waiting and _head_fits(scheduler))
         self.c.prefill_tokens = (sum(s.prompt_len - s.num_computed for s in scheduler.prefilling)
                                  + sum(s.prompt_len for s in scheduler.waiting)) if runnable else 0
+
+
+def _head_fits(scheduler) -> bool:
+    """Whether the first waiting prompt's KV is free now: a slot, or on a paged pool the pages
+    of every position it will write (what the prefill side reserves; with a cached prefix it
+    may need fewer, and the split is let go one step early)."""
+    free = scheduler.allocator.num_free
+    if not scheduler.paged:
+        return free > 0
+    r = scheduler.waiting[0].request
+    return free >= -(-(r.prompt_len + r.max_new_tokens - 1) // scheduler.block_size)

@@ -9,12 +9,18 @@ GPU (no copy: the decode child maps the same memory), shared memory on CPU
 Memory is one model and one KV pool; the decode child's own allocations are its CUDA
 graphs and activations.
 
+The pool is slots or pages (``EngineConfig.kv_block_size``); ``Setup`` carries what the
+decode child needs to view the same tensors as the same pool (``max_seq_len``, the block size).
+
 Per run (the children serve several, through ``splitlab.modes.session``): the prefill child
 feeds arrivals to its ``PrefillWorker`` and puts each step's ``Handoff`` list on the handoff
-queue; the decode child batches them and puts the slots of finished sequences on the
-freed-slot queue, which the prefill child drains into its ``SlotAllocator``. At the end of a
-run each child sends its requests' traces and its steps; the parent merges them (the decode
-child's trace of a request is complete, a one-token request only has the prefill child's).
+queue (a slot, or the page ids of every position the sequence will write); the decode child
+batches them and puts the slots or page ids of finished sequences on the freed-slot queue,
+which the prefill child drains into its allocator, the only one: the decode child never
+allocates. Before each run the prefill child waits until every slot or page of the last one
+came back, then starts a fresh allocator. At the end of a run each child sends its requests'
+traces and its steps; the parent merges them (the decode child's trace of a request is
+complete, a one-token request only has the prefill child's).
 
 Between the children: ``Setup`` once (prefill -> decode), then per run ``Handoffs`` and
 ``End`` on the handoff queue; ``Freed`` and, at close, ``Bye`` on the freed-slot queue.
@@ -32,12 +38,13 @@ from typing import Any, Callable
 import torch
 
 from splitlab.config import EngineConfig, SplitConfig
-from splitlab.engine.kv import KVPool, SlotAllocator
+from splitlab.engine.kv import KVPool, PagedKVPool
 from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker, build_engine
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
 from splitlab.modes.common import (Fault, FreedSlots, cpu_threads_per_worker, decode_loop, fault_for, mapped_not_owned,
                                    prefill_loop, total_or_none, weight_fingerprint, worker_facts, worker_model_args)
+from splitlab.modes.worker_kv import new_allocator
 from splitlab.modes.session import (Arm, OnSession, ProcessSession, Ready, clock_from, get_checking_parent,
                                     serve_runs)
 from splitlab.system.env import synchronize
@@ -47,13 +54,26 @@ from splitlab.system.env import synchronize
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What the decode child builds its runner from: the weights and the KV pool, shared."""
+    """What the decode child builds its runner from: the weights and the KV pool, shared.
+    ``block_size`` None: a slot pool; else a paged pool of pages that long, whose sequences
+    hold up to ``max_seq_len`` positions (the tensors alone do not say so)."""
 
     arch: dict[str, Any]
     weights: dict[str, torch.Tensor]
     k: torch.Tensor
     v: torch.Tensor
     max_batch: int
+    max_seq_len: int
+    block_size: int | None
+
+    def pool(self) -> KVPool | PagedKVPool:
+        """The prefill child's pool, as a view of the same tensors."""
+        if self.block_size is None:
+            return KVPool.from_tensors(self.k, self.v)
+        kv = PagedKVPool.from_tensors(self.k, self.v, self.max_seq_len)
+        if kv.block_size != self.block_size:
+            raise RuntimeError(f"decode worker: KV pages of {kv.block_size} positions, {self.block_size} announced")
+        return kv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +91,7 @@ class End:
 
 @dataclasses.dataclass(frozen=True)
 class Freed:
-    slots: tuple[int, ...]
+    slots: tuple[int, ...]  # slots, or page ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +102,15 @@ class Bye:
 # ---- the prefill child ---------------------------------------------------------------------------
 
 class _FreedInbox:
-    """The prefill child's end of the freed-slot queue (slots back, and the decode child's Bye)."""
+    """The prefill child's end of the freed-slot queue (slots or page ids back, and the decode
+    child's Bye)."""
 
     def __init__(self, q):
         self._q = q
         self.bye = False
 
     def wait(self, timeout: float) -> list[int]:
-        """Slots freed since the last call, waiting up to ``timeout`` for the first (0: look)."""
+        """Slots or pages freed since the last call, waiting up to ``timeout`` for the first (0: look)."""
         out: list[int] = []
         try:
             self._take(self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait(), out)
@@ -125,33 +146,38 @@ def prefill_main(channel, model_args: dict[str, Any], config: EngineConfig, spli
         kv.share_memory_()
         for t in weights.values():
             t.share_memory_()
-    handoff_q.put(Setup(arch, weights, kv.k, kv.v, runner.max_batch))
+    handoff_q.put(Setup(arch, weights, kv.k, kv.v, runner.max_batch, kv.max_seq_len,
+                        kv.block_size if kv.paged else None))
     load_s = time.perf_counter() - started
     if config.warmup:
         warm_up(runner, decode=False, token_budget=config.token_budget)
     facts = {**worker_facts(runner, config.warmup), "load_s": load_s, "ready_s": time.perf_counter() - started}
     channel.send(Ready(facts, loaded.facts.to_dict(), fingerprint))
-    allocator = SlotAllocator(kv.num_slots)
+    kv_ids = {"allocator": parts.allocator}  # this run's; the only allocator of the pool
     inbox = _FreedInbox(freed_q)
+    what = "pages" if kv.paged else "slots"
 
     def every_slot_back(arm: Arm) -> None:
+        allocator = kv_ids["allocator"]
         deadline = time.monotonic() + 30.0
-        while allocator.num_free < kv.num_slots:  # the last run's slots, before this one starts
-            for slot in inbox.wait(0.1):
-                allocator.free(slot)
+        while allocator.num_free < allocator.capacity:  # the last run's slots or pages, before this one starts
+            for kv_id in inbox.wait(0.1):
+                allocator.free(kv_id)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"prefill worker: {kv.num_slots - allocator.num_free} KV slots never came back "
-                                   "from the decode worker")
+                raise RuntimeError(f"prefill worker: {allocator.capacity - allocator.num_free} KV {what} never came "
+                                   "back from the decode worker")
+        kv_ids["allocator"] = new_allocator(kv, config)  # a run's prefix cache and its counts are its own
 
     def serve(arm: Arm, t0: float, report: Callable[[int], None]):
         clock = clock_from(t0)
+        allocator = kv_ids["allocator"]
         worker = PrefillWorker(runner, allocator, config, clock)
         seqs = prefill_loop(worker, allocator, arm.requests, clock,
                             hand_off=lambda pairs: handoff_q.put(Handoffs(arm.run_id, tuple(h for h, _ in pairs))),
                             wait_freed=inbox.wait, on_step=lambda step, outcome: report(outcome.num_new_tokens),
                             stop=_parent_check(channel), fault=fault, poll_s=split.poll_s)
         handoff_q.put(End(arm.run_id))
-        return [s.trace for s in seqs.values()], worker.steps
+        return [s.trace for s in seqs.values()], worker.steps, worker.scheduler.counters()
 
     serve_runs(channel, device, serve, split.event_flush_s, prepare=every_slot_back)
     # The decode child maps our weights and KV: keep them until it let go.
@@ -198,7 +224,7 @@ def decode_main(channel, config: EngineConfig, split: SplitConfig, fault: Fault 
                                 f"worker {channel.name}: no weights and KV pool from the prefill worker")
     if not isinstance(setup, Setup):
         raise RuntimeError(f"decode worker: expected the Setup message first, got {setup!r}")
-    kv = KVPool.from_tensors(setup.k, setup.v)
+    kv = setup.pool()
     device = kv.device
     shared = mapped_not_owned([*setup.weights.values(), kv.k, kv.v], device)
     if device.type == "cpu":
@@ -216,7 +242,7 @@ def decode_main(channel, config: EngineConfig, split: SplitConfig, fault: Fault 
         seqs = decode_loop(worker, freed, receive=_receiver(handoff_q, arm.run_id),
                            on_step=lambda step, outcome, seqs: report(outcome.num_new_tokens),
                            stop=_parent_check(channel), fault=fault, poll_s=split.poll_s)
-        return [s.trace for s in seqs.values()], worker.steps
+        return [s.trace for s in seqs.values()], worker.steps, {}
 
     try:
         serve_runs(channel, device, serve, split.event_flush_s)
@@ -272,7 +298,8 @@ class ProcessSplit(OnSession):
             t.worker = "split"
         peaks = {name: done[name].peak_bytes for name in ("prefill", "decode")}
         steps = [*done["prefill"].steps, *done["decode"].steps]
-        return list(traces.values()), steps, {"peak_bytes": total_or_none(peaks.values()), "per_worker": peaks}
+        return list(traces.values()), steps, {"peak_bytes": total_or_none(peaks.values()), "per_worker": peaks,
+                                              **done["prefill"].counters}  # the allocating side's
 
     def close(self) -> None:
         self.session.close()

@@ -1,10 +1,14 @@
 """The ``split`` mode: a prefill worker and a decode worker at the same time on one device.
 
 The prefill worker takes arrived prompts (never before their ``arrival_s``), runs batched
-prefill straight into KV slots and hands (slot, prompt length, first token) to the decode
+prefill straight into the KV pool and hands (slot, prompt length, first token) to the decode
 worker through a queue; the decode worker continuously batches every handed-over sequence
 (CUDA-graph steps on GPU) and returns finished sequences' slots to the prefill side's
-allocator through a queue of freed slots. No KV byte is copied: both address one pool.
+allocator through a queue of freed slots. On a paged pool (``EngineConfig.kv_block_size``)
+the prefill side reserves the pages of every position a sequence will write, the handoff
+carries their ids (``Handoff.blocks``) and the decode side frees them one id at a time, so
+the decode side never allocates and nothing is preempted. No KV byte is copied: both
+address one pool.
 How the two share the device is the backend (``SplitConfig``): ``streams`` and ``green``
 (threads, ``threads.py``), ``processes`` and ``mps`` (spawned processes, ``processes.py``).
 
@@ -34,6 +38,7 @@ from splitlab.config import EngineConfig, RunConfig, SplitConfig
 from splitlab.errors import ConfigError, ModeError, WorkerError
 from splitlab.measure.metrics import Run
 from splitlab.modes.common import Fault, build_run, check_faults, check_workload, engine_config
+from splitlab.modes.worker_kv import check_pages_fit
 from splitlab.workload import Workload
 
 MPS_HINT = ("split backend mps needs an NVIDIA GPU with nvidia-cuda-mps-control; "
@@ -130,16 +135,17 @@ class SplitSession:
         return dict(self._impl.children)
 
     def run(self, workload: Workload, progress: bool = True) -> Run:
-        """Serve ``workload`` (checked first: it must fit the model and the KV slots)."""
+        """Serve ``workload`` (checked first: it must fit the model and the KV slots or pages)."""
         check_workload(workload, self.model, self.config)
         return self._serve(workload, progress)
 
     def _serve(self, workload: Workload, progress: bool) -> Run:
         if self._closed:
             raise WorkerError("this split session is closed; start a new one")
+        facts = self._impl.facts()
+        check_pages_fit(workload, facts["prefill"])  # the pool's size is known once it is built
         traces, steps, memory = self._impl.run(workload, progress=progress)
         self.runs += 1
-        facts = self._impl.facts()
         memory = {**memory, "kv_pool_bytes": facts["prefill"].get("kv_pool_bytes"),
                   "weight_bytes": facts["prefill"].get("weight_bytes")}
         split, green = self.split, self._impl.green

@@ -13,9 +13,10 @@ prefills, the decode runner owns the CUDA graphs and their static inputs).
 Ordering without events: a prefill step ends with ``.tolist()`` of its tokens, a host sync
 of the prefill stream that returns only after every kernel before it (the KV writes
 included) finished; only then is the handoff queued, so the decode stream's first read of
-that slot comes after the writes. A slot is freed after the decode step that finished its
-sequence returned its tokens (a sync of the decode stream), so the prefill stream never
-overwrites KV that a queued decode kernel still reads.
+that slot (or those pages) comes after the writes. A slot or page is freed after the decode
+step that finished its sequence returned its tokens (a sync of the decode stream), so the
+prefill stream never overwrites KV that a queued decode kernel still reads. The allocator
+is the prefill thread's alone (one per run); frees come back to it through a queue.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ import torch
 
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ModeError, WorkerError
-from splitlab.engine.kv import SlotAllocator
 from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
 from splitlab.modes.split.adaptive import GreenPlan, SMController
 from splitlab.modes.common import (Fault, FreedSlots, Stopped, decode_loop, fault_for, peak_bytes, prefill_loop,
                                    reset_peak, worker_facts)
+from splitlab.modes.worker_kv import new_allocator, warm_chunk, warm_decode_step
 from splitlab.system.env import synchronize
 
 _END = object()
@@ -149,7 +150,7 @@ class ThreadSplit:
             warm_up(self.prefill_runner, decode=False, token_budget=token_budget)
         for lane in (self.plan.prefill.values() if self.plan is not None else ()):
             with _stream_ctx(lane.stream):
-                self.prefill_runner.prefill([(0, [1] * 16, 0)])
+                self.prefill_runner.prefill([warm_chunk(self.kv, 16)])
         synchronize(self.device)
 
     @property
@@ -197,9 +198,10 @@ class ThreadSplit:
             s.trace.worker = "split"
         if run.controller is not None:
             self.green = {"sm_policy": self.split.sm_policy, **run.controller.facts()}
+        run.every_kv_back()
         peak = peak_bytes(self.device)
         return ([s.trace for s in seqs.values()], run.pre.steps + run.dec.steps,
-                {"peak_bytes": peak, "per_worker": {"process": peak}})
+                {"peak_bytes": peak, "per_worker": {"process": peak}, **run.pre.scheduler.counters()})
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -220,7 +222,7 @@ class _ThreadRun:
         self.engine = engine
         self.workload = workload
         self.t0 = 0.0
-        self.allocator = SlotAllocator(engine.kv.num_slots)
+        self.allocator = new_allocator(engine.kv, engine.config)
         self.hand_q: queue.Queue = queue.Queue()
         self.freed_q: queue.Queue = queue.Queue()
         self.freed = FreedSlots(self.freed_q.put)
@@ -252,6 +254,16 @@ class _ThreadRun:
             pass
         return out
 
+    def every_kv_back(self) -> None:
+        """After both threads ended: the decode side's last frees into the allocator, which
+        must then hold every slot or page again (else a sequence leaked KV: a bug)."""
+        for kv_id in self.wait_freed(0.0):
+            self.allocator.free(kv_id)
+        held = self.allocator.capacity - self.allocator.num_free
+        if held:
+            raise WorkerError(f"split {self.engine.split.backend}: {held} KV slots or pages were still held after "
+                              "the run ended (a leak in the split engine; please report it)")
+
     def receive(self, timeout: float):
         pairs, ended = [], False
         try:
@@ -280,7 +292,7 @@ class _ThreadRun:
     def prefill_main(self) -> None:
         engine = self.engine
         with _stream_ctx(engine.streams[0]):
-            engine.prefill_runner.prefill([(0, [1] * 4, 0)])
+            engine.prefill_runner.prefill([warm_chunk(engine.kv, 4)])
             synchronize(engine.device)
             self.ready["prefill"].set()
             self._wait_go()
@@ -293,7 +305,7 @@ class _ThreadRun:
     def decode_main(self) -> None:
         engine = self.engine
         with _stream_ctx(engine.streams[1]):
-            engine.decode_runner.decode_step([engine.kv.num_slots - 1], [1], [0])
+            warm_decode_step(engine.decode_runner)
             synchronize(engine.device)
             self.ready["decode"].set()
             self._wait_go()
