@@ -36,7 +36,7 @@ def analysis():
 
 def test_split_targets_verdicts_from_the_analysis():
     rows = {r["target"]: r for r in T.split_targets(analysis(), adaptive=("a", "b"), splits=("a", "s"),
-                                                    goodput_slos=("smooth", "tight"))}
+                                                    goodput_aims={"smooth": 2.0, "tight": 2.0})}
     smooth = rows["adaptive split's max rate over the best peer's, poisson, smooth SLO"]
     assert smooth["verdict"] == "met" and smooth["value"] == 3.0 and smooth["lower_bound"] and smooth["aim"] == "≥ 2x"
     assert smooth["measured"] == "≥ 3x: a (≥ 2 req/s) over serial (below 90% at every rate measured)"
@@ -68,7 +68,8 @@ def test_split_targets_of_the_recorded_h200_sweep():
     rows = {r["target"].split(", ", 1)[-1] if r["target"].startswith("adaptive") else r["target"]: r
             for r in T.split_targets(json.loads(path.read_text())["analysis"])}
     assert rows["poisson, smooth SLO"]["verdict"] == "met" and rows["poisson, smooth SLO"]["lower_bound"]
-    assert rows["poisson, relaxed SLO"]["verdict"] == "no ratio"
+    # chunked at 2048 sustains 30.4 req/s under the relaxed SLO, the table policy 27.2: 0.89x
+    assert rows["poisson, relaxed SLO"]["verdict"] == "missed" and rows["poisson, relaxed SLO"]["threshold"] == 1.0
     assert rows["TTFT p50 of the split over serial's (same workload and rate)"]["verdict"] == "missed"
     assert rows["policy decision time, p99 per run"]["high"] < 1e-3
 

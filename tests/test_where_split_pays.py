@@ -22,7 +22,7 @@ def poisson():
     steps = ("serial", "chunked-512", "chunked-2048", "split-green-table")
     names = [f"{s}--poisson-r{r}" for s in steps for r in (8, 12, 16, 20, 24)]
     return where_split_pays({n: splitlab.load_run(RUNS / f"{n}.json.gz") for n in names}, SLOS,
-                            adaptive=("split-green-table",))
+                            splits=("split-green-table",))
 
 
 def test_the_recorded_analysis_is_what_the_runs_give(poisson):

@@ -557,12 +557,13 @@ def run_latency_row(run: Run, slos: dict[str, Any]) -> dict[str, Any]:
 
 
 def where_split_pays(runs: dict[str, Run], slos: dict[str, Any], target: float = 0.9,
-                     adaptive: tuple[str, ...] = ("split-green-table", "split-green-slo", "split-green-slo-g20"),
+                     splits: tuple[str, ...] | None = None,
                      peers: tuple[str, ...] = ("serial", "chunked")) -> dict[str, Any]:
     """A rate sweep (``{"<step>--<workload>-r<rate>": Run}``) judged under ``slos``: per
     workload family and SLO the highest rate each step sustains at ``target`` attainment,
-    chunked at its best chunk budget for that SLO (the fair peer), each adaptive policy's
-    rate over the best peer's, and per run the latencies (``run_latency_row``)."""
+    chunked at its best chunk budget for that SLO (the fair peer), each split step's rate
+    over the best peer's (``splits``; default every step named ``split-...``: the adaptive
+    policies and the static splits beside them), and per run the latencies (``run_latency_row``)."""
     from splitlab.measure.slo import attainment_vs_rate, max_rates
 
     points = {name: _sweep_point(name) for name in runs}
@@ -586,7 +587,7 @@ def where_split_pays(runs: dict[str, Run], slos: dict[str, Any], target: float =
             lowest = min(r for st in groups for r, _ in groups[st])
             entry: dict[str, Any] = {"best_chunked": best_chunked, "best_peer": best,
                                      "best_peer_rate": rates[best].rate, "best_peer_status": rates[best].status}
-            for st in adaptive:
+            for st in (splits if splits is not None else sorted(st for st in rates if st.startswith("split-"))):
                 if st not in rates:
                     continue
                 num, den = _rate_value(rates[st]), _rate_value(rates[best])
