@@ -111,3 +111,22 @@ def test_summaries_table_one_row_per_run():
     table = summaries_table([hand_run(), hand_run(wall_s=7.0)], SLO(1.0, 0.25))
     assert len(table) == 2
     assert list(table["throughput_tok_s"]) == pytest.approx([2.0, 1.0])
+
+
+def test_step_kv_usage_round_trips_and_older_run_files_load_without_it(tmp_path):
+    run = hand_run()
+    run.steps[1] = StepTrace("w", "decode", 1.5, 2.1, [0], 3, kv_used=5, kv_total=8)
+    back = load_run(run.save(tmp_path / "kv.json.gz"))
+    assert [(s.kv_used, s.kv_total) for s in back.steps] == [(None, None), (5, 8)]
+    old = run.to_dict()
+    for step in old["steps"]:  # a run file written before StepTrace had the KV fields
+        del step["kv_used"], step["kv_total"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert [(s.kv_used, s.kv_total) for s in load_run(path).steps] == [(None, None), (None, None)]
+
+
+def test_summary_shows_preemptions_when_the_run_counted_them():
+    assert hand_run().summary()["preemptions"] is None  # no memory record: unknown, not 0
+    assert hand_run(memory={"peak_bytes": 10, "preemptions": 3}).summary()["preemptions"] == 3
+    assert hand_run(memory={"peak_bytes": 10, "preemptions": 0}).summary()["preemptions"] == 0

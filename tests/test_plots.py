@@ -418,3 +418,78 @@ def test_attainment_rate_curve_colours_marks_and_names_modes_without_one():
     mark = line["fast: max rate at 90% ≥ 2 req/s (highest rate measured)"]
     assert mark.marker.color == line["fast"].line.color and mark.legendgroup == "fast"
     assert [a.text for a in fig.layout.annotations] == ["no mark: below 90% at every rate measured: slow"]
+
+
+# ---- KV capacity: usage over time, page sizes ---------------------------------------------------------
+
+def kv_run(mode, engine, steps, workers=None):
+    from splitlab.config import RunConfig
+
+    traces = [RequestTrace(0, 0.0, 5, 2, 0.0, 0.1, [0.1, 0.2], [1, 2], "w")]
+    config = RunConfig(mode=mode, engine=engine, workers=workers or {})
+    return Run(mode=mode, model="tiny", workload="burst", config=config, env={}, traces=traces, steps=steps)
+
+
+def test_kv_usage_draws_the_pool_in_use_per_run_and_worker_with_positions_on_hover():
+    from splitlab.config import EngineConfig
+
+    slots = kv_run("serial", EngineConfig(max_seq_len=128, num_slots=4, max_batch=4), [
+        StepTrace("serial", "prefill", 0.0, 0.1, [0], 5, kv_used=1, kv_total=4),
+        StepTrace("serial", "prefill", 0.1, 0.2, [1], 5, kv_used=2, kv_total=4),
+        StepTrace("serial", "decode", 0.2, 0.3, [0, 1], 2, kv_used=2, kv_total=4),  # unchanged: no corner
+        StepTrace("serial", "decode", 0.3, 0.4, [1], 1, kv_used=0, kv_total=4)])
+    split = kv_run("split", EngineConfig(max_seq_len=128, kv_block_size=16, num_pages=40, max_batch=4), [
+        StepTrace("prefill", "prefill", 0.0, 0.1, [0], 5, kv_used=10, kv_total=40),
+        StepTrace("decode", "decode", 0.1, 0.2, [0], 1),  # the decode side sees no pool: no line
+        StepTrace("prefill", "prefill", 0.2, 0.3, [1], 5, kv_used=30, kv_total=40)],
+        workers={"prefill": {"kv_block_size": 16, "max_seq_len": 128}, "decode": {"kv_block_size": 16}})
+    fig = plots.kv_usage({"slots": slots, "pages": split})
+    assert [t.name for t in fig.data] == ["slots", "pages"]
+    a, b = fig.data
+    assert list(a.x) == [0.1, 0.2, 0.4] and list(a.y) == [25.0, 50.0, 0.0]  # held from each step's end
+    assert [list(c) for c in a.customdata] == [[1, 4, 128], [2, 4, 256], [0, 4, 0]]  # a slot holds 128 positions
+    assert "slots of 128" in a.hovertemplate and "positions held" in a.hovertemplate
+    assert list(b.y) == [25.0, 75.0] and [c[2] for c in b.customdata] == [160, 480] and "pages of 16" in b.hovertemplate
+    assert fig.layout.xaxis.title.text == "time since run start (s)"
+    assert "(%" in fig.layout.yaxis.title.text and tuple(fig.layout.yaxis.range) == (0, 105)
+    assert [t.name for t in plots.kv_usage(slots).data] == [plots.legend_label(slots)]  # one Run alone
+    split.config = type(split.config)(mode="split", engine=split.config.engine, workers={  # two workers that see it
+        "prefill": {"kv_block_size": 16}, "decode": {"kv_block_size": 16}})
+    split.steps[1].kv_used, split.steps[1].kv_total = 20, 40
+    assert [t.name for t in plots.kv_usage({"p": split}).data] == ["p — decode", "p — prefill"]
+
+
+def test_kv_usage_refuses_runs_that_recorded_none():
+    with pytest.raises(SplitlabError, match="KV usage"):
+        plots.kv_usage([make_run()])  # steps without kv_used, as in run files from before the field
+
+
+def page_rows():
+    row = lambda wl, ps, ms, peak, step="serial": {"step": step, "workload_key": wl, "page_size": ps,  # noqa: E731
+                                                    "decode_step_p50_ms": ms, "peak_decode_batch": peak}
+    return [row("burst", None, 7.0, 64), row("burst", 16, 9.0, 250), row("burst", 32, 8.5, 240),
+            row("burst", 64, 8.0, 220), row("poisson", 16, 6.0, 80), row("poisson", 64, 5.5, 78),
+            row("poisson-r40", 16, 7.5, 120), row("burst", 32, 99.0, 1, step="chunked")]
+
+
+def test_page_size_figure_draws_step_time_and_concurrency_against_page_size():
+    fig = plots.page_size_figure({"runs": page_rows()})  # the result file's dict, as written
+    by = {(t.name, t.xaxis): t for t in fig.data}
+    assert [t.name for t in fig.data] == ["burst", "burst", "slot pool · burst", "poisson", "poisson"]
+    assert list(by[("burst", "x")].x) == [16, 32, 64] and list(by[("burst", "x")].y) == [9.0, 8.5, 8.0]
+    assert list(by[("burst", "x2")].y) == [250, 240, 220]  # the chunked row is another step's
+    assert list(by[("slot pool · burst", "x2")].y) == [64, 64] and by[("slot pool · burst", "x2")].line.dash == "dash"
+    assert list(by[("poisson", "x2")].x) == [16, 64]  # poisson-r40 ran at one page size only: no line
+    assert fig.layout.xaxis.title.text == "KV page size (positions per page)" == fig.layout.xaxis2.title.text
+    assert fig.layout.yaxis.title.text == "decode step time (ms)"
+    assert fig.layout.yaxis2.title.text == "concurrent sequences (peak decode batch)"
+    assert list(fig.layout.xaxis.tickvals) == [16, 32, 64] and fig.layout.xaxis.type == "log"
+    chunked = plots.page_size_figure(pd.DataFrame(page_rows()), step="chunked")
+    assert [list(t.y) for t in chunked.data] == [[99.0], [1]]
+
+
+def test_page_size_figure_refuses_rows_without_pages_or_columns():
+    with pytest.raises(SplitlabError, match="no paged-pool rows"):
+        plots.page_size_figure([r for r in page_rows() if r["page_size"] is None])
+    with pytest.raises(SplitlabError, match="peak_decode_batch"):
+        plots.page_size_figure([{"page_size": 16, "workload_key": "a", "decode_step_p50_ms": 1.0}])

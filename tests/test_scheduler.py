@@ -64,7 +64,7 @@ class FakeRunner:
             self.written.add(row)
         return next_token([self.kv[self._row(slot, blocks, p)] for p in range(start + len(ids))])
 
-    def prefill(self, chunks):
+    def prefill(self, chunks, between_layers=None):  # no layers here: the hook is never called
         return self.mixed_step(None, chunks)[1]
 
     def decode_step(self, slots, tokens, positions, blocks=None):
@@ -125,6 +125,9 @@ def simulate(policy: str, requests: list[Request], num_slots: int, max_batch: in
         assert outcome is not None
         # a page two sequences share is a cached full block: read, never written
         assert not {r // runner.row_len for r in runner.written} & shared
+        live = sched.running + sched.prefilling
+        held = {s.slot for s in live} if block_size is None else {p for s in live for p in s.blocks}
+        assert sched.kv_usage() == (len(held), num_slots)  # what the step trace records
         done += len(outcome.finished)
     assert done == len(requests) and not pending
     assert alloc.num_free == num_slots  # every slot or page came back
@@ -460,3 +463,46 @@ def test_prefix_cache_allocator_refcounts_lru_and_content_check():
     plain = PageAllocator(4, 2)
     plain.register(0, 1, (1, 2))  # no cache: nothing kept
     assert plain.take(fill, 2, 3) == ([0, 1, 2], 0) and plain.prefix_stats["prefix_hit_rate"] is None
+
+
+# ---- the KV usage a step trace records ------------------------------------------------------------
+
+def test_kv_usage_counts_held_slots_and_pages_and_frees():
+    slots = Scheduler("serial", SlotAllocator(4), max_batch=4, token_budget=100)
+    assert slots.kv_usage() == (0, 4)
+    a, b = SeqState.new(Request(0, (1, 2, 3), 2)), SeqState.new(Request(1, (4, 5), 1))
+    slots.add(a)
+    slots.add(b)
+    assert slots.kv_usage() == (0, 4)  # waiting holds nothing
+    batch = slots.schedule()
+    assert slots.kv_usage() == (2, 4)
+    slots.postprocess(batch, [], [7, 8], 0.0, 1.0)  # b had one token: done, its slot back
+    assert slots.kv_usage() == (1, 4)
+    slots.postprocess(slots.schedule(), [9], [], 1.0, 2.0)
+    assert slots.kv_usage() == (0, 4)
+
+    pages = Scheduler("serial", PageAllocator(5, 2), max_batch=2, token_budget=100)
+    c = SeqState.new(Request(2, (1, 2, 3), 4))
+    pages.add(c)
+    batch = pages.schedule()
+    assert pages.kv_usage() == (2, 5)  # 3 positions: 2 pages of 2
+    pages.postprocess(batch, [], [10], 0.0, 1.0)
+    pages.postprocess(pages.schedule(), [11], [], 1.0, 2.0)  # position 3: still page 1
+    assert pages.kv_usage() == (2, 5)
+    pages.schedule()  # position 4 starts a page: the scheduler takes it before the step runs
+    assert pages.kv_usage() == (3, 5)
+
+
+def test_kv_usage_counts_an_unheld_cached_block_as_free_and_knows_no_total_on_the_decode_side():
+    alloc = PageAllocator(6, 2, prefix_cache=True)
+    sched = Scheduler("serial", alloc, max_batch=2, token_budget=100)
+    seq = SeqState.new(Request(0, (1, 2, 3, 4, 5), 1))
+    sched.add(seq)
+    sched.postprocess(sched.schedule(), [], [9], 0.0, 1.0)
+    assert alloc.prefix_stats["prefix_blocks_queried"] == 2  # its two full blocks are now cached
+    assert sched.kv_usage() == (0, 6)  # cached but unheld: free to reuse
+
+    from splitlab.modes.common import FreedSlots
+
+    decode = Scheduler("decode", FreedSlots(lambda slots: None), max_batch=2)
+    assert decode.kv_usage() == (None, None)  # it hands KV back, it sees no pool

@@ -280,6 +280,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
 
+    def kv_usage(self) -> tuple[int, int] | tuple[None, None]:
+        """``(used, total)`` of the KV pool as this worker's allocator sees it now: slots of a
+        slot pool, pages of a paged pool (a cached prefix block nobody holds counts as free).
+        ``(None, None)`` when the allocator knows no total (a split's decode side, which only
+        hands pages back). Two attribute reads: cheap enough for every step."""
+        total = getattr(self.allocator, "capacity", None)
+        if not isinstance(total, int) or isinstance(total, bool):
+            return None, None
+        return total - self.allocator.num_free, total
+
     # ---- policy -----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         """The next step's batch, or None when there is nothing to run."""

@@ -66,6 +66,10 @@ class StepTrace:
     request_ids: list[int]
     num_tokens: int
     sms: int | None = None  # SMs of the partition the step ran on (adaptive green split), else None
+    # KV pool after the step (``Scheduler.kv_usage``): slots or pages held, of the pool's total;
+    # None where the worker cannot see the pool (a split's decode side) and in older run files
+    kv_used: int | None = None
+    kv_total: int | None = None
 
 
 @dataclasses.dataclass
@@ -143,6 +147,7 @@ class Run:
         Without ``slo``: the SLO the run was made with (``config.slo``, set by
         ``splitlab.run(..., slo=...)``), else ``SLO()``'s defaults. The goodput keys are those
         of ``goodput``: which requests met every bound, and the attainment of each bound.
+        ``preemptions``: sequences a paged KV pool preempted (``memory``; None when unrecorded).
         """
         if slo is None:
             slo = self.config.slo or SLO()
@@ -171,6 +176,8 @@ class Run:
         out.update(goodput(table, wall, slo, itl=itl))
         if self.memory:
             out["peak_memory_bytes"] = self.memory.get("peak_bytes")
+        # a paged pool that ran out preempts (and recomputes); None where the mode counts none
+        out["preemptions"] = (self.memory or {}).get("preemptions")
         return out
 
     # ---- persistence ----------------------------------------------------------------
