@@ -127,7 +127,8 @@ def simulate(policy: str, requests: list[Request], num_slots: int, max_batch: in
         assert not {r // runner.row_len for r in runner.written} & shared
         live = sched.running + sched.prefilling
         held = {s.slot for s in live} if block_size is None else {p for s in live for p in s.blocks}
-        assert sched.kv_usage() == (len(held), num_slots)  # what the step trace records
+        assert sched.kv_usage() == (len(held), num_slots)
+        assert (worker.steps[-1].kv_used, worker.steps[-1].kv_total) == (len(held), num_slots)  # the step trace
         done += len(outcome.finished)
     assert done == len(requests) and not pending
     assert alloc.num_free == num_slots  # every slot or page came back

@@ -96,7 +96,7 @@ class Worker:
         if self.placer is not None:
             self.placer.done(self.scheduler)
         self.steps.append(StepTrace(self.name, batch.kind, start, end, batch.request_ids, batch.num_tokens,
-                                    lane.sms if lane is not None else None))
+                                    lane.sms if lane is not None else None, *self.scheduler.kv_usage()))
         return outcome
 
     @staticmethod
