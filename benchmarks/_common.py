@@ -1,15 +1,17 @@
 """What every benchmark script shares: a log line, freeing device memory, what runs leave behind,
-and the device checks (``tests/gpu``) run first and recorded."""
+the device checks (``tests/gpu``) run first and recorded, a step's session, and the
+re-analysis of recorded results."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -61,6 +63,60 @@ def leftover_diff(before: dict[str, Any], timeout_s: float = 10.0) -> dict[str, 
         time.sleep(0.2)
 
 
+def leftovers_baseline() -> dict[str, Any]:
+    """``leftovers()`` at a benchmark's start, after making tqdm's one multiprocessing lock per
+    process (its /dev/shm semaphore would otherwise look like something a run left behind)."""
+    from tqdm.auto import tqdm
+
+    tqdm(disable=True).close()
+    return leftovers()
+
+
+@contextlib.contextmanager
+def leftovers_watched(on_left: Callable[[dict[str, list]], None], timeout_s: float = 3.0) -> Iterator[None]:
+    """Frees device memory after the block and passes what the block left behind (processes,
+    /dev/shm entries, MPS processes; see ``leftover_diff``) to ``on_left``, only if anything."""
+    before = leftovers()
+    try:
+        yield
+    finally:
+        free_memory()
+        left = leftover_diff(before, timeout_s=timeout_s)
+        if any(left.values()):
+            on_left(left)
+
+
+@contextlib.contextmanager
+def step_session(kind: str, model, config, options: dict[str, Any]) -> Iterator[Any]:
+    """The session a step's workloads run in, closed after the block: a ``SplitSession``
+    (``split``), a ``ReplicaSession`` of serial engines (``replicas``), or None for the modes
+    that are one ``splitlab.run`` call each."""
+    if kind not in ("split", "replicas"):
+        yield None
+        return
+    from splitlab.modes.replicas import ReplicaSession
+    from splitlab.modes.split import SplitSession
+
+    opened = SplitSession(model, config, **options) if kind == "split" else \
+        ReplicaSession(model, engine="serial", config=config, **options)
+    with opened as session:
+        yield session
+
+
+def run_step(session, workload, model, kind: str, options: dict[str, Any], config, progress: bool = False,
+             hf_batch: int | None = None):
+    """One workload of a step: in its session when it has one (``step_session``), else one
+    ``splitlab.run`` call: ``hf-generate`` (batches of ``hf_batch``) for kind ``hf``, else the
+    engine mode that ``options`` name."""
+    import splitlab
+
+    if session is not None:
+        return session.run(workload, progress=progress)
+    if kind == "hf":
+        return splitlab.run(workload, model, mode="hf-generate", batch_size=hf_batch, progress=progress)
+    return splitlab.run(workload, model, config=config, progress=progress, **options)
+
+
 def gpu_tests(paths: list[str], model: str | None = None, timeout_s: float = 480.0) -> dict[str, Any]:
     """``python -m pytest <paths> -m gpu -q`` in the repository (the device checks of
     ``tests/gpu``; ``model`` becomes ``SPLITLAB_GPU_TEST_MODEL``): its exit status, its last
@@ -76,6 +132,14 @@ def gpu_tests(paths: list[str], model: str | None = None, timeout_s: float = 480
     last = [line for line in tail.splitlines() if line.strip()]
     return {"command": " ".join(["python", *cmd[1:]]), "model": model, "returncode": rc, "passed": rc == 0,
             "summary": last[-1] if last else "", "tail": tail, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def run_device_checks(checks: dict[str, Any], paths: list[str], model: str, say: Callable[[str], None]) -> None:
+    """The device checks (``gpu_tests``) on ``model``, recorded as ``checks["gpu_tests"]``,
+    saying what runs and how it went."""
+    say(f"device checks: {' '.join(paths)} on {model}")
+    checks["gpu_tests"] = gpu_tests(paths, model=model)
+    say(f"device checks: {checks['gpu_tests']['summary']}")
 
 
 def quiet_transformers() -> None:
@@ -130,3 +194,20 @@ def report(data: dict[str, Any], summary: dict[str, Any]) -> None:
                                           for e in data[what]))
     counts = {k: len(data.get(k) or []) for k in ("runs", "skipped", "failed", "left")}
     print(json.dumps(to_jsonable({**summary, **counts, "wall_s": data.get("wall_s")})), flush=True)
+
+
+def reanalysed(paths: Sequence[str | Path], benchmark: str, key_of: Callable[[dict[str, Any]], str],
+               analyse: Callable[[dict[str, Any]], Any], out: Path) -> dict[str, Any]:
+    """``--analyse-only``: the result file(s) as recorded (several merged by ``key_of``), their
+    ``analysis`` redone by ``analyse(data)`` and stamped ``analysed_on``, written to ``out``."""
+    import datetime as dt
+
+    from splitlab.measure.sweep import command_line, load_result, merge_results, write_json_atomic
+
+    loaded = [load_result(p, benchmark) for p in paths]
+    data = loaded[0] if len(loaded) == 1 else merge_results(loaded, key_of)
+    data["analysis"] = analyse(data)
+    data["analysed_on"] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                           "command": command_line()}
+    write_json_atomic(out, data)
+    return data

@@ -9,8 +9,9 @@ last (``--merge-from``), about 25 minutes in all; on a CPU, a smoke run (``tiny`
     python benchmarks/colocation.py --quick --device cpu --out /tmp/colocation_cpu.json
 
 First the device checks (``tests/gpu/test_exact.py`` on ``--check-model``), then calibration
-(Poisson rates 0.6x/1.0x/1.3x of serial's burst capacity, the Azure code trace at 0.6x/1.0x),
-then the grid (``step_specs``, priority order) through ``splitlab.measure.sweep``; every session
+(``splitlab.measure.calibrate``: Poisson rates 0.6x/1.0x/1.3x of serial's burst capacity, the
+Azure code trace at 0.6x/1.0x), then the grid (``step_specs``, priority order; its cells and
+rows from ``splitlab.measure.colocation``) through ``splitlab.measure.sweep``; every session
 first runs a check workload compared with serial's tokens. ``splitlab.measure.analysis`` draws
 the conclusions. The recorded file's first call found its 1.0x rate below saturation, so its
 runs were relabelled ``poisson-low`` (``analysis.relabel``) and the later calls pass ``--rates``.
@@ -19,30 +20,27 @@ The last printed line is a JSON summary.
 
 import argparse
 import contextlib
-import dataclasses
-import datetime as _dt
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (REPO, free_memory, gpu_tests, leftover_diff, leftovers, log, parse_shares, print_rows,  # noqa: E402
-                     quiet_transformers, report)
+from _common import (REPO, free_memory, leftover_diff, leftovers_baseline, leftovers_watched, log,  # noqa: E402
+                     parse_shares, print_rows, quiet_transformers, reanalysed, report, run_device_checks, run_step,
+                     step_session)
 
 import torch  # noqa: E402
 
 import splitlab  # noqa: E402
 from splitlab.config import SLO, EngineConfig, SplitConfig  # noqa: E402
-from splitlab.measure import analysis as an  # noqa: E402
-from splitlab.measure.sweep import Cell, SkipCell, Sweep, command_line, load_result, merge_results, write_json_atomic  # noqa: E402,E501
-from splitlab.workload import LengthDist, Request, Workload, from_azure_trace, from_prompts, poisson  # noqa: E402
+from splitlab.measure import analysis as an, calibrate as cal, colocation as co  # noqa: E402
+from splitlab.measure.sweep import SkipCell, Sweep  # noqa: E402
+from splitlab.workload import LengthDist, Workload  # noqa: E402
 
 AZURE_CSV = REPO.parent / "shared" / "data" / "azure-llm-2023" / "AzureLLMInferenceTrace_code.csv"
 DEFAULT_OUT = REPO / "results" / "colocation_h200.json"
 DEFAULT_SHARES = [(50, 50), (100, 100), (70, 30), (30, 70), (60, 40)]  # prefill/decode; 100/100: no partition
-RATE_MULTIPLES = [0.6, 1.0, 1.3]  # of serial's burst capacity: low, near saturation, overload
 SLO_WHY = ("TTFT 1 s: several ~100 ms 4x1k prefill steps of queueing, not a backlog; TPOT 50 ms: 20 tok/s per "
            "user, ~8x a normal decode step, broken only by decode stalls or overload")
 
@@ -102,26 +100,6 @@ def make_plan(args) -> dict[str, Any]:
     return plan
 
 
-def rebase(requests, name: str, at_zero: bool = False) -> Workload:
-    """Requests with ids 0.. and the first arrival at 0 (all at 0 with ``at_zero``)."""
-    t0 = min(r.arrival_s for r in requests)
-    ordered = sorted(requests, key=lambda r: (r.arrival_s, r.id))
-    return Workload(name, tuple(Request(i, r.prompt_ids, r.max_new_tokens, 0.0 if at_zero else r.arrival_s - t0)
-                                for i, r in enumerate(ordered)))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Step(Cell):
-    """One (step, workload) cell; the cells of one step share its session (``group``)."""
-
-    step: str
-    workload: str
-    kind: str  # engine | split | replicas | hf
-    options: tuple = ()  # the mode's keywords as (name, value) pairs
-    sweep: bool = False
-    gpu_only: bool = False
-
-
 def step_specs(plan: dict[str, Any], shares: list[tuple[int, int]]) -> list[tuple]:
     """(name, kind, options, workloads, gpu_only, sweep) in priority order: the comparison and
     the SM-share sweep near saturation, replicas and hf-generate there, then the other rates."""
@@ -162,18 +140,15 @@ class Bench:
         self.workloads: dict[str, tuple[Workload, dict[str, Any]]] = {}
         self.modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
         self.sweep = Sweep("colocation", self.out, budget_s=plan["budget_s"], resume=args.merge_from or (),
-                           key_of=lambda r: f"{r['step']}--{r['workload_key']}", progress=False, state=self.state)
+                           key_of=co.cell_key, progress=False, state=self.state)
         earlier = self.sweep.earlier or {}
         if earlier and earlier.get("plan", {}).get("model") != plan["model"]:
             raise SystemExit(f"--merge-from: not a colocation result for {plan['model']}")
         self.checks = {k: v for k, v in earlier.get("checks", {}).items() if k not in ("leftovers", "gpu_paths")}
         self.calibration = dict(earlier.get("calibration", {}))
-        self.reference = {int(k): v for k, v in self.checks.get("check_reference", {}).items()}
-        self.specs: dict[str, tuple] = {}
-        from tqdm.auto import tqdm
-
-        tqdm(disable=True).close()  # tqdm's one multiprocessing lock per process: made now, not a leftover
-        self.before = leftovers()
+        self.token_check = co.TokenCheck(self.checks)
+        self.steps: dict[str, co.Step] = {}
+        self.before = leftovers_baseline()
         self.model = None
 
     def state(self) -> dict[str, Any]:
@@ -186,9 +161,7 @@ class Bench:
         spec = self.plan["check_model"]
         if spec in ("none", "") or (self.checks.get("gpu_tests") or {}).get("passed"):
             return self.sweep.skip("device checks", "--check-model none" if spec in ("none", "") else "merged")
-        say(f"device checks: tests/gpu/test_exact.py on {spec}")
-        self.checks["gpu_tests"] = gpu_tests(["tests/gpu/test_exact.py"], model=spec)
-        say(f"device checks: {self.checks['gpu_tests']['summary']}")
+        run_device_checks(self.checks, ["tests/gpu/test_exact.py"], spec, say)
         self.sweep.write()
 
     def engine_config(self) -> EngineConfig:
@@ -196,83 +169,39 @@ class Bench:
         return EngineConfig(max_seq_len=p["max_seq_len"], num_slots=p["num_slots"], max_batch=p["max_batch"],
                             token_budget=p["token_budget"], chunk_size=max(p["chunk_size"], p["max_batch"] + 1))
 
-    def capacity(self, wl: Workload) -> float:
-        """Requests/s of ``serial`` on ``wl`` with every request arriving at t=0."""
-        run = splitlab.run(rebase(wl.requests, wl.name, at_zero=True), self.model, mode="serial",
-                           config=self.engine_config(), progress=False)
-        say(f"calibration {wl.name}: serial serves a burst of {len(wl)} at {len(wl) / run.wall_s:.2f} req/s")
+    def calibrated(self, wl: Workload, req_s: float) -> None:
+        say(f"calibration {wl.name}: serial serves a burst of {len(wl)} at {req_s:.2f} req/s")
         free_memory()
-        return len(wl) / run.wall_s
 
     def build_workloads(self) -> None:
-        p, n, model, earlier = self.plan, self.plan["requests"], self.model, self.sweep.earlier or {}
-        old = earlier.get("workloads", {})
-        rng, spec = random.Random(7), p["check"]
-        prompts = [[rng.randrange(4, model.facts.vocab_size) for _ in range(k)] for k in spec["lens"][: spec["n"]]]
-        arrivals = [0.0 if i < 3 else 0.2 * i / spec["n"] for i in range(len(prompts))]
-        self.workloads["check"] = (from_prompts(prompts, spec["new"], arrivals, name="check"), {"kind": "check"})
-        plen, olen = LengthDist.uniform(*p["prompt"]), LengthDist.uniform(*p["output"])
-        rates = [float(x) for x in self.args.rates.split(",")] if self.args.rates else \
-            [m["rate"] for m in old.values() if m.get("kind") == "poisson"] or None
-        if rates is None:
-            burst = poisson(p["calib_n"], rate=1e6, prompt_len=plen, output_len=olen, seed=99, model=model,
-                            name="calibration-poisson")
-            self.calibration.update(poisson_capacity_req_s=self.capacity(burst), rate_multiples=RATE_MULTIPLES)
-            rates = an.calibrated_rates(self.calibration["poisson_capacity_req_s"], RATE_MULTIPLES)
-        for key, rate in an.rate_labels(rates).items():
-            wl = poisson(n, rate=rate, prompt_len=plen, output_len=olen, seed=1, model=model,
-                         name=f"poisson-r{rate:.3g}-n{n}")
-            self.workloads[key] = (wl, {"kind": "poisson", "rate": rate})
+        """The check, Poisson at three rates (calibrated, or --rates, or the merged file's), the
+        first requests of the middle one for hf-generate, and the Azure replays."""
+        p, n, old = self.plan, self.plan["requests"], (self.sweep.earlier or {}).get("workloads", {})
+        calibration = cal.Calibration(self.model, self.engine_config(), recorded=old, measured=self.calibration,
+                                      on_capacity=self.calibrated)
+        check = p["check"]
+        self.workloads["check"] = (cal.check_workload(self.model.facts.vocab_size, check["lens"][: check["n"]],
+                                                      check["new"]), {"kind": "check"})
+        rates = [float(x) for x in self.args.rates.split(",")] if self.args.rates else None
+        self.workloads.update(calibration.poisson(n, LengthDist.uniform(*p["prompt"]), LengthDist.uniform(*p["output"]),
+                                                  rates, calib_n=p["calib_n"]))
         if "poisson-mid" in self.workloads:
-            wl, meta = self.workloads["poisson-mid"]
-            first = p["hf"]["n"]
-            self.workloads["hf-prefix"] = (rebase(wl.requests[:first], f"{wl.name}-first{first}"),
-                                           {"kind": "poisson-prefix", "rate": meta["rate"]})
+            self.workloads["hf-prefix"] = cal.prefix_of(*self.workloads["poisson-mid"], p["hf"]["n"])
         if AZURE_CSV.is_file():
-            self.azure_workloads(n, old)
+            targets = [float(x) for x in self.args.azure_rates.split(",")] if self.args.azure_rates else None
+            self.workloads.update(calibration.trace(AZURE_CSV, n, p["max_seq_len"], targets,
+                                                    multiples=(0.8,) if p["quick"] else (0.6, 1.0)))
         else:
             self.sweep.skip("azure workloads", f"trace not found at {AZURE_CSV}")
-        for key, (wl, _meta) in self.workloads.items():  # merged runs must have served the same requests
-            if key in old and (old[key]["name"] != wl.name or old[key]["requests"] != len(wl)):
-                raise SystemExit(f"--merge-from: workload {key} was {old[key]['name']} ({old[key]['requests']} "
-                                 f"requests), now {wl.name} ({len(wl)}); pass the same --requests and --rates")
+        for change in cal.workload_changes(self.workloads, old):  # merged runs must have served the same requests
+            raise SystemExit(f"--merge-from: {change}; pass the same --requests and --rates")
 
-    def azure_workloads(self, n: int, old: dict[str, Any]) -> None:
-        total, model = self.plan["max_seq_len"], self.model
-        base = from_azure_trace(AZURE_CSV, rate_scale=1.0, limit=n, max_total_len=total, seed=3, model=model,
-                                name="azure-code")
-        trace_rate = len(base) / (max(r.arrival_s for r in base) or 1.0)
-        targets = sorted(float(x) for x in self.args.azure_rates.split(",")) if self.args.azure_rates else \
-            sorted(m["rate"] for m in old.values() if m.get("kind") == "azure")
-        if not targets:
-            cap = self.calibration["azure_capacity_req_s"] = self.capacity(rebase(base.requests, "calibration-azure"))
-            targets = [0.8 * cap] if self.plan["quick"] else [0.6 * cap, 1.0 * cap]
-        self.calibration["azure_trace_rate_req_s"] = trace_rate
-        for label, target in zip(["a", "b"], targets):
-            scale = target / trace_rate
-            wl = from_azure_trace(AZURE_CSV, rate_scale=scale, limit=n, max_total_len=total, seed=3, model=model,
-                                  name=f"azure-code-x{scale:.3g}-n{n}")
-            self.workloads[f"azure-{label}"] = (wl, {"kind": "azure", "rate": target, "rate_scale": scale})
-
-    def cells(self) -> list[Step]:
-        """The grid: every wanted step on each of its workloads not done yet (a step's check
-        run only while it has a comparison workload left)."""
-        out, names = [], set()
-        for name, kind, options, wls, gpu_only, sweep in step_specs(self.plan, self.shares()):
-            if self.modes is not None and not any(name == m or name.startswith(m) for m in self.modes):
-                continue
-            keys = [k for k in wls if k in self.workloads and f"{name}--{k}" not in self.sweep.done | names]
-            if not [k for k in keys if k != "check"]:
-                continue
-            self.specs[name] = (kind, options, gpu_only)
-            heavy = kind == "replicas" or dict(options).get("backend") in ("mps", "processes")
-            for key in keys:
-                wl = self.workloads[key][0]
-                cost = 2.0 if key == "check" else max(r.arrival_s for r in wl) + 5.0
-                out.append(Step(name=f"{name}--{key}", group=name, cost_s=cost, setup_s=30.0 if heavy else 15.0,
-                                step=name, workload=key, kind=kind, options=options, sweep=sweep, gpu_only=gpu_only))
-                names.add(f"{name}--{key}")
-        return out
+    def cells(self) -> list[co.Step]:
+        """The grid (``step_specs``) less what is done or not wanted."""
+        cells = co.step_cells(step_specs(self.plan, self.shares()), {k: wl for k, (wl, _) in self.workloads.items()},
+                              self.sweep.done, self.modes)
+        self.steps = {c.step: c for c in cells}
+        return cells
 
     def shares(self) -> list[tuple[int, int]]:
         try:
@@ -284,53 +213,25 @@ class Bench:
     def session(self, step: str):
         """The step's session (None for the one-call modes), closed after its last cell; what it
         left behind is recorded."""
-        kind, options, gpu_only = self.specs[step]
-        if gpu_only and not self.gpu:
+        first = self.steps[step]  # a step's cells all carry its kind and options
+        if first.gpu_only and not self.gpu:
             raise SkipCell("needs a CUDA GPU")
         say(f"step {step}")
-        before = leftovers()
-        try:
-            if kind in ("split", "replicas"):
-                from splitlab.modes.replicas import ReplicaSession
-                from splitlab.modes.split import SplitSession
+        with leftovers_watched(lambda left: self.checks.setdefault("leftovers_by_step", {}).update({step: left})), \
+                step_session(first.kind, self.model, self.engine_config(), dict(first.options)) as session:
+            yield session
 
-                opened = SplitSession(self.model, self.engine_config(), **dict(options)) if kind == "split" else \
-                    ReplicaSession(self.model, engine="serial", config=self.engine_config(), **dict(options))
-                with opened as session:
-                    yield session
-            else:
-                yield None
-        finally:
-            free_memory()
-            left = leftover_diff(before, timeout_s=3.0)
-            if any(left.values()):
-                self.checks.setdefault("leftovers_by_step", {})[step] = left
-
-    def measure(self, cell: Step, session) -> dict[str, Any]:
+    def measure(self, cell: co.Step, session) -> dict[str, Any]:
         wl, meta = self.workloads[cell.workload]
-        progress = not self.args.no_progress
-        if session is not None:
-            run = session.run(wl, progress=progress)
-        elif cell.kind == "hf":
-            run = splitlab.run(wl, self.model, mode="hf-generate", batch_size=self.plan["hf"]["batch"],
-                               progress=progress)
-        else:
-            run = splitlab.run(wl, self.model, config=self.engine_config(), progress=progress, **dict(cell.options))
-        row = {"step": cell.step, "workload_key": cell.workload, "workload": wl.name, **meta,
-               **an.run_row(run, self.slo), "sweep": cell.sweep}
+        run = run_step(session, wl, self.model, cell.kind, dict(cell.options), self.engine_config(),
+                       progress=not self.args.no_progress, hf_batch=self.plan["hf"]["batch"])
+        row = co.run_record(run, self.slo, cell.step, cell.workload, wl.name, meta, sweep=cell.sweep)
         if cell.workload == "check":
-            if not self.reference:
-                self.reference = self.checks["check_reference"] = run.output_ids()
-                row["check_vs_serial"] = {"reference": True}
-            else:
-                row["check_vs_serial"] = an.token_match(run.output_ids(), self.reference)
+            row["check_vs_serial"] = self.token_check(run)
         from splitlab.present.results import save_runs
 
         save_runs([run], self.runs_dir, [cell.name], compress=True)
-        slow = (row.get("decode_interference") or {}).get("slowdown_batch_matched")
-        say(f"{cell.name}: {row['completed']}/{row['num_requests']} done, {row['throughput_tok_s']:.0f} tok/s, "
-            f"TTFT p99 {row['ttft_p99_s']:.3f} s, TPOT p99 {row['tpot_p99_s'] * 1e3:.1f} ms, goodput "
-            f"{row['goodput_req_s']:.2f} req/s" + (f", decode slowdown {slow:.2f}x" if slow else ""))
+        say(co.describe(cell.name, row))
         return row
 
 
@@ -348,30 +249,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def finish(data: dict[str, Any], out: Path, runs_dir: Path) -> None:
     print_table(data["runs"])
-    analysis = data.get("analysis") or {}
-    report(data, {"out": str(out), "runs_dir": str(runs_dir), "checks_ok": data.get("checks_ok"),
-                  "gpu_tests_passed": (data.get("checks", {}).get("gpu_tests") or {}).get("passed"),
-                  "chosen_shares": (analysis.get("sm_share_sweep") or {}).get("chosen"),
-                  "targets": {k: v for k, v in analysis.get("targets", {}).items() if k != "thresholds"}})
-
-
-def analyse(rows: list[dict[str, Any]], runs_dir: Path) -> dict[str, Any]:
-    names = [f"{r['step']}--{r['workload_key']}" for r in rows]
-    return an.colocation_analysis(rows, an.stalls_of_saved_runs(runs_dir, names))
+    report(data, co.summary(data, str(out), str(runs_dir)))
 
 
 def analyse_only(args) -> int:
     """``--analyse-only``: the merged file as it was, with its analysis redone here."""
     if not args.merge_from:
         raise SystemExit("--analyse-only needs --merge-from (the output of the runs to analyse)")
-    loaded = [load_result(p, "colocation") for p in args.merge_from]
-    data = loaded[0] if len(loaded) == 1 else merge_results(loaded, lambda r: f"{r['step']}--{r['workload_key']}")
     out = Path(args.out) if args.out else DEFAULT_OUT
     runs_dir = Path(args.runs_dir) if args.runs_dir else out.with_suffix("")
-    data["analysis"] = analyse(data["runs"], runs_dir)
-    data["analysed_on"] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                           "command": command_line()}
-    write_json_atomic(out, data)
+    data = reanalysed(args.merge_from, "colocation", co.cell_key, lambda d: co.analyse_saved(d["runs"], runs_dir), out)
     finish(data, out, runs_dir)
     return 0
 
@@ -402,10 +289,7 @@ def main(argv=None) -> int:
     free_memory()
     bench.checks["leftovers"] = leftover_diff(bench.before)
     bench.checks["gpu_paths"] = an.gpu_paths(bench.sweep.rows)
-    tests = bench.checks.get("gpu_tests") or {}
-    checks_ok = (tests.get("passed") is not False and not any(bench.checks["leftovers"].values())
-                 and all(v is not False for v in bench.checks["gpu_paths"].values()))
-    bench.sweep.write(analysis=analyse(bench.sweep.rows, bench.runs_dir), checks_ok=checks_ok)
+    bench.sweep.write(analysis=co.analyse_saved(bench.sweep.rows, bench.runs_dir), checks_ok=co.checks_ok(bench.checks))
     finish(json.loads(bench.out.read_text()), bench.out, bench.runs_dir)
     return 0
 

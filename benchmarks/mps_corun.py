@@ -192,17 +192,9 @@ def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser, args = parse_args(argv)
-    if args.worker:
-        return worker_main(args)
-    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM -> SystemExit: every `finally` runs, MPS stopped
-    import torch
-
-    from splitlab.system.mps import mps_status
-
-    if not args.dry_run and not torch.cuda.is_available():
-        parser.error("no CUDA GPU here: run with --dry-run to exercise the orchestration on CPU")
+def make_config(parser: argparse.ArgumentParser, args) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """The workers' config (sizes, duration, green SMs) and the MPS shares, from the options;
+    a bad option ends the program with its usage."""
     cfg = dict(DRY_CONFIG if args.dry_run else GPU_CONFIG, memory_op=args.memory_op)
     cfg.update({k: v for k, v in (("duration", args.duration), ("matmul_n", args.matmul_n)) if v is not None})
     if args.copy_mib is not None:
@@ -216,6 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.cases.split(",")) - {"all", "processes", "streams", "green", "mps", "shares"}
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}; choose from green, mps, processes, shares, streams")
+    return cfg, shares
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM -> SystemExit: every `finally` runs, MPS stopped
+    import torch
+
+    from splitlab.system.mps import mps_status
+
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here: run with --dry-run to exercise the orchestration on CPU")
+    cfg, shares = make_config(parser, args)
     out_path = args.out if args.out is not None else (None if args.dry_run else DEFAULT_OUT)
     status_before = mps_status()
     print(f"# co-run benchmark on {cfg['device']}: matmul {cfg['matmul_n']}^3 {cfg['dtype']}, copy "

@@ -289,7 +289,7 @@ def sweep_explorer(results, mode: str | None = "split", slo=None, title: str | N
         if share is not None and "prefill_share" in main.columns and (main["prefill_share"] == share).any():
             main = main[main["prefill_share"] == share]
         panels = [plots.phase_breakdown_runs([runs[i] for i in chosen["id"]],
-                                             title=f"Phase time per run at this rate (mean per request)")]
+                                             title="Phase time per run at this rate (mean per request)")]
         rid = main["id"].iloc[0] if len(main) else None
         if rid is not None:
             if rid not in timelines:  # its title names the recorded run it draws (the step may snap to it)
