@@ -115,7 +115,7 @@ def test_chunked_steps_without_a_prompt_chunk_take_the_decode_path(tiny, workloa
     from splitlab.engine.runner import ModelRunner
 
     calls = []
-    real_decode, real_mixed = ModelRunner.decode_step, ModelRunner.mixed_step
+    real_decode, real_mixed, real_prefill = ModelRunner.decode_step, ModelRunner.mixed_step, ModelRunner.prefill
 
     def decode_step(self, slots, tokens, positions):
         calls.append(("decode", len(slots)))
@@ -127,14 +127,21 @@ def test_chunked_steps_without_a_prompt_chunk_take_the_decode_path(tiny, workloa
         assert chunks, "a mixed step without a prompt chunk"
         return real_mixed(self, decode, chunks)
 
+    def prefill(self, chunks, between_layers=None):
+        chunks = list(chunks)
+        calls.append(("prefill", len(chunks)))
+        return real_prefill(self, chunks, between_layers)
+
     monkeypatch.setattr(ModelRunner, "decode_step", decode_step)
     monkeypatch.setattr(ModelRunner, "mixed_step", mixed_step)
+    monkeypatch.setattr(ModelRunner, "prefill", prefill)
     config = EngineConfig(max_seq_len=96, num_slots=3, max_batch=3, chunk_size=16, warmup=False)
     run = run_continuous(workload, tiny, "chunked", config, progress=False)
     assert run.output_ids() == expected
     kinds = [s.kind for s in run.steps]
     assert kinds.count("decode") == sum(1 for c in calls if c[0] == "decode") > 0
-    assert kinds.count("mixed") + kinds.count("prefill") == sum(1 for c in calls if c[0] == "mixed")
+    assert kinds.count("mixed") == sum(1 for c in calls if c[0] == "mixed") > 0
+    assert kinds.count("prefill") == sum(1 for c in calls if c[0] == "prefill")
 
 
 def test_run_record_is_complete_and_round_trips(tiny, workload, tmp_path):

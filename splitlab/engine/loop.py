@@ -130,7 +130,7 @@ class PrefillWorker(Worker):
 
     def __init__(self, runner: ModelRunner, allocator: Any, config: EngineConfig, clock: Callable[[], float],
                  name: str = "prefill"):
-        super().__init__(name, runner, Scheduler("prefill", allocator, config.max_batch, config.token_budget),
+        super().__init__(name, runner, Scheduler("prefill", allocator, runner.max_batch, config.token_budget),
                          clock)
 
     def add(self, seq: SeqState) -> None:
@@ -152,7 +152,7 @@ class DecodeWorker(Worker):
 
     def __init__(self, runner: ModelRunner, allocator: Any, config: EngineConfig, clock: Callable[[], float],
                  name: str = "decode"):
-        super().__init__(name, runner, Scheduler("decode", allocator, config.max_batch), clock)
+        super().__init__(name, runner, Scheduler("decode", allocator, runner.max_batch), clock)
 
     def accept(self, handoff: Handoff, trace: RequestTrace | None = None) -> SeqState:
         """Start decoding a prefilled sequence. ``trace``: the request's trace when the prefill

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModelSpecError, WorkloadError
 from splitlab.engine.attention import AttentionMixin
+from splitlab.engine.capacity import decode_batch_limit
 from splitlab.engine.graphs import GraphsMixin, bucket_for
 from splitlab.engine.kernels import make_kernels
 from splitlab.engine.kv import KVPool, PagedKVPool
@@ -54,7 +55,8 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
     copies), and every setting from ``config``, an ``EngineConfig``: ``cuda_graphs``,
     ``kernels``, ``gemv``, ``sdpa_backend``, ``decode_variant``, ``decode_combine`` (each
     documented there). ``max_batch``: the largest decode batch (default
-    ``min(config.max_batch, kv.max_sequences)``: the slots, or the pages of a paged pool).
+    ``splitlab.engine.capacity.decode_batch_limit``: ``config.max_batch`` within what the pool
+    holds, or derived from the pool when ``config.max_batch`` is None).
 
     ``decode_variant="auto"``: on CUDA with Triton kernels and graphs, ``select_decode_variant()``
     (run by ``capture_graphs()``) captures each candidate's graph for a small and a large
@@ -90,7 +92,7 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
         if config.gemv and self.kernels.name != "triton":
             raise ConfigError("gemv=True needs the Triton kernels (kernels='triton' or 'auto' on CUDA)")
         self._gemv = self.kernels if config.gemv else None
-        self.max_batch = int(max_batch) if max_batch is not None else min(config.max_batch, kv.max_sequences)
+        self.max_batch = int(max_batch) if max_batch is not None else decode_batch_limit(kv, config)
         self._init_attention(config.sdpa_backend)
         self._init_graphs(config.cuda_graphs)
         self._init_tuning(config.decode_variant)
@@ -100,7 +102,7 @@ class ModelRunner(AttentionMixin, GraphsMixin, TuningMixin):
                    config: EngineConfig, max_batch: int | None = None) -> "ModelRunner":
         """THE way every mode builds a runner: every runner setting comes from ``config`` (an
         ``EngineConfig``), so no mode can forget one. ``max_batch`` defaults to
-        ``min(config.max_batch, kv.max_sequences)``."""
+        ``decode_batch_limit(kv, config)``."""
         return cls(arch, weights, kv, config, max_batch=max_batch)
 
     def _check_pool(self) -> None:
