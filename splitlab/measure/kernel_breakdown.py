@@ -98,11 +98,12 @@ def profile_events(step: Callable[[], Any], steps: int, device: str | torch.devi
             if cuda:
                 torch.cuda.synchronize(device)
             prof.step()
+    # the profiler's own ProfilerStep range spans the whole step (on the CPU, and mirrored on the
+    # GPU timeline as an annotation): a range around the kernels, not one of them
+    events = [e for e in prof.events() if not e.name.startswith("ProfilerStep")]
     if cuda:
-        return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
-    # the profiler's own ProfilerStep range holds the Python time between ops: host, not op time
-    return [(e.name, e.self_cpu_time_total) for e in prof.events()
-            if e.device_type == DeviceType.CPU and not e.is_async and not e.name.startswith("ProfilerStep")]
+        return [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+    return [(e.name, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU and not e.is_async]
 
 
 def decode_step_breakdown(runner, batches: Sequence[int], context: int, steps: int = 20, iters: int = 30,

@@ -61,7 +61,12 @@ def test_the_adaptive_green_split_is_exact(fp32_model, workload, expected, polic
                        sm_profile=profile, gap_s=0.03, progress=False)
     assert_exact(run, expected)
     facts = run.config.green
-    assert facts["simulated"] is False and facts["decisions"] == len(run.steps)
+    # one decision per step, and one more per prefill step at each layer group's start after the first
+    layers = len(fp32_model.model.model.layers)
+    regroups = (layers - 1) // facts["prefill_layer_group"]
+    prefill_steps = sum(1 for s in run.steps if s.worker == "prefill")
+    assert facts["simulated"] is False and facts["decisions"] == len(run.steps) + prefill_steps * regroups
+    assert 0 <= facts["prefill_moves"] <= prefill_steps * regroups
     assert {s.sms for s in run.steps} - {None} and all(s.sms for s in run.steps)
 
 
