@@ -68,3 +68,22 @@ def test_the_smoke_grid_in_two_budgeted_calls_gives_every_field(tmp_path):
     assert [t.name for t in fig.data] == ["slots", "paged16"] and max(fig.data[1].y) > 50
     sizes = plots.page_size_figure(b)
     assert {t.name for t in sizes.data} >= {"azure-burst", "slot pool · azure-burst"}
+
+
+def test_a_ratio_of_max_rates_says_when_it_is_only_a_bound():
+    from splitlab.measure.paged import ratio
+
+    exact = ratio({"status": "interpolated", "value": 30.0}, {"status": "interpolated", "value": 15.0})
+    assert exact == {"ratio": 2.0, "bound": "exact"}
+    # paged met the target at its highest rate: the true ratio is at least this
+    assert ratio({"status": "at_least", "value": 40.0}, {"status": "interpolated", "value": 20.0}) == \
+        {"ratio": 2.0, "bound": "lower"}
+    # the slots missed even their lowest rate: also a lower bound
+    assert ratio({"status": "interpolated", "value": 12.0}, {"status": "below_lowest", "value": 4.0})["bound"] == "lower"
+    # paged missed its lowest rate: at most this
+    assert ratio({"status": "below_lowest", "value": 4.0}, {"status": "interpolated", "value": 8.0}) == \
+        {"ratio": 0.5, "bound": "upper"}
+    # both missed everywhere (or both met everywhere): undecided
+    assert ratio({"status": "below_lowest", "value": 4.0}, {"status": "below_lowest", "value": 4.0}) == \
+        {"ratio": None, "bound": None}
+    assert ratio({}, {"status": "interpolated", "value": 8.0}) == {"ratio": None, "bound": None}
