@@ -54,6 +54,7 @@ TIMEOUT_S: dict[str, int] = {
     "03_colocation": 900,
     "04_speedups": 900,
     "05_reproducing_splitwiser": 900,
+    "06_serve_and_bench": 300,
 }
 # the notebook executed a second time with `jupyter nbconvert --execute`: it holds explorers
 NBCONVERT_NOTEBOOK = "03_colocation"
