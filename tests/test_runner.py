@@ -595,3 +595,16 @@ def test_paged_warm_up_then_exact():
     for i in range(4):
         out += runner.decode_step([None], [out[-1]], [len(p) + i], [table])
     assert out == hf_generate(loaded, p, 5)
+
+
+def test_graph_capture_facts_are_none_without_graphs(tiny):
+    """On a CPU no decode graph is captured: the run facts say so, and claim no capture time or
+    graph memory (on CUDA ``graph_capture_s`` / ``graph_pool_bytes`` hold what capture took)."""
+    import splitlab
+    from splitlab.config import EngineConfig
+    from splitlab.workload import fixed_batch
+
+    run = splitlab.run(fixed_batch(2, 6, 3, model=tiny), tiny, mode="serial",
+                       config=EngineConfig(max_seq_len=32, num_slots=2, max_batch=2), progress=False)
+    facts = run.config.effective
+    assert facts["graphs_captured"] == 0 and facts["graph_capture_s"] is None and facts["graph_pool_bytes"] is None

@@ -13,6 +13,8 @@ eager prefills on the same runner never races them.
 
 from __future__ import annotations
 
+import time
+
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -49,6 +51,7 @@ class GraphsMixin:
         self.buckets = graph_buckets(self.max_batch)
         self._graphs: dict[tuple[int, int | None], tuple[Any, torch.Tensor]] = {}
         self._graph_pool = None
+        self.graph_capture_s = 0.0  # seconds spent capturing the graphs kept (variant timing aside)
         # The stream decode graphs are captured on (None: PyTorch's capture stream). The green-
         # context split backend sets its decode stream here, so captured kernels belong to it.
         self.capture_stream = None
@@ -170,10 +173,30 @@ class GraphsMixin:
         self.select_decode_variant()
         want = sorted({bucket_for(b, self.buckets) for b in (batch_sizes or self.buckets)} - {None}, reverse=True)
         ctx = self._ctx_bucket(1)
-        for b in want:
-            if (b, ctx) not in self._graphs:
-                self._capture(b, ctx)
+        start, new = time.perf_counter(), [b for b in want if (b, ctx) not in self._graphs]
+        for b in new:
+            self._capture(b, ctx)
+        if new:
+            self.graph_capture_s += time.perf_counter() - start  # each capture ends with a device sync
         return want
+
+    @property
+    def num_graphs(self) -> int:
+        """Decode graphs captured so far."""
+        return len(self._graphs)
+
+    def graph_pool_bytes(self) -> int | None:
+        """Bytes the allocator holds for the shared decode-graph pool (its segments), or None
+        where no pool exists or this PyTorch's memory snapshot does not name segment pools."""
+        if self._graph_pool is None:
+            return None
+        try:
+            segments = torch.cuda.memory_snapshot()
+        except RuntimeError:
+            return None
+        owned = [seg["total_size"] for seg in segments if "segment_pool_id" in seg
+                 and tuple(seg["segment_pool_id"]) == tuple(self._graph_pool)]
+        return sum(owned) if owned or all("segment_pool_id" in seg for seg in segments) else None
 
     def _ctx_bucket(self, length: int) -> int | None:
         """Triton's decode attention reads each sequence's own length inside the graph (None:

@@ -338,6 +338,9 @@ def worker_facts(runner: ModelRunner, warmed_up: bool) -> dict[str, Any]:
         "decode_combine": getattr(runner.kernels, "combine", None),  # Triton kernels only
         **runner.decode_variant_info(),
         "cuda_graphs": runner.cuda_graphs,
+        "graphs_captured": runner.num_graphs,  # decode graphs, one per batch bucket
+        "graph_capture_s": runner.graph_capture_s if runner.num_graphs else None,
+        "graph_pool_bytes": runner.graph_pool_bytes() if runner.num_graphs else None,
         "warmed_up": bool(warmed_up),
         "device": str(runner.device),
         "dtype": str(runner.dtype).replace("torch.", ""),

@@ -126,6 +126,20 @@ def test_graph_replay_gives_the_tokens_of_eager_steps(fp32_model):
             assert toks[graphs] == toks[eager], f"batch {batch}, step {step}"
 
 
+def test_graph_capture_reports_its_time_and_pool_memory(fp32_model):
+    """What a run records of its decode graphs: how many, the seconds their capture took, and
+    the bytes of their shared memory pool (segments of that pool in the allocator's snapshot)."""
+    runner = make_runner(fp32_model, 8, 256, cuda_graphs=True, decode_variant="fused")
+    assert runner.num_graphs == 0 and runner.graph_pool_bytes() is None
+    buckets = runner.capture_graphs()
+    assert runner.num_graphs == len(buckets) > 0 and runner.graph_capture_s > 0
+    pool = runner.graph_pool_bytes()
+    assert pool is None or pool > 0, pool
+    again = runner.graph_capture_s
+    runner.capture_graphs()  # nothing new to capture: no time added
+    assert runner.graph_capture_s == again
+
+
 # bf16 logits of two forwards that differ only in rounding (see the decode-path test below)
 BF16_LOGITS_REL_RMS, BF16_ARGMAX_AGREEMENT = 0.15, 0.5
 
