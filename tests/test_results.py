@@ -218,3 +218,19 @@ def test_recorded_finds_profiles_and_run_folders(tmp_path, monkeypatch):
     assert recorded("runs", root=tmp_path / "nothing-here") == []
     with pytest.raises(SplitlabError):
         recorded("plots")
+
+
+def test_runs_in_memory_make_the_table_a_folder_would(tmp_path):
+    runs = sweep()
+    save_runs(runs, tmp_path, [f"r{i}" for i in range(len(runs))])
+    from_folder, _ = load_results(tmp_path)
+    in_memory, by_id = results.runs_table({f"r{i}": r for i, r in enumerate(runs)})
+    assert list(by_id) == [f"r{i}" for i in range(len(runs))]
+    shared = [c for c in from_folder.columns if c in in_memory.columns and c not in ("file", "date")]
+    assert len(shared) > 10
+    pd.testing.assert_frame_equal(from_folder[shared].reset_index(drop=True), in_memory[shared].reset_index(drop=True),
+                                  check_dtype=False)
+    listed, ids = results.runs_table(runs[:2])
+    assert list(ids) == ["0", "1"] and len(listed) == 2
+    with pytest.raises(SplitlabError, match="at least one Run"):
+        results.runs_table([])

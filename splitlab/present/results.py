@@ -113,8 +113,6 @@ def load_results(folder: str | Path, slo=None):
 
     Without an ``index.json``, every ``*.json`` / ``*.json.gz`` run file of the folder is read.
     """
-    import pandas as pd
-
     from splitlab.measure.metrics import Run
 
     folder = Path(folder)
@@ -140,16 +138,35 @@ def load_results(folder: str | Path, slo=None):
         run = Run.from_dict(data)
         rid = str(entry.get("id") or path.stem)
         runs[rid] = run
-        meta = run_meta(run)
-        row = {**meta, **{k: v for k, v in entry.items() if v is not None}, "id": rid, "file": entry["file"]}
-        summary = run.summary(slo)
-        row.update({k: v for k, v in summary.items() if k not in row})
-        rows.append(row)
+        rows.append(_row(run, {**{k: v for k, v in entry.items() if v is not None}, "id": rid, "file": entry["file"]},
+                         slo))
+    return _table(rows), runs
+
+
+def runs_table(runs, slo=None):
+    """``(table, runs)`` as ``load_results`` gives it, of runs in memory: ``{name: Run}`` (the
+    names become the ids) or a list of runs (ids ``0``, ``1``, ...)."""
+    named = dict(runs) if isinstance(runs, dict) else {str(i): r for i, r in enumerate(runs)}
+    if not named:
+        raise SplitlabError("runs_table: give at least one Run")
+    return _table([_row(run, {"id": rid}, slo) for rid, run in named.items()]), named
+
+
+def _row(run, entry: dict[str, Any], slo) -> dict[str, Any]:
+    """One table row: the run's facts, what the index says of it, its summary under ``slo``."""
+    row = {**run_meta(run), **entry}
+    row.update({k: v for k, v in run.summary(slo).items() if k not in row})
+    return row
+
+
+def _table(rows: list[dict[str, Any]]):
+    import pandas as pd
+
     table = pd.DataFrame(rows)
     if rows:
         first = [c for c in INDEX_COLUMNS if c in table.columns]
         table = table[first + [c for c in table.columns if c not in first]]
-    return table, runs
+    return table
 
 
 def _read_index(folder: Path) -> dict[str, Any]:

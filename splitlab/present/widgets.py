@@ -27,7 +27,7 @@ import pandas as pd
 
 from splitlab.errors import ConfigError
 from splitlab.present import plots
-from splitlab.present.results import choices, load_profile, load_results, select_runs
+from splitlab.present.results import choices, load_profile, load_results, runs_table, select_runs
 
 LATENCIES = ("ttft_s", "tpot_s", "e2e_s", "itl")
 PERCENTILES = (50, 90, 99)
@@ -41,9 +41,12 @@ _PANEL_GAP_PX, _ROW_GAP_PX = 150, 30
 
 
 def _load(results, slo=None):
-    """``(table, runs)`` from a folder, or passed through when already loaded."""
+    """``(table, runs)`` from a folder, from runs in memory (``{name: Run}`` or a list), or
+    passed through when already loaded."""
     if isinstance(results, tuple):
         return results
+    if isinstance(results, (dict, list)):
+        return runs_table(results, slo)
     return load_results(Path(results), slo)
 
 
@@ -239,7 +242,8 @@ def runs_explorer(results, slo=None, title: str | None = None):
 
     Top: the latency CDFs of every run (click a legend entry to hide a run); bottom: a bar per
     run of ``<metric>_p<pct>_s``. A run is named by ``plots.legend_label``, and where two names
-    are the same by its workload too. ``results``: a folder, or the ``(table, runs)`` pair of
+    are the same by its workload too. ``results``: a folder, runs in memory (``{name: Run}`` or a
+    list), or the ``(table, runs)`` pair of
     ``load_results``. Starts on TTFT p99.
     """
     table, runs = _load(results, slo)
