@@ -150,6 +150,25 @@ assert prefill_per_token < row.tpot_s, (
 print("checked: exactly NEW_TOKENS tokens; one prompt token is cheaper than one output token")
 
 # %% [markdown]
+# ### The same request through splitlab's engine
+#
+# `hf-generate` is Hugging Face's own `generate()`, the lab's reference. `serial` is splitlab's
+# engine: the same model's weights over a KV pool it manages, one forward per step, the way a
+# server runs. Its greedy tokens must be `generate()`'s (the cell checks it in float32). The
+# figure puts both runs side by side: its menu picks a latency (time to first token, time per
+# output token, end to end, each gap between tokens) and a percentile.
+
+# %%
+from splitlab.present import widgets
+
+engine_run = sl.run(workload, model, mode="serial", progress=False)
+if model.dtype == torch.float32:
+    assert engine_run.output_ids() == run.output_ids(), "splitlab's engine must give generate()'s greedy tokens"
+    print("checked: splitlab's engine produced exactly generate()'s tokens")
+widgets.runs_explorer({"hf-generate": run, "serial (splitlab's engine)": engine_run},
+                      title="LIVE: one request, two engines: pick a latency and a percentile").show()
+
+# %% [markdown]
 # ## What the rest of the lab shows
 #
 # | notebook | question it answers |

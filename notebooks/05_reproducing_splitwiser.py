@@ -195,6 +195,17 @@ print(f"LIVE ({'GPU' if GPU else 'CPU, scaled down: not the paper setup'}): thro
                                              if c != "sequential"))
 
 # %% [markdown]
+# The live runs side by side: the menu picks a latency (time to first token, time per output
+# token, end to end, each gap between tokens) and a percentile; every request arrives at time 0
+# here, so a run's CDF steps up once per static batch it served.
+
+# %%
+from splitlab.present import widgets
+
+widgets.runs_explorer({row["cell"]: row["run"] for row in live_rows},
+                      title="LIVE: the paper's scheme on this machine: pick a latency and a percentile").show()
+
+# %% [markdown]
 # ## 3. The same scheme against splitlab's engine (a different baseline)
 #
 # The co-location sweep recorded on an H200 (`benchmarks/colocation.py`, notebook 04) also ran the

@@ -247,6 +247,15 @@ plots.latency_cdf_grid(runs, metrics=("ttft_s", "itl", "e2e_s", "tpot_s"),
                        title="One workload, two paths: in-process (sl.run) vs client of splitlab serve").show()
 
 # %% [markdown]
+# The same two runs in one explorer: its menu picks a latency and a percentile, and the bars
+# below the CDF give each run's value of it.
+
+# %%
+from splitlab.present import widgets
+
+widgets.runs_explorer(runs, title="LIVE: in-process vs client of splitlab serve: pick a latency and a percentile").show()
+
+# %% [markdown]
 # ## 4. The fields vLLM's `bench serve` writes
 #
 # The bench prints vLLM `bench serve`'s result fields as JSON on its last line and writes them with
