@@ -68,7 +68,6 @@ SMOKE = False            # True: 1 s per case in the live (GPU) co-run; no effec
 import json, subprocess, tempfile
 from pathlib import Path
 import pandas as pd
-import plotly.graph_objects as go
 from splitlab.system.mps import MPSDaemon, mps_status
 from splitlab.present.results import results_root
 
@@ -145,15 +144,11 @@ for name, data in datasets.items():
     display(tables[name].style.format(precision=2, na_rep="").set_caption(f"{name}: {data['gpu_name']}, {data['date'][:10]}"))
 
 # %%
-for name, table in tables.items():
-    ran = table.dropna(subset=["sum"])
-    fig = go.Figure([go.Bar(x=ran.index, y=ran["compute (fraction of solo)"], name="matmul (compute-bound)", marker_color="#72B7B2"),
-                     go.Bar(x=ran.index, y=ran["memory (fraction of solo)"], name="copy (memory-bound)", marker_color="#E45756")])
-    fig.add_hline(y=1.0, line_dash="dot", annotation_text="1.0 = no gain over taking turns")
-    fig.update_layout(barmode="stack", template="plotly_white", yaxis_title="fraction of each job's solo rate (stacked)",
-                      xaxis_title="how the two jobs share the GPU",
-                      title=f"{name}: what two jobs get done together ({datasets[name]['gpu_name']}, {datasets[name]['date'][:10]})")
-    fig.show()
+from splitlab import plots
+
+for name, table in tables.items():  # the menu (top right) sets the two jobs side by side
+    plots.corun_fractions(table.dropna(subset=["sum"]), title=f"{name}: what two jobs get done together "
+                          f"({datasets[name]['gpu_name']}, {datasets[name]['date'][:10]})").show()
 
 # %% [markdown]
 # How to read it: each bar stacks the two jobs' fractions of their solo rates.

@@ -493,3 +493,20 @@ def test_page_size_figure_refuses_rows_without_pages_or_columns():
         plots.page_size_figure([r for r in page_rows() if r["page_size"] is None])
     with pytest.raises(SplitlabError, match="peak_decode_batch"):
         plots.page_size_figure([{"page_size": 16, "workload_key": "a", "decode_step_p50_ms": 1.0}])
+
+
+def test_corun_fractions_stacks_the_two_jobs_and_its_menu_sets_them_side_by_side():
+    import pandas as pd
+
+    from splitlab.errors import SplitlabError
+
+    table = pd.DataFrame({"compute (fraction of solo)": [0.5, 0.9], "memory (fraction of solo)": [0.5, 0.3]},
+                         index=["processes", "mps"])
+    fig = plots.corun_fractions(table, title="co-run")
+    assert [t.name for t in fig.data] == ["matmul (compute-bound)", "copy (memory-bound)"]
+    assert list(fig.data[0].x) == ["processes", "mps"] and list(fig.data[1].y) == [0.5, 0.3]
+    assert fig.layout.barmode == "stack" and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+    modes = [b.args[0]["barmode"] for b in fig.layout.updatemenus[0].buttons]
+    assert modes == ["stack", "group"]
+    with pytest.raises(SplitlabError, match="co-run table"):
+        plots.corun_fractions(table[["compute (fraction of solo)"]])

@@ -646,6 +646,37 @@ def metric_bars(summary_df, column: str, title: str | None = None, log: bool | N
     return fig
 
 
+CORUN_JOBS = (("compute (fraction of solo)", "matmul (compute-bound)", "#72B7B2"),
+              ("memory (fraction of solo)", "copy (memory-bound)", "#E45756"))
+
+
+def corun_fractions(table, title: str | None = None):
+    """Two jobs run at once (``benchmarks/mps_corun.py``): each job's rate as a fraction of its
+    solo rate, one bar group per way of sharing the GPU. ``table``: indexed by case, with the
+    columns of ``CORUN_JOBS``. Stacked, a bar's height is their sum against the 1.0 of taking
+    turns; the menu sets the two jobs side by side instead."""
+    go = _go()
+    missing = [c for c, _, _ in CORUN_JOBS if c not in table.columns]
+    if missing:
+        raise SplitlabError(f"co-run table has no column {missing[0]!r}; give the fractions of mps_corun's cases")
+    cases = [str(c) for c in table.index]
+    fig = go.Figure([go.Bar(x=cases, y=rounded(table[col].to_numpy(float)), name=name, marker_color=color,
+                            hovertemplate="%{x}: %{y:.2f} of its solo rate<extra>" + name + "</extra>")
+                     for col, name, color in CORUN_JOBS])
+    fig.add_hline(y=1.0, line_dash="dot", annotation_text="1.0 = no gain over taking turns",
+                  annotation_position="top left")
+    menu = [dict(label=label, method="relayout", args=[{"barmode": mode, "yaxis.title.text": axis}])
+            for label, mode, axis in (("stacked: the sum", "stack", "fraction of each job's solo rate (stacked)"),
+                                      ("side by side: each job", "group", "fraction of its solo rate"))]
+    fig.update_layout(template=template(), barmode="stack", title=title or "What two jobs get done together",
+                      xaxis=dict(title=dict(text="how the two jobs share the GPU")),
+                      yaxis=dict(title=dict(text="fraction of each job's solo rate (stacked)")),
+                      updatemenus=[dict(buttons=menu, direction="down", x=1.0, xanchor="right", y=1.15,
+                                        yanchor="bottom", showactive=True)],
+                      margin=dict(t=110))
+    return fig
+
+
 def _heat_grid(df, x: str, y: str, z: str, agg: str):
     """(x ticks, y ticks, values, run counts) of ``z`` over two columns, both sorted."""
     grid = df.pivot_table(index=y, columns=x, values=z, aggfunc=agg).sort_index().sort_index(axis=1)
