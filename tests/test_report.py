@@ -200,7 +200,7 @@ def recorded(tmp_path_factory):
 
 
 def test_report_size_of_the_recorded_results(recorded):
-    """The recorded H200 results (the colocation runs and the 72 adaptive runs) made a 6.1 MB report
+    """The recorded H200 results (the colocation runs, then the adaptive runs) made a 6.1 MB report
     (4.8 MB of it plotly.js, 46 figures): plotly.js packed and a sweep drawn in a few figures, it is
     under 5 MB, and all but the packed library under 1 MB."""
     path, _ = recorded
@@ -218,8 +218,8 @@ def test_report_size_of_the_recorded_results(recorded):
     assert html.count("<h3>adaptive_h200</h3>") == 1
     assert "Over the load — poisson-n80" in titles and "Over the load — azure-code-n60" in titles
     n80 = [t for t in titles if "n80" in t]
-    assert n80 == ["Over the load — poisson-n80", "Latency distributions — poisson-r24-n80"], n80
-    assert html.count("<h3>Speedup over serial — poisson-r24-n80, adaptive_h200</h3>") == 1  # there, a table
+    assert n80 == ["Over the load — poisson-n80", "Latency distributions — poisson-r40-n80"], n80
+    assert html.count("<h3>Speedup over serial — poisson-r40-n80, adaptive_h200</h3>") == 1  # there, a table
     assert "<td>chunked 512</td>" in html and "<td>chunked 2048</td>" in html
     assert "<td>split green slo g20</td>" in html
     assert not re.search(r"\d\.\d{7,}", rest.split("<h2>Workload")[0])  # the tables print no raw floats
