@@ -177,7 +177,13 @@ for name, table in tables.items():
         assert 0.8 < s["processes"] < 1.2, f"{name}: time-sliced processes should sum to about 1, got {s['processes']:.2f}"
     if "processes" in s and "mps" in s:
         assert s["mps"] > s["processes"], f"{name}: MPS should beat time-slicing ({s['mps']:.2f} vs {s['processes']:.2f})"
+    for case in ("streams", "mps"):  # the text: the matmul keeps most of its speed, the copy crawls
+        if case in s:
+            c, m = table.loc[case, "compute (fraction of solo)"], table.loc[case, "memory (fraction of solo)"]
+            assert c > 0.6 and m < 0.4 and 1.0 < s[case] < 1.2, f"{name}: {case} gave {c:.2f} / {m:.2f} / {s[case]:.2f}"
     shares = s[[c for c in s.index if c.startswith("mps-")]]
+    if len(shares) and "mps" in s:  # the text: SM shares give the highest sums, all well under 2
+        assert shares.min() > s["mps"] and shares.max() < 1.5, f"{name}: SM-share sums {shares.round(2).to_dict()}"
     if len(shares) and "processes" in s:
         assert shares.max() > s["processes"], f"{name}: the best SM share should beat time-slicing"
         print(f"{name}: time-sliced {s['processes']:.2f}, MPS {s.get('mps', float('nan')):.2f}, "
