@@ -146,7 +146,7 @@ for name, data in datasets.items():
 # %%
 from splitlab import plots
 
-for name, table in tables.items():  # the menu (top right) sets the two jobs side by side
+for name, table in tables.items():  # the menu (top right) switches to the two jobs' sum alone
     plots.corun_fractions(table.dropna(subset=["sum"]), title=f"{name}: what two jobs get done together "
                           f"({datasets[name]['gpu_name']}, {datasets[name]['date'][:10]})").show()
 

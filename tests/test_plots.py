@@ -503,10 +503,12 @@ def test_corun_fractions_stacks_the_two_jobs_and_its_menu_sets_them_side_by_side
     table = pd.DataFrame({"compute (fraction of solo)": [0.5, 0.9], "memory (fraction of solo)": [0.5, 0.3]},
                          index=["processes", "mps"])
     fig = plots.corun_fractions(table, title="co-run")
-    assert [t.name for t in fig.data] == ["matmul (compute-bound)", "copy (memory-bound)"]
+    assert [t.name for t in fig.data][:3] == ["matmul (compute-bound)", "copy (memory-bound)", "the two together"]
+    assert fig.data[3].name.startswith("1.0 = no gain")  # the dotted line's legend entry
     assert list(fig.data[0].x) == ["processes", "mps"] and list(fig.data[1].y) == [0.5, 0.3]
+    assert list(fig.data[2].y) == [1.0, 1.2] and fig.data[2].visible is False
     assert fig.layout.barmode == "stack" and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
-    modes = [b.args[0]["barmode"] for b in fig.layout.updatemenus[0].buttons]
-    assert modes == ["stack", "group"]
+    shown = [b.args[0]["visible"] for b in fig.layout.updatemenus[0].buttons]
+    assert shown == [[True, True, False, True], [False, False, True, True]]  # the menu switches the bars
     with pytest.raises(SplitlabError, match="co-run table"):
         plots.corun_fractions(table[["compute (fraction of solo)"]])

@@ -15,32 +15,37 @@ CORUN_JOBS = (("compute (fraction of solo)", "matmul (compute-bound)", "#72B7B2"
 
 def corun_fractions(table, title: str | None = None):
     """Two jobs run at once (``benchmarks/mps_corun.py``): each job's rate as a fraction of its
-    solo rate, one bar group per way of sharing the GPU. ``table``: indexed by case, with the
-    columns of ``CORUN_JOBS``. Stacked, a bar's height is their sum against the 1.0 of taking
-    turns; the menu sets the two jobs side by side instead."""
+    solo rate, one stacked bar per way of sharing the GPU (``table``: indexed by case, with the
+    columns of ``CORUN_JOBS``), its height their sum against the 1.0 of taking turns; the menu
+    switches to the sums alone, each written on its bar."""
     go = _go()
     missing = [c for c, _, _ in CORUN_JOBS if c not in table.columns]
     if missing:
         raise SplitlabError(f"co-run table has no column {missing[0]!r}; give the fractions of mps_corun's cases")
     cases = [str(c) for c in table.index]
+    total = sum(table[col].to_numpy(float) for col, _, _ in CORUN_JOBS)
     fig = go.Figure([go.Bar(x=cases, y=rounded(table[col].to_numpy(float)), name=name, marker_color=color,
                             hovertemplate="%{x}: %{y:.2f} of its solo rate<extra>" + name + "</extra>")
                      for col, name, color in CORUN_JOBS])
-    fig.add_hline(y=1.0, line_dash="dot", annotation_text="1.0 = no gain over taking turns",
-                  annotation_position="top left")
-    menu = [dict(label=label, method="relayout", args=[{"barmode": mode, "yaxis.title.text": axis}])
-            for label, mode, axis in (("stacked: the sum", "stack", "fraction of each job's solo rate (stacked)"),
-                                      ("side by side: each job", "group", "fraction of its solo rate"))]
+    fig.add_trace(go.Bar(x=cases, y=rounded(total), name="the two together", marker_color="#4C78A8", visible=False,
+                         text=[f"{v:.2f}" for v in total], textposition="outside",
+                         hovertemplate="%{x}: %{y:.2f} together<extra></extra>"))
+    # the line of no gain, named in the legend (a note on the plot would sit on the bars near 1.0)
+    fig.add_hline(y=1.0, line_dash="dot", line_color="#444")
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(dash="dot", color="#444"),
+                             name="1.0 = no gain over taking turns", hoverinfo="skip"))
+    views = (("each job (stacked)", [True, True, False, True], "fraction of each job's solo rate (stacked)"),
+             ("their sum", [False, False, True, True], "sum of the two jobs' fractions of their solo rates"))
+    menu = [dict(label=label, method="update", args=[{"visible": shown}, {"yaxis.title.text": axis}])
+            for label, shown, axis in views]
     fig.update_layout(template=template(), barmode="stack", title=title or "What two jobs get done together",
                       xaxis=dict(title=dict(text="how the two jobs share the GPU")),
-                      yaxis=dict(title=dict(text="fraction of each job's solo rate (stacked)")),
+                      yaxis=dict(title=dict(text=views[0][2])),
                       updatemenus=[dict(buttons=menu, direction="down", x=1.0, xanchor="right", y=1.15,
                                         yanchor="bottom", showactive=True)],
                       margin=dict(t=110))
     return fig
 
-
-# ---- KV cache capacity (benchmarks/paged_capacity.py) ------------------------------------------------
 
 def _kv_unit(run, worker: str) -> tuple[int | None, str]:
     """Positions one unit of ``worker``'s KV pool holds and the unit's name: a page of
