@@ -165,7 +165,8 @@ engine_run = sl.run(workload, model, mode="serial", progress=False)
 if model.dtype == torch.float32:
     assert engine_run.output_ids() == run.output_ids(), "splitlab's engine must give generate()'s greedy tokens"
     print("checked: splitlab's engine produced exactly generate()'s tokens")
-widgets.runs_explorer({"hf-generate": run, "serial (splitlab's engine)": engine_run},
+# one request has one time to first token, but a gap between every two of its tokens: start there
+widgets.runs_explorer({"hf-generate": run, "serial (splitlab's engine)": engine_run}, start="ITL p50",
                       title="LIVE: one request, two engines: pick a latency and a percentile").show()
 
 # %% [markdown]
@@ -178,6 +179,7 @@ widgets.runs_explorer({"hf-generate": run, "serial (splitlab's engine)": engine_
 # | `03_colocation` | the toggle: the same requests served with co-location off (`serial`, `chunked`) and on (`split`), and the Splitwiser scheme (`replicas`); same tokens, different latencies |
 # | `04_speedups` | speedup and goodput over load and SM share, interactively |
 # | `05_reproducing_splitwiser` | the paper's own setup next to its reported numbers, and what a real phase split adds |
+# | `06_serve_and_bench` | the engine behind an OpenAI-compatible server, and the same workload measured from the client |
 #
 # ## What was shown
 #

@@ -156,3 +156,19 @@ def test_combine_unsets_in_each_view_what_another_view_set_and_refuses_bad_input
         widgets._combine([("log", [log])], "radio", "bad control")
     with pytest.raises(ConfigError, match="no dropdown or slider"):
         widgets.labels(go.Figure())
+
+
+def test_runs_explorer_starts_on_the_view_asked_for():
+    from splitlab.errors import ConfigError
+    from splitlab.measure.metrics import RequestTrace, Run
+    from splitlab.present import widgets
+
+    def run(gap):
+        traces = [RequestTrace(0, 0.0, 4, 4, 0.0, 0.1, [0.1, 0.1 + gap, 0.1 + 2 * gap, 0.1 + 3 * gap], [1, 2, 3, 4], "w")]
+        return Run(mode="serial", model="tiny", workload="one", config={}, env={}, traces=traces, wall_s=1.0)
+
+    fig = widgets.runs_explorer({"a": run(0.01), "b": run(0.02)}, start="ITL p50")
+    labels = widgets.labels(fig)
+    assert fig.layout.updatemenus[0].active == labels.index("ITL p50")
+    with pytest.raises(ConfigError, match="start must be one of"):
+        widgets.runs_explorer({"a": run(0.01)}, start="ITL p42")

@@ -237,14 +237,15 @@ def view(fig, label: str | int):
     return out
 
 
-def runs_explorer(results, slo=None, title: str | None = None):
+def runs_explorer(results, slo=None, title: str | None = None, start: str = "TTFT p99"):
     """Runs side by side; a dropdown picks the latency (TTFT, TPOT, E2E, ITL) and the percentile.
 
     Top: the latency CDFs of every run (click a legend entry to hide a run); bottom: a bar per
     run of ``<metric>_p<pct>_s``. A run is named by ``plots.legend_label``, and where two names
     are the same by its workload too. ``results``: a folder, runs in memory (``{name: Run}`` or a
     list), or the ``(table, runs)`` pair of
-    ``load_results``. Starts on TTFT p99.
+    ``load_results``. ``start``: the view shown first, e.g. ``"ITL p50"`` where each run has few
+    requests (one request has one TTFT, but a gap between every two tokens).
     """
     table, runs = _load(results, slo)
     # one name per run, in the CDF legend and under its bar: plots.legend_label (mode, backend,
@@ -263,7 +264,10 @@ def runs_explorer(results, slo=None, title: str | None = None):
             column = f"{'itl' if metric == 'itl' else metric[:-2]}_p{pct}_s"
             bars = plots.metric_bars(named, column, title=f"{column} per run").update_traces(showlegend=False)
             views.append((f"{SHORT[metric]} p{pct}", [cdf, bars]))
-    default = [label for label, _ in views].index("TTFT p99")
+    names = [label for label, _ in views]
+    if start not in names:
+        raise ConfigError(f"runs_explorer: start must be one of {', '.join(names)}; got {start!r}")
+    default = names.index(start)
     return _combine(views, "dropdown", title or f"{len(table)} runs: pick a latency and a percentile", active=default)
 
 
