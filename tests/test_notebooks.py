@@ -11,7 +11,7 @@ its own claims with ``assert``, and defines no function or class (logic lives in
 
 Execution (marked ``slow``; still part of ``make test``): every ``notebooks/*.ipynb`` runs top
 to bottom under plain ``papermill IN OUT`` (a subprocess of this Python, kernel ``python3``,
-nothing patched) at the parameters committed in it; ``03_colocation`` runs a second time under
+nothing patched) at the parameters committed in it, and a second time under
 ``jupyter nbconvert --to notebook --execute``. A cell may take at most ``TIMEOUT_S`` seconds and
 the whole notebook as long (plus a minute for the kernel). Each run gets its own empty TMPDIR,
 which must be empty again afterwards (torch's per-user compile cache folder aside), and its
@@ -22,8 +22,8 @@ source line) and its exception. The executed copies are written to a temporary f
 browser-check``).
 
 Measured on 2 CPU cores shared with other jobs (this file with SPLITLAB_BROWSER=1): about 10
-minutes (papermill: 00 35 s, 01 53 s, 02 7 s, 03 117 s, 04 104 s, 05 156 s; nbconvert 03 72 s;
-the browser check 58 s).
+minutes for papermill (00 35 s, 01 53 s, 02 7 s, 03 117 s, 04 104 s, 05 156 s, 06 35 s), about
+as long again for nbconvert, and the browser check 58 s.
 """
 
 from __future__ import annotations
@@ -56,8 +56,6 @@ TIMEOUT_S: dict[str, int] = {
     "05_reproducing_splitwiser": 900,
     "06_serve_and_bench": 300,
 }
-# the notebook executed a second time with `jupyter nbconvert --execute`: it holds explorers
-NBCONVERT_NOTEBOOK = "03_colocation"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 COLAB_GUARD = 'if "google.colab" in sys.modules:'
@@ -97,7 +95,6 @@ def _ids(paths):
 def test_there_are_notebooks_and_each_has_a_timeout():
     assert NOTEBOOKS, f"no notebooks in {NOTEBOOK_DIR}"
     stems = {p.stem for p in NOTEBOOKS}
-    assert NBCONVERT_NOTEBOOK in stems
     assert stems == set(TIMEOUT_S), f"TIMEOUT_S must list every notebook: {sorted(stems ^ set(TIMEOUT_S))}"
 
 
@@ -240,11 +237,10 @@ def test_notebook_runs_under_plain_papermill(path, tmp_path):
     _check_outputs(out)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(TIMEOUT_S[NBCONVERT_NOTEBOOK] + 60)
-def test_explorer_notebook_runs_under_nbconvert(tmp_path):
-    """`jupyter nbconvert --to notebook --execute`: the other common executor, same nbclient."""
-    path = NOTEBOOK_DIR / f"{NBCONVERT_NOTEBOOK}.ipynb"
+@pytest.mark.parametrize("path", [_params(p) for p in NOTEBOOKS])
+def test_notebook_runs_under_nbconvert(path, tmp_path):
+    """`jupyter nbconvert --to notebook --execute`, the other common executor (same nbclient), at
+    the committed parameters; every notebook draws at least one explorer (a menu or a slider)."""
     out = tmp_path / path.name
     jupyter = Path(sys.executable).with_name("jupyter")
     command = ([str(jupyter)] if jupyter.is_file() else [sys.executable, "-m", "jupyter"]) + [
