@@ -190,12 +190,13 @@ class GraphsMixin:
         where no pool exists or this PyTorch's memory snapshot does not name segment pools."""
         if self._graph_pool is None:
             return None
-        try:
+        try:  # a fact a run records, never a reason for it to fail (checked on CPU only so far)
             segments = torch.cuda.memory_snapshot()
-        except RuntimeError:
+            pool = tuple(self._graph_pool)
+            owned = [seg["total_size"] for seg in segments if "segment_pool_id" in seg
+                     and tuple(seg["segment_pool_id"]) == pool]
+        except (RuntimeError, TypeError, KeyError):
             return None
-        owned = [seg["total_size"] for seg in segments if "segment_pool_id" in seg
-                 and tuple(seg["segment_pool_id"]) == tuple(self._graph_pool)]
         return sum(owned) if owned or all("segment_pool_id" in seg for seg in segments) else None
 
     def _ctx_bucket(self, length: int) -> int | None:
