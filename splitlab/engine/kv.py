@@ -538,6 +538,12 @@ def build_kv(model: Any, config: Any, max_seq_len: int) -> tuple[KVPool | PagedK
     return kv, kv.new_allocator()
 
 
+def pages_written(request: Any, block_size: int) -> int:
+    """Pages of every KV position ``request`` writes (anything with ``prompt_len`` and
+    ``max_new_tokens``): its prompt and each output token but the last, whose KV no step reads."""
+    return -(-(request.prompt_len + request.max_new_tokens - 1) // block_size)
+
+
 def _check_tensors(name: str, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
     if k.shape != v.shape or k.dtype != v.dtype or k.device != v.device:
         raise ConfigError(f"{name}: k and v must match in shape, dtype and device; got "

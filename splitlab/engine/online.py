@@ -54,6 +54,7 @@ import torch
 
 from splitlab.config import EngineConfig
 from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, WorkloadError
+from splitlab.engine.kv import pages_written
 from splitlab.engine.loop import Worker, build_engine
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.plan import split_outputs
@@ -430,7 +431,7 @@ class OnlineEngine:
                                 "shorten the prompt or ask for fewer tokens")
         block = getattr(self.parts.allocator, "block_size", None)
         if block is not None:  # a paged pool: the pages the scheduler will ask for (one of them headroom)
-            pages = -(-(need - 1) // block) + (self.scheduler.reserve == "grow")
+            pages = pages_written(request, block) + (self.scheduler.reserve == "grow")
             if pages > self.parts.allocator.capacity:
                 raise WorkloadError(f"the request needs {pages} KV pages of {block} positions but the pool has "
                                     f"{self.parts.allocator.capacity}; shorten the prompt or ask for fewer tokens")

@@ -55,6 +55,7 @@ import dataclasses
 from typing import Any
 
 from splitlab.errors import ConfigError, WorkloadError
+from splitlab.engine.kv import pages_written
 from splitlab.engine.plan import DecodeBatch, PrefillChunk
 from splitlab.measure.metrics import RequestTrace
 from splitlab.workload import Request
@@ -336,7 +337,7 @@ class Scheduler:
         """The pages ``seq`` is admitted with under the reservation policy and the fill
         positions already in them (a cached prefix), or None (not now)."""
         if self.reserve == "full":
-            need, headroom = self._pages(seq.prompt_len + seq.request.max_new_tokens - 1), 0
+            need, headroom = pages_written(seq.request, self.block_size), 0
         else:
             need, headroom = self._pages(seq.fill_len), 1
         if self.prefix_cache:

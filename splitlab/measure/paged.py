@@ -12,6 +12,7 @@ import statistics
 from typing import Any
 
 from splitlab.config import SLO, EngineConfig
+from splitlab.engine.kv import pages_written
 from splitlab.measure.slo import interpolate_max_rate
 
 
@@ -24,8 +25,7 @@ def row_of(run, cell, meta: dict[str, Any], cfg: EngineConfig, slo: SLO) -> dict
     top = max((b for _, b in ms), default=0)  # the largest decode-only step (a mixed one carries chunks too)
     kv = [st.kv_used / st.kv_total for st in run.steps if st.kv_used is not None and st.kv_total]
     # sequences the pool holds: its slots, or its pages over the mean request's (every position written)
-    capacity = cfg.num_slots if bs is None else cfg.num_pages / statistics.mean(
-        -(-(r.prompt_len + r.max_new_tokens - 1) // bs) for r in run.traces)
+    capacity = cfg.num_slots if bs is None else cfg.num_pages / statistics.mean(pages_written(r, bs) for r in run.traces)
     return {"step": cell.step, "pool": cell.pool, "page_size": bs, "workload_key": cell.workload,
             "workload": run.workload, **meta, "requests": len(run.traces), "file": f"{cell.name}.json.gz",
             "peak_decode_batch": peak, "capacity_sequences": capacity, "max_batch": cfg.max_batch,

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 
 from splitlab.config import EngineConfig
 from splitlab.errors import WorkloadError
+from splitlab.engine.kv import pages_written
 from splitlab.engine.plan import PrefillChunk
 
 
@@ -48,7 +49,7 @@ def check_pages_fit(requests: Iterable, facts: Mapping[str, Any], headroom: int 
     if block is None:
         return
     for r in requests:
-        need = -(-(r.prompt_len + r.max_new_tokens - 1) // block) + headroom
+        need = pages_written(r, block) + headroom
         if need > pages:
             extra = " (one of them headroom)" if headroom else ""
             raise WorkloadError(

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from splitlab.engine.kv import pages_written
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
 from splitlab.modes.split.policy import SMChoice, SplitState
@@ -229,5 +230,4 @@ def _head_fits(scheduler) -> bool:
     free = scheduler.allocator.num_free
     if not scheduler.paged:
         return free > 0
-    r = scheduler.waiting[0].request
-    return free >= -(-(r.prompt_len + r.max_new_tokens - 1) // scheduler.block_size)
+    return free >= pages_written(scheduler.waiting[0].request, scheduler.block_size)
