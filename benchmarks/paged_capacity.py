@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,14 @@ from _common import REPO, free_memory, leftover_diff, leftovers, log, quiet_tran
 import torch  # noqa: E402
 
 import splitlab  # noqa: E402
-from splitlab.config import SLO, EngineConfig, RunConfig  # noqa: E402
-from splitlab.engine.loop import Worker, build_engine, drive  # noqa: E402
-from splitlab.engine.scheduler import Scheduler  # noqa: E402
+from splitlab.config import SLO, EngineConfig  # noqa: E402
+from splitlab.engine.loop import Worker, build_engine  # noqa: E402
 from splitlab.engine.warmup import warm_up  # noqa: E402
 from splitlab.errors import ConfigError, ModeError, WorkloadError  # noqa: E402
 from splitlab.measure.paged import analyse, row_of  # noqa: E402
 from splitlab.measure.sweep import Cell, SkipCell, Sweep  # noqa: E402
-from splitlab.modes.common import build_run, check_workload, peak_bytes, reset_peak, worker_facts  # noqa: E402
+from splitlab.modes.common import check_workload, reset_peak  # noqa: E402
+from splitlab.modes.continuous import serve_on  # noqa: E402
 from splitlab.workload import LengthDist, Request, Workload, from_azure_trace, poisson  # noqa: E402
 
 TRACE = "shared/data/azure-llm-2023/AzureLLMInferenceTrace_code.csv"  # in the repository or beside it
@@ -151,39 +150,25 @@ def grid(plan, wls) -> list[Point]:
 
 
 class BoundedWorker(Worker):
-    """A worker that stops its run past ``deadline_s`` and records the KV usage after each step
-    (the loop's own StepTrace carries it once ``Worker.step`` passes ``Scheduler.kv_usage``)."""
+    """A worker that stops its run past ``deadline_s``."""
 
-    deadline_s = math.inf
+    def __init__(self, *args, deadline_s: float = math.inf, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline_s = deadline_s
 
     def step(self):
         if self.clock() > self.deadline_s:
             raise TimeoutError(f"the run passed its time bound of {self.deadline_s:.0f} s and was stopped")
-        outcome = super().step()
-        if outcome is not None and self.steps[-1].kv_total is None:
-            self.steps[-1].kv_used, self.steps[-1].kv_total = self.scheduler.kv_usage()
-        return outcome
+        return super().step()
 
 
 def serve(parts, model, wl: Workload, mode: str, bound_s: float, progress: bool):
-    """One run of ``mode`` on an engine already built and warmed: what ``splitlab.run`` does, less
-    building the pool and capturing the graphs again."""
-    cfg, device = parts.config, torch.device(model.device)
-    check_workload(wl, model, cfg)
-    reset_peak(device)
-    scheduler = Scheduler(mode, parts.kv.new_allocator(), parts.runner.max_batch, cfg.token_budget, cfg.chunk_size)
-    t0 = time.perf_counter()
-
-    def clock() -> float:
-        return time.perf_counter() - t0
-
-    worker = BoundedWorker(mode, parts.runner, scheduler, clock)
-    worker.deadline_s = bound_s
-    traces = drive(worker, wl, clock, progress=progress)
-    memory = {"peak_bytes": peak_bytes(device), "kv_pool_bytes": parts.kv.nbytes,
-              "weight_bytes": parts.runner.weight_bytes, **scheduler.counters()}
-    config = RunConfig(mode=mode, engine=cfg, effective=worker_facts(parts.runner, True), slo=SLO_RELAXED)
-    return build_run(config, model, wl, traces.values(), worker.steps, memory)
+    """One run of ``mode`` on an engine already built and warmed (``modes.continuous.serve_on``),
+    stopped past ``bound_s``."""
+    check_workload(wl, model, parts.config)
+    reset_peak(torch.device(model.device))
+    return serve_on(parts, wl, model, mode, warmed_up=True, progress=progress, slo=SLO_RELAXED,
+                    make_worker=functools.partial(BoundedWorker, deadline_s=bound_s))
 
 
 def split_refusal(model, cfg: EngineConfig, options: dict[str, Any]) -> str | None:
