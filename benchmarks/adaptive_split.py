@@ -65,6 +65,13 @@ def say(msg: str) -> None:
     log("adaptive", msg)
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    rates = tuple(float(x) for x in text.split(","))
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive numbers, comma-separated; got {text!r}")
+    return rates
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dummy:llama-3.1-8b")
@@ -72,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--azure-requests", type=int, default=60, help="requests per Azure replay")
     p.add_argument("--steps", help="step names to run, comma-separated (default: all)")
     p.add_argument("--workloads", default="poisson,azure")
+    p.add_argument("--poisson-rates", type=_rates, default=POISSON_RATES, help="req/s, comma-separated")
+    p.add_argument("--azure-rates", type=_rates, default=AZURE_RATES,
+                   help="req/s, comma-separated (lower ones find where the peers reach 90%%)")
     p.add_argument("--sm-profile", default=str(REPO / "results" / "sm_profile_h200.json"))
     p.add_argument("--budget-s", type=float, default=500.0)
     p.add_argument("--out", default=str(REPO / "results" / "adaptive_h200.json"))
@@ -106,14 +116,14 @@ def workloads(args, model) -> dict[str, Any]:
     out = {}
     plen, olen = LengthDist.uniform(768, 1280), LengthDist.uniform(192, 320)
     if "poisson" in args.workloads:
-        for rate in POISSON_RATES:
+        for rate in args.poisson_rates:
             out[f"poisson-r{rate:g}"] = poisson(args.requests, rate=rate, prompt_len=plen, output_len=olen, seed=1,
                                                 model=model, name=f"poisson-r{rate:g}-n{args.requests}")
     if "azure" in args.workloads:
         n = args.azure_requests
         base = from_azure_trace(AZURE_CSV, limit=n, max_total_len=2048, seed=3, model=model)
         trace_rate = len(base) / max(r.arrival_s for r in base)
-        for rate in AZURE_RATES:
+        for rate in args.azure_rates:
             out[f"azure-r{rate:g}"] = from_azure_trace(AZURE_CSV, rate_scale=rate / trace_rate, limit=n,
                                                        max_total_len=2048, seed=3, model=model,
                                                        name=f"azure-code-r{rate:g}-n{n}")

@@ -231,6 +231,30 @@ def test_split_engine_runs_two_threads(tiny):
     assert not eng._thread.is_alive() and not eng._decode_thread.is_alive()
 
 
+def test_online_split_follows_an_adaptive_sm_policy(tiny):
+    """The offline split's build and SM controller under ``streams`` (simulated lanes): every
+    step asks the policy, the oracle holds, and the server's gauges see the split."""
+    from pathlib import Path
+
+    from splitlab.config import SplitConfig
+
+    profile = str(Path(__file__).resolve().parents[1] / "results" / "sm_profile_h200.json")
+    split = SplitConfig(backend="streams", sm_policy="table", sm_profile=profile, prefill_layer_group=1)
+    prompts, news = ragged(seed=3, n=6)
+    with OnlineEngine(tiny, "split", CONFIG, split=split) as eng:
+        handles = [eng.submit(p, n, ignore_eos=True) for p, n in zip(prompts, news)]
+        for h, p, n in zip(handles, prompts, news):
+            assert h.result(60) == hf_generate(tiny, p, n, min_new=n), f"request {h.id}"
+        facts = eng.facts()
+        stats = eng.stats()
+    assert facts["sm_policy"] == "table" and facts["green"]["simulated"] is True
+    assert facts["green"]["decisions"] >= sum(s.kind == "decode" for s in eng.steps)
+    assert {s.sms for s in eng.steps if s.kind == "decode"} <= set(facts["green"]["decode_sms_choices"]) | {132}
+    assert stats["decode_sms"] is not None and stats["prefill_sms"] is not None
+    with pytest.raises(ConfigError, match="SplitConfig"):
+        OnlineEngine(tiny, "split", CONFIG, split={"backend": "streams"})
+
+
 def test_bad_engine_arguments(tiny):
     with pytest.raises(ModeError, match="serial, chunked, split"):
         OnlineEngine(tiny, "replicas")

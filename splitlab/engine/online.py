@@ -3,8 +3,12 @@
 ``OnlineEngine(model, mode="serial" | "chunked", config)`` builds the engine the offline modes
 build (``build_engine``, ``warm_up``, a ``Scheduler`` of the mode's policy) on ONE background
 thread, which then runs the same ``Worker`` step loop (schedule -> run -> postprocess) for as
-long as the engine lives. ``mode="split"`` gives an ``OnlineSplitEngine``: the two-thread
-split of ``splitlab.modes.split.threads`` (a prefill thread and a decode thread, one KV pool).
+long as the engine lives. ``mode="split"`` with ``split=SplitConfig(backend=...)``:
+``streams`` or ``green`` give an ``OnlineSplitEngine``, the offline split's two-thread engine
+(a prefill thread and a decode thread, one KV pool, the SM policy of ``split``);
+``processes`` or ``mps`` give ``splitlab.modes.split.online_processes.OnlineProcessSplit``
+(the two spawned children). ``mode="replicas"`` gives
+``splitlab.modes.online_replicas.OnlineReplicas``. All have the API below.
 Any thread may ``submit`` a request; its tokens come back through the ``RequestHandle`` as
 they are made (a thread-safe queue for ``for delta in handle``, or an asyncio queue for
 ``async for delta in handle`` when submitted with ``loop=``); ``cancel`` frees its KV at the
@@ -52,7 +56,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from splitlab.config import EngineConfig
+from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, WorkloadError
 from splitlab.engine.kv import pages_written
 from splitlab.engine.loop import Worker, build_engine
@@ -60,10 +64,11 @@ from splitlab.engine.runner import ModelRunner
 from splitlab.engine.plan import split_outputs
 from splitlab.engine.scheduler import RequestFacts, ScheduledBatch, Scheduler, SeqState
 from splitlab.engine.warmup import warm_up
+from splitlab.system.env import synchronize
 from splitlab.measure.metrics import RequestTrace
 from splitlab.workload import Request
 
-MODES = ("serial", "chunked", "split")
+MODES = ("serial", "chunked", "split", "replicas")
 FINISH_REASONS = ("length", "stop", "abort", "error")
 #: Most requests waiting or running at once; beyond it ``submit`` raises EngineBusyError.
 MAX_QUEUED = 4096
@@ -298,15 +303,30 @@ class OnlineEngine:
     ``ready_timeout_s``: how long the build and warm-up may take before ``WorkerError``.
     """
 
-    def __new__(cls, model=None, mode: str = "serial", *args, **kwargs):
-        if cls is OnlineEngine and mode == "split":  # the two-thread engine below
-            return super().__new__(OnlineSplitEngine)
+    def __new__(cls, model=None, mode: str = "serial", *args, split: SplitConfig | None = None,
+                replicas: Any = None, **kwargs):
+        if cls is not OnlineEngine:
+            return super().__new__(cls)
+        if mode == "split":
+            if split is not None and not isinstance(split, SplitConfig):
+                raise ConfigError(f"split must be a splitlab.config.SplitConfig, got {type(split).__name__}")
+            if split is not None and split.backend in ("processes", "mps"):  # two spawned children
+                from splitlab.modes.split.online_processes import OnlineProcessSplit
+
+                return OnlineProcessSplit(model, *args, split=split, **kwargs)
+            return super().__new__(OnlineSplitEngine)  # two threads: streams or green
+        if mode == "replicas":
+            from splitlab.modes.online_replicas import OnlineReplicas
+
+            return OnlineReplicas(model, *args, replicas=replicas, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, model, mode: str = "serial", config: EngineConfig | None = None, *,
-                 keep_steps: int | None = 10_000, max_queued: int = MAX_QUEUED, ready_timeout_s: float = 600.0):
+                 split: SplitConfig | None = None, keep_steps: int | None = 10_000, max_queued: int = MAX_QUEUED,
+                 ready_timeout_s: float = 600.0):
         if mode not in MODES:
             raise ModeError(f"the online engine runs modes {', '.join(MODES)}; got {mode!r}")
+        self.split = split if split is not None else SplitConfig()
         config = config if config is not None else EngineConfig()
         if not isinstance(config, EngineConfig):
             raise ConfigError(f"config must be a splitlab.config.EngineConfig, got {type(config).__name__}")
@@ -672,46 +692,72 @@ _END = object()
 
 
 class OnlineSplitEngine(OnlineEngine):
-    """``OnlineEngine(model, "split", config)``: the ``streams`` split of ``modes/split/threads``
-    as an online engine. A prefill thread (the engine thread: arrivals, admission, prompt
-    steps, first tokens) and a decode thread (decode steps of everything handed over) over one
-    KV pool and two runners (the decode one owns the CUDA graphs); on CUDA each thread runs on
-    its own stream, decode at the higher priority. A prefilled request is handed over after
-    the host sync that returned its first token, and its KV is freed after the decode step
-    that finished it returned, so neither stream touches KV the other still uses. Each request
-    belongs to one thread at a time, which alone delivers its deltas and drops it on cancel."""
+    """``OnlineEngine(model, "split", config, split=SplitConfig(backend="streams" | "green"))``:
+    the split of ``modes/split/threads`` as an online engine. A prefill thread (the engine
+    thread: arrivals, admission, prompt steps, first tokens) and a decode thread (decode steps
+    of everything handed over) over one KV pool and two runners (the decode one owns the CUDA
+    graphs), built by ``ThreadSplit`` exactly as for an offline run: on CUDA each thread runs on
+    its own stream (decode at the higher priority), on a green context of its own with
+    ``backend="green"``; an adaptive ``sm_policy`` picks each step's SM split through the same
+    ``SMController`` as offline. A prefilled request is handed over after the host sync that
+    returned its first token, and its KV is freed after the decode step that finished it
+    returned, so neither stream touches KV the other still uses. Each request belongs to one
+    thread at a time, which alone delivers its deltas and drops it on cancel."""
 
     def _build(self) -> None:
-        config = self.config
+        from splitlab.engine.loop import EngineParts
+        from splitlab.modes.split.adaptive import SMController
+        from splitlab.modes.split.threads import ThreadSplit
+        from splitlab.modes.worker_kv import new_allocator, warm_chunk
+
+        config, split = self.config, self.split
         if getattr(config, "kv_prefix_cache", False):
             raise ConfigError("the online split engine does not share prefix pages; set kv_prefix_cache=False")
-        self.parts = build_engine(self.model, config)
-        prefill_runner = self.parts.runner
-        arch, weights = prefill_runner.export()
-        decode_runner = ModelRunner.for_config(arch, weights, self.parts.kv, config, max_batch=prefill_runner.max_batch)
+        # the offline split's engine: pool, runners, streams or green contexts, graphs, SM lanes
+        self.built = built = ThreadSplit(self.model, config, split)
+        built.release_threads()  # this engine's own two threads run the loops
+        self.parts = EngineParts(built.kv, built.prefill_runner, new_allocator(built.kv, config), config,
+                                 built.kv.max_seq_len)
         allocator = _LockedAllocator(self.parts.allocator)
-        self.scheduler = Scheduler("prefill", allocator, prefill_runner.max_batch, config.token_budget)
-        self.decode_scheduler = Scheduler("decode", allocator, decode_runner.max_batch)
-        self.worker = self._worker("prefill", prefill_runner, self.scheduler)
-        self.decode_worker = self._worker("decode", decode_runner, self.decode_scheduler)
-        cuda = torch.device(self.model.device).type == "cuda"
-        self._streams = (torch.cuda.Stream(), torch.cuda.Stream(priority=-1)) if cuda else (None, None)
+        self.scheduler = Scheduler("prefill", allocator, built.prefill_runner.max_batch, config.token_budget)
+        self.decode_scheduler = Scheduler("decode", allocator, built.decode_runner.max_batch)
+        self.worker = self._worker("prefill", built.prefill_runner, self.scheduler)
+        self.decode_worker = self._worker("decode", built.decode_runner, self.decode_scheduler)
+        self.controller = None
+        if built.plan is not None:  # an adaptive sm_policy: every step asks where it runs
+            self.controller = SMController(built.policy, built.plan, self.clock, split.prefill_layer_group)
+            if self.keep_steps is not None:  # a server's decisions would grow without end
+                self.controller.decisions = collections.deque(maxlen=self.keep_steps)
+            self.worker.placer = self.controller.prefill_placer()
+            self.decode_worker.placer = self.controller.decode_placer()
+        self._streams = built.streams
         self._hand_q: queue.SimpleQueue = queue.SimpleQueue()
         self._decode_ready = threading.Event()
         self._decode_thread = threading.Thread(target=self._decode_main, name="splitlab-online-decode", daemon=True)
         self._decode_thread.start()
-        # one after the other: a graph capture must not overlap the other stream's work
+        # one after the other: library handles of this thread, while the other stream is idle
         while not self._decode_ready.wait(0.05):
             if not self._decode_thread.is_alive():
                 raise self._failure or WorkerError("the decode thread of the online split engine died")
         try:
-            with _on_stream(self._streams[0]):
-                if config.warmup:
-                    warm_up(prefill_runner, decode=False, token_budget=config.token_budget)
+            lanes = [lane.stream for lane in built.plan.prefill.values()] if built.plan is not None else []
+            for stream in (self._streams[0], *lanes):
+                with _on_stream(stream):
+                    built.prefill_runner.prefill([warm_chunk(built.kv, 4)])
+            synchronize(built.device)
         except BaseException:
             self._hand_q.put(_END)  # the decode thread ends with the failed build
             self._decode_thread.join(30.0)
             raise
+
+    def sm_split(self) -> tuple[int | None, int | None]:
+        """(decode SMs, prefill SMs) now: the last decision of an adaptive policy, a static green
+        partition, or None (no partition: streams share every SM)."""
+        if self.controller is not None and self.controller.decisions:
+            _, _, decode, prefill, _ = self.controller.decisions[-1]
+            return decode, prefill
+        green = self.built.green or {}
+        return green.get("decode_sms"), green.get("prefill_sms")
 
     @property
     def steps(self):
@@ -720,7 +766,15 @@ class OnlineSplitEngine(OnlineEngine):
     def stats(self) -> dict[str, Any]:
         out = super().stats()
         out["running"] = len(self.decode_scheduler.running)
+        out["decode_sms"], out["prefill_sms"] = self.sm_split()
         return out
+
+    def facts(self) -> dict[str, Any]:
+        """What the split runs with: the backend, each worker's runner facts, the SM lanes and
+        the policy's decisions so far (an adaptive ``sm_policy``)."""
+        green = self.controller.facts() if self.controller is not None else self.built.green
+        return {"backend": self.split.backend, "sm_policy": self.split.sm_policy, "green": green,
+                "workers": self.built.facts()}
 
     def _schedulers(self) -> list[Scheduler]:
         return [self.scheduler, self.decode_scheduler]
@@ -765,10 +819,12 @@ class OnlineSplitEngine(OnlineEngine):
 
     # ---- the decode thread ------------------------------------------------------------------
     def _decode_main(self) -> None:
+        from splitlab.modes.worker_kv import warm_decode_step
+
         try:
             with _on_stream(self._streams[1]):
-                if self.config.warmup:
-                    warm_up(self.decode_worker.runner, prefill=False)
+                warm_decode_step(self.decode_worker.runner)  # graphs were captured by the build
+                synchronize(self.built.device)
                 self._decode_ready.set()
                 self._decode_loop()
         except BaseException as exc:  # noqa: BLE001 - the engine thread reports it

@@ -5,7 +5,8 @@ the engine's clock: TTFT from the moment the request reached the engine (after p
 tokenising) to its first token; ITL every gap between consecutive tokens; E2E to the last
 token. A client sees more (the network, the HTTP and JSON work); ``splitlab bench`` reports
 the client's side of the same requests. The gauges (queue depth, prompts being prefilled,
-the running batch, KV slots in use and in all) are read from the engine at each scrape.
+the running batch, KV slots in use and in all, and a split's SM split) are read from the engine at
+each scrape.
 
 Each app has its own ``CollectorRegistry``: two servers in one process never share a metric.
 """
@@ -31,7 +32,11 @@ class _EngineGauges:
               ("splitlab_num_requests_running", "requests in the running decode batch", "running"),
               ("splitlab_kv_slots_in_use", "KV slots held by requests", "kv_slots_in_use"),
               ("splitlab_kv_slots_total", "KV slots of the pool", "kv_slots"),
-              ("splitlab_engine_alive", "1 while the engine thread runs", "alive"))
+              ("splitlab_engine_alive", "1 while the engine thread runs", "alive"),
+              # a split engine's SM split now (the adaptive policy's last decision); absent
+              # when the two sides share every SM
+              ("splitlab_decode_sms", "SMs the decode side runs on", "decode_sms"),
+              ("splitlab_prefill_sms", "SMs the prefill side runs on", "prefill_sms"))
 
     def __init__(self, engine):
         self.engine = engine
@@ -39,6 +44,8 @@ class _EngineGauges:
     def collect(self):
         stats = self.engine.stats()
         for name, doc, key in self.GAUGES:
+            if stats.get(key) is None:
+                continue
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], float(stats[key]))
             yield gauge

@@ -50,12 +50,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``splitlab serve``."""
-    from splitlab.cli import _positive_float, _positive_int
+    from splitlab.cli import _positive_float, _positive_int, _split_flags
 
     p.add_argument("--model", default=None, help="tiny | smollm2-135m | dummy:<arch> | folder | HF id "
                                                  "(default: smollm2-135m on CPU, a real-shape dummy on GPU)")
-    p.add_argument("--mode", default="serial", choices=("serial", "chunked", "split"),
-                   help="the online engine: serial, chunked, or split (a prefill and a decode thread)")
+    p.add_argument("--mode", default="serial", choices=("serial", "chunked", "split", "replicas"),
+                   help="the online engine: serial, chunked, split (a prefill and a decode worker, as "
+                        "--backend says), or replicas (--replicas engines, each request to one)")
     p.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; printed when listening)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -73,10 +74,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=_positive_int, default=None, help="largest request body (default 1 MiB)")
     p.add_argument("--max-queued", type=_positive_int, default=None,
                    help="most requests waiting or running (more get 503; default 4096)")
+    p.add_argument("--kv-block-size", type=_positive_int, default=None, help="KV page size (default: slots)")
+    _split_flags(p)
+    r = p.add_argument_group("replicas mode", "independent engines on one GPU (ReplicaConfig)")
+    r.add_argument("--replicas", type=_positive_int, default=None, help="how many engines (default 2)")
+    r.add_argument("--replica-engine", choices=("serial", "chunked"), default=None, help="each one's engine")
+    r.add_argument("--replica-mps", action="store_true", help="run the replicas under a private MPS daemon")
     p.add_argument("--drain", action="store_true", help="on SIGINT/SIGTERM finish requests in flight first")
     p.add_argument("--drain-timeout", type=_positive_float, default=60.0, help="seconds --drain may take")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
+
+
+def engine_options(args) -> dict[str, Any]:
+    """``split=`` / ``replicas=`` of the online engine from the flags; a flag of another mode is refused."""
+    from splitlab.cli import _split_options
+    from splitlab.config import SplitConfig
+    from splitlab.errors import ConfigError
+    from splitlab.modes.replicas import ReplicaConfig
+
+    split = _split_options(args)  # refuses split flags outside --mode split
+    given = {k: v for k, v in (("num_replicas", args.replicas), ("engine", args.replica_engine),
+                               ("mps", args.replica_mps or None)) if v is not None}
+    if given and args.mode != "replicas":
+        raise ConfigError("--replicas, --replica-engine and --replica-mps apply to --mode replicas only")
+    if args.mode == "split":
+        return {"split": SplitConfig(**split)}
+    if args.mode == "replicas":
+        return {"replicas": ReplicaConfig(**given)}
+    return {}
 
 
 def cmd_serve(args) -> int:
@@ -96,8 +122,10 @@ def cmd_serve(args) -> int:
         spec = args.model or default_model()
         model = load_model(spec, device=args.device, dtype=args.dtype, seed=args.seed)
         config = EngineConfig(max_seq_len=args.max_seq_len, num_slots=args.num_slots, max_batch=args.max_batch,
-                              chunk_size=args.chunk_size, token_budget=args.token_budget)
-        engine = OnlineEngine(model, args.mode, config, max_queued=args.max_queued or MAX_QUEUED)
+                              chunk_size=args.chunk_size, token_budget=args.token_budget,
+                              kv_block_size=args.kv_block_size)
+        engine = OnlineEngine(model, args.mode, config, max_queued=args.max_queued or MAX_QUEUED,
+                              **engine_options(args))
         name = args.served_model_name or spec
         settings = ServerSettings(served_model_name=name, aliases=(spec,), api_key=args.api_key,
                                   max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,

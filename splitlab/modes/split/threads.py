@@ -203,10 +203,15 @@ class ThreadSplit:
         return ([s.trace for s in seqs.values()], run.pre.steps + run.dec.steps,
                 {"peak_bytes": peak, "per_worker": {"process": peak}, **run.pre.scheduler.counters()})
 
-    def close(self) -> None:
+    def release_threads(self) -> None:
+        """Stop the two worker threads and keep the built engine (the online split engine
+        runs its own loops over it; it cannot ``run`` afterwards)."""
         for pool in self.pools.values():
             pool.shutdown(wait=True, cancel_futures=True)
         self.pools = {}
+
+    def close(self) -> None:
+        self.release_threads()
         self.prefill_runner = self.decode_runner = None  # graphs and buffers go with them
         self.kv = None
 
