@@ -1,0 +1,44 @@
+"""``splitlab.measure.serve_overhead``: the HTTP-overhead verdict on hand-made summaries, and
+the workload digest that keeps runs of different requests apart."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitlab.measure.metrics import RequestTrace
+from splitlab.measure.serve_overhead import judge, overhead, workload_shape
+
+
+def summary(ttft, itl, goodput=10.0):
+    return {"ttft_p50_s": ttft, "ttft_p99_s": 3 * ttft, "itl_p50_s": itl, "itl_p99_s": 2 * itl,
+            "goodput_req_s": goodput, "completed": 80}
+
+
+def test_overhead_is_judged_on_the_medians():
+    row = overhead(summary(0.0314, 0.0105), summary(0.030, 0.010))
+    assert row["ttft_p50_added"] == pytest.approx(0.04667, rel=1e-3)
+    assert row["itl_p50_added_s"] == pytest.approx(0.0005)
+    assert row["ttft_target_met"] and row["itl_target_met"]
+    slow = overhead(summary(0.033, 0.0125), summary(0.030, 0.010))
+    assert not slow["ttft_target_met"] and not slow["itl_target_met"]
+
+
+def test_verdict_needs_every_pair_and_reports_the_worst():
+    verdict = judge({"serial@8": (summary(0.031, 0.010), summary(0.030, 0.010)),
+                     "serial@16": (summary(0.036, 0.0101), summary(0.030, 0.010))})
+    assert verdict["met"] is False
+    assert verdict["worst_ttft_p50_added"] == pytest.approx(0.2)
+    assert verdict["worst_itl_p50_added_s"] == pytest.approx(0.0001)
+    assert judge({})["met"] is False  # nothing measured is not a pass
+
+
+class _Run:
+    def __init__(self, traces):
+        self.traces = traces
+
+
+def test_workload_shape_tells_different_requests_apart():
+    a = [RequestTrace(id=i, arrival_s=0.1 * i, prompt_len=10 + i, max_new_tokens=4) for i in range(3)]
+    b = [RequestTrace(id=i, arrival_s=0.1 * i, prompt_len=10 + i, max_new_tokens=4) for i in reversed(range(3))]
+    c = [RequestTrace(id=i, arrival_s=0.1 * i, prompt_len=10 + i, max_new_tokens=5) for i in range(3)]
+    assert workload_shape(_Run(a)) == workload_shape(_Run(b)) != workload_shape(_Run(c))
