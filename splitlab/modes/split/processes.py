@@ -91,7 +91,10 @@ class End:
 
 @dataclasses.dataclass(frozen=True)
 class Freed:
-    slots: tuple[int, ...]  # slots, or page ids
+    """Slots or page ids the decode child freed; online, also the requests they were of."""
+
+    slots: tuple[int, ...]
+    request_ids: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +132,10 @@ class _FreedInbox:
             raise RuntimeError(f"prefill worker: unexpected message on the freed-slot queue: {msg!r}")
 
 
-def prefill_main(channel, model_args: dict[str, Any], config: EngineConfig, split: SplitConfig, fault: Fault | None,
-                 handoff_q, freed_q) -> None:
+def prefill_setup(channel, model_args: dict[str, Any], config: EngineConfig, handoff_q):
+    """The prefill child's start-up (offline and online alike): load the model, build the
+    engine, share its weights and KV pool with the decode child (``Setup``), warm up; the
+    engine's parts and the ``Ready`` to send (its facts carry the model's EOS ids)."""
     from splitlab.models import load_model
 
     device = torch.device(model_args["device"])
@@ -151,8 +156,16 @@ def prefill_main(channel, model_args: dict[str, Any], config: EngineConfig, spli
     load_s = time.perf_counter() - started
     if config.warmup:
         warm_up(runner, decode=False, token_budget=config.token_budget)
-    facts = {**worker_facts(runner, config.warmup), "load_s": load_s, "ready_s": time.perf_counter() - started}
-    channel.send(Ready(facts, loaded.facts.to_dict(), fingerprint))
+    facts = {**worker_facts(runner, config.warmup), "load_s": load_s, "ready_s": time.perf_counter() - started,
+             "eos_token_ids": list(runner.arch.get("eos_token_ids") or ())}
+    return parts, Ready(facts, loaded.facts.to_dict(), fingerprint)
+
+
+def prefill_main(channel, model_args: dict[str, Any], config: EngineConfig, split: SplitConfig, fault: Fault | None,
+                 handoff_q, freed_q) -> None:
+    parts, ready = prefill_setup(channel, model_args, config, handoff_q)
+    runner, kv, device = parts.runner, parts.kv, parts.runner.device
+    channel.send(ready)
     kv_ids = {"allocator": parts.allocator}  # this run's; the only allocator of the pool
     inbox = _FreedInbox(freed_q)
     what = "pages" if kv.paged else "slots"
@@ -218,23 +231,39 @@ def _receiver(handoff_q, run_id: int):
     return receive
 
 
-def decode_main(channel, config: EngineConfig, split: SplitConfig, fault: Fault | None, handoff_q, freed_q) -> None:
+def decode_setup(channel, config: EngineConfig, split: SplitConfig, handoff_q):
+    """The decode child's start-up: map the prefill child's weights and KV pool (``Setup``),
+    build its runner, warm up (CUDA graphs); the runner and the ``Ready`` to send."""
     started = time.perf_counter()
     setup = get_checking_parent(handoff_q, channel, split.ready_timeout_s,
                                 f"worker {channel.name}: no weights and KV pool from the prefill worker")
     if not isinstance(setup, Setup):
         raise RuntimeError(f"decode worker: expected the Setup message first, got {setup!r}")
     kv = setup.pool()
-    device = kv.device
-    shared = mapped_not_owned([*setup.weights.values(), kv.k, kv.v], device)
-    if device.type == "cpu":
+    shared = mapped_not_owned([*setup.weights.values(), kv.k, kv.v], kv.device)
+    if kv.device.type == "cpu":
         cpu_threads_per_worker(2)
     runner = ModelRunner.for_config(setup.arch, setup.weights, kv, config, max_batch=setup.max_batch)
     del setup
     graphs = warm_up(runner, prefill=False) if config.warmup else []
     facts = {**worker_facts(runner, config.warmup), "decode_graphs": graphs, "weights_shared": shared,
              "ready_s": time.perf_counter() - started}
-    channel.send(Ready(facts))
+    return runner, Ready(facts)
+
+
+def say_bye(device, freed_q) -> None:
+    """The decode child, its runner dropped: let go of the prefill child's memory (CUDA IPC
+    mappings / shared memory), then say so (``Bye``)."""
+    with contextlib.suppress(Exception):
+        synchronize(device)
+        gc.collect()
+    freed_q.put(Bye())
+
+
+def decode_main(channel, config: EngineConfig, split: SplitConfig, fault: Fault | None, handoff_q, freed_q) -> None:
+    runner, ready = decode_setup(channel, config, split, handoff_q)
+    device = runner.device
+    channel.send(ready)
     freed = FreedSlots(lambda slots: freed_q.put(Freed(tuple(slots))))
 
     def serve(arm: Arm, t0: float, report: Callable[[int], None]):
@@ -247,12 +276,8 @@ def decode_main(channel, config: EngineConfig, split: SplitConfig, fault: Fault 
     try:
         serve_runs(channel, device, serve, split.event_flush_s)
     finally:
-        # let go of the prefill child's memory (CUDA IPC mappings / shared memory), then say so
-        runner = kv = None  # noqa: F841
-        with contextlib.suppress(Exception):
-            synchronize(device)
-            gc.collect()
-        freed_q.put(Bye())
+        runner = None  # noqa: F841 - the closure's too: nothing maps the prefill child's memory
+        say_bye(device, freed_q)
 
 
 # ---- the parent side -----------------------------------------------------------------------------
