@@ -92,3 +92,27 @@ def test_replicas_are_exact(fp32_model, workload, expected, mps):
     assert_exact(run, expected)
     shared = [rep.get("weights_shared") for rep in (config_fields(run)["per_replica"] or [])[1:]]
     assert shared and all(shared), f"a replica holds its own copy of the weights: {shared}"
+
+
+@pytest.mark.parametrize("policy", ["static", "table"])
+def test_the_online_green_split_is_exact(fp32_model, workload, expected, policy):
+    """What ``splitlab serve --mode split --backend green`` runs: requests submitted while it
+    runs, each step on its green lane, generate()'s tokens."""
+    from pathlib import Path
+
+    from splitlab.config import SplitConfig
+    from splitlab.engine.online import OnlineEngine
+
+    profile = str(Path(__file__).resolve().parents[2] / "results" / "sm_profile_h200.json")
+    extra = {} if policy == "static" else {"sm_policy": policy, "sm_profile": profile}
+    with OnlineEngine(fp32_model, "split", CONFIG, split=SplitConfig(backend="green", **extra)) as engine:
+        handles = {r.id: engine.submit(list(r.prompt_ids), r.max_new_tokens, ignore_eos=True,
+                                       arrival_s=engine.clock() + r.arrival_s) for r in workload}
+        got = {rid: h.result(120) for rid, h in handles.items()}
+        facts = engine.facts()
+    assert got == expected
+    if policy == "static":
+        assert facts["green"]["decode_sms"] > 0 and facts["green"]["prefill_sms"] > 0
+    else:
+        assert facts["green"]["simulated"] is False and facts["green"]["decisions"] > 0
+        assert all(s.sms for s in engine.steps)
