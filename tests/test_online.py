@@ -220,7 +220,7 @@ async def _drain_async(handle):
 
 
 def test_split_engine_runs_two_threads(tiny):
-    from splitlab.engine.online import OnlineSplitEngine
+    from splitlab.modes.split.online_threads import OnlineSplitEngine
 
     with OnlineEngine(tiny, "split", CONFIG) as eng:
         assert isinstance(eng, OnlineSplitEngine) and eng._decode_thread.is_alive()

@@ -35,41 +35,39 @@ Times are seconds of ``engine.clock()`` (``perf_counter`` since the engine becam
 request's trace (``handle.trace``, a ``RequestTrace``) holds its arrival (when ``submit`` was
 called, or the ``arrival_s`` given) and one time per token, as in every offline ``Run``.
 ``submit(..., arrival_s=t, request_id=i)`` with a future ``t`` is admitted only once the clock
-passes ``t``: the offline replay (``engine.loop.drive``) could submit a whole workload this
-way and build its ``Run`` from the handles' traces.
+passes ``t``.
+
+Sampling lives in ``splitlab.engine.sampling``, the handles and the per-request state in
+``splitlab.engine.handles``; this module is the engine and its loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import heapq
 import itertools
-import math
-import queue
-import secrets
 import threading
 import time
 import traceback
-from typing import Any, Iterable, Iterator, Sequence
-
-import torch
+from typing import Any, Iterable, Sequence
 
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, WorkloadError
+from splitlab.engine.handles import FINISH_REASONS, Delta, OnlineSeq, RequestHandle
 from splitlab.engine.kv import pages_written
 from splitlab.engine.loop import Worker, build_engine
-from splitlab.engine.runner import ModelRunner
 from splitlab.engine.plan import split_outputs
-from splitlab.engine.scheduler import RequestFacts, ScheduledBatch, Scheduler, SeqState
+from splitlab.engine.sampling import GREEDY, SamplingParams, request_generator, sample
+from splitlab.engine.scheduler import ScheduledBatch, Scheduler
 from splitlab.engine.warmup import warm_up
-from splitlab.system.env import synchronize
 from splitlab.measure.metrics import RequestTrace
 from splitlab.workload import Request
 
+__all__ = ["FINISH_REASONS", "GREEDY", "MAX_QUEUED", "MODES", "Delta", "EngineBusyError", "OnlineEngine",
+           "OnlineSeq", "OnlineWorker", "RequestHandle", "SamplingParams", "sample"]
+
 MODES = ("serial", "chunked", "split", "replicas")
-FINISH_REASONS = ("length", "stop", "abort", "error")
 #: Most requests waiting or running at once; beyond it ``submit`` raises EngineBusyError.
 MAX_QUEUED = 4096
 #: Consecutive failing steps after which the engine stops (each failure fails only its batch).
@@ -78,201 +76,6 @@ MAX_FAILED_STEPS = 3
 
 class EngineBusyError(SplitlabError, RuntimeError):
     """The engine holds its most requests (``max_queued``); retry later (a server answers 503)."""
-
-
-# ---- sampling ---------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How one request picks its tokens. ``temperature`` 0: greedy (argmax). ``top_k`` 0 (or
-    -1): off. ``top_p`` 1: off. ``seed``: the request's own ``torch.Generator`` seed (None: a
-    random one), so a seeded request draws the same tokens every time."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        t, p, k, seed = self.temperature, self.top_p, self.top_k, self.seed
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ConfigError(f"temperature must be a finite number >= 0, got {t!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {p!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < -1:
-            raise ConfigError(f"top_k must be an integer >= -1 (0 or -1: off), got {k!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-        object.__setattr__(self, "top_k", max(0, k))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-GREEDY = SamplingParams()
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """The next token from one row of logits (``[vocab]``, fp32; masked ids already -inf).
-
-    Greedy: the argmax. Otherwise HF's order: divide by the temperature, keep the ``top_k``
-    largest, then the smallest set of most likely tokens whose probability reaches ``top_p``
-    (at least one), and draw from the softmax of what is left with ``generator``.
-    """
-    if params.greedy:
-        return int(torch.argmax(logits))
-    x = logits / params.temperature
-    if 0 < params.top_k < x.numel():
-        kth = torch.topk(x, params.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
-        ascending, order = torch.sort(x)
-        drop = ascending.softmax(-1).cumsum(-1) <= 1.0 - params.top_p
-        drop[-1] = False  # the most likely token always stays
-        x = x.index_fill(0, order[drop], float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def request_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """The request's own generator (None for greedy): seeded by ``params.seed`` or at random."""
-    if params.greedy:
-        return None
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-# ---- what the caller holds --------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Delta:
-    """New tokens of one request from one step (``times_s``: engine clock), or its end:
-    ``finish_reason`` is set on the last delta (``length``, ``stop`` (EOS or a stop id),
-    ``abort`` (cancelled or the engine closed), ``error`` (``error`` says what))."""
-
-    token_ids: tuple[int, ...]
-    times_s: tuple[float, ...]
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-class RequestHandle(RequestFacts):
-    """One submitted request: iterate it for its ``Delta`` s (``for`` when submitted without
-    ``loop``, ``async for`` with one), or wait with ``result()``. ``trace`` is its
-    ``RequestTrace``; ``output_ids`` and ``finish_reason`` fill in as it runs."""
-
-    def __init__(self, request: Request, trace: RequestTrace, loop: asyncio.AbstractEventLoop | None = None):
-        self.request = request
-        self.trace = trace
-        self.output_ids: list[int] = []
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self._done = threading.Event()
-        self._loop = loop
-        self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None else None
-        self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-        self._iterated = False
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _deliver(self, delta: Delta) -> None:
-        """Called on the engine thread: record, then hand over."""
-        self.output_ids.extend(delta.token_ids)
-        if delta.finish_reason is not None:
-            self.finish_reason, self.error = delta.finish_reason, delta.error
-        if self._aqueue is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, delta)
-            except RuntimeError:  # the caller's event loop is closed: nobody is listening
-                pass
-        else:
-            self._queue.put(delta)
-        if delta.finish_reason is not None:
-            self._done.set()
-
-    def _claim(self, is_async: bool) -> None:
-        if (self._aqueue is not None) != is_async:
-            how = "async for (it was submitted with loop=...)" if self._aqueue is not None else \
-                "a plain for loop (submit with loop=asyncio.get_running_loop() to use async for)"
-            raise ConfigError(f"request {self.id}: iterate this handle with {how}")
-        if self._iterated:
-            raise ConfigError(f"request {self.id}: a handle's deltas can be iterated once")
-        self._iterated = True
-
-    def __iter__(self) -> Iterator[Delta]:
-        self._claim(False)
-        while True:
-            delta = self._queue.get()
-            yield delta
-            if delta.finish_reason is not None:
-                return
-
-    async def __aiter__(self):
-        self._claim(True)
-        while True:
-            delta = await self._aqueue.get()
-            yield delta
-            if delta.finish_reason is not None:
-                return
-
-    def result(self, timeout: float | None = None) -> list[int]:
-        """Wait for the end; the output ids. TimeoutError after ``timeout`` seconds."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
-        return list(self.output_ids)
-
-
-# ---- the engine's state of one request -------------------------------------------------------
-
-@dataclasses.dataclass(eq=False)
-class OnlineSeq(SeqState):
-    """A ``SeqState`` that may end before ``max_new_tokens`` (EOS, a stop id) and picks its
-    tokens by its own sampling parameters."""
-
-    handle: RequestHandle | None = None
-    params: SamplingParams = GREEDY
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_ids: frozenset = frozenset()
-    eos_ids: frozenset = frozenset()
-    generator: torch.Generator | None = None
-    sent: int = 0  # tokens already delivered to the handle
-    cancelled: bool = False
-    owner: str = "prefill"  # the loop that holds it (a split engine has two)
-
-    @property
-    def finished(self) -> bool:
-        out = self.trace.output_ids
-        return len(out) >= self.request.max_new_tokens or self.stopped
-
-    @property
-    def stopped(self) -> bool:
-        """The last token ends the request (a stop id, or EOS unless ``ignore_eos``)."""
-        out = self.trace.output_ids
-        return bool(out) and (out[-1] in self.stop_ids or (not self.ignore_eos and out[-1] in self.eos_ids))
-
-    @property
-    def exact_path(self) -> bool:
-        """Greedy with EOS masked throughout and no stop ids: the runner's own greedy path."""
-        return (self.params.greedy and not self.stop_ids
-                and (self.ignore_eos or self.min_tokens >= self.request.max_new_tokens))
-
-    def suppressed(self) -> list[int]:
-        """Token ids the next token may not be (EOS and stop ids before ``min_tokens``)."""
-        n = len(self.trace.output_ids)
-        ids = set(self.eos_ids) if (self.ignore_eos or n < self.min_tokens) else set()
-        if n < self.min_tokens:
-            ids |= self.stop_ids
-        return sorted(ids)
-
-    def pick(self, logits: torch.Tensor) -> int:
-        masked = self.suppressed()
-        if masked:
-            logits = logits.index_fill(0, torch.tensor(masked, device=logits.device), float("-inf"))
-        return sample(logits, self.params, self.generator)
 
 
 class OnlineWorker(Worker):
@@ -314,6 +117,8 @@ class OnlineEngine:
                 from splitlab.modes.split.online_processes import OnlineProcessSplit
 
                 return OnlineProcessSplit(model, *args, split=split, **kwargs)
+            from splitlab.modes.split.online_threads import OnlineSplitEngine
+
             return super().__new__(OnlineSplitEngine)  # two threads: streams or green
         if mode == "replicas":
             from splitlab.modes.online_replicas import OnlineReplicas
@@ -666,217 +471,3 @@ class OnlineEngine:
 
     def _schedulers(self) -> list[Scheduler]:
         return [self.scheduler]
-
-
-# ---- the split engine: a prefill thread and a decode thread ----------------------------------------
-
-class _LockedAllocator:
-    """One KV allocator for the two threads of a split engine: every call under one lock."""
-
-    def __init__(self, inner: Any):
-        self._inner = inner
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._inner, name)
-        if not callable(value):
-            return value
-
-        def locked(*args, **kwargs):
-            with self._lock:
-                return value(*args, **kwargs)
-        return locked
-
-
-_END = object()
-
-
-class OnlineSplitEngine(OnlineEngine):
-    """``OnlineEngine(model, "split", config, split=SplitConfig(backend="streams" | "green"))``:
-    the split of ``modes/split/threads`` as an online engine. A prefill thread (the engine
-    thread: arrivals, admission, prompt steps, first tokens) and a decode thread (decode steps
-    of everything handed over) over one KV pool and two runners (the decode one owns the CUDA
-    graphs), built by ``ThreadSplit`` exactly as for an offline run: on CUDA each thread runs on
-    its own stream (decode at the higher priority), on a green context of its own with
-    ``backend="green"``; an adaptive ``sm_policy`` picks each step's SM split through the same
-    ``SMController`` as offline. A prefilled request is handed over after the host sync that
-    returned its first token, and its KV is freed after the decode step that finished it
-    returned, so neither stream touches KV the other still uses. Each request belongs to one
-    thread at a time, which alone delivers its deltas and drops it on cancel."""
-
-    def _build(self) -> None:
-        from splitlab.engine.loop import EngineParts
-        from splitlab.modes.split.adaptive import SMController
-        from splitlab.modes.split.threads import ThreadSplit
-        from splitlab.modes.worker_kv import new_allocator, warm_chunk
-
-        config, split = self.config, self.split
-        if getattr(config, "kv_prefix_cache", False):
-            raise ConfigError("the online split engine does not share prefix pages; set kv_prefix_cache=False")
-        # the offline split's engine: pool, runners, streams or green contexts, graphs, SM lanes
-        self.built = built = ThreadSplit(self.model, config, split)
-        built.release_threads()  # this engine's own two threads run the loops
-        self.parts = EngineParts(built.kv, built.prefill_runner, new_allocator(built.kv, config), config,
-                                 built.kv.max_seq_len)
-        allocator = _LockedAllocator(self.parts.allocator)
-        self.scheduler = Scheduler("prefill", allocator, built.prefill_runner.max_batch, config.token_budget)
-        self.decode_scheduler = Scheduler("decode", allocator, built.decode_runner.max_batch)
-        self.worker = self._worker("prefill", built.prefill_runner, self.scheduler)
-        self.decode_worker = self._worker("decode", built.decode_runner, self.decode_scheduler)
-        self.controller = None
-        if built.plan is not None:  # an adaptive sm_policy: every step asks where it runs
-            self.controller = SMController(built.policy, built.plan, self.clock, split.prefill_layer_group)
-            if self.keep_steps is not None:  # a server's decisions would grow without end
-                self.controller.decisions = collections.deque(maxlen=self.keep_steps)
-            self.worker.placer = self.controller.prefill_placer()
-            self.decode_worker.placer = self.controller.decode_placer()
-        self._streams = built.streams
-        self._hand_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._decode_ready = threading.Event()
-        self._decode_thread = threading.Thread(target=self._decode_main, name="splitlab-online-decode", daemon=True)
-        self._decode_thread.start()
-        # one after the other: library handles of this thread, while the other stream is idle
-        while not self._decode_ready.wait(0.05):
-            if not self._decode_thread.is_alive():
-                raise self._failure or WorkerError("the decode thread of the online split engine died")
-        try:
-            lanes = [lane.stream for lane in built.plan.prefill.values()] if built.plan is not None else []
-            for stream in (self._streams[0], *lanes):
-                with _on_stream(stream):
-                    built.prefill_runner.prefill([warm_chunk(built.kv, 4)])
-            synchronize(built.device)
-        except BaseException:
-            self._hand_q.put(_END)  # the decode thread ends with the failed build
-            self._decode_thread.join(30.0)
-            raise
-
-    def sm_split(self) -> tuple[int | None, int | None]:
-        """(decode SMs, prefill SMs) now: the last decision of an adaptive policy, a static green
-        partition, or None (no partition: streams share every SM)."""
-        if self.controller is not None and self.controller.decisions:
-            _, _, decode, prefill, _ = self.controller.decisions[-1]
-            return decode, prefill
-        green = self.built.green or {}
-        return green.get("decode_sms"), green.get("prefill_sms")
-
-    @property
-    def steps(self):
-        return sorted([*self.worker.steps, *self.decode_worker.steps], key=lambda s: s.start_s)
-
-    def stats(self) -> dict[str, Any]:
-        out = super().stats()
-        out["running"] = len(self.decode_scheduler.running)
-        out["decode_sms"], out["prefill_sms"] = self.sm_split()
-        return out
-
-    def facts(self) -> dict[str, Any]:
-        """What the split runs with: the backend, each worker's runner facts, the SM lanes and
-        the policy's decisions so far (an adaptive ``sm_policy``)."""
-        green = self.controller.facts() if self.controller is not None else self.built.green
-        return {"backend": self.split.backend, "sm_policy": self.split.sm_policy, "green": green,
-                "workers": self.built.facts()}
-
-    def _schedulers(self) -> list[Scheduler]:
-        return [self.scheduler, self.decode_scheduler]
-
-    def _owns(self, seq: OnlineSeq) -> bool:
-        return threading.current_thread() is (self._thread if seq.owner == "prefill" else self._decode_thread)
-
-    # ---- the prefill thread (the engine thread) ---------------------------------------------
-    def _serve(self) -> None:
-        try:
-            with _on_stream(self._streams[0]):
-                self._prefill_loop()
-        finally:
-            with self._cv:
-                if self._failure is not None:
-                    self._abort = True
-            self._hand_q.put(_END)
-            self._decode_thread.join()
-
-    def _prefill_loop(self) -> None:
-        while True:
-            with self._cv:
-                self._take_inbox()
-                if self._failure is not None:
-                    return
-                ready = self._await_work(busy=bool(self._pending) or self.scheduler.has_work())
-            if ready is None:
-                return
-            if not ready:
-                continue
-            outcome = self._step(self.worker)
-            if outcome is None:
-                if self.worker.last_batch is None:  # every KV slot is held by the decode side
-                    with self._cv:
-                        self._cv.wait(0.05)
-                continue
-            self._publish(self._batch_seqs(self.worker))  # first tokens before the handoff
-            for seq in outcome.prefilled:
-                if not seq.finished and not seq.cancelled:
-                    seq.owner = "decode"
-                    self._hand_q.put(seq)
-
-    # ---- the decode thread ------------------------------------------------------------------
-    def _decode_main(self) -> None:
-        from splitlab.modes.worker_kv import warm_decode_step
-
-        try:
-            with _on_stream(self._streams[1]):
-                warm_decode_step(self.decode_worker.runner)  # graphs were captured by the build
-                synchronize(self.built.device)
-                self._decode_ready.set()
-                self._decode_loop()
-        except BaseException as exc:  # noqa: BLE001 - the engine thread reports it
-            self._fail(exc)
-            with self._cv:
-                self._closing = self._abort = True
-                self._cv.notify_all()
-            if not self._decode_ready.is_set():
-                self._decode_ready.set()
-
-    def _decode_loop(self) -> None:
-        ended = False
-        sch = self.decode_scheduler
-        while True:
-            ended = self._receive(block=not sch.has_work()) or ended
-            with self._cv:
-                self._decode_cancels()
-            if ended and not sch.has_work():
-                return
-            if not sch.has_work():
-                continue
-            outcome = self._step(self.decode_worker)
-            if outcome is not None:
-                self._publish(self._batch_seqs(self.decode_worker))
-            with self._cv:
-                self._cv.notify_all()  # KV may have freed: the prefill thread may admit
-
-    def _receive(self, block: bool) -> bool:
-        """Handed-over requests into the decode batch; True once the end marker came."""
-        ended = False
-        try:
-            item = self._hand_q.get(timeout=0.05) if block else self._hand_q.get_nowait()
-            while True:
-                if item is _END:
-                    ended = True
-                else:
-                    with self._cv:
-                        self.decode_scheduler.add_running(item)
-                item = self._hand_q.get_nowait()
-        except queue.Empty:
-            pass
-        return ended
-
-    def _decode_cancels(self) -> None:
-        """Under the lock: cancelled requests of the decode batch dropped (all, on an abort)."""
-        abort = self._closing and self._abort
-        for seq in list(self.decode_scheduler.running):
-            if abort or seq.id in self._cancels:
-                self._drop(seq, Delta((), (), "abort"), self.decode_scheduler)
-
-
-def _on_stream(stream):
-    import contextlib
-
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -1,0 +1,150 @@
+"""What the caller of an online engine holds (``RequestHandle``, its ``Delta`` s) and the
+engine's state of one request (``OnlineSeq``: a ``SeqState`` that may stop early and samples
+by its own parameters). Every online engine (in-process threads or spawned children) uses
+these, so a server or a replay sees one kind of handle."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import threading
+from typing import Iterator
+
+import torch
+
+from splitlab.errors import ConfigError
+from splitlab.engine.sampling import GREEDY, SamplingParams, sample
+from splitlab.engine.scheduler import RequestFacts, SeqState
+from splitlab.measure.metrics import RequestTrace
+from splitlab.workload import Request
+
+FINISH_REASONS = ("length", "stop", "abort", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+    """New tokens of one request from one step (``times_s``: engine clock), or its end:
+    ``finish_reason`` is set on the last delta (``length``, ``stop`` (EOS or a stop id),
+    ``abort`` (cancelled or the engine closed), ``error`` (``error`` says what))."""
+
+    token_ids: tuple[int, ...]
+    times_s: tuple[float, ...]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RequestHandle(RequestFacts):
+    """One submitted request: iterate it for its ``Delta`` s (``for`` when submitted without
+    ``loop``, ``async for`` with one), or wait with ``result()``. ``trace`` is its
+    ``RequestTrace``; ``output_ids`` and ``finish_reason`` fill in as it runs."""
+
+    def __init__(self, request: Request, trace: RequestTrace, loop: asyncio.AbstractEventLoop | None = None):
+        self.request = request
+        self.trace = trace
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._loop = loop
+        self._queue: queue.SimpleQueue | None = queue.SimpleQueue() if loop is None else None
+        self._aqueue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._iterated = False
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _deliver(self, delta: Delta) -> None:
+        """Called on the engine thread: record, then hand over."""
+        self.output_ids.extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.finish_reason, self.error = delta.finish_reason, delta.error
+        if self._aqueue is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, delta)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                pass
+        else:
+            self._queue.put(delta)
+        if delta.finish_reason is not None:
+            self._done.set()
+
+    def _claim(self, is_async: bool) -> None:
+        if (self._aqueue is not None) != is_async:
+            how = "async for (it was submitted with loop=...)" if self._aqueue is not None else \
+                "a plain for loop (submit with loop=asyncio.get_running_loop() to use async for)"
+            raise ConfigError(f"request {self.id}: iterate this handle with {how}")
+        if self._iterated:
+            raise ConfigError(f"request {self.id}: a handle's deltas can be iterated once")
+        self._iterated = True
+
+    def __iter__(self) -> Iterator[Delta]:
+        self._claim(False)
+        while True:
+            delta = self._queue.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    async def __aiter__(self):
+        self._claim(True)
+        while True:
+            delta = await self._aqueue.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """Wait for the end; the output ids. TimeoutError after ``timeout`` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return list(self.output_ids)
+
+
+@dataclasses.dataclass(eq=False)
+class OnlineSeq(SeqState):
+    """A ``SeqState`` that may end before ``max_new_tokens`` (EOS, a stop id) and picks its
+    tokens by its own sampling parameters."""
+
+    handle: RequestHandle | None = None
+    params: SamplingParams = GREEDY
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_ids: frozenset = frozenset()
+    eos_ids: frozenset = frozenset()
+    generator: torch.Generator | None = None
+    sent: int = 0  # tokens already delivered to the handle
+    cancelled: bool = False
+    owner: str = "prefill"  # the loop that holds it (a split engine has two)
+
+    @property
+    def finished(self) -> bool:
+        out = self.trace.output_ids
+        return len(out) >= self.request.max_new_tokens or self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """The last token ends the request (a stop id, or EOS unless ``ignore_eos``)."""
+        out = self.trace.output_ids
+        return bool(out) and (out[-1] in self.stop_ids or (not self.ignore_eos and out[-1] in self.eos_ids))
+
+    @property
+    def exact_path(self) -> bool:
+        """Greedy with EOS masked throughout and no stop ids: the runner's own greedy path."""
+        return (self.params.greedy and not self.stop_ids
+                and (self.ignore_eos or self.min_tokens >= self.request.max_new_tokens))
+
+    def suppressed(self) -> list[int]:
+        """Token ids the next token may not be (EOS and stop ids before ``min_tokens``)."""
+        n = len(self.trace.output_ids)
+        ids = set(self.eos_ids) if (self.ignore_eos or n < self.min_tokens) else set()
+        if n < self.min_tokens:
+            ids |= self.stop_ids
+        return sorted(ids)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        masked = self.suppressed()
+        if masked:
+            logits = logits.index_fill(0, torch.tensor(masked, device=logits.device), float("-inf"))
+        return sample(logits, self.params, self.generator)
