@@ -278,27 +278,51 @@ def _generate_server(name: str, loaded, batch_size: int, fault: Fault | None):
     return serve
 
 
-def replica_main(channel, index: int, n: int, model_args: dict[str, Any], options: ReplicaConfig,
-                 config: EngineConfig, fault: Fault | None, share_q, bye_q) -> None:
-    from splitlab.engine.kv import build_kv
-    from splitlab.engine.runner import ModelRunner
-    from splitlab.engine.warmup import warm_up
-    from splitlab.models import LoadedModel
-
+def replica_weights(channel, index: int, n: int, model_args: dict[str, Any], options: ReplicaConfig,
+                    config: EngineConfig, share_q):
+    """A replica's start (offline and online alike): replica 0 loads the model and shares it,
+    the others map what it shared. ``(device, loaded or None, shared, owner facts, facts)``."""
     device = torch.device(model_args["device"])
     if device.type == "cpu":
         cpu_threads_per_worker(n)
-    started = time.perf_counter()
-    owner: dict[str, Any] = {}
-    loaded = None
     if index == 0:
         loaded, shared = _load_and_share(model_args, options.engine, config, n, share_q)
         owner = {"model_facts": loaded.facts.to_dict(), "fingerprint": weight_fingerprint(loaded.model)}
-        facts: dict[str, Any] = {"weights_shared": None}  # its own
-    else:
-        shared = get_checking_parent(share_q, channel, options.ready_timeout_s,
-                                     f"{channel.name}: no weights from replica-0")
-        facts = {"weights_shared": mapped_not_owned(shared.tensors(), device)}
+        return device, loaded, shared, owner, {"weights_shared": None}  # its own
+    shared = get_checking_parent(share_q, channel, options.ready_timeout_s,
+                                 f"{channel.name}: no weights from replica-0")
+    return device, None, shared, {}, {"weights_shared": mapped_not_owned(shared.tensors(), device)}
+
+
+def engine_runner(shared: Shared, device: torch.device, config: EngineConfig):
+    """An engine replica's runner over its share of the KV budget (built as one engine builds
+    its whole pool), warmed up; ``(runner, worker_facts)``."""
+    from splitlab.engine.kv import build_kv
+    from splitlab.engine.runner import ModelRunner
+    from splitlab.engine.warmup import warm_up
+
+    kv, _ = build_kv(_Shape(shared.facts, shared.dtype, device), config.replace(**shared.kv_plan),
+                     min(config.max_seq_len, shared.facts.max_positions))
+    runner = ModelRunner.for_config(shared.arch, shared.weights, kv, config)
+    if config.warmup:
+        warm_up(runner, token_budget=config.token_budget)
+    return runner, worker_facts(runner, config.warmup)
+
+
+def say_bye(index: int, device: torch.device, bye_q) -> None:
+    """A replica other than 0, having dropped what maps replica 0's memory: say so."""
+    with contextlib.suppress(Exception):
+        synchronize(device)
+        gc.collect()
+    bye_q.put(Bye(index))
+
+
+def replica_main(channel, index: int, n: int, model_args: dict[str, Any], options: ReplicaConfig,
+                 config: EngineConfig, fault: Fault | None, share_q, bye_q) -> None:
+    from splitlab.models import LoadedModel
+
+    started = time.perf_counter()
+    device, loaded, shared, owner, facts = replica_weights(channel, index, n, model_args, options, config, share_q)
     prepare = None
     if options.engine == "generate":
         if loaded is None:
@@ -314,15 +338,10 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], option
                 if arm.requests:
                     warm_up_static(loaded, arm.requests, options.batch_size)
     else:
-        # this replica's share of the pool, built as one engine builds its whole pool
-        kv, _ = build_kv(_Shape(shared.facts, shared.dtype, device), config.replace(**shared.kv_plan),
-                         min(config.max_seq_len, shared.facts.max_positions))
-        runner = ModelRunner.for_config(shared.arch, shared.weights, kv, config)
-        if config.warmup:
-            warm_up(runner, token_budget=config.token_budget)
-        facts.update(worker_facts(runner, config.warmup))
+        runner, more = engine_runner(shared, device, config)
+        facts.update(more)
         serve = _engine_server(channel.name, runner, options.engine, config, fault)
-        runner = kv = None
+        runner = None
     del shared
     facts["ready_s"] = time.perf_counter() - started
     channel.send(Ready(facts, **owner))
@@ -331,15 +350,12 @@ def replica_main(channel, index: int, n: int, model_args: dict[str, Any], option
     finally:
         if index != 0:
             serve = prepare = loaded = None  # let go of replica 0's memory, then say so
-            with contextlib.suppress(Exception):
-                synchronize(device)
-                gc.collect()
-            bye_q.put(Bye(index))
+            say_bye(index, device, bye_q)
     if index == 0:  # keep the shared weights alive until every other replica let go
-        _wait_byes(channel, bye_q, n - 1)
+        wait_byes(channel, bye_q, n - 1)
 
 
-def _wait_byes(channel, bye_q, count: int, timeout_s: float = 60.0) -> None:
+def wait_byes(channel, bye_q, count: int, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     byes = 0
     while byes < count and time.monotonic() < deadline:
