@@ -256,7 +256,21 @@ def test_online_split_follows_an_adaptive_sm_policy(tiny):
 
 
 def test_bad_engine_arguments(tiny):
-    with pytest.raises(ModeError, match="serial, chunked, split"):
-        OnlineEngine(tiny, "replicas")
+    with pytest.raises(ModeError, match="serial, chunked, split, replicas"):
+        OnlineEngine(tiny, "generate")
     with pytest.raises(ConfigError, match="EngineConfig"):
         OnlineEngine(tiny, "serial", {"max_seq_len": 64})
+
+
+def test_replicas_mode_runs_spawned_engines(tiny):
+    """``mode="replicas"`` is the real thing: N spawned engines, each request sent to one
+    (the process engines' own tests: tests/test_online_processes.py)."""
+    from splitlab.modes.online_replicas import OnlineReplicas
+
+    with OnlineEngine(tiny, "replicas", CONFIG) as eng:
+        assert isinstance(eng, OnlineReplicas) and len(eng.pids) == 2
+        handles = [eng.submit([60 + i, 61, 62], 6, ignore_eos=True) for i in range(2)]
+        for i, h in enumerate(handles):
+            assert h.result(60) == hf_generate(tiny, [60 + i, 61, 62], 6, min_new=6)
+        assert {s.worker for s in eng.steps} == {"replica-0", "replica-1"}
+    assert not eng.alive

@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from splitlab.engine.online import MAX_FAILED_STEPS, OnlineSeq, OnlineWorker, SamplingParams, request_generator
+from splitlab.engine.handles import OnlineSeq
+from splitlab.engine.online import MAX_FAILED_STEPS, OnlineWorker
+from splitlab.engine.sampling import SamplingParams, request_generator
 from splitlab.engine.scheduler import Scheduler
 from splitlab.errors import SplitlabError
 from splitlab.measure.metrics import RequestTrace, StepTrace

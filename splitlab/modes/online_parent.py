@@ -25,7 +25,9 @@ from typing import Any, Iterable, Sequence
 
 from splitlab.config import EngineConfig
 from splitlab.engine.kv import pages_written
-from splitlab.engine.online import GREEDY, MAX_QUEUED, Delta, EngineBusyError, RequestHandle, SamplingParams
+from splitlab.engine.handles import Delta, RequestHandle
+from splitlab.engine.online import MAX_QUEUED, EngineBusyError
+from splitlab.engine.sampling import GREEDY, SamplingParams
 from splitlab.errors import ConfigError, WorkerError, WorkloadError
 from splitlab.measure.metrics import RequestTrace
 from splitlab.modes.online_child import Cancel, RequestDelta, Submit, Tokens, WorkerState

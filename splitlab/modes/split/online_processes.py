@@ -31,7 +31,9 @@ import torch
 
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.engine.loop import Handoff, _HandedRequest
-from splitlab.engine.online import MAX_QUEUED, OnlineSeq, OnlineWorker, SamplingParams
+from splitlab.engine.handles import OnlineSeq
+from splitlab.engine.online import MAX_QUEUED
+from splitlab.engine.sampling import SamplingParams
 from splitlab.engine.scheduler import Scheduler
 from splitlab.errors import ConfigError
 from splitlab.measure.metrics import RequestTrace
@@ -128,7 +130,8 @@ class _FreedWithIds(FreedSlots):
     def flush(self) -> None:
         if self._pending or self.request_ids:
             self._q.put(Freed(tuple(self._pending), tuple(self.request_ids)))
-            self._pending, self.request_ids = [], []
+            self._pending = []
+            self.request_ids.clear()  # in place: the loop's release hook appends to this list
 
 
 def online_decode_main(channel, config: EngineConfig, split: SplitConfig, handoff_q, inbox_q) -> None:
