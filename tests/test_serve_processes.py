@@ -1,0 +1,162 @@
+"""``splitlab serve --mode split --backend processes`` as a real subprocess: the OpenAI server
+over the two spawned children (prefill and decode processes sharing one KV pool).
+
+One server (the tiny model) for the module: greedy tokens through HTTP, streamed and not,
+equal HF ``generate()``'s; 32 concurrent streams all finish with their lengths; a client
+dropped mid-stream frees its KV (``/metrics`` back to empty); bad requests get their status
+and an OpenAI JSON error while the server keeps serving; and last, SIGTERM with requests in
+flight: exit 0, every stream ended, no process, /dev/shm entry or port left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from _oracle import hf_generate
+from test_serve import _alive, _open_stream, assert_error, metric, post, sse_events, stream, wait_until
+
+from splitlab.serve.process import ServerProcess, descendants, port_is_free
+from splitlab.system.procs import shm_mapped_elsewhere
+
+pytestmark = pytest.mark.timeout(300)
+
+ARGS = ["--model", "tiny", "--mode", "split", "--backend", "processes", "--max-seq-len", "512", "--num-slots", "8",
+        "--max-batch", "8", "--max-body-bytes", "65536", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = ServerProcess.splitlab(ARGS)
+    proc.shm_before = shm_before
+    yield proc
+    proc.stop()
+
+
+def test_it_runs_two_child_processes(server):
+    kids = descendants(server.pid)
+    names = set()
+    for pid in kids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                names.add(f.read().strip())
+        except OSError:
+            pass
+    assert {"splitlab-prefil", "splitlab-decode"} <= names, names  # comm: 15 characters
+
+
+def test_greedy_tokens_equal_generate_streamed_and_not(server, tiny):
+    prompt, n = [17, 18, 19, 20, 21], 12
+    expected = hf_generate(tiny, prompt, n, min_new=n)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = post(server, "/completions", body).json()
+    choice = whole["choices"][0]
+    assert choice["token_ids"] == expected and choice["finish_reason"] == "length"
+    assert whole["usage"]["completion_tokens"] == n
+    events = stream(server, "/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == n
+    chunks = [e["choices"][0] for e in events[:-2]]
+    assert [t for c in chunks for t in c["token_ids"]] == expected
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["finish_reason"] == "length" and all(c["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_32_concurrent_streams_all_finish_with_their_lengths(server, tiny):
+    lengths = [1 + (i * 7) % 8 for i in range(32)]
+    prompts = [[10 + i, 11, 12, 13 + i % 5] for i in range(32)]
+
+    async def one(client, prompt, n):
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "completions", json=body) as r:
+            assert r.status_code == 200
+            events = [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
+                      async for line in r.aiter_lines() if line.startswith("data: ")]
+        chunks = [e["choices"][0] for e in events[:-2]]
+        return [t for c in chunks for t in c["token_ids"]], chunks[-1]["finish_reason"], events[-2]["usage"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url + "/", timeout=120.0, trust_env=False) as client:
+            return await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, lengths)))
+
+    results = asyncio.run(main())
+    for (ids, finish, use), p, n in zip(results, prompts, lengths):
+        assert finish == "length" and use["completion_tokens"] == n
+        assert ids == hf_generate(tiny, p, n, min_new=n)
+    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 0)
+
+
+def test_a_client_dropped_mid_stream_frees_its_kv(server):
+    aborted = metric(server, "splitlab_request_finished_total", '{finish_reason="abort"}')
+    body = {"prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/completions", json=body, timeout=60.0, trust_env=False) as r:
+        lines = r.iter_lines()  # kept: closing this iterator would close the connection already
+        data = [line for line in (next(lines) for _ in range(4)) if line.startswith("data: ")]
+        assert len(data) == 2
+        assert metric(server, "splitlab_kv_slots_in_use") == 1
+    # the connection is closed here, 2 tokens into 500
+    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 0, 30.0)
+    assert metric(server, "splitlab_request_finished_total", '{finish_reason="abort"}') == aborted + 1
+    assert wait_until(lambda: metric(server, "splitlab_num_requests_running") == 0, 10.0)
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b'{"prompt": [5, 6], "max_tokens": ', 400, "invalid_json"),
+    ({"prompt": [5] * 600, "max_tokens": 4}, 400, "context_length_exceeded"),
+    ({"prompt": [5] * 400, "max_tokens": 200}, 400, "context_length_exceeded"),
+    ({"prompt": [5, 6], "max_tokens": 0}, 400, "invalid_value"),
+    ({"prompt": [5, 6], "max_tokens": 4, "model": "gpt-4"}, 404, "model_not_found"),
+    ({"prompt": [5, 6000], "max_tokens": 4}, 400, "invalid_value"),
+    ({"prompt": "x" * 70000}, 413, "request_too_large"),
+])
+def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(server, body, status, code):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + "/completions", content=content, timeout=60.0, trust_env=False,
+                   headers={"content-type": "application/json"})
+    assert_error(r, status, code)
+    good = post(server, "/completions", {"prompt": [5, 6], "max_tokens": 2, "ignore_eos": True})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
+
+
+def test_health_and_metrics_read_the_children(server):
+    base = server.url.removesuffix("/v1")
+    health = httpx.get(base + "/health", timeout=30.0, trust_env=False).json()
+    assert health["status"] == "ok" and health["alive"] is True and health["kv_slots"] == 8
+    assert metric(server, "splitlab_kv_slots_total") == 8.0 and metric(server, "splitlab_engine_alive") == 1.0
+
+
+def test_sigterm_with_requests_in_flight_leaves_nothing_behind(server):
+    """Last: it stops the module's server."""
+    results: list = []
+    threads = [threading.Thread(target=_open_stream, args=(server, 500, results)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 3, 60.0)
+    children = descendants(server.pid)
+    assert len(children) >= 2
+    port = server.port
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM, timeout_s=60.0) == 0, server.output()
+    assert time.monotonic() - started < 30.0
+    for t in threads:
+        t.join(30.0)
+        assert not t.is_alive()
+    assert len(results) == 3
+    for events in results:  # each stream ended: aborted, then [DONE]
+        assert isinstance(events, list) and events[-1] == "[DONE]", events
+        assert events[-2]["choices"][0]["finish_reason"] == "abort"
+    assert "splitlab serve: stopped" in server.output()
+    assert port_is_free(port)
+    assert wait_until(lambda: not [pid for pid in children if _alive(pid)], 10.0)
+    left = set(os.listdir("/dev/shm")) - server.shm_before
+    if left:
+        left -= shm_mapped_elsewhere()  # other programs' live objects, not ours
+    assert not left, f"/dev/shm entries left behind: {sorted(left)}"
