@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 
 import splitlab  # noqa: E402
 from splitlab.config import SLO, EngineConfig  # noqa: E402
-from splitlab.engine.loop import Worker, build_engine  # noqa: E402
+from splitlab.engine.loop import build_engine  # noqa: E402
 from splitlab.engine.warmup import warm_up  # noqa: E402
 from splitlab.errors import ConfigError, ModeError, WorkloadError  # noqa: E402
 from splitlab.measure.paged import analyse, row_of  # noqa: E402
@@ -149,26 +148,12 @@ def grid(plan, wls) -> list[Point]:
     return cells
 
 
-class BoundedWorker(Worker):
-    """A worker that stops its run past ``deadline_s``."""
-
-    def __init__(self, *args, deadline_s: float = math.inf, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.deadline_s = deadline_s
-
-    def step(self):
-        if self.clock() > self.deadline_s:
-            raise TimeoutError(f"the run passed its time bound of {self.deadline_s:.0f} s and was stopped")
-        return super().step()
-
-
 def serve(parts, model, wl: Workload, mode: str, bound_s: float, progress: bool):
     """One run of ``mode`` on an engine already built and warmed (``modes.continuous.serve_on``),
     stopped past ``bound_s``."""
     check_workload(wl, model, parts.config)
     reset_peak(torch.device(model.device))
-    return serve_on(parts, wl, model, mode, warmed_up=True, progress=progress, slo=SLO_RELAXED,
-                    make_worker=functools.partial(BoundedWorker, deadline_s=bound_s))
+    return serve_on(parts, wl, model, mode, warmed_up=True, progress=progress, slo=SLO_RELAXED, deadline_s=bound_s)
 
 
 def split_refusal(model, cfg: EngineConfig, options: dict[str, Any]) -> str | None:

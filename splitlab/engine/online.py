@@ -45,18 +45,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import heapq
 import itertools
 import threading
 import time
 import traceback
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, WorkloadError
 from splitlab.engine.handles import FINISH_REASONS, Delta, OnlineSeq, RequestHandle
 from splitlab.engine.kv import pages_written
-from splitlab.engine.loop import Worker, build_engine
+from splitlab.engine.loop import EngineParts, Worker, build_engine
 from splitlab.engine.plan import split_outputs
 from splitlab.engine.sampling import GREEDY, SamplingParams, request_generator, sample
 from splitlab.engine.scheduler import ScheduledBatch, Scheduler
@@ -79,9 +80,12 @@ class EngineBusyError(SplitlabError, RuntimeError):
 
 
 class OnlineWorker(Worker):
-    """A ``Worker`` whose steps take the logits path when a row needs it (see the module doc)."""
+    """A ``Worker`` whose steps take the logits path when a row needs it (see the module doc).
+    ``fault``: called with the count of steps done after each one (fault injection, tests)."""
 
     last_batch: ScheduledBatch | None = None
+    fault: Callable[[int], None] | None = None
+    steps_done = 0
 
     def run(self, batch: ScheduledBatch, runner=None, between_layers=None) -> tuple[list[int], list[int | None]]:
         runner = self.runner if runner is None else runner
@@ -127,11 +131,12 @@ class OnlineEngine:
         return super().__new__(cls)
 
     def __init__(self, model, mode: str = "serial", config: EngineConfig | None = None, *,
-                 split: SplitConfig | None = None, keep_steps: int | None = 10_000, max_queued: int = MAX_QUEUED,
-                 ready_timeout_s: float = 600.0):
+                 split: SplitConfig | None = None, parts: EngineParts | None = None,
+                 keep_steps: int | None = 10_000, max_queued: int = MAX_QUEUED, ready_timeout_s: float = 600.0):
         if mode not in MODES:
             raise ModeError(f"the online engine runs modes {', '.join(MODES)}; got {mode!r}")
         self.split = split if split is not None else SplitConfig()
+        self._given_parts = parts  # an engine built (and warmed) by the caller: this one steps it
         config = config if config is not None else EngineConfig()
         if not isinstance(config, EngineConfig):
             raise ConfigError(f"config must be a splitlab.config.EngineConfig, got {type(config).__name__}")
@@ -258,8 +263,9 @@ class OnlineEngine:
         if block is not None:  # a paged pool: the pages the scheduler will ask for (one of them headroom)
             pages = pages_written(request, block) + (self.scheduler.reserve == "grow")
             if pages > self.parts.allocator.capacity:
-                raise WorkloadError(f"the request needs {pages} KV pages of {block} positions but the pool has "
-                                    f"{self.parts.allocator.capacity}; shorten the prompt or ask for fewer tokens")
+                raise WorkloadError(f"request {request.id} needs {pages} KV pages of {block} positions but the pool "
+                                    f"has {self.parts.allocator.capacity}; raise EngineConfig.num_pages (or the KV "
+                                    "memory), or shorten the prompt or ask for fewer tokens")
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -320,12 +326,20 @@ class OnlineEngine:
             self._failure, self._failure_text = exc, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
 
     def _build(self) -> None:
-        """The offline modes' engine: KV pool, runner, allocator, warm-up, scheduler, worker."""
+        """KV pool, runner, allocator, warm-up, scheduler, worker; over ``parts`` when given
+        (a fresh allocator, and one short prompt so this thread's library handles exist)."""
         config = self.config
-        self.parts = build_engine(self.model, config)
+        if self._given_parts is None:
+            self.parts = build_engine(self.model, config)
+            if config.warmup:
+                warm_up(self.parts.runner, token_budget=config.token_budget)
+        else:
+            from splitlab.modes.worker_kv import new_allocator, warm_chunk
+
+            given = self._given_parts
+            self.parts = dataclasses.replace(given, allocator=new_allocator(given.kv, config))
+            self.parts.runner.prefill([warm_chunk(given.kv, 4)])
         runner = self.parts.runner
-        if config.warmup:
-            warm_up(runner, token_budget=config.token_budget)
         self.scheduler = Scheduler(self.mode, self.parts.allocator, runner.max_batch, config.token_budget,
                                    config.chunk_size)
         self.worker = self._worker(self.mode, runner, self.scheduler)
@@ -357,6 +371,9 @@ class OnlineEngine:
         worker.last_batch = None
         try:
             outcome = worker.step()
+            if outcome is not None and worker.fault is not None:
+                worker.steps_done += 1
+                worker.fault(worker.steps_done)
         except Exception as exc:  # noqa: BLE001 - fails this step's requests only
             worker.failed_steps = getattr(worker, "failed_steps", 0) + 1
             self._fail_batch(exc, worker)
@@ -446,7 +463,7 @@ class OnlineEngine:
             seq.handle._deliver(Delta(new, times, reason))
 
     def _fail_batch(self, exc: BaseException, worker: "OnlineWorker") -> None:
-        text = f"the engine step failed: {type(exc).__name__}: {exc}"
+        text = f"worker {worker.name} failed: {type(exc).__name__}: {exc}"
         with self._cv:
             for seq in self._batch_seqs(worker):
                 if seq.id in self._active:

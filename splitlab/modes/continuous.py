@@ -1,20 +1,21 @@
-"""Serial and chunked modes: one worker, continuous batching, prefill and decode on one stream."""
+"""Serial and chunked modes: one worker, continuous batching, prefill and decode on one stream.
+
+A run is a replay (``splitlab.engine.replay``) through the online engine, the same loop a
+server runs: there is no second, offline loop.
+"""
 
 from __future__ import annotations
-
-import time
-from typing import Callable
 
 import torch
 
 from splitlab.config import EngineConfig, RunConfig
-from splitlab.engine.loop import EngineParts, Worker, build_engine, drive
-from splitlab.engine.scheduler import Scheduler
-from splitlab.engine.warmup import warm_up
+from splitlab.engine.loop import EngineParts
+from splitlab.engine.online import OnlineEngine
+from splitlab.engine.replay import replay
 from splitlab.measure.metrics import Run
 from splitlab.modes.common import build_run, peak_bytes, reset_peak, worker_facts
-from splitlab.modes.worker_kv import new_allocator, warn_preemptions
-from splitlab.workload import Workload
+from splitlab.modes.worker_kv import warn_preemptions
+from splitlab.workload import MAX_REQUESTS, Workload
 
 MODES = ("serial", "chunked")
 
@@ -28,33 +29,28 @@ def _run_continuous(workload: Workload, model, mode: str, config: EngineConfig, 
     until the next arrival. Outputs are exactly ``max_new_tokens`` greedy tokens (EOS ignored).
     """
     reset_peak(torch.device(model.device))
-    parts = build_engine(model, config)
-    if config.warmup:
-        warm_up(parts.runner, token_budget=config.token_budget)
-    return serve_on(parts, workload, model, mode, warmed_up=config.warmup, progress=progress)
+    with OnlineEngine(model, mode, config, keep_steps=None, max_queued=MAX_REQUESTS) as engine:
+        return _replay_run(engine, workload, model, mode, warmed_up=config.warmup, progress=progress)
 
 
 def serve_on(parts: EngineParts, workload: Workload, model, mode: str, *, warmed_up: bool, progress: bool = True,
-             make_worker: Callable[..., Worker] = Worker, slo=None) -> Run:
+             deadline_s: float | None = None, slo=None) -> Run:
     """One run of ``workload`` in ``mode`` on an engine already built (``build_engine``) and
     warmed as ``warmed_up`` says: a fresh allocator and scheduler each call, so a benchmark can
-    serve several workloads on one engine. ``make_worker``: builds the ``Worker`` that steps it
-    (a benchmark's adds a time bound); ``slo``: recorded in the run's config."""
-    config, runner = parts.config, parts.runner
-    scheduler = Scheduler(mode, new_allocator(parts.kv, config), runner.max_batch, config.token_budget,
-                          config.chunk_size)
-    import tqdm.auto  # noqa: F401  (imported before the clock starts: the first import is slow)
+    serve several workloads on one engine. ``deadline_s``: stop the run this many seconds after
+    its start (``TimeoutError``); ``slo``: recorded in the run's config."""
+    with OnlineEngine(model, mode, parts.config, parts=parts, keep_steps=None, max_queued=MAX_REQUESTS) as engine:
+        return _replay_run(engine, workload, model, mode, warmed_up=warmed_up, progress=progress,
+                           deadline_s=deadline_s, slo=slo)
 
-    t0 = time.perf_counter()
 
-    def clock() -> float:
-        return time.perf_counter() - t0
-
-    worker = make_worker(mode, runner, scheduler, clock)
-    traces = drive(worker, workload, clock, progress=progress)
-    counters = scheduler.counters()  # preemptions of a paged pool that ran out, prefix-cache hits
+def _replay_run(engine: OnlineEngine, workload: Workload, model, mode: str, *, warmed_up: bool, progress: bool,
+                deadline_s: float | None = None, slo=None) -> Run:
+    traces, steps = replay(engine, workload, progress=progress, deadline_s=deadline_s)
+    parts, runner = engine.parts, engine.parts.runner
+    counters = engine.scheduler.counters()  # preemptions of a paged pool that ran out, prefix-cache hits
     warn_preemptions(mode, counters)
     memory = {"peak_bytes": peak_bytes(runner.device), "kv_pool_bytes": parts.kv.nbytes,
               "weight_bytes": runner.weight_bytes, **counters}
-    config_record = RunConfig(mode=mode, engine=config, effective=worker_facts(runner, warmed_up), slo=slo)
-    return build_run(config_record, model, workload, traces.values(), worker.steps, memory)
+    config_record = RunConfig(mode=mode, engine=parts.config, effective=worker_facts(runner, warmed_up), slo=slo)
+    return build_run(config_record, model, workload, traces, steps, memory)

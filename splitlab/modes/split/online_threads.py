@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from splitlab.errors import ConfigError, WorkerError
+from splitlab.errors import WorkerError
 from splitlab.engine.handles import Delta, OnlineSeq
 from splitlab.engine.online import OnlineEngine
 from splitlab.engine.scheduler import Scheduler
@@ -58,6 +58,13 @@ class OnlineSplitEngine(OnlineEngine):
     returned, so neither stream touches KV the other still uses. Each request belongs to one
     thread at a time, which alone delivers its deltas and drops it on cancel."""
 
+    def __init__(self, model, mode: str = "split", config=None, *, built=None, faults=None, **kwargs):
+        """``built``: a ``ThreadSplit`` to run over (an offline session's; else one is built);
+        ``faults``: ``{"prefill" | "decode": Fault}`` injected after a worker's steps (tests)."""
+        self._given_built = built
+        self._faults = dict(faults or {})
+        super().__init__(model, mode, config, **kwargs)
+
     def _build(self) -> None:
         from splitlab.engine.loop import EngineParts
         from splitlab.modes.split.adaptive import SMController
@@ -65,10 +72,8 @@ class OnlineSplitEngine(OnlineEngine):
         from splitlab.modes.worker_kv import new_allocator, warm_chunk
 
         config, split = self.config, self.split
-        if getattr(config, "kv_prefix_cache", False):
-            raise ConfigError("the online split engine does not share prefix pages; set kv_prefix_cache=False")
-        # the offline split's engine: pool, runners, streams or green contexts, graphs, SM lanes
-        self.built = built = ThreadSplit(self.model, config, split)
+        # the split's engine: pool, runners, streams or green contexts, graphs, SM lanes
+        self.built = built = self._given_built or ThreadSplit(self.model, config, split)
         built.release_threads()  # this engine's own two threads run the loops
         self.parts = EngineParts(built.kv, built.prefill_runner, new_allocator(built.kv, config), config,
                                  built.kv.max_seq_len)
@@ -77,6 +82,10 @@ class OnlineSplitEngine(OnlineEngine):
         self.decode_scheduler = Scheduler("decode", allocator, built.decode_runner.max_batch)
         self.worker = self._worker("prefill", built.prefill_runner, self.scheduler)
         self.decode_worker = self._worker("decode", built.decode_runner, self.decode_scheduler)
+        self.worker.fault, self.decode_worker.fault = self._faults.get("prefill"), self._faults.get("decode")
+        # handed over while the decode batch is full (a paged pool can hold more sequences than
+        # the largest graph bucket): they join as others finish
+        self._backlog: collections.deque = collections.deque()
         self.controller = None
         if built.plan is not None:  # an adaptive sm_policy: every step asks where it runs
             self.controller = SMController(built.policy, built.plan, self.clock, split.prefill_layer_group)
@@ -215,19 +224,25 @@ class OnlineSplitEngine(OnlineEngine):
                 if item is _END:
                     ended = True
                 else:
-                    with self._cv:
-                        self.decode_scheduler.add_running(item)
+                    self._backlog.append(item)
                 item = self._hand_q.get_nowait()
         except queue.Empty:
             pass
+        running, room = self.decode_scheduler.running, self.decode_worker.runner.max_batch
+        with self._cv:
+            while self._backlog and len(running) < room:
+                seq = self._backlog.popleft()
+                if not seq.cancelled:
+                    self.decode_scheduler.add_running(seq)
         return ended
 
     def _decode_cancels(self) -> None:
         """Under the lock: cancelled requests of the decode batch dropped (all, on an abort)."""
         abort = self._closing and self._abort
-        for seq in list(self.decode_scheduler.running):
+        for seq in [*self.decode_scheduler.running, *self._backlog]:
             if abort or seq.id in self._cancels:
-                self._drop(seq, Delta((), (), "abort"), self.decode_scheduler)
+                self._drop(seq, Delta((), (), "abort"), self.decode_scheduler)  # frees its KV at once
+        self._backlog = collections.deque(s for s in self._backlog if not s.cancelled)
 
 
 def _on_stream(stream):

@@ -10,42 +10,40 @@ prefills, the decode runner owns the CUDA graphs and their static inputs).
   disjoint SM sets (``splitlab.system.green.split_sms``). The decode graphs are captured
   on the decode context's stream, so the captured kernels belong to its SMs.
 
+A ``ThreadSplit`` builds the engine; every run is a replay (``splitlab.engine.replay``)
+through the online split engine over it (``splitlab.modes.split.online_threads``), whose two
+threads run the prefill and the decode loop: one loop for a server and an offline run.
+
 Ordering without events: a prefill step ends with ``.tolist()`` of its tokens, a host sync
 of the prefill stream that returns only after every kernel before it (the KV writes
-included) finished; only then is the handoff queued, so the decode stream's first read of
-that slot (or those pages) comes after the writes. A slot or page is freed after the decode
-step that finished its sequence returned its tokens (a sync of the decode stream), so the
-prefill stream never overwrites KV that a queued decode kernel still reads. The allocator
-is the prefill thread's alone (one per run); frees come back to it through a queue.
+included) finished; only then is the request handed over, so the decode stream's first read
+of that slot (or those pages) comes after the writes. A slot or page is freed after the
+decode step that finished its sequence returned its tokens (a sync of the decode stream), so
+the prefill stream never overwrites KV that a queued decode kernel still reads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
-import time
-import traceback
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ModeError, WorkerError
-from splitlab.engine.loop import DecodeWorker, PrefillWorker, build_engine
+from splitlab.engine.loop import build_engine
 from splitlab.engine.runner import ModelRunner
 from splitlab.engine.warmup import warm_up
-from splitlab.modes.split.adaptive import GreenPlan, SMController
-from splitlab.modes.common import (Fault, FreedSlots, Stopped, decode_loop, fault_for, peak_bytes, prefill_loop,
-                                   reset_peak, worker_facts)
-from splitlab.modes.worker_kv import new_allocator, warm_chunk, warm_decode_step
+from splitlab.modes.split.adaptive import GreenPlan
+from splitlab.modes.common import Fault, fault_for, peak_bytes, reset_peak, worker_facts
+from splitlab.modes.worker_kv import warm_chunk
 from splitlab.system.env import synchronize
 
-_END = object()
 GREEN_HINT = ("split backend green needs an NVIDIA GPU with green contexts (CUDA 12.4+ driver, cuda-python); "
               "use backend='processes' or 'streams'")
+
 
 def green_partition(device: torch.device, prefill_sms: int | None, high_priority_decode: bool):
     """``(partition, prefill_sms, decode_sms)``: disjoint green contexts, prefill first."""
@@ -78,9 +76,11 @@ class ThreadSplit:
     children: dict[str, dict[str, Any]] = {}
 
     def __init__(self, model, config: EngineConfig, split: SplitConfig, faults: tuple[Fault, ...] = ()):
+        self.model = model
         self.config = config
         self.split = split
         self.faults = {name: fault_for(faults, name) for name in ("prefill", "decode")}
+        self.online = None  # the online split engine every run replays through (made at the first)
         self.device = torch.device(model.device)
         cuda = self.device.type == "cuda"
         self.green: dict[str, Any] | None = None
@@ -172,36 +172,36 @@ class ThreadSplit:
         }
 
     def run(self, workload, progress: bool = True):
-        """``(traces, steps, memory)`` of one run of ``workload``."""
-        from tqdm.auto import tqdm
+        """``(traces, steps, memory)`` of one run of ``workload``: a replay through this engine's
+        online split engine (made at the first run; its two threads then serve every run)."""
+        from splitlab.engine.replay import counters_since, replay
+        from splitlab.modes.split.online_threads import OnlineSplitEngine
+        from splitlab.workload import MAX_REQUESTS
 
-        run = _ThreadRun(self, workload)
-        bar = None
-        futures: list = []
-        try:
-            futures = [self.pools[name].submit(run.guarded(name, body))
-                       for name, body in (("prefill", run.prefill_main), ("decode", run.decode_main))]
-            run.wait_ready(futures, self.split.ready_timeout_s)
-            reset_peak(self.device)
-            bar = tqdm(total=workload.total_output_tokens, unit="tok", desc=f"split {self.split.backend}",
-                       disable=not progress, leave=False)
-            run.watch(futures, bar)
-        except BaseException:
-            run.stop.set()
-            wait(futures, timeout=30.0)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        seqs = run.results["prefill"]
-        for s in seqs.values():
-            s.trace.worker = "split"
-        if run.controller is not None:
-            self.green = {"sm_policy": self.split.sm_policy, **run.controller.facts()}
-        run.every_kv_back()
+        if self.online is None:
+            self.online = OnlineSplitEngine(self.model, "split", self.config, split=self.split, built=self,
+                                            faults=self.faults, keep_steps=None, max_queued=MAX_REQUESTS,
+                                            ready_timeout_s=self.split.ready_timeout_s)
+        online = self.online
+        if online.controller is not None:  # a run's decisions are its own
+            online.controller.decisions.clear()
+            online.controller.prefill_moves = 0
+        before = online.scheduler.counters()
+        reset_peak(self.device)
+        traces, steps = replay(online, workload, progress=progress, desc=f"split {self.split.backend}",
+                               stall_timeout_s=self.split.stall_timeout_s)
+        allocator = online.parts.allocator
+        if allocator.num_free != allocator.capacity:  # every request ended, so every slot or page is back
+            raise WorkerError(f"split {self.split.backend}: {allocator.capacity - allocator.num_free} KV slots or "
+                              "pages were still held after the run ended (a leak in the split engine; please "
+                              "report it)")
+        if online.controller is not None:
+            self.green = {"sm_policy": self.split.sm_policy, **online.controller.facts()}
+        for t in traces:
+            t.worker = "split"
         peak = peak_bytes(self.device)
-        return ([s.trace for s in seqs.values()], run.pre.steps + run.dec.steps,
-                {"peak_bytes": peak, "per_worker": {"process": peak}, **run.pre.scheduler.counters()})
+        return (traces, steps, {"peak_bytes": peak, "per_worker": {"process": peak},
+                                **counters_since(before, online.scheduler.counters())})
 
     def release_threads(self) -> None:
         """Stop the two worker threads and keep the built engine (the online split engine
@@ -211,149 +211,9 @@ class ThreadSplit:
         self.pools = {}
 
     def close(self) -> None:
+        if self.online is not None:
+            self.online.close(abort=True)
+            self.online = None
         self.release_threads()
         self.prefill_runner = self.decode_runner = None  # graphs and buffers go with them
         self.kv = None
-
-
-class _ThreadRun:
-    """One run of a ``ThreadSplit``: both loops on their threads, watched from the caller's.
-
-    Each thread first runs one step of its own on its stream (library handles and workspaces
-    of this thread, before t0), says it is ready, and waits for ``go``; a failure on either
-    thread stops the other (``stop``) and is raised by the caller as a ``WorkerError``."""
-
-    def __init__(self, engine: ThreadSplit, workload):
-        self.engine = engine
-        self.workload = workload
-        self.t0 = 0.0
-        self.allocator = new_allocator(engine.kv, engine.config)
-        self.hand_q: queue.Queue = queue.Queue()
-        self.freed_q: queue.Queue = queue.Queue()
-        self.freed = FreedSlots(self.freed_q.put)
-        self.pre = PrefillWorker(engine.prefill_runner, self.allocator, engine.config, self.clock)
-        self.dec = DecodeWorker(engine.decode_runner, self.freed, engine.config, self.clock)
-        self.controller = None
-        if engine.plan is not None:  # an adaptive sm_policy: every step asks where it runs
-            self.controller = SMController(engine.policy, engine.plan, self.clock, engine.split.prefill_layer_group)
-            self.pre.placer = self.controller.prefill_placer()
-            self.dec.placer = self.controller.decode_placer()
-        self.stop = threading.Event()
-        self.go = threading.Event()
-        self.ready = {"prefill": threading.Event(), "decode": threading.Event()}
-        self.errors: list[tuple[str, BaseException, str]] = []
-        self.results: dict[str, Any] = {}
-        self.tokens = {"prefill": 0, "decode": 0}
-
-    def clock(self) -> float:
-        return time.perf_counter() - self.t0
-
-    # ---- the transport of the loops (queue.Queue) --------------------------------------------
-    def wait_freed(self, timeout: float) -> list[int]:
-        out: list[int] = []
-        try:
-            out.extend(self.freed_q.get(timeout=timeout) if timeout > 0 else self.freed_q.get_nowait())
-            while True:
-                out.extend(self.freed_q.get_nowait())
-        except queue.Empty:
-            pass
-        return out
-
-    def every_kv_back(self) -> None:
-        """After both threads ended: the decode side's last frees into the allocator, which
-        must then hold every slot or page again (else a sequence leaked KV: a bug)."""
-        for kv_id in self.wait_freed(0.0):
-            self.allocator.free(kv_id)
-        held = self.allocator.capacity - self.allocator.num_free
-        if held:
-            raise WorkerError(f"split {self.engine.split.backend}: {held} KV slots or pages were still held after "
-                              "the run ended (a leak in the split engine; please report it)")
-
-    def receive(self, timeout: float):
-        pairs, ended = [], False
-        try:
-            item = self.hand_q.get(timeout=timeout) if timeout > 0 else self.hand_q.get_nowait()
-            while True:
-                if item is _END:
-                    ended = True
-                else:
-                    pairs.extend((h, seq.trace) for h, seq in item)
-                item = self.hand_q.get_nowait()
-        except queue.Empty:
-            pass
-        return pairs, ended
-
-    def _counter(self, name: str):
-        def on_step(step, outcome, *_):
-            self.tokens[name] += outcome.num_new_tokens
-        return on_step
-
-    def _wait_go(self) -> None:
-        while not self.go.wait(0.05):
-            if self.stop.is_set():
-                raise Stopped
-
-    # ---- the two threads ---------------------------------------------------------------------
-    def prefill_main(self) -> None:
-        engine = self.engine
-        with _stream_ctx(engine.streams[0]):
-            engine.prefill_runner.prefill([warm_chunk(engine.kv, 4)])
-            synchronize(engine.device)
-            self.ready["prefill"].set()
-            self._wait_go()
-            self.results["prefill"] = prefill_loop(
-                self.pre, self.allocator, self.workload.requests, self.clock, hand_off=self.hand_q.put,
-                wait_freed=self.wait_freed, on_step=self._counter("prefill"), stop=self.stop.is_set,
-                fault=engine.faults["prefill"], poll_s=engine.split.poll_s)
-            self.hand_q.put(_END)
-
-    def decode_main(self) -> None:
-        engine = self.engine
-        with _stream_ctx(engine.streams[1]):
-            warm_decode_step(engine.decode_runner)
-            synchronize(engine.device)
-            self.ready["decode"].set()
-            self._wait_go()
-            self.results["decode"] = decode_loop(
-                self.dec, self.freed, receive=self.receive, on_step=self._counter("decode"), stop=self.stop.is_set,
-                fault=engine.faults["decode"], poll_s=engine.split.poll_s)
-
-    def guarded(self, name: str, body):
-        def run() -> None:
-            try:
-                body()
-            except Stopped:
-                pass
-            except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread
-                self.errors.append((name, exc, traceback.format_exc()))
-                self.stop.set()
-        return run
-
-    # ---- the caller's thread -----------------------------------------------------------------
-    def wait_ready(self, futures, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not all(e.is_set() for e in self.ready.values()):
-            _raise_first(self.errors)
-            if all(f.done() for f in futures) or time.monotonic() > deadline:
-                _raise_first(self.errors)
-                raise WorkerError("the split worker threads did not get ready")
-            time.sleep(0.01)
-
-    def watch(self, futures, bar) -> None:
-        """Start the run (t0, go) and update ``bar`` until both threads are done."""
-        self.t0 = time.perf_counter()
-        self.go.set()
-        shown = 0
-        while not all(f.done() for f in futures):
-            wait(futures, timeout=0.1)
-            _raise_first(self.errors)
-            now = self.tokens["prefill"] + self.tokens["decode"]
-            bar.update(now - shown)
-            shown = now
-        _raise_first(self.errors)
-
-
-def _raise_first(errors) -> None:
-    if errors:
-        name, exc, tb = errors[0]
-        raise WorkerError(f"worker {name} failed: {exc.__class__.__name__}: {exc}\n{tb}") from exc
