@@ -117,6 +117,21 @@ def test_a_killed_child_fails_every_open_handle(tiny, victim):
     assert_clean(before, children)
 
 
+def test_a_hung_child_fails_the_open_handles_after_the_stall_timeout(tiny):
+    before = snapshot()
+    eng = OnlineEngine(tiny, "split", CONFIG, split=SplitConfig(backend="processes", stall_timeout_s=2.0))
+    try:
+        h = eng.submit([70, 71], 250 - 2, ignore_eos=True)
+        next(iter(h))
+        os.kill(eng.pids["decode"], signal.SIGSTOP)  # alive, silent
+        h.result(20)
+        assert h.finish_reason == "error" and "hung worker" in h.error
+    finally:
+        children = eng.children
+        eng.close()
+    assert_clean(before, children)
+
+
 def test_mps_is_refused_on_cpu_before_starting_anything(tiny):
     before = snapshot()
     with pytest.raises(ModeError, match="mps needs an NVIDIA GPU with nvidia-cuda-mps-control"):

@@ -5,7 +5,8 @@ One server (the tiny model) for the module: greedy tokens through HTTP, streamed
 equal HF ``generate()``'s; 32 concurrent streams all finish with their lengths; a client
 dropped mid-stream frees its KV (``/metrics`` back to empty); bad requests get their status
 and an OpenAI JSON error while the server keeps serving; and last, SIGTERM with requests in
-flight: exit 0, every stream ended, no process, /dev/shm entry or port left behind.
+flight: exit 0, every stream ended, no process, /dev/shm entry or port left behind. Then a
+``--mode replicas`` server of its own: two engines' greedy tokens, a clean stop.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from _oracle import hf_generate
 from test_serve import _alive, _open_stream, assert_error, metric, post, sse_events, stream, wait_until
 
 from splitlab.serve.process import ServerProcess, descendants, port_is_free
-from splitlab.system.procs import shm_mapped_elsewhere
+from splitlab.system.procs import read_proc_file
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,11 +32,20 @@ ARGS = ["--model", "tiny", "--mode", "split", "--backend", "processes", "--max-s
         "--max-batch", "8", "--max-body-bytes", "65536", "--device", "cpu"]
 
 
+def shm_mapped_by(pids) -> set[str]:
+    """The /dev/shm entries (queue semaphores, CUDA IPC files) these processes map now."""
+    out: set[str] = set()
+    for pid in pids:
+        for line in (read_proc_file(pid, "maps") or b"").decode("utf-8", "replace").splitlines():
+            i = line.find("/dev/shm/")
+            if i >= 0:
+                out.add(line[i + len("/dev/shm/"):].split()[0])
+    return out
+
+
 @pytest.fixture(scope="module")
 def server():
-    shm_before = set(os.listdir("/dev/shm"))
     proc = ServerProcess.splitlab(ARGS)
-    proc.shm_before = shm_before
     yield proc
     proc.stop()
 
@@ -134,7 +144,7 @@ def test_health_and_metrics_read_the_children(server):
 
 
 def test_sigterm_with_requests_in_flight_leaves_nothing_behind(server):
-    """Last: it stops the module's server."""
+    """It stops the module's server: every test of it comes before."""
     results: list = []
     threads = [threading.Thread(target=_open_stream, args=(server, 500, results)) for _ in range(3)]
     for t in threads:
@@ -142,6 +152,8 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_behind(server):
     assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 3, 60.0)
     children = descendants(server.pid)
     assert len(children) >= 2
+    shm = shm_mapped_by([server.pid, *children])  # the server's own, not what other programs make meanwhile
+    assert shm, "the server's queues map their semaphores from /dev/shm"
     port = server.port
     started = time.monotonic()
     assert server.stop(signal.SIGTERM, timeout_s=60.0) == 0, server.output()
@@ -156,7 +168,31 @@ def test_sigterm_with_requests_in_flight_leaves_nothing_behind(server):
     assert "splitlab serve: stopped" in server.output()
     assert port_is_free(port)
     assert wait_until(lambda: not [pid for pid in children if _alive(pid)], 10.0)
-    left = set(os.listdir("/dev/shm")) - server.shm_before
-    if left:
-        left -= shm_mapped_elsewhere()  # other programs' live objects, not ours
+    left = shm & set(os.listdir("/dev/shm"))
     assert not left, f"/dev/shm entries left behind: {sorted(left)}"
+
+
+def test_a_replicas_server_serves_generate_tokens_and_stops_clean(tiny):
+    """``--mode replicas``: each request goes to one of two spawned engines."""
+    args = ["--model", "tiny", "--mode", "replicas", "--replicas", "2", "--replica-engine", "chunked",
+            "--max-seq-len", "256", "--num-slots", "4", "--max-batch", "4", "--chunk-size", "64", "--device", "cpu"]
+    with ServerProcess.splitlab(args) as replicas:
+        children = descendants(replicas.pid)
+        prompts = [[30 + i, 31, 32] for i in range(4)]
+        results: list = [None] * 4
+
+        def one(i: int) -> None:
+            body = {"prompt": prompts[i], "max_tokens": 9, "temperature": 0, "ignore_eos": True,
+                    "return_token_ids": True, "stream": True}
+            events = stream(replicas, "/completions", body)
+            results[i] = [t for e in events[:-1] for t in e["choices"][0]["token_ids"]]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [hf_generate(tiny, p, 9, min_new=9) for p in prompts]
+        assert metric(replicas, "splitlab_kv_slots_total") == 4.0
+        assert replicas.stop(signal.SIGTERM, timeout_s=60.0) == 0, replicas.output()
+    assert wait_until(lambda: not [pid for pid in children if _alive(pid)], 10.0)

@@ -231,13 +231,6 @@ class ChildEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            if self.session is not None and self._closer is None:
-                self.close(wait=False)
-        except Exception:  # noqa: BLE001 - at interpreter exit
-            pass
-
     # ---- subclasses -----------------------------------------------------------------------------
     def _target(self, rid: int) -> str:
         raise NotImplementedError
@@ -256,16 +249,21 @@ class ChildEngine:
 
     # ---- the reader thread ------------------------------------------------------------------------
     def _read(self) -> None:
-        group = self.session.group
-        checked = time.monotonic()
+        group, stall_s = self.session.group, self.session.stall_timeout_s
+        checked = heard = time.monotonic()
         try:
             while not self._stop_reader:
                 event = group.next_event(timeout=0.1)
-                if time.monotonic() - checked > 0.5:  # a steady stream of events skips next_event's check
+                now = time.monotonic()
+                if now - checked > 0.5:  # a steady stream of events skips next_event's check
                     group._check_alive()
-                    checked = time.monotonic()
+                    checked = now
                 if event is None:
+                    if now - heard > stall_s and self._arrived_open():
+                        raise WorkerError(f"no worker reported anything for {stall_s:g} s while requests were in "
+                                          "flight (a hung worker); stopped the workers")
                     continue
+                heard = now
                 name, payload = event
                 if isinstance(payload, Tokens):
                     self._apply(payload)
@@ -274,6 +272,11 @@ class ChildEngine:
         except BaseException as exc:  # noqa: BLE001 - every open handle learns it
             if not self._stop_reader:
                 self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _arrived_open(self) -> bool:
+        now = self.clock()
+        with self._cv:
+            return any(h.trace.arrival_s <= now for h in self._handles.values())
 
     def _apply(self, msg: Tokens) -> None:
         with self._cv:

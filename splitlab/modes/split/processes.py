@@ -24,6 +24,9 @@ complete, a one-token request only has the prefill child's).
 
 Between the children: ``Setup`` once (prefill -> decode), then per run ``Handoffs`` and
 ``End`` on the handoff queue; ``Freed`` and, at close, ``Bye`` on the freed-slot queue.
+
+The online engine of these backends (``online_processes.py``) starts its children with the
+same ``prefill_setup`` / ``decode_setup`` and ends them with the same ``Bye``.
 """
 
 from __future__ import annotations
