@@ -172,6 +172,10 @@ def test_the_dispatch_gives_the_process_engines(engine):
     assert engine.max_seq_len == 256 and engine.vocab_size == 260
     pids = engine.pids
     assert len(pids) == 2 and os.getpid() not in pids.values()
+    facts = engine.facts()
+    assert set(facts["workers"]) == set(pids) and facts["mps"] is None
+    if engine.mode == "split":  # the decode child maps the prefill child's weights and KV pool
+        assert facts["backend"] == "processes" and facts["workers"]["decode"]["weights_shared"] is True
 
 
 def test_greedy_equals_generate_with_requests_arriving_while_it_runs(engine, tiny):

@@ -104,6 +104,13 @@ class ChildEngine:
         """Each child process: ``{"pid", "tmpdir", "exitcode"}``, kept after ``close()``."""
         return self.session.children if self.session is not None else {}
 
+    def facts(self) -> dict[str, Any]:
+        """What it runs with: each child's ``Ready`` facts (its runner's settings and what its
+        start-up measured) and the MPS daemon's clients (None without MPS)."""
+        ready = self.session.ready if self.session is not None else {}
+        return {"mode": self.mode, "workers": {name: dict(r.facts) for name, r in ready.items()},
+                "mps": self.session.mps if self.session is not None else None}
+
     @property
     def steps(self):
         with self._cv:

@@ -236,6 +236,9 @@ class OnlineProcessSplit(ChildEngine):
         """What the MPS daemon reported (``mps`` backend), else None."""
         return self.session.mps
 
+    def facts(self):
+        return {**super().facts(), "backend": self.split.backend}
+
     def _target(self, rid: int) -> str:
         return "prefill"
 
