@@ -148,3 +148,64 @@ class OnlineSeq(SeqState):
         if masked:
             logits = logits.index_fill(0, torch.tensor(masked, device=logits.device), float("-inf"))
         return sample(logits, self.params, self.generator)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit: the vocabulary, the context, and on a paged pool its pages
+    (``page_headroom`` more than it writes) among ``pool_pages``."""
+
+    vocab_size: int
+    max_seq_len: int
+    block_size: int | None = None
+    pool_pages: int | None = None
+    page_headroom: int = 0
+
+
+def checked_request(prompt_ids, max_tokens, request_id: int, limits: RequestLimits, *,
+                    sampling: SamplingParams | None, ignore_eos: bool, min_tokens: int, stop_ids
+                    ) -> tuple[Request, SamplingParams, frozenset]:
+    """``(request, sampling, stop ids)`` of one ``submit``, every argument checked once here
+    for every online engine (in-process or over children): ``ConfigError`` for a bad
+    setting, ``WorkloadError`` for a request the engine can never hold."""
+    from splitlab.engine.kv import pages_written
+    from splitlab.errors import WorkloadError
+
+    sampling = GREEDY if sampling is None else sampling
+    if not isinstance(sampling, SamplingParams):
+        raise ConfigError(f"sampling must be a SamplingParams, got {sampling!r}")
+    if not isinstance(ignore_eos, bool):
+        raise ConfigError(f"ignore_eos must be True or False, got {ignore_eos!r}")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ConfigError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
+    stops = frozenset(_token_ids(stop_ids, "stop_ids", limits.vocab_size))
+    request = Request(request_id, prompt_ids, max_tokens)  # checks the ids and lengths
+    if min_tokens > request.max_new_tokens:
+        raise ConfigError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({request.max_new_tokens})")
+    top, low = max(request.prompt_ids), min(request.prompt_ids)
+    if top >= limits.vocab_size or low < 0:
+        raise WorkloadError(f"token id {top if top >= limits.vocab_size else low} is outside the model's "
+                            f"vocabulary [0, {limits.vocab_size})")
+    need = request.prompt_len + request.max_new_tokens
+    if need > limits.max_seq_len:
+        raise WorkloadError(f"the request needs {need} positions (prompt {request.prompt_len} + "
+                            f"{request.max_new_tokens} new) but the engine's context is {limits.max_seq_len}; "
+                            "shorten the prompt or ask for fewer tokens")
+    if limits.block_size is not None:
+        pages = pages_written(request, limits.block_size) + limits.page_headroom
+        if pages > limits.pool_pages:
+            raise WorkloadError(f"request {request.id} needs {pages} KV pages of {limits.block_size} positions but "
+                                f"the pool has {limits.pool_pages}; raise EngineConfig.num_pages (or the KV "
+                                "memory), or shorten the prompt or ask for fewer tokens")
+    return request, sampling, stops
+
+
+def _token_ids(ids, what: str, vocab_size: int) -> list[int]:
+    try:
+        given = list(ids)
+    except TypeError:
+        raise ConfigError(f"{what} must be a list of token ids, got {ids!r}") from None
+    for i in given:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise ConfigError(f"{what} must be token ids in [0, {vocab_size}), got {given!r}")
+    return given

@@ -55,15 +55,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, WorkloadError
-from splitlab.engine.handles import FINISH_REASONS, Delta, OnlineSeq, RequestHandle
-from splitlab.engine.kv import pages_written
+from splitlab.engine.handles import (FINISH_REASONS, Delta, OnlineSeq, RequestHandle, RequestLimits,
+                                     checked_request)
 from splitlab.engine.loop import EngineParts, Worker, build_engine
 from splitlab.engine.plan import split_outputs
 from splitlab.engine.sampling import GREEDY, SamplingParams, request_generator, sample
 from splitlab.engine.scheduler import ScheduledBatch, Scheduler
 from splitlab.engine.warmup import warm_up
 from splitlab.measure.metrics import RequestTrace
-from splitlab.workload import Request
 
 __all__ = ["FINISH_REASONS", "GREEDY", "MAX_QUEUED", "MODES", "Delta", "EngineBusyError", "OnlineEngine",
            "OnlineSeq", "OnlineWorker", "RequestHandle", "SamplingParams", "sample"]
@@ -208,20 +207,9 @@ class OnlineEngine:
         in flight must differ). ``loop``: the asyncio loop that will ``async for`` the handle.
         Bad input raises ``WorkloadError`` / ``ConfigError``; a full engine ``EngineBusyError``;
         a closed or failed one ``WorkerError``."""
-        sampling = GREEDY if sampling is None else sampling
-        if not isinstance(sampling, SamplingParams):
-            raise ConfigError(f"sampling must be a SamplingParams, got {sampling!r}")
-        for name, flag in (("ignore_eos", ignore_eos),):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{name} must be True or False, got {flag!r}")
-        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
-            raise ConfigError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
-        stops = frozenset(self._check_ids(stop_ids, "stop_ids"))
         rid = next(self._ids) if request_id is None else request_id
-        request = Request(rid, prompt_ids, max_tokens)  # checks the ids and lengths
-        if min_tokens > request.max_new_tokens:
-            raise ConfigError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({request.max_new_tokens})")
-        self._check_fits(request)
+        request, sampling, stops = checked_request(prompt_ids, max_tokens, rid, self._limits(), sampling=sampling,
+                                                   ignore_eos=ignore_eos, min_tokens=min_tokens, stop_ids=stop_ids)
         arrival = self.clock() if arrival_s is None else float(arrival_s)
         trace = RequestTrace(id=request.id, arrival_s=arrival, prompt_len=request.prompt_len,
                              max_new_tokens=request.max_new_tokens, worker=self.mode)
@@ -239,33 +227,13 @@ class OnlineEngine:
             self._cv.notify()
         return handle
 
-    def _check_ids(self, ids: Iterable[int], what: str) -> list[int]:
-        try:
-            given = list(ids)
-        except TypeError:
-            raise ConfigError(f"{what} must be a list of token ids, got {ids!r}") from None
-        for i in given:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
-                raise ConfigError(f"{what} must be token ids in [0, {self.vocab_size}), got {given!r}")
-        return given
-
-    def _check_fits(self, request: Request) -> None:
-        top, low = max(request.prompt_ids), min(request.prompt_ids)
-        if top >= self.vocab_size or low < 0:
-            raise WorkloadError(f"token id {top if top >= self.vocab_size else low} is outside the model's "
-                                f"vocabulary [0, {self.vocab_size})")
-        need, room = request.prompt_len + request.max_new_tokens, self.max_seq_len
-        if need > room:
-            raise WorkloadError(f"the request needs {need} positions (prompt {request.prompt_len} + "
-                                f"{request.max_new_tokens} new) but the engine's context is {room}; "
-                                "shorten the prompt or ask for fewer tokens")
-        block = getattr(self.parts.allocator, "block_size", None)
-        if block is not None:  # a paged pool: the pages the scheduler will ask for (one of them headroom)
-            pages = pages_written(request, block) + (self.scheduler.reserve == "grow")
-            if pages > self.parts.allocator.capacity:
-                raise WorkloadError(f"request {request.id} needs {pages} KV pages of {block} positions but the pool "
-                                    f"has {self.parts.allocator.capacity}; raise EngineConfig.num_pages (or the KV "
-                                    "memory), or shorten the prompt or ask for fewer tokens")
+    def _limits(self) -> RequestLimits:
+        """What a request must fit: on a paged pool the pages the scheduler will ask for (one
+        of them headroom when it grows sequences page by page)."""
+        alloc = self.parts.allocator
+        block = getattr(alloc, "block_size", None)
+        return RequestLimits(self.vocab_size, self.max_seq_len, block, alloc.capacity if block else None,
+                             int(self.scheduler.reserve == "grow"))
 
     def _check_open(self) -> None:
         if self._failure is not None:

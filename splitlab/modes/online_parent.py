@@ -24,15 +24,13 @@ import time
 from typing import Any, Iterable, Sequence
 
 from splitlab.config import EngineConfig
-from splitlab.engine.kv import pages_written
-from splitlab.engine.handles import Delta, RequestHandle
+from splitlab.engine.handles import Delta, RequestHandle, RequestLimits, checked_request
 from splitlab.engine.online import MAX_QUEUED, EngineBusyError
-from splitlab.engine.sampling import GREEDY, SamplingParams
+from splitlab.engine.sampling import SamplingParams
 from splitlab.errors import ConfigError, WorkerError, WorkloadError
 from splitlab.measure.metrics import RequestTrace
 from splitlab.modes.online_child import Cancel, RequestDelta, Submit, Tokens, WorkerState
 from splitlab.modes.session import Go, ProcessSession
-from splitlab.workload import Request
 
 
 class ChildEngine:
@@ -134,19 +132,11 @@ class ChildEngine:
                arrival_s: float | None = None, request_id: int | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """As ``OnlineEngine.submit``: queue one request, return its handle at once."""
-        sampling = GREEDY if sampling is None else sampling
-        if not isinstance(sampling, SamplingParams):
-            raise ConfigError(f"sampling must be a SamplingParams, got {sampling!r}")
-        if not isinstance(ignore_eos, bool):
-            raise ConfigError(f"ignore_eos must be True or False, got {ignore_eos!r}")
-        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
-            raise ConfigError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
-        stops = self._check_ids(stop_ids, "stop_ids")
         rid = next(self._ids) if request_id is None else request_id
-        request = Request(rid, prompt_ids, max_tokens)  # checks the ids and lengths
-        if min_tokens > request.max_new_tokens:
-            raise ConfigError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({request.max_new_tokens})")
-        self._check_fits(request)
+        limits = RequestLimits(self.vocab_size, self.max_seq_len, self._block,
+                               self._pool if self._block is not None else None, self.page_headroom)
+        request, sampling, stops = checked_request(prompt_ids, max_tokens, rid, limits, sampling=sampling,
+                                                   ignore_eos=ignore_eos, min_tokens=min_tokens, stop_ids=stop_ids)
         arrival = self.clock() if arrival_s is None else float(arrival_s)
         trace = RequestTrace(id=request.id, arrival_s=arrival, prompt_len=request.prompt_len,
                              max_new_tokens=request.max_new_tokens, worker=self.mode)
@@ -165,32 +155,6 @@ class ChildEngine:
             self._sent[target] += 1
             self._send(target, msg)
         return handle
-
-    def _check_ids(self, ids: Iterable[int], what: str) -> list[int]:
-        try:
-            given = list(ids)
-        except TypeError:
-            raise ConfigError(f"{what} must be a list of token ids, got {ids!r}") from None
-        for i in given:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
-                raise ConfigError(f"{what} must be token ids in [0, {self.vocab_size}), got {given!r}")
-        return given
-
-    def _check_fits(self, request: Request) -> None:
-        top, low = max(request.prompt_ids), min(request.prompt_ids)
-        if top >= self.vocab_size or low < 0:
-            raise WorkloadError(f"token id {top if top >= self.vocab_size else low} is outside the model's "
-                                f"vocabulary [0, {self.vocab_size})")
-        need, room = request.prompt_len + request.max_new_tokens, self.max_seq_len
-        if need > room:
-            raise WorkloadError(f"the request needs {need} positions (prompt {request.prompt_len} + "
-                                f"{request.max_new_tokens} new) but the engine's context is {room}; "
-                                "shorten the prompt or ask for fewer tokens")
-        if self._block is not None:
-            pages = pages_written(request, self._block) + self.page_headroom
-            if pages > self._pool:
-                raise WorkloadError(f"the request needs {pages} KV pages of {self._block} positions but the pool has "
-                                    f"{self._pool}; shorten the prompt or ask for fewer tokens")
 
     def _check_open(self) -> None:
         if self._failure is not None:
