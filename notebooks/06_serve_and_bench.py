@@ -170,7 +170,7 @@ print("checked: the bench sent exactly this workload (name, arrivals, prompt len
 #
 # Three clocks saw these requests:
 #
-# - **in-process**: `sl.run`, the engine loop alone (the run of section 2);
+# - **in-process**: `sl.run`, the same online engine replaying the workload in this kernel (section 2);
 # - **the server's engine clock**: `/metrics` of `splitlab serve` (histograms; their sums and counts
 #   give the means): from the moment a parsed, tokenised request reached the engine to each token;
 # - **the client**: `splitlab bench`, from the request's arrival time in the workload to each token's
@@ -178,9 +178,10 @@ print("checked: the bench sent exactly this workload (name, arrivals, prompt len
 #
 # *Client minus server* (same requests, same run) is the HTTP path proper: the request's send and
 # parsing, tokenising, and each token's JSON chunk over server-sent events. *Server minus in-process*
-# (same workload, two runs) is what else differs: the online engine taking requests as they come in
-# from the HTTP side, in a process of its own. *Client minus in-process* is the sum of the two. Means
-# are the only statistic all three clocks give; the two runs also give percentiles. On a machine shared
+# (same workload, two runs of the same engine loop) is what else differs: requests reaching the engine
+# from the HTTP side rather than at their planned times, a process of its own, and run-to-run scheduling.
+# *Client minus in-process* is the sum of the two. Means are the only statistic all three clocks give;
+# the two runs also give percentiles. On a machine shared
 # with other work the run-to-run part moves more than the HTTP part: rerun the notebook to see by how much.
 
 # %%
@@ -207,7 +208,7 @@ for_people(side_by_side)
 client_view, inproc_view = views["client (splitlab bench -> splitlab serve)"], views["in-process (sl.run)"]
 overhead = pd.DataFrame({
     "client - server's clock (the HTTP path)": {k: client_view[k] - server_clock[k] for k in server_clock},
-    "server's clock - in-process (online engine, own process)": {k: server_clock[k] - inproc_view[k]
+    "server's clock - in-process (own process, run to run)": {k: server_clock[k] - inproc_view[k]
                                                                  for k in server_clock},
     "client - in-process (all of it)": {k: client_view[k] - inproc_view[k] for k in server_clock},
 }).T.rename_axis("difference").reset_index()
