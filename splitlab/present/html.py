@@ -102,8 +102,10 @@ _LOADER = """
     await library;
     performance.mark('splitlab:plotly-ready');
     for (var i = 0; i < first.length; i++) await draw(first[i]);
-    if (first.length) firstScreenDrawn(first.length);
-    await new Promise(function (painted) { requestAnimationFrame(function () { setTimeout(painted, 0); }); });
+    if (first.length) {  // a frame to paint them; with none drawn there is nothing to wait for
+      firstScreenDrawn(first.length);
+      await new Promise(function (painted) { requestAnimationFrame(function () { setTimeout(painted, 0); }); });
+    }
     for (var j = 0; j < rest.length; j++) await draw(rest[j]);
     performance.mark('splitlab:figures-drawn');
     root.dataset.figuresDrawn = String(all.length);
