@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import queue
 import threading
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -22,11 +22,11 @@ from splitlab.workload import Request
 FINISH_REASONS = ("length", "stop", "abort", "error")
 
 
-@dataclasses.dataclass(frozen=True)
-class Delta:
+class Delta(NamedTuple):
     """New tokens of one request from one step (``times_s``: engine clock), or its end:
     ``finish_reason`` is set on the last delta (``length``, ``stop`` (EOS or a stop id),
-    ``abort`` (cancelled or the engine closed), ``error`` (``error`` says what))."""
+    ``abort`` (cancelled or the engine closed), ``error`` (``error`` says what)). A named
+    tuple, not a dataclass: one is made per request per step, on the engine's loop."""
 
     token_ids: tuple[int, ...]
     times_s: tuple[float, ...]

@@ -415,20 +415,19 @@ class OnlineEngine:
 
     def _publish(self, seqs: Iterable[OnlineSeq]) -> None:
         """The new tokens of ``seqs`` to their handles; finished ones end (their KV is free)."""
-        for seq in seqs:
-            out = seq.trace.output_ids
-            if len(out) == seq.sent or seq.cancelled:
+        for seq in seqs:  # once per request per step: kept lean
+            trace, sent = seq.trace, seq.sent
+            n = len(trace.output_ids)
+            if n == sent or seq.cancelled:
                 continue
-            new = tuple(out[seq.sent:])
-            times = tuple(seq.trace.token_times_s[seq.sent:])
-            seq.sent = len(out)
+            seq.sent = n
             reason = None
-            if seq.finished:
+            if n >= seq.request.max_new_tokens or seq.stopped:
                 reason = "stop" if seq.stopped else "length"
                 with self._cv:
                     self._active.pop(seq.id, None)
                     self._cancels.discard(seq.id)
-            seq.handle._deliver(Delta(new, times, reason))
+            seq.handle._deliver(Delta(tuple(trace.output_ids[sent:]), tuple(trace.token_times_s[sent:]), reason))
 
     def _fail_batch(self, exc: BaseException, worker: "OnlineWorker") -> None:
         text = f"worker {worker.name} failed: {type(exc).__name__}: {exc}"
