@@ -148,8 +148,6 @@ def test_bad_engine_arguments(tiny):
         OnlineEngine(tiny, "replicas", CONFIG, replicas={"num_replicas": 2})
     with pytest.raises(ConfigError, match="EngineConfig"):
         OnlineEngine(tiny, "split", {"max_seq_len": 64}, split=PROCESSES)
-    with pytest.raises(ConfigError, match="prefix"):
-        OnlineEngine(tiny, "split", PAGED.replace(kv_prefix_cache=True), split=PROCESSES)
 
 
 

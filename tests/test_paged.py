@@ -9,7 +9,7 @@ hand a sequence's pages over (``Handoff.blocks``); ``split`` (two threads, two p
 runs on such a pool with the prefill side reserving every page a sequence will write and
 the decode side handing them back, and each ``replicas`` engine on its share of the pages.
 With the prefix cache, prompts that share a system prompt share its pages and compute only
-the rest.
+the rest (serial, chunked, and split on threads and on processes).
 """
 
 from __future__ import annotations
@@ -248,11 +248,12 @@ def test_split_decode_batches_stay_within_max_batch_when_the_pages_hold_more(tin
     assert prefilled_before_first_end > 2  # more handed over than a batch holds
 
 
-def test_split_shares_a_cached_prefix_and_stays_exact(tiny):
+@pytest.mark.parametrize("backend", ["streams", "processes"])
+def test_split_shares_a_cached_prefix_and_stays_exact(tiny, backend):
     wl = system_prompt_workload()
     config = EngineConfig(max_seq_len=64, max_batch=3, token_budget=64, kv_block_size=4, num_pages=60,
                           kv_prefix_cache=True)
-    run = splitlab.run(wl, tiny, mode="split", config=config, backend="streams", progress=False)
+    run = splitlab.run(wl, tiny, mode="split", config=config, backend=backend, progress=False)
     assert run.output_ids() == {r.id: hf_greedy(tiny, list(r.prompt_ids), r.max_new_tokens) for r in wl}
     assert run.memory["prefix_blocks_hit"] >= 5 * 4  # the prefill side's allocator found them
     rows = sum(s.num_tokens for s in run.steps)

@@ -1,27 +1,10 @@
-"""What every mode shares: the split loops, the facts a run records, the one Run assembly.
+"""What every mode shares: the facts a run records, the one Run assembly, and the pieces of
+the process-backed modes (injected faults, the split decode side's ``FreedSlots``, checks
+of what a worker process loaded).
 
-The loops are written once, against small callables for their transport, so threads
-(``queue.Queue``) and processes (``torch.multiprocessing`` queues) run the same code:
-
-- ``prefill_loop``: feeds arrived requests (never before their ``arrival_s``) to a
-  ``PrefillWorker``, runs batched prefill steps straight into the KV pool, and hands every
-  prefilled sequence over as a ``Handoff`` (its slot, or on a paged pool its block table;
-  prompt length, first token). Slots or pages come from its own allocator (a paged one
-  reserves every page the sequence will ever write, so the decode side never needs one);
-  those the decode side freed come back through ``wait_freed``. When it has nothing to run
-  it blocks on that freed channel until something frees or the next request arrives,
-  whichever is first.
-- ``decode_loop``: accepts handoffs, runs decode steps over everything handed over
-  (continuous batching, at most the runner's ``max_batch`` sequences: a paged pool can hold
-  more, which wait their turn), and returns the slots or page ids of finished sequences
-  through a ``FreedSlots`` proxy (the decode side never allocates). It ends after the
-  prefill side's end marker, once its batch is empty.
-
-No KV byte moves in a handoff: both workers address the same pool, and a handoff is sent
-only after the host sync that returned the prefill step's tokens, which orders the KV
-writes (on the prefill worker's stream or process) before the decode worker's first read.
-Likewise a slot or page is freed only after the decode step that finished it returned its
-tokens.
+There is no split loop here: every split run, on any backend, is a replay through the online
+split engine (``splitlab.engine.replay``; ``splitlab.modes.split.online_threads`` and
+``online_processes``).
 
 ``build_run`` makes the ``Run`` of every mode; ``worker_facts`` reads what a runner really
 runs with (its ``RunConfig.effective`` / ``workers``).
@@ -32,7 +15,6 @@ explicitly to a session (``faults=``); production code never reads it from anywh
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import signal
@@ -44,18 +26,13 @@ import torch
 
 from splitlab.config import EngineConfig, RunConfig
 from splitlab.errors import ConfigError, WorkerError, WorkloadError
-from splitlab.engine.loop import DecodeWorker, Handoff, PrefillWorker, check_requests
+from splitlab.engine.loop import check_requests
 from splitlab.engine.runner import ModelRunner
-from splitlab.engine.scheduler import SeqState
 from splitlab.measure.metrics import RequestTrace, Run, StepTrace
 from splitlab.system.env import environment, synchronize
 from splitlab.workload import Workload
 
 FAULT_ACTIONS = ("raise", "exit", "kill", "hang")
-
-
-class Stopped(Exception):
-    """A worker loop was asked to stop (the other worker failed, or Ctrl-C)."""
 
 
 # ---- injected failures (tests) ----------------------------------------------------------------------
@@ -130,98 +107,6 @@ class FreedSlots:
     @property
     def num_free(self) -> int:
         return 0
-
-
-# ---- the loops ------------------------------------------------------------------------------------
-
-def prefill_loop(worker: PrefillWorker, allocator, requests: Iterable, clock: Callable[[], float], *,
-                 hand_off: Callable[[list[tuple[Handoff, SeqState]]], None],
-                 wait_freed: Callable[[float], list[int]],
-                 on_step: Callable[[Any, Any], None] | None = None,
-                 stop: Callable[[], bool] | None = None,
-                 fault: Callable[[int], None] | None = None,
-                 poll_s: float = 0.02) -> dict[int, SeqState]:
-    """Prefill every request of ``requests`` as it arrives; return their states by id.
-
-    ``hand_off(pairs)``: the step's handoffs with their sequence states (a thread backend
-    passes the states' traces on; a process backend sends the handoffs alone).
-    ``wait_freed(timeout)``: slots or page ids the decode side freed, waiting up to
-    ``timeout`` seconds for at least one (0: just look). ``on_step(step_trace, outcome)``:
-    after each step.
-    """
-    pending = collections.deque(sorted(requests, key=lambda r: (r.arrival_s, r.id)))
-    seqs = {r.id: SeqState.new(r, worker.name) for r in pending}
-    left = len(seqs)
-    steps = 0
-    while left:
-        if stop is not None and stop():
-            raise Stopped
-        for kv_id in wait_freed(0.0):
-            allocator.free(kv_id)
-        now = clock()
-        while pending and pending[0].arrival_s <= now:
-            worker.add(seqs[pending.popleft().id])
-        handoffs, outcome = worker.step_handoffs()
-        if outcome is None:
-            # Nothing runnable: requests wait for KV, or none has arrived. Sleep on the freed
-            # channel until a slot or page frees, the next arrival, or poll_s.
-            timeout = poll_s
-            if pending:
-                timeout = min(timeout, max(0.0, pending[0].arrival_s - clock()))
-            for kv_id in wait_freed(timeout):
-                allocator.free(kv_id)
-            continue
-        left -= len(outcome.prefilled)
-        if handoffs:
-            hand_off([(h, seqs[h.request_id]) for h in handoffs])
-        if on_step is not None:
-            on_step(worker.steps[-1], outcome)
-        steps += 1
-        if fault is not None:
-            fault(steps)
-    return seqs
-
-
-def decode_loop(worker: DecodeWorker, freed: FreedSlots, *,
-                receive: Callable[[float], tuple[list[tuple[Handoff, Any]], bool]],
-                on_step: Callable[[Any, Any, dict[int, SeqState]], None] | None = None,
-                stop: Callable[[], bool] | None = None,
-                fault: Callable[[int], None] | None = None,
-                poll_s: float = 0.02) -> dict[int, SeqState]:
-    """Decode everything handed over until the end marker came and the batch is empty.
-
-    ``receive(timeout)``: ``(pairs, ended)``, the handoffs that came (each with the
-    request's trace, or None to make one from the handoff) and whether the prefill side's
-    end marker came; it waits up to ``timeout`` for the first (0: just look).
-    ``on_step(step_trace, outcome, seqs_by_id)``: after each step.
-    """
-    seqs: dict[int, SeqState] = {}
-    # handed over while the batch is full (a paged pool can hold more sequences than a batch):
-    # they join as others finish; the runner's max_batch is its largest graph bucket
-    backlog: collections.deque = collections.deque()
-    room = worker.runner.max_batch
-    ended = False
-    steps = 0
-    while True:
-        if stop is not None and stop():
-            raise Stopped
-        busy = worker.scheduler.has_work()
-        pairs, end = receive(0.0 if busy else poll_s)
-        backlog.extend(pairs)
-        while backlog and len(worker.scheduler.running) < room:
-            handoff, trace = backlog.popleft()
-            seqs[handoff.request_id] = worker.accept(handoff, trace)
-        ended = ended or end
-        if worker.scheduler.has_work():
-            outcome = worker.step()
-            freed.flush()  # slots back to the prefill side before anything else
-            if on_step is not None:
-                on_step(worker.steps[-1], outcome, seqs)
-            steps += 1
-            if fault is not None:
-                fault(steps)
-        elif ended:
-            return seqs
 
 
 # ---- facts a run records ----------------------------------------------------------------------------

@@ -12,6 +12,10 @@ of its first token, so the parent can order deltas of one request that two child
 the turn's ``StepTrace`` s, the child's ``WorkerState`` (what ``stats()`` shows), and the
 ids of requests whose KV is back in the pool (``released``; what ``cancel(wait=True)`` waits
 for). Nothing else is sent per token.
+
+The split's children also answer ``Measure`` on their channel with ``Measured`` (peak device
+memory since the last one, scheduler counters, KV held): what an offline run, a replay
+through the engine, records per run (``splitlab.modes.split.processes.ProcessSplit``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from splitlab.engine.sampling import SamplingParams, request_generator
 from splitlab.engine.scheduler import Scheduler
 from splitlab.errors import SplitlabError
 from splitlab.measure.metrics import RequestTrace, StepTrace
+from splitlab.modes.common import peak_bytes, reset_peak
 from splitlab.modes.session import Close, Go
 from splitlab.workload import Request
 
@@ -55,6 +60,14 @@ class Cancel:
     """End request ``request_id`` (its last delta says ``abort``) and free its KV."""
 
     request_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """Answer ``Measured`` now, then start a new peak (sent on a child's channel; the split's
+    children answer it: an offline run is what happened between two of them)."""
+
+    token: int
 
 
 # ---- child -> parent ----------------------------------------------------------------------------
@@ -96,6 +109,19 @@ class Tokens:
     steps: tuple[StepTrace, ...]
     state: WorkerState
     released: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """Child ``worker``'s answer to ``Measure`` ``token``: its peak device memory since the last
+    ``Measure`` (None off CUDA), its scheduler's ``counters()`` (preemptions, prefix-cache
+    stats; cumulative) and the slots or pages its allocator holds now (None: it owns none)."""
+
+    worker: str
+    token: int
+    peak_bytes: int | None
+    counters: dict[str, Any]
+    kv_in_use: int | None
 
 
 #: a child with nothing to do looks at its channel (and the clock) at least this often
@@ -158,12 +184,16 @@ def wait_go(channel, clock: StartClock) -> bool:
     return True
 
 
-def closing(channel) -> bool:
-    """A look at the channel: True on ``Close``."""
-    cmd = channel.recv(timeout=0)
-    if cmd is not None and not isinstance(cmd, Close):
-        raise RuntimeError(f"worker {channel.name}: unexpected command {cmd!r}")
-    return cmd is not None
+def closing(channel, loop: "ChildLoop | None" = None) -> bool:
+    """A look at the channel: True on ``Close``. With ``loop``, a ``Measure`` is answered
+    (the split's children); without, it is as unexpected as any other command."""
+    while True:
+        cmd = channel.recv(timeout=0)
+        if cmd is None or isinstance(cmd, Close):
+            return cmd is not None
+        if not (loop is not None and isinstance(cmd, Measure)):
+            raise RuntimeError(f"worker {channel.name}: unexpected command {cmd!r}")
+        loop.measure(channel.send, cmd.token)
 
 
 def online_worker(name: str, runner, scheduler: Scheduler, clock) -> OnlineWorker:
@@ -177,10 +207,12 @@ def online_worker(name: str, runner, scheduler: Scheduler, clock) -> OnlineWorke
 class ChildLoop:
     """The requests one child holds (future arrivals and its scheduler's queues) and what it
     owes the parent. ``release(rid)``: the request's KV is free (default: reported in the
-    next ``Tokens``; the decode child sends it with the freed slots instead)."""
+    next ``Tokens``; the decode child sends it with the freed slots instead). ``fault``:
+    called with the count of steps run after each one (fault injection, tests); what it
+    raises ends the child, as a crash of the worker would."""
 
     def __init__(self, worker: OnlineWorker, eos_ids: Iterable[int], device: torch.device,
-                 release: Callable[[int], None] | None = None):
+                 release: Callable[[int], None] | None = None, fault: Callable[[int], None] | None = None):
         self.worker, self.scheduler = worker, worker.scheduler
         self.clock = worker.clock
         self.eos_ids = frozenset(eos_ids)
@@ -193,6 +225,8 @@ class ChildLoop:
         self.seen = 0
         self.failed_steps = 0
         self.release = release or self.released.append
+        self.fault = fault
+        self.steps_done = 0
         self._order = itertools.count()
         self._last_state: WorkerState | None = None
 
@@ -259,6 +293,9 @@ class ChildLoop:
         if outcome is not None:
             self.steps.append(worker.steps[-1])
             self.publish(batch_seqs(worker))
+            if self.fault is not None:  # outside the try: an injected failure is the child's, not a step's
+                self.steps_done += 1
+                self.fault(self.steps_done)
         return outcome
 
     def publish(self, seqs: Iterable[OnlineSeq]) -> None:
@@ -281,6 +318,12 @@ class ChildLoop:
         used, total = sch.kv_usage()
         waiting = len(sch.waiting) + sum(1 for entry in self.pending if not entry[2].cancelled)
         return WorkerState(waiting, len(sch.prefilling), len(sch.running) + running_extra, used, total, self.seen)
+
+    def measure(self, send: Callable[[Measured], None], token: int) -> None:
+        """Send ``Measured`` (see there), then reset the device's peak."""
+        send(Measured(self.worker.name, token, peak_bytes(self.device), self.scheduler.counters(),
+                      self.scheduler.kv_usage()[0]))
+        reset_peak(self.device)
 
     def flush(self, send: Callable[[Tokens], None], running_extra: int = 0) -> None:
         """Send this turn's ``Tokens`` (nothing when nothing changed)."""

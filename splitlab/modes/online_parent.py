@@ -7,7 +7,8 @@ to the child the subclass picks; ``cancel`` sends a ``Cancel`` to the child the 
 names. One reader thread takes the children's events from the ``ProcessGroup``: each
 ``Tokens`` message becomes one ``Delta`` per request (applied in token order: a request's
 first token and its later ones come from two children), its steps are kept, its
-``WorkerState`` is what ``stats()`` sums. A child that fails or dies (the group's
+``WorkerState`` is what ``stats()`` sums; a ``Measured`` (the answer to ``measure()``) is
+kept for the caller who asked. A child that fails or dies (the group's
 ``WorkerError``) fails every open handle with finish reason ``error`` and a message that
 names it; the session is then closed. ``close`` aborts (or drains) what is open, then
 closes the ``ProcessSession`` (children asked to finish in order, then stopped, MPS daemon
@@ -29,7 +30,7 @@ from splitlab.engine.online import MAX_QUEUED, EngineBusyError
 from splitlab.engine.sampling import SamplingParams
 from splitlab.errors import ConfigError, WorkerError, WorkloadError
 from splitlab.measure.metrics import RequestTrace
-from splitlab.modes.online_child import Cancel, RequestDelta, Submit, Tokens, WorkerState
+from splitlab.modes.online_child import Cancel, Measure, Measured, RequestDelta, Submit, Tokens, WorkerState
 from splitlab.modes.session import Go, ProcessSession
 
 
@@ -63,6 +64,9 @@ class ChildEngine:
         self._ids = itertools.count()
         self._closing = self._stop_reader = self._abort_now = False
         self._failure: str | None = None
+        self.error: BaseException | None = None  # what failed the engine (the group's WorkerError, a stall)
+        self._measured: dict[str, Measured] = {}
+        self._measures = itertools.count(1)
         self._reader: threading.Thread | None = None
         self._closer: threading.Thread | None = None
         self.t0 = time.perf_counter()
@@ -94,6 +98,11 @@ class ChildEngine:
                 and self._reader.is_alive())
 
     @property
+    def _failure_text(self) -> str:
+        """Why the engine stopped ("" while it did not fail): what ``replay`` reports."""
+        return self._failure or ""
+
+    @property
     def pids(self) -> dict[str, int]:
         return self.session.pids if self.session is not None else {}
 
@@ -113,6 +122,40 @@ class ChildEngine:
     def steps(self):
         with self._cv:
             return sorted((s for d in self._steps.values() for s in d), key=lambda s: s.start_s)
+
+    def forget_steps(self) -> None:
+        """Drop the steps kept so far (a session starting its next run: they are the last one's)."""
+        with self._cv:
+            for kept in self._steps.values():
+                kept.clear()
+
+    def measure(self, names: Sequence[str], timeout_s: float = 30.0) -> dict[str, Measured]:
+        """Each of ``names``' ``Measured``, asked for now (a ``Measure`` on its channel; only
+        children that answer it: the split's). Each child starts a new peak after answering."""
+        with self._cv:
+            self._check_open()
+            token = next(self._measures)
+            for name in names:
+                self.session.group.send(name, Measure(token))
+            deadline = time.monotonic() + timeout_s
+            while any(getattr(self._measured.get(n), "token", None) != token for n in names):
+                if self._failure is not None:
+                    raise WorkerError(f"the online {self.mode} engine failed: {self._failure}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerError(f"workers {list(names)} did not report their measures within "
+                                      f"{timeout_s:g} s (hung?); close the engine")
+                self._cv.wait(min(left, 0.2))
+            return {n: self._measured[n] for n in names}
+
+    def wait_released(self, timeout_s: float) -> int:
+        """Wait (at most ``timeout_s``) until a child reported the KV of every ended request
+        free; the number of requests still not reported."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._unreleased and self._failure is None and time.monotonic() < deadline:
+                self._cv.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            return len(self._unreleased)
 
     def stats(self) -> dict[str, Any]:
         """Summed over the children, as each last reported (a few ms old at most)."""
@@ -238,10 +281,15 @@ class ChildEngine:
                 name, payload = event
                 if isinstance(payload, Tokens):
                     self._apply(payload)
+                elif isinstance(payload, Measured):
+                    with self._cv:
+                        self._measured[name] = payload
+                        self._cv.notify_all()
                 elif not self._closing:
                     raise WorkerError(f"worker {name} sent {payload!r} while the online engine ran")
         except BaseException as exc:  # noqa: BLE001 - every open handle learns it
             if not self._stop_reader:
+                self.error = exc
                 self._fail(f"{type(exc).__name__}: {exc}")
 
     def _arrived_open(self) -> bool:

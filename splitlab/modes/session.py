@@ -1,20 +1,27 @@
 """The one life cycle of the process-backed modes (``split`` on ``processes`` / ``mps``, and
-``replicas``): spawned workers that load and warm up once, then serve runs.
+``replicas``): spawned workers that load and warm up once, then serve.
 
 Parent side, ``ProcessSession``: start the private MPS daemon when asked (each worker gets its
 client environment, with its own SM percentage or none), start the ``ProcessGroup``, wait
-until every worker is ``Ready`` and check that the model it loaded is the caller's; then per
-run: ``Arm`` every worker with its requests, wait until each is ``Armed``, send ``Go`` with
-one t0, and watch ``Progress`` until every worker sent ``RunDone``; a run with no progress
-for ``stall_timeout_s`` after its last arrival is stopped. A failed run closes the session.
+until every worker is ``Ready`` and check that the model it loaded is the caller's.
 ``close()`` asks the workers to finish in the order given (so the owner of shared memory goes
 last), then stops what is left and the daemon.
 
-Child side, ``serve_runs``: the same protocol from the worker's end, around a function that
-serves one run.
+What runs between start and close is one of two protocols:
 
-Every message is a frozen dataclass of this module (the group's own ``Started`` / ``Failed``
-/ ``Done`` are in ``splitlab.system.procs``).
+- the online engines' (``splitlab.modes.online_parent`` / ``online_child``): one ``Go`` with
+  the engine's t0, then requests as they come. The split on ``processes`` / ``mps`` has only
+  this one: an offline split run is a replay through its online engine
+  (``splitlab.modes.split.processes``).
+- per run, for the offline ``replicas``: ``Arm`` every worker with its requests, wait until
+  each is ``Armed``, send ``Go`` with one t0, and watch ``Progress`` until every worker sent
+  ``RunDone``; a run with no progress for ``stall_timeout_s`` after its last arrival is
+  stopped. A failed run closes the session. Child side, ``serve_runs``: the same protocol
+  from the worker's end, around a function that serves one run.
+
+Every message is a frozen dataclass: the session's and the per-run protocol's here, the
+online ones in ``splitlab.modes.online_child``, the group's own (``Started`` / ``Failed`` /
+``Done``) in ``splitlab.system.procs``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """``OnlineEngine(model, "split", config, split=SplitConfig(backend="processes" | "mps"))``:
-the two spawned children of ``splitlab.modes.split.processes`` as an online engine.
+the two spawned children of the process split as an online engine. It is the one loop of
+these backends: an offline run (``splitlab.run(..., mode="split")``, a ``SplitSession``) is a
+replay through it (``splitlab.modes.split.processes.ProcessSplit``).
 
-Start-up is the offline backend's (``prefill_setup`` / ``decode_setup``): the PREFILL child
-loads the model by (spec, device, dtype, seed), builds the engine, shares its weights and
-KV pool with the DECODE child (CUDA IPC on GPU, shared memory on CPU: ``Setup``), both warm
-up and send ``Ready``; with ``mps`` both are clients of the session's private MPS daemon,
-each with its SM share. The parent then sends ``Go`` (one clock for all) and only holds
-handles (``splitlab.modes.online_parent``).
+Start-up (``prefill_setup`` / ``decode_setup`` of ``splitlab.modes.split.processes``): the
+PREFILL child loads the model by (spec, device, dtype, seed), builds the engine, shares its
+weights and KV pool with the DECODE child (CUDA IPC on GPU, shared memory on CPU:
+``Setup``), both warm up and send ``Ready``; with ``mps`` both are clients of the session's
+private MPS daemon, each with its SM share. The parent then sends ``Go`` (one clock for all)
+and only holds handles (``splitlab.modes.online_parent``); it may ask both children to
+``Measure`` (peak memory, scheduler counters, KV held), which they answer between steps.
 
 Data flow, one request: parent --Submit--> prefill child's inbox (the queue the decode child
 also returns freed slots or pages on, so ONE blocking read wakes it for either); it is
@@ -19,6 +22,11 @@ step's tokens to the parent, and returns the KV of what finished (``Freed``, wit
 requests' ids) to the prefill child, the pool's only allocator, which reports those ids as
 released. ``Cancel`` goes to the prefill child; a request it no longer holds was handed
 over, so it forwards the Cancel on the handoff queue, behind that handoff (FIFO).
+
+A paged pool with ``kv_prefix_cache``: the prefill child's allocator gives a request the
+cached pages of its longest cached prefix (held by every sharer, read-only: full blocks);
+the decode child returns a sequence's page ids one at a time, so a shared page is free again
+only once its last holder gave it back.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from splitlab.engine.sampling import SamplingParams
 from splitlab.engine.scheduler import Scheduler
 from splitlab.errors import ConfigError
 from splitlab.measure.metrics import RequestTrace
-from splitlab.modes.common import FreedSlots, worker_model_args
+from splitlab.modes.common import Fault, FreedSlots, worker_model_args
 from splitlab.modes.online_child import (IDLE_S, Cancel, ChildLoop, StartClock, Submit, closing, online_worker,
                                          rng_from, rng_state, take, wait_go)
 from splitlab.modes.online_parent import ChildEngine
@@ -64,11 +72,13 @@ class HandedOver:
 
 # ---- the prefill child --------------------------------------------------------------------------
 
-def online_prefill_main(channel, model_args, config: EngineConfig, split: SplitConfig, handoff_q, inbox_q) -> None:
+def online_prefill_main(channel, model_args, config: EngineConfig, split: SplitConfig, handoff_q, inbox_q,
+                        fault: Fault | None = None) -> None:
     parts, ready = prefill_setup(channel, model_args, config, handoff_q)
     runner, clock = parts.runner, StartClock()
     scheduler = Scheduler("prefill", parts.allocator, runner.max_batch, config.token_budget)
-    loop = ChildLoop(online_worker("prefill", runner, scheduler, clock), ready.facts["eos_token_ids"], runner.device)
+    loop = ChildLoop(online_worker("prefill", runner, scheduler, clock), ready.facts["eos_token_ids"], runner.device,
+                     fault=fault)
     channel.send(ready)
     bye = _serve_prefill(channel, loop, parts.allocator, handoff_q, inbox_q) if wait_go(channel, clock) else False
     # the decode child maps our weights and KV: keep them until it let go
@@ -100,7 +110,7 @@ def _serve_prefill(channel, loop: ChildLoop, allocator, handoff_q, inbox_q) -> b
                 return bye
             else:
                 raise RuntimeError(f"prefill worker: unexpected message {msg!r}")
-        if closing(channel):
+        if closing(channel, loop):
             return bye
         wait = loop.admit_arrived()
         outcome = loop.step() if loop.scheduler.has_work() else None
@@ -134,12 +144,14 @@ class _FreedWithIds(FreedSlots):
             self.request_ids.clear()  # in place: the loop's release hook appends to this list
 
 
-def online_decode_main(channel, config: EngineConfig, split: SplitConfig, handoff_q, inbox_q) -> None:
+def online_decode_main(channel, config: EngineConfig, split: SplitConfig, handoff_q, inbox_q,
+                       fault: Fault | None = None) -> None:
     runner, ready = decode_setup(channel, config, split, handoff_q)
     device, clock = runner.device, StartClock()
     freed = _FreedWithIds(inbox_q)
     worker = online_worker("decode", runner, Scheduler("decode", freed, runner.max_batch), clock)
-    loop = ChildLoop(worker, runner.arch.get("eos_token_ids") or (), device, release=freed.request_ids.append)
+    loop = ChildLoop(worker, runner.arch.get("eos_token_ids") or (), device, release=freed.request_ids.append,
+                     fault=fault)
     channel.send(ready)
     try:
         if wait_go(channel, clock):
@@ -167,7 +179,7 @@ def _serve_decode(channel, loop: ChildLoop, freed: _FreedWithIds, handoff_q, pol
                     loop.drop(seq, "abort")
             else:
                 raise RuntimeError(f"decode worker: unexpected message {msg!r}")
-        if closing(channel):
+        if closing(channel, loop):
             return
         while backlog and len(sch.running) < room:
             sch.add_running(backlog.popleft())
@@ -194,18 +206,19 @@ def _accept(item: Handed, loop: ChildLoop) -> OnlineSeq:
 
 class OnlineProcessSplit(ChildEngine):
     """The online split on two spawned children (``processes``), under MPS with ``mps``;
-    see the module docstring. Arguments as ``OnlineEngine``'s."""
+    see the module docstring. Arguments as ``OnlineEngine``'s; ``faults``: ``{"prefill" |
+    "decode": Fault}``, each handed to its child (tests)."""
 
     mode = "split"
 
     def __init__(self, model, config: EngineConfig | None = None, *, split: SplitConfig, keep_steps: int | None = 10_000,
-                 max_queued: int = MAX_QUEUED, ready_timeout_s: float = 600.0):
+                 max_queued: int = MAX_QUEUED, ready_timeout_s: float = 600.0,
+                 faults: dict[str, Fault | None] | None = None):
         config = self._setup(model, config, keep_steps, max_queued)
         if not isinstance(split, SplitConfig) or split.backend not in ("processes", "mps"):
             raise ConfigError(f"OnlineProcessSplit runs SplitConfig backends 'processes' and 'mps'; got {split!r}")
         model.require_engine_support("split")
-        if config.kv_prefix_cache:
-            raise ConfigError("the online split engine does not share prefix pages; set kv_prefix_cache=False")
+        faults = dict(faults or {})
         check_backend_here(split, torch.device(model.device))  # mps: a GPU and the MPS control binary
         self.split = split
         queues = {}
@@ -213,8 +226,9 @@ class OnlineProcessSplit(ChildEngine):
         def build(group):
             queues["handoff"], queues["inbox"] = group.queue(), group.queue()  # the group releases them
             return [("prefill", online_prefill_main, (worker_model_args(model), config, split, queues["handoff"],
-                                                      queues["inbox"])),
-                    ("decode", online_decode_main, (config, split, queues["handoff"], queues["inbox"]))]
+                                                      queues["inbox"], faults.get("prefill"))),
+                    ("decode", online_decode_main, (config, split, queues["handoff"], queues["inbox"],
+                                                    faults.get("decode")))]
 
         shares = {"prefill": split.prefill_share, "decode": split.decode_share} if split.backend == "mps" else None
         self.session = ProcessSession(

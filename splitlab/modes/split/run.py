@@ -11,10 +11,14 @@ the decode side never allocates and nothing is preempted. No KV byte is copied: 
 address one pool.
 How the two share the device is the backend (``SplitConfig``): ``streams`` and ``green``
 (threads, ``threads.py``), ``processes`` and ``mps`` (spawned processes, ``processes.py``).
+On every backend a run is a replay (``splitlab.engine.replay``) through the online split
+engine the session started once (``online_threads.py``, ``online_processes.py``): one loop
+for a server and an offline run.
 
-Timing: every worker measures from one t0, taken after the model is loaded and warmed up
-(CUDA graphs captured); requests arrive at ``t0 + arrival_s``; a token's time is the host
-time right after the sync that produced it. ``Run.steps`` holds both workers' steps
+Timing: every worker measures from one clock, started after the model is loaded and warmed
+up (CUDA graphs captured); a run's t0 is a moment after all its requests were submitted,
+they arrive at ``t0 + arrival_s`` and every time is recorded in seconds since t0; a token's
+time is the host time right after the sync that produced it. ``Run.steps`` holds both workers' steps
 (worker ``"prefill"`` / ``"decode"``), so a timeline shows where they overlap and
 ``decode_interference`` measures what the overlap costs decode.
 
