@@ -342,8 +342,8 @@ class SplitConfig(FrozenConfig):
     ``poll_s``: how long a worker blocked on its queue waits before it re-checks arrivals
     and stop requests. A handoff or a freed slot wakes the waiting worker at once, so this
     is not a latency added to the handoff.
-    ``event_flush_s``: ``processes`` / ``mps``: a child batches its events (step traces,
-    tokens) to the parent at most this often; the parent only assembles them.
+    ``event_flush_s``: no effect any more (the online children of ``processes`` / ``mps``
+    send one message per step); kept so that run files which record it still load.
     ``ready_timeout_s``: seconds allowed to load the model, share it and warm up (CUDA-graph
     capture) before the run starts. ``stall_timeout_s``: a run fails (``WorkerError``) when
     no worker reported progress for this long after the last request arrived.
