@@ -72,6 +72,19 @@ class ChildEngine:
         self.t0 = time.perf_counter()
         return config
 
+    def _start_or_close(self, owner: str, names: Sequence[str]) -> None:
+        """``_start`` from ``owner``'s Ready facts; a failure closes the session it started."""
+        try:
+            self._start(self.session.ready[owner].facts, names)
+        except BaseException:
+            self.session.close(graceful=False)
+            raise
+
+    @property
+    def mps(self):
+        """What the MPS daemon reported (an MPS backend), else None."""
+        return self.session.mps
+
     def _start(self, facts: dict[str, Any], names: Sequence[str]) -> None:
         """The children are Ready (``facts``: the one owning a pool; ``names``: all): one
         clock for all, then the reader thread."""

@@ -25,7 +25,7 @@ from splitlab.engine.online import MAX_QUEUED
 from splitlab.engine.scheduler import Scheduler
 from splitlab.errors import ConfigError, WorkerError
 from splitlab.modes.common import worker_model_args
-from splitlab.modes.online_child import (IDLE_S, Cancel, ChildLoop, StartClock, Submit, closing, online_worker,
+from splitlab.modes.online_child import (IDLE_S, Cancel, ChildLoop, StartClock, Submit, online_worker,
                                          wait_go)
 from splitlab.modes.online_parent import ChildEngine
 from splitlab.modes.replicas import (ReplicaConfig, _check_mps_here, engine_runner, replica_weights, say_bye,
@@ -51,7 +51,7 @@ def online_replica_main(channel, index: int, n: int, model_args, options: Replic
     finally:
         runner = scheduler = loop = None  # noqa: F841
         if index != 0:
-            loaded = None
+            loaded = None  # noqa: F841 - its mapped weights go before the bye
             say_bye(index, device, bye_q)  # let go of replica 0's weights
     if index == 0:
         wait_byes(channel, bye_q, n - 1)
@@ -116,15 +116,7 @@ class OnlineReplicas(ChildEngine):
             close_order=list(reversed(self.names)),  # replica 0, the owner of the weights, last
             ready_timeout_s=ready_timeout_s, stall_timeout_s=options.stall_timeout_s,
             mps_shares={name: None for name in self.names} if options.mps else None)
-        try:
-            self._start(self.session.ready[self.names[0]].facts, self.names)
-        except BaseException:
-            self.session.close(graceful=False)
-            raise
-
-    @property
-    def mps(self):
-        return self.session.mps
+        self._start_or_close(self.names[0], self.names)
 
     def _target(self, rid: int) -> str:
         name = min(self.names, key=lambda n: (self._load[n], self.names.index(n)))

@@ -239,16 +239,7 @@ class OnlineProcessSplit(ChildEngine):
             ready_timeout_s=ready_timeout_s, stall_timeout_s=split.stall_timeout_s, mps_shares=shares)
         self._inbox = queues.pop("inbox")
         queues.clear()
-        try:
-            self._start(self.session.ready["prefill"].facts, ["prefill", "decode"])
-        except BaseException:
-            self.session.close(graceful=False)
-            raise
-
-    @property
-    def mps(self):
-        """What the MPS daemon reported (``mps`` backend), else None."""
-        return self.session.mps
+        self._start_or_close("prefill", ["prefill", "decode"])
 
     def facts(self):
         return {**super().facts(), "backend": self.split.backend}
