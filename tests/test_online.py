@@ -94,6 +94,13 @@ def test_cancel_frees_the_slot_at_once(engine, tiny):
     assert again.result(30) == hf_generate(tiny, [5, 6, 7, 8], 5, min_new=5)
 
 
+def test_wait_blocks_until_the_last_delta(engine):
+    handle = engine.submit([5, 6, 7, 8], 100, ignore_eos=True)
+    assert handle.wait(0.0) is False and not handle.done  # 100 tokens take longer than no time
+    assert handle.wait(60) is True and handle.done and len(handle.output_ids) == 100
+    assert handle.wait(0.0) is True  # an ended request answers at once
+
+
 def test_cancel_of_a_waiting_request(tiny):
     with OnlineEngine(tiny, "serial", CONFIG.replace(num_slots=1, max_batch=1)) as eng:
         running = eng.submit([9, 10, 11], 60, ignore_eos=True)

@@ -95,9 +95,13 @@ class RequestHandle(RequestFacts):
             if delta.finish_reason is not None:
                 return
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request ends (its last delta is out) or ``timeout`` s pass; ``done``."""
+        return self._done.wait(timeout)
+
     def result(self, timeout: float | None = None) -> list[int]:
         """Wait for the end; the output ids. TimeoutError after ``timeout`` seconds."""
-        if not self._done.wait(timeout):
+        if not self.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         return list(self.output_ids)
 

@@ -250,7 +250,7 @@ class OnlineEngine:
             self._cancels.add(handle.id)
             self._cv.notify()
         if wait and threading.current_thread() is not self._thread:
-            handle._done.wait(timeout)
+            handle.wait(timeout)
         return True
 
     def close(self, abort: bool = True, timeout: float = 30.0, wait: bool = True) -> None:

@@ -69,7 +69,7 @@ def _wait(engine, handles, bar, t0: float, last_arrival: float, deadline_s: floa
           stall_timeout_s: float | None) -> None:
     made, progressed, polls = 0, time.monotonic(), 0
     for h in handles:
-        while not h._done.wait(POLL_S):
+        while not h.wait(POLL_S):
             now = engine.clock() - t0
             polls += 1
             if polls % 10 == 0:  # the count costs a pass over every handle: twice a second
