@@ -107,9 +107,15 @@ def analyse_only(args) -> int:
         say(f"{key}: " + ", ".join(f"{st} {v['text']}" for st, v in entry.items()))
     for key, entry in data["analysis"]["vs_best_peer"].items():
         say(f"{key}: best peer {entry['best_peer']} ({entry['best_peer_status']}), " + ", ".join(
-            f"{st} {v['ratio']:.2f}x{'+' if v['ratio_is_lower_bound'] else ''}" for st, v in entry.items()
-            if isinstance(v, dict)))
+            f"{st} {_ratio_text(v)}" for st, v in entry.items() if isinstance(v, dict)))
     return 0
+
+
+def _ratio_text(entry: dict) -> str:
+    ratio = entry["ratio"]
+    if ratio is None or ratio != ratio:  # NaN: the mode, too, missed 90% at every rate measured
+        return "no ratio"
+    return f"{ratio:.2f}x{'+' if entry['ratio_is_lower_bound'] else ''}"
 
 
 def workloads(args, model) -> dict[str, Any]:
