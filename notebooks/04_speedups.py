@@ -442,7 +442,8 @@ if paged is not None:
 # %%
 if paged is not None and paged_dir.is_dir():
     slo_p = sl.SLO(**paged["slo"])
-    runs_p = {row.cell: sl.load_run(paged_dir / row.file) for row in rows_p.itertuples()}
+    drawn = rows_p[(rows_p.step == "serial") & rows_p.pool.isin(["slots", main_pool])]  # the runs 6a and 6c read
+    runs_p = {row.cell: sl.load_run(paged_dir / row.file) for row in drawn.itertuples()}
     for key in KV_WORKLOADS:
         w = paged["workloads"][key]
         family = "Poisson" if w["kind"] == "poisson" else "Azure code trace"
