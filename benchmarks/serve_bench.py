@@ -30,6 +30,7 @@ from _common import REPO, free_memory, leftover_diff, leftovers, log, quiet_tran
 
 import splitlab  # noqa: E402
 from splitlab.config import SLO, EngineConfig, SplitConfig  # noqa: E402
+from splitlab.measure.serve_overhead import judge_rows  # noqa: E402
 from splitlab.measure.sweep import Cell, Sweep  # noqa: E402
 from splitlab.workload import LengthDist, poisson  # noqa: E402
 
@@ -185,26 +186,9 @@ def main(argv=None) -> int:
                 "summary": s, "vllm_fields": vllm, "workload_shape": workload_shape(run)}
 
     sweep.run(cells, measure, group_context=context)
-    sweep.write(leftovers=leftover_diff(before), analysis=analyse(sweep.rows))
+    sweep.write(leftovers=leftover_diff(before), analysis=judge_rows(sweep.rows))
     say(f"done: {len(sweep.rows)} runs; left: {len(sweep.data().get('left') or [])}")
     return 0
-
-
-def analyse(rows) -> dict[str, Any]:
-    """HTTP against in-process for every (step, rate) measured both ways on the same requests."""
-    from splitlab.measure.serve_overhead import judge
-
-    by = {(r["step"], r["side"], r["rate"]): r for r in rows if "summary" in r}
-    pairs, mismatched = {}, []
-    for (step, side, rate), row in by.items():
-        twin = by.get((step, "in_process", rate))
-        if side != "http" or twin is None:
-            continue
-        if row["workload_shape"] != twin["workload_shape"]:
-            mismatched.append(f"{step}@{rate:g}")
-            continue
-        pairs[f"{step}@{rate:g}"] = (row["summary"], twin["summary"])
-    return {**judge(pairs), "different_requests": mismatched}
 
 
 if __name__ == "__main__":

@@ -257,6 +257,45 @@ from splitlab.present import widgets
 widgets.runs_explorer(runs, title="LIVE: in-process vs client of splitlab serve: pick a latency and a percentile").show()
 
 # %% [markdown]
+# ### 3b. The same comparison on the H200 (recorded)
+#
+# `benchmarks/serve_bench.py` ran this comparison on an H200 with `dummy:llama-3.1-8b` (80 Poisson
+# requests at several rates, per engine mode) and judged it against two aims: HTTP adds at most 5% to
+# the median TTFT and at most 1 ms to the median gap between tokens. The cell judges the stored run
+# summaries again, checks the stored verdicts against that, and shows the cells the benchmark left
+# unrun. The second file is the same benchmark before `splitlab serve` lowered Python's GIL switch
+# interval (the engine thread waited up to 5 ms for the event loop thread after each CUDA sync).
+
+# %%
+from splitlab.measure import serve_overhead
+from splitlab.present.results import load_recorded
+
+
+made_by = "python benchmarks/serve_bench.py --out results/serve_h200.json --runs-dir results/serve_h200"
+serve_rec = load_recorded("serve_h200.json", made_by)
+before_fix = load_recorded("serve_h200_gil5ms.json", made_by + "  (before the switch-interval change)")
+if serve_rec is not None:
+    judged = serve_overhead.judge_rows(serve_rec["runs"])
+    assert judged == serve_rec["analysis"], "the stored verdicts follow from the stored runs"
+    old = serve_overhead.judge_rows(before_fix["runs"])["pairs"] if before_fix is not None else {}
+    table = pd.DataFrame([{
+        "step@rate": name,
+        "TTFT p50 in-process (ms)": 1e3 * p["ttft_p50_s"]["in_process"], "TTFT p50 HTTP (ms)": 1e3 * p["ttft_p50_s"]["http"],
+        "TTFT added (%)": 100 * p["ttft_p50_added"], "ITL p50 in-process (ms)": 1e3 * p["itl_p50_s"]["in_process"],
+        "ITL p50 HTTP (ms)": 1e3 * p["itl_p50_s"]["http"], "ITL added (ms)": 1e3 * p["itl_p50_added_s"],
+        "ITL added at a 5 ms switch interval (ms)": 1e3 * old[name]["itl_p50_added_s"] if name in old else None,
+        "TTFT aim met": p["ttft_target_met"], "ITL aim met": p["itl_target_met"]} for name, p in judged["pairs"].items()])
+    display(for_people(table))
+    print(f"worst: TTFT p50 {judged['worst_ttft_p50_added']:+.0%}, ITL p50 {judged['worst_itl_p50_added_s'] * 1e3:+.2f} ms; "
+          f"both aims met everywhere: {judged['met']}")
+    for row in serve_rec["runs"]:
+        if row["step"] == "transformers-serve" and "summary" in row:
+            s = row["summary"]
+            print(f"peer, transformers serve --continuous-batching at {row['rate']:g} req/s: {s['completed']} of "
+                  f"{s['num_requests']} requests completed, TTFT p50 {s['ttft_p50_s']:.1f} s")
+    print("left unrun: " + (", ".join(e["cell"] for e in serve_rec["left"]) or "none"))
+
+# %% [markdown]
 # ## 4. The fields vLLM's `bench serve` writes
 #
 # The bench prints vLLM `bench serve`'s result fields as JSON on its last line and writes them with

@@ -200,7 +200,7 @@ def recorded(tmp_path_factory):
 
 
 def test_report_size_of_the_recorded_results(recorded):
-    """The recorded H200 results (the colocation runs, then the adaptive runs) made a 6.1 MB report
+    """The recorded H200 results (the colocation runs, the adaptive runs, then the serve runs) made a 6.1 MB report
     (4.8 MB of it plotly.js, 46 figures): plotly.js packed and a sweep drawn in a few figures, it is
     under 5 MB, and all but the packed library under 1 MB."""
     path, _ = recorded
@@ -218,7 +218,9 @@ def test_report_size_of_the_recorded_results(recorded):
     assert html.count("<h3>adaptive_h200</h3>") == 1
     assert "Over the load — poisson-n80" in titles and "Over the load — azure-code-n60" in titles
     n80 = [t for t in titles if "n80" in t]
-    assert n80 == ["Over the load — poisson-n80", "Latency distributions — poisson-r40-n80"], n80
+    serve = "poisson-n80-pU[768,1280]-oU[192,320]-s1"  # the serve benchmark's workloads: in-process and HTTP
+    assert n80 == ["Over the load — poisson-n80", "Latency distributions — poisson-r40-n80",
+                   f"Over the load — {serve}", f"Latency distributions — {serve.replace('n80', 'r8-n80')}"], n80
     assert html.count("<h3>Speedup over serial — poisson-r40-n80, adaptive_h200</h3>") == 1  # there, a table
     assert "<td>chunked 512</td>" in html and "<td>chunked 2048</td>" in html
     assert "<td>split green slo g20</td>" in html

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from splitlab.measure.metrics import RequestTrace
-from splitlab.measure.serve_overhead import judge, overhead, workload_shape
+from splitlab.measure.serve_overhead import judge, judge_rows, overhead, workload_shape
 
 
 def summary(ttft, itl, goodput=10.0):
@@ -30,6 +30,19 @@ def test_verdict_needs_every_pair_and_reports_the_worst():
     assert verdict["worst_ttft_p50_added"] == pytest.approx(0.2)
     assert verdict["worst_itl_p50_added_s"] == pytest.approx(0.0001)
     assert judge({})["met"] is False  # nothing measured is not a pass
+
+
+def test_result_rows_pair_http_with_in_process_on_the_same_requests():
+    def row(step, side, rate, ttft, shape="a"):
+        return {"step": step, "side": side, "rate": rate, "summary": summary(ttft, 0.01), "workload_shape": shape}
+
+    rows = [row("serial", "in_process", 8.0, 0.030), row("serial", "http", 8.0, 0.036),
+            row("chunked", "in_process", 8.0, 0.030), row("chunked", "http", 8.0, 0.031, shape="b"),
+            row("split", "http", 8.0, 0.040),  # no in-process twin: not judged
+            {"step": "serial", "side": "http", "rate": 16.0, "error": "failed"}]  # no summary: not judged
+    verdict = judge_rows(rows)
+    assert list(verdict["pairs"]) == ["serial@8"] and verdict["different_requests"] == ["chunked@8"]
+    assert verdict["worst_ttft_p50_added"] == pytest.approx(0.2) and verdict["met"] is False
 
 
 class _Run:

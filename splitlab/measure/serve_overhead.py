@@ -58,3 +58,20 @@ def judge(pairs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]) -> d
         "worst_itl_p50_added_s": max(itl) if itl else None,
         "met": bool(rows) and all(r["ttft_target_met"] and r["itl_target_met"] for r in rows.values()),
     }
+
+
+def judge_rows(rows) -> dict[str, Any]:
+    """``judge`` over a serve benchmark's result rows (``step``, ``side``, ``rate``, ``summary``,
+    ``workload_shape``): HTTP against in-process for every (step, rate) measured both ways on the
+    same requests; ``different_requests`` names the pairs whose requests differed (not judged)."""
+    by = {(r["step"], r["side"], r["rate"]): r for r in rows if "summary" in r}
+    pairs, mismatched = {}, []
+    for (step, side, rate), row in by.items():
+        twin = by.get((step, "in_process", rate))
+        if side != "http" or twin is None:
+            continue
+        if row["workload_shape"] != twin["workload_shape"]:
+            mismatched.append(f"{step}@{rate:g}")
+            continue
+        pairs[f"{step}@{rate:g}"] = (row["summary"], twin["summary"])
+    return {**judge(pairs), "different_requests": mismatched}
