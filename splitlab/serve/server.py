@@ -140,7 +140,8 @@ def cmd_serve(args) -> int:
               flush=True)
         # The engine thread drops the GIL at each CUDA sync; under the default 5 ms switch interval
         # a busy event loop (one SSE event per token per stream) holds it back for up to 5 ms a step.
-        # Measured on the H200 (serial, 16 req/s): HTTP ITL p50 11.9 ms at 5 ms, 6.7 ms at 0.5 ms.
+        # On the H200 (serial, 16 req/s): HTTP ITL p50 11.9 ms at 5 ms (results/serve_h200_gil5ms.json),
+        # 6.9 ms at 0.5 ms (results/serve_h200.json) against 6.3 ms in-process.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         _run(app, sock, engine, args)
     finally:
