@@ -31,10 +31,10 @@ from splitlab.engine.sampling import SamplingParams
 from splitlab.errors import ConfigError, WorkerError, WorkloadError
 from splitlab.measure.metrics import RequestTrace
 from splitlab.modes.online_child import Cancel, Measure, Measured, RequestDelta, Submit, Tokens, WorkerState
-from splitlab.modes.session import Go, ProcessSession
+from splitlab.modes.session import Go, OnSession, ProcessSession
 
 
-class ChildEngine:
+class ChildEngine(OnSession):
     """An online engine whose steps run in child processes; see the module docstring.
     Subclasses start ``self.session`` and call ``_start``, and say where messages go
     (``_target``, ``_send``)."""
@@ -114,15 +114,6 @@ class ChildEngine:
     def _failure_text(self) -> str:
         """Why the engine stopped ("" while it did not fail): what ``replay`` reports."""
         return self._failure or ""
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return self.session.pids if self.session is not None else {}
-
-    @property
-    def children(self) -> dict[str, dict[str, Any]]:
-        """Each child process: ``{"pid", "tmpdir", "exitcode"}``, kept after ``close()``."""
-        return self.session.children if self.session is not None else {}
 
     def facts(self) -> dict[str, Any]:
         """What it runs with: each child's ``Ready`` facts (its runner's settings and what its

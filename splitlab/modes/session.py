@@ -230,18 +230,18 @@ class ProcessSession:
 
 class OnSession:
     """``pids`` and ``children`` of the ``ProcessSession`` (``self.session``) a mode's workers
-    run in."""
+    run in; empty while there is none (an online engine's is made as it starts)."""
 
-    session: ProcessSession
+    session: ProcessSession | None
 
     @property
     def pids(self) -> dict[str, int]:
-        return self.session.pids
+        return self.session.pids if self.session is not None else {}
 
     @property
     def children(self) -> dict[str, dict[str, Any]]:
         """Each worker process: ``{"pid", "tmpdir", "exitcode"}``, kept after ``close()``."""
-        return self.session.children
+        return self.session.children if self.session is not None else {}
 
 
 # ---- the child side ------------------------------------------------------------------------------
