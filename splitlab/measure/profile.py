@@ -11,7 +11,7 @@
   achieved FLOP/s and bytes/s, arithmetic intensity, compute- or memory-bound, fraction of
   the roofline.
 
-Timing (DESIGN.md): ``time.perf_counter`` around one step, the device synchronised before
+Timing: ``time.perf_counter`` around one step, the device synchronised before
 each clock read, ``warmup`` untimed steps first, the median of ``repeats`` timed steps.
 Set-up work (building inputs and the KV cache a decode step reads) is outside the timed
 region; what is inside is one forward step of the backend.
