@@ -277,6 +277,9 @@ before_fix = load_recorded("serve_h200_gil5ms.json", made_by + "  (before the sw
 if serve_rec is not None:
     judged = serve_overhead.judge_rows(serve_rec["runs"])
     assert judged == serve_rec["analysis"], "the stored verdicts follow from the stored runs"
+    assert (judged["targets"]["ttft_p50_max_added"], judged["targets"]["itl_p50_max_added_s"]) == (0.05, 0.001)
+    ours = [r["summary"] for r in serve_rec["runs"] if "summary" in r and r["step"] != "transformers-serve"]
+    assert {s["num_requests"] for s in ours} == {80} and {s["model"] for s in ours} == {"dummy:llama-3.1-8b"}
     old = serve_overhead.judge_rows(before_fix["runs"])["pairs"] if before_fix is not None else {}
     table = pd.DataFrame([{
         "step@rate": name,
