@@ -345,8 +345,8 @@ class OnlineEngine:
         except Exception as exc:  # noqa: BLE001 - fails this step's requests only
             worker.failed_steps = getattr(worker, "failed_steps", 0) + 1
             self._fail_batch(exc, worker)
-            if worker.failed_steps >= MAX_FAILED_STEPS:
-                raise
+            if worker.failed_steps >= MAX_FAILED_STEPS:  # the engine's failure names the worker, as each request's does
+                raise WorkerError(f"worker {worker.name} failed: {type(exc).__name__}: {exc}") from exc
             return None
         worker.failed_steps = 0
         return outcome
