@@ -15,7 +15,6 @@ the rest (serial, chunked, and split on threads and on processes).
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,10 @@ from _traces import assert_traces_complete
 import splitlab
 from splitlab.config import EngineConfig
 from splitlab.errors import WorkloadError
-from splitlab.engine.loop import DecodeWorker, Handoff, Worker, build_engine, drive
+from splitlab.engine.loop import DecodeWorker, Handoff
+from splitlab.engine.online import OnlineEngine
+from splitlab.engine.replay import replay
 from splitlab.engine.scheduler import Scheduler
-from splitlab.engine.warmup import warm_up
 from splitlab.modes.split import SplitSession
 from splitlab.workload import from_prompts
 
@@ -52,17 +52,13 @@ def expected(tiny, workload):
 
 
 def serve(model, workload, mode: str, config: EngineConfig):
-    """What ``splitlab.run`` does for serial / chunked, with the scheduler kept to read its
-    counters and the allocator to check every page came back."""
-    parts = build_engine(model, config)
-    warm_up(parts.runner, token_budget=config.token_budget)
-    scheduler = Scheduler(mode, parts.allocator, parts.runner.max_batch, config.token_budget, config.chunk_size)
-    t0 = time.perf_counter()
-    clock = lambda: time.perf_counter() - t0  # noqa: E731
-    worker = Worker(mode, parts.runner, scheduler, clock)
-    traces = drive(worker, workload, clock, progress=False)
-    assert parts.allocator.num_free == parts.allocator.capacity  # every page came back
-    return traces, scheduler, worker.steps, parts
+    """What ``splitlab.run`` does for serial / chunked (a replay through the online engine),
+    with the scheduler kept to read its counters and its allocator to check every page came back."""
+    with OnlineEngine(model, mode, config, keep_steps=None, max_queued=len(workload)) as engine:
+        traces, steps = replay(engine, workload, progress=False)
+        scheduler = engine.scheduler
+        assert scheduler.allocator.num_free == scheduler.allocator.capacity  # every page came back
+    return {t.id: t for t in traces}, scheduler, steps, engine.parts
 
 
 @pytest.mark.parametrize("mode,cfg", [

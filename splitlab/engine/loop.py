@@ -2,9 +2,9 @@
 
 ``Worker.step()`` is the whole loop body: the scheduler picks a ``ScheduledBatch``, the
 runner runs it (a decode step, a prefill, or a mixed step), and the scheduler records the
-tokens and frees what finished. ``drive`` feeds one worker its arrivals in real time (the
-``serial`` and ``chunked`` modes, and each replica); ``build_engine`` makes the KV pool, the
-runner and the slot allocator of a model (warm it with ``splitlab.engine.warmup.warm_up``).
+tokens and frees what finished. The online engine (``splitlab.engine.online``) steps it, for a
+server and an offline run alike; ``build_engine`` makes the KV pool, the runner and the slot
+allocator of a model (warm it with ``splitlab.engine.warmup.warm_up``).
 
 A split engine reuses the same pieces: ``PrefillWorker`` (policy ``prefill``)
 prefills arrived prompts into the KV pool and emits a ``Handoff`` per finished prompt;
@@ -14,10 +14,8 @@ same KV pool, so a handoff carries a slot number or page ids, never KV bytes.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-import time
 from typing import Any, Callable, Protocol
 
 import torch
@@ -213,32 +211,3 @@ def check_requests(workload: Workload, max_seq_len: int, model_positions: int) -
                 f"KV slots hold {max_seq_len}; raise EngineConfig.max_seq_len (up to the model's "
                 f"{model_positions}) or shorten the request"
             )
-
-
-def drive(worker: Worker, workload: Workload, clock: Callable[[], float], progress: bool = True
-          ) -> dict[int, RequestTrace]:
-    """Feed arrivals to ``worker`` in real time and step it until every request finished."""
-    from tqdm.auto import tqdm
-
-    pending = collections.deque(workload.requests)
-    seqs = {r.id: SeqState.new(r, worker.name) for r in workload}
-    remaining = len(seqs)
-    bar = tqdm(total=workload.total_output_tokens, unit="tok", desc=worker.name, disable=not progress)
-    try:
-        while remaining:
-            now = clock()
-            while pending and pending[0].arrival_s <= now:
-                worker.scheduler.add(seqs[pending.popleft().id])
-            if worker.scheduler.has_work():
-                outcome = worker.step()
-                if outcome is None:
-                    raise RuntimeError("scheduler has work but scheduled nothing (no slot can ever free)")
-                remaining -= len(outcome.finished)
-                bar.update(outcome.num_new_tokens)
-            elif pending:
-                time.sleep(max(0.0, pending[0].arrival_s - clock()))
-            else:
-                raise RuntimeError(f"{remaining} requests unfinished with nothing pending or running")
-    finally:
-        bar.close()
-    return {rid: s.trace for rid, s in seqs.items()}

@@ -3,8 +3,9 @@
 N spawned processes (``replica-0`` ... ``replica-{N-1}``), each a full engine serving its
 share of the requests (dealt round-robin in arrival order), all measured from one t0:
 
-- ``engine="serial"`` / ``"chunked"``: the continuous-batching worker loop of those modes
-  (``splitlab.engine.loop.drive``) over the process's own KV pool;
+- ``engine="serial"`` / ``"chunked"``: the online engine's step loop of those modes (the
+  child loop an online replica runs, ``splitlab.modes.online_child.ChildLoop``) over the
+  process's own KV pool;
 - ``engine="generate"``: Huggingface ``generate()`` on static batches of ``batch_size``
   (``splitlab.modes.hf_generate.serve_static_batches``), as the paper's HF pipeline did.
 
@@ -235,22 +236,13 @@ def _counting(report: Callable[[int], None], fault: Fault | None) -> Callable[[i
 
 
 def _engine_server(name: str, runner, policy: str, config: EngineConfig, fault: Fault | None):
-    """``serve`` of an engine replica: its share through the ``serial`` / ``chunked`` loop."""
-    from splitlab.engine.loop import Worker, drive
+    """``serve`` of an engine replica: its share through the online engine's child loop (the
+    loop an online replica runs: one engine loop), each request at its arrival on the run's clock,
+    exactly ``max_new_tokens`` greedy tokens (EOS ignored)."""
+    from splitlab.engine.sampling import GREEDY
     from splitlab.engine.scheduler import Scheduler
-
-    class Reporting(Worker):
-        """The engine worker, reporting each step (progress, and the fault hook)."""
-
-        def __init__(self, *args, on_step):
-            super().__init__(*args)
-            self._on_step = on_step
-
-        def step(self):
-            outcome = super().step()
-            if outcome is not None:
-                self._on_step(outcome.num_new_tokens)
-            return outcome
+    from splitlab.errors import WorkerError
+    from splitlab.modes.online_child import ChildLoop, Submit, online_worker
 
     def serve(arm: Arm, t0: float, report: Callable[[int], None]):
         if not arm.requests:
@@ -258,9 +250,28 @@ def _engine_server(name: str, runner, policy: str, config: EngineConfig, fault: 
         clock = clock_from(t0)
         scheduler = Scheduler(policy, new_allocator(runner.kv, config), runner.max_batch, config.token_budget,
                               config.chunk_size)
-        worker = Reporting(name, runner, scheduler, clock, on_step=_counting(report, fault))
-        traces = drive(worker, Workload(f"{name}-share", arm.requests), clock, progress=False)
-        return list(traces.values()), worker.steps, scheduler.counters()
+        loop = ChildLoop(online_worker(name, runner, scheduler, clock), (), runner.device, fault=fault)
+        for r in arm.requests:
+            loop.submit(Submit(r, r.arrival_s, GREEDY, ignore_eos=True))
+        seqs, steps = list(loop.held.values()), []
+        while loop.held:
+            wait = loop.admit_arrived()
+            if scheduler.has_work():
+                outcome = loop.step()
+                if outcome is None and loop.worker.last_batch is None:
+                    raise WorkerError("the scheduler has work but scheduled nothing (no KV slot can ever free)")
+                if outcome is not None:
+                    report(outcome.num_new_tokens)
+            elif wait is not None:
+                time.sleep(wait)
+            else:
+                raise WorkerError(f"{len(loop.held)} requests unfinished with nothing pending or running")
+            failed = [d for d in loop.deltas if d.finish_reason == "error"]
+            if failed:  # a failed step, or a request the pool can never hold: the run is not whole
+                raise WorkerError(f"request {failed[0].request_id} failed: {failed[0].error}")
+            steps.extend(loop.steps)
+            loop.steps.clear(), loop.deltas.clear(), loop.released.clear()
+        return [s.trace for s in seqs], steps, scheduler.counters()
     return serve
 
 

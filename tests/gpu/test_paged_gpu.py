@@ -10,7 +10,6 @@ handed out again.
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -56,9 +55,8 @@ def test_the_engine_modes_over_a_paged_pool_are_exact(fp32_model, workload, expe
 def test_preemption_and_recompute_on_the_gpu_are_exact(fp32_model, mode):
     """10 pages of 16 positions; four sequences admitted with 6 of them grow to need 16: the
     newest are preempted and re-prefilled over their prompt and tokens, every output HF's."""
-    from splitlab.engine.loop import Worker, build_engine, drive
-    from splitlab.engine.scheduler import Scheduler
-    from splitlab.engine.warmup import warm_up
+    from splitlab.engine.online import OnlineEngine
+    from splitlab.engine.replay import replay
 
     gen = random.Random(7)
     vocab = fp32_model.facts.vocab_size
@@ -66,16 +64,13 @@ def test_preemption_and_recompute_on_the_gpu_are_exact(fp32_model, mode):
                                          for i, n in enumerate([15, 30, 9, 20, 40, 12])))
     expected = hf_outputs(fp32_model, wl)
     config = EngineConfig(**BASE, kv_block_size=16, num_pages=10)
-    parts = build_engine(fp32_model, config)
-    warm_up(parts.runner, token_budget=config.token_budget)
-    scheduler = Scheduler(mode, parts.allocator, parts.runner.max_batch, config.token_budget, config.chunk_size)
-    t0 = time.perf_counter()
-    clock = lambda: time.perf_counter() - t0  # noqa: E731
-    traces = drive(Worker(mode, parts.runner, scheduler, clock), wl, clock, progress=False)
+    with OnlineEngine(fp32_model, mode, config, keep_steps=None) as engine:  # what splitlab.run does
+        traces = {t.id: t for t in replay(engine, wl, progress=False)[0]}
+        scheduler = engine.scheduler
     got = {rid: t.output_ids for rid, t in traces.items()}
     assert token_match(got, expected)["exact"], token_match(got, expected)
     assert scheduler.preemptions > 0, "the pool was meant to run out"
-    assert parts.allocator.num_free == 10
+    assert scheduler.allocator.num_free == 10
 
 
 def test_paged_and_slot_engines_give_the_same_bf16_tokens(bf16_model):
