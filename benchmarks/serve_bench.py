@@ -9,7 +9,10 @@ on the same dummy model saved to local disk. GPU only.
 
 Target (``splitlab.measure.serve_overhead``): HTTP adds at most 5% to TTFT p50 and 1 ms to ITL
 p50 at every rate. The client and the in-process run are two runs of the same requests, so
-part of any difference is run-to-run noise; both sides' p99s are kept beside the medians.
+part of any difference is run-to-run noise; both sides' p99s are kept beside the medians. Each
+HTTP row also keeps the server's own histograms over its replay (``server_view``), so the
+analysis says where the mean TTFT went: the server's parse, its engine, the first token's
+delivery, or outside the server (``ttft_mean_where``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from _common import REPO, free_memory, leftover_diff, leftovers, log, quiet_tran
 
 import splitlab  # noqa: E402
 from splitlab.config import SLO, EngineConfig, SplitConfig  # noqa: E402
-from splitlab.measure.serve_overhead import judge_rows  # noqa: E402
+from splitlab.measure.serve_overhead import judge_rows, ttft_mean_s  # noqa: E402
 from splitlab.measure.sweep import Cell, Sweep  # noqa: E402
 from splitlab.workload import LengthDist, poisson  # noqa: E402
 
@@ -183,7 +186,8 @@ def main(argv=None) -> int:
         say(f"{cell.name}: TTFT p50 {s['ttft_p50_s'] * 1e3:.1f} ms, ITL p50 {(s['itl_p50_s'] or 0) * 1e3:.2f} ms, "
             f"goodput {s['goodput_req_s']:.2f} req/s, {s['completed']}/{s['num_requests']} completed")
         return {"step": cell.step, "side": cell.side, "rate": cell.rate, "file": f"{cell.name}.json.gz",
-                "summary": s, "vllm_fields": vllm, "workload_shape": workload_shape(run)}
+                "summary": s, "vllm_fields": vllm, "workload_shape": workload_shape(run),
+                "ttft_mean_s": ttft_mean_s(run), "server_view": (vllm or {}).get("server_view")}
 
     sweep.run(cells, measure, group_context=context)
     sweep.write(leftovers=leftover_diff(before), analysis=judge_rows(sweep.rows))

@@ -68,8 +68,9 @@ BENCH_TIMEOUT_S = 240     # most seconds the replay may take
 # port the system picks and waits for its `listening on` line; the `with` block stops it (SIGTERM, then
 # kill) when the cell ends, whether the cell succeeded or not. The bench runs as the command a user
 # types, `splitlab bench ...`, with `--dialect ids` so that no probe request reaches the server's
-# metrics before the workload's own. The saved run and the server's `/metrics` are read before the block
-# closes; the temporary folder goes with it.
+# metrics before the workload's own. The bench scrapes the server's `/metrics` just before and just after
+# its replay (`--server-metrics`, on by default) and keeps the difference of its histograms as
+# `server_view`. The saved run is read before the block closes; the temporary folder goes with it.
 
 # %%
 if "google.colab" in sys.modules:  # Colab only: the server's dependencies (the `serve` extra)
@@ -81,10 +82,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pandas as pd
-from prometheus_client.parser import text_string_to_metric_families
 
 from splitlab import plots
 from splitlab.config import EngineConfig
@@ -107,7 +106,6 @@ with tempfile.TemporaryDirectory(prefix="splitlab-06-") as folder, ServerProcess
     print("$ splitlab " + shlex.join(bench_args))
     bench = subprocess.run([*SPLITLAB, *bench_args], capture_output=True, text=True, timeout=BENCH_TIMEOUT_S + 120)
     assert bench.returncode == 0, f"splitlab bench exited {bench.returncode}:\n{bench.stderr[-3000:]}"
-    metrics_text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30.0, trust_env=False).text
     bench_run = sl.load_run(f"{folder}/bench.json.gz")
     result_json = json.loads(Path(folder, "vllm.json").read_text())
     server_pid = server.pid
@@ -171,8 +169,9 @@ print("checked: the bench sent exactly this workload (name, arrivals, prompt len
 # Three clocks saw these requests:
 #
 # - **in-process**: `sl.run`, the same online engine replaying the workload in this kernel (section 2);
-# - **the server's engine clock**: `/metrics` of `splitlab serve` (histograms; their sums and counts
-#   give the means): from the moment a parsed, tokenised request reached the engine to each token;
+# - **the server's engine clock**: `/metrics` of `splitlab serve` over the replay, as the bench recorded
+#   it (`server_view`: histograms, whose sums and counts give the means): from the moment a parsed,
+#   tokenised request reached the engine to each token;
 # - **the client**: `splitlab bench`, from the request's arrival time in the workload to each token's
 #   chunk arriving over the stream (the definitions of every `Run`).
 #
@@ -185,12 +184,10 @@ print("checked: the bench sent exactly this workload (name, arrivals, prompt len
 # with other work the run-to-run part moves more than the HTTP part: rerun the notebook to see by how much.
 
 # %%
-samples = {s.name: s.value for family in text_string_to_metric_families(metrics_text) for s in family.samples}
-server_clock = {f"{name}_mean_s": samples[f"splitlab_{metric}_sum"] / samples[f"splitlab_{metric}_count"]
-                for name, metric in (("ttft", "time_to_first_token_seconds"), ("itl", "inter_token_latency_seconds"),
-                                     ("e2e", "e2e_request_latency_seconds"))}
-assert samples["splitlab_time_to_first_token_seconds_count"] == NUM_REQUESTS, "the server saw other requests too"
-assert samples["splitlab_inter_token_latency_seconds_count"] == NUM_REQUESTS * (OUTPUT_LEN - 1)
+server_hist = vllm_fields["server_view"]["histograms"]   # what the bench scraped around its replay
+server_clock = {f"{name}_mean_s": server_hist[name]["mean_s"] for name in ("ttft", "itl", "e2e")}
+assert server_hist["ttft"]["count"] == NUM_REQUESTS, "the server saw other requests too"
+assert server_hist["itl"]["count"] == NUM_REQUESTS * (OUTPUT_LEN - 1)
 
 views = {}
 for name, run in runs.items():
@@ -236,6 +233,31 @@ assert client_view["ttft_mean_s"] >= server_clock["ttft_mean_s"] - 0.005, (clien
 assert client_view["e2e_mean_s"] >= server_clock["e2e_mean_s"] - 0.005, (client_view, server_clock)
 assert len(per_request) == NUM_REQUESTS and per_request.notna().all()
 print("checked: the client saw every request's first and last token no earlier than the server's engine clock did")
+
+# %% [markdown]
+# Where the client's mean TTFT went. `splitlab serve` times two steps of its own besides the engine:
+# the request's **parse** (the app received it, to its submission to the engine: JSON, validation,
+# tokenising) and the first token's **delivery** (the engine's first token, to its first chunk handed
+# to the HTTP server: the hop from the engine thread to the event loop, and detokenising). What is left
+# is **outside the server's app**: uvicorn, the loopback socket and the client's own event loop.
+
+# %%
+from splitlab.serve.server_view import breakdown
+
+where = breakdown(client_view["ttft_mean_s"], server_hist)
+ttft_parts = pd.DataFrame([
+    {"part": "parse (app received -> engine)", "mean (ms)": 1e3 * where["server_parse_mean_s"]},
+    {"part": "engine TTFT (engine arrival -> first token)", "mean (ms)": 1e3 * where["server_ttft_mean_s"]},
+    {"part": "first-token delivery (engine -> HTTP server)", "mean (ms)": 1e3 * where["server_first_delivery_mean_s"]},
+    {"part": "outside the app (uvicorn, socket, client)", "mean (ms)": 1e3 * where["outside_server_mean_s"]},
+])
+ttft_parts["share of the client's mean TTFT (%)"] = 100 * ttft_parts["mean (ms)"] / (1e3 * where["client_ttft_mean_s"])
+largest = ttft_parts.iloc[[0, 2, 3]].sort_values("mean (ms)").iloc[-1]
+print(f"client mean TTFT {1e3 * where['client_ttft_mean_s']:.1f} ms; besides the engine, the largest part is "
+      f"{largest['part'].split(' (')[0]}: {largest['mean (ms)']:.1f} ms")
+assert where["server_parse_mean_s"] > 0 and where["server_first_delivery_mean_s"] >= 0
+assert where["outside_server_mean_s"] >= -0.005, where   # the client's clock starts first (5 ms as above)
+for_people(ttft_parts)
 
 # %% [markdown]
 # The same two runs as distributions: each step of a line is one request (TTFT, TPOT, E2E) or one gap

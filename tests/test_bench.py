@@ -28,6 +28,7 @@ from _oracle import hf_greedy
 from splitlab.cli import main
 from splitlab.measure.metrics import load_run
 from splitlab.serve.process import ServerProcess, free_port
+from splitlab.serve.server_view import breakdown
 from splitlab.workload import LengthDist, poisson
 
 pytestmark = pytest.mark.timeout(600)
@@ -98,6 +99,17 @@ def test_bench_against_splitlab_serve(tiny_server, tiny, tmp_path, capsys):
     assert -TTFT_BELOW_S <= client_ttft - server_ttft <= TTFT_ABOVE_S, (client_ttft, server_ttft)
     assert abs(client_itl - server_itl) <= max(ITL_ABS_S, ITL_REL * server_itl), (client_itl, server_itl)
 
+    # the bench's own scrape of the same histograms (no probe request between: --dialect ids)
+    view = summary["server_view"]
+    assert view["url"] == base + "/metrics" and run.config.extra["server_view"]["url"] == view["url"]
+    hist = view["histograms"]
+    assert (hist["ttft"]["count"], hist["itl"]["count"], hist["e2e"]["count"]) == (12, n_gaps, 12)
+    assert hist["ttft"]["mean_s"] == pytest.approx(server_ttft) and hist["itl"]["mean_s"] == pytest.approx(server_itl)
+    assert hist["parse"]["count"] == hist["first_delivery"]["count"] == 12
+    parts = breakdown(client_ttft, hist)
+    assert parts["server_parse_mean_s"] > 0 and parts["server_first_delivery_mean_s"] >= 0
+    assert parts["outside_server_mean_s"] >= -TTFT_BELOW_S, parts  # the client's clock starts first
+
 
 def test_bench_probes_the_dialect(tiny_server, capsys):
     code, summary, err = bench(capsys, "--endpoint", tiny_server.url + "/", "--workload", "fixed",
@@ -113,6 +125,7 @@ def test_bad_bench_arguments_fail_before_anything_is_sent(capsys):
         (["--endpoint", "127.0.0.1:8000/v1"], "must be an http(s) URL"),
         (["--endpoint", f"http://127.0.0.1:{port}/v1", "--num-requests", "20000"], "at most 10000 requests"),
         (["--endpoint", f"http://127.0.0.1:{port}/v1", "--extra-body", "{nope"], "--extra-body must be a JSON"),
+        (["--endpoint", f"http://127.0.0.1:{port}/v1", "--server-metrics", "metrics"], "--server-metrics must be"),
         (["--endpoint", f"http://127.0.0.1:{port}/v1", "--model", "tiny"], "cannot reach"),
     ]
     for args, message in cases:
@@ -144,3 +157,4 @@ def test_bench_against_transformers_serve(smollm2, tmp_path, capsys):
         assert 1 <= len(trace.token_times_s) <= 4
         assert trace.arrival_s < trace.token_times_s[0] <= trace.token_times_s[-1]
     assert run.config.extra["lengths_forced"] is False
+    assert "unavailable" in summary["server_view"], summary["server_view"]  # it serves no latency histograms

@@ -31,6 +31,11 @@ def test_the_serve_benchmark_pairs_http_and_in_process_runs(tmp_path):
     pair = data["analysis"]["pairs"]["chunked-2048@4"]
     assert pair["ttft_p50_s"]["http"] > 0 and pair["ttft_p50_s"]["in_process"] > 0
     assert isinstance(data["analysis"]["met"], bool) and data["analysis"]["different_requests"] == []
+    where = pair["ttft_mean_where"]  # the server's own histograms over the HTTP replay
+    assert rows["http"]["server_view"]["histograms"]["ttft"]["count"] == 6
+    assert where["client_ttft_mean_s"] == rows["http"]["ttft_mean_s"] > where["server_ttft_mean_s"] > 0
+    assert where["in_process_ttft_mean_s"] == rows["in_process"]["ttft_mean_s"] > 0
+    assert where["server_parse_mean_s"] > 0 and where["server_first_delivery_mean_s"] >= 0
     for row in rows.values():
         run = splitlab.load_run(runs / row["file"])
         assert len(run.traces) == 6 and all(t.finished for t in run.traces)

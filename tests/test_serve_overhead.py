@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from splitlab.measure.metrics import RequestTrace
-from splitlab.measure.serve_overhead import judge, judge_rows, overhead, workload_shape
+from splitlab.measure.serve_overhead import judge, judge_rows, overhead, ttft_mean_s, workload_shape
 
 
 def summary(ttft, itl, goodput=10.0):
@@ -55,3 +55,28 @@ def test_workload_shape_tells_different_requests_apart():
     b = [RequestTrace(id=i, arrival_s=0.1 * i, prompt_len=10 + i, max_new_tokens=4) for i in reversed(range(3))]
     c = [RequestTrace(id=i, arrival_s=0.1 * i, prompt_len=10 + i, max_new_tokens=5) for i in range(3)]
     assert workload_shape(_Run(a)) == workload_shape(_Run(b)) != workload_shape(_Run(c))
+
+
+def test_rows_with_the_servers_view_say_where_the_mean_ttft_went():
+    view = {"histograms": {"ttft": {"mean_s": 0.034}, "parse": {"mean_s": 0.0012},
+                           "first_delivery": {"mean_s": 0.0008}}}
+    http = {"step": "serial", "side": "http", "rate": 8.0, "summary": summary(0.040, 0.01), "workload_shape": "a",
+            "ttft_mean_s": 0.041, "server_view": view}
+    inproc = {"step": "serial", "side": "in_process", "rate": 8.0, "summary": summary(0.032, 0.01),
+              "workload_shape": "a", "ttft_mean_s": 0.033, "server_view": None}
+    where = judge_rows([http, inproc])["pairs"]["serial@8"]["ttft_mean_where"]
+    assert where["client_ttft_mean_s"] == 0.041 and where["in_process_ttft_mean_s"] == 0.033
+    assert where["engine_added_s"] == pytest.approx(0.001)  # the engine's own TTFT, slower under the server
+    assert where["outside_server_mean_s"] == pytest.approx(0.041 - 0.036)
+    # rows recorded before the server's view was kept: judged as before, with no breakdown
+    old = judge_rows([{k: v for k, v in r.items() if k not in ("ttft_mean_s", "server_view")} for r in (http, inproc)])
+    assert "ttft_mean_where" not in old["pairs"]["serial@8"]
+    assert old["pairs"]["serial@8"]["ttft_p50_added"] == pytest.approx(0.25)
+
+
+def test_ttft_mean_counts_requests_with_a_token():
+    traces = [RequestTrace(id=0, arrival_s=1.0, prompt_len=4, max_new_tokens=2, token_times_s=[1.5, 1.6]),
+              RequestTrace(id=1, arrival_s=2.0, prompt_len=4, max_new_tokens=2, token_times_s=[2.1, 2.2]),
+              RequestTrace(id=2, arrival_s=3.0, prompt_len=4, max_new_tokens=2)]
+    assert ttft_mean_s(_Run(traces)) == pytest.approx(0.3)
+    assert ttft_mean_s(_Run(traces[2:])) is None

@@ -25,6 +25,12 @@ def workload_shape(run) -> str:
     return hashlib.sha1(repr(rows).encode()).hexdigest()[:16]
 
 
+def ttft_mean_s(run) -> float | None:
+    """Mean TTFT over a run's requests that produced a token (exact, as the servers' histogram means)."""
+    ttfts = [t.token_times_s[0] - t.arrival_s for t in run.traces if t.token_times_s]
+    return sum(ttfts) / len(ttfts) if ttfts else None
+
+
 def overhead(client: Mapping[str, Any], inproc: Mapping[str, Any]) -> dict[str, Any]:
     """From two ``Run.summary()`` dicts: TTFT p50 ratio - 1, ITL p50 difference (s), the p99s,
     the goodputs, and whether each target was met."""
@@ -63,9 +69,10 @@ def judge(pairs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]) -> d
 def judge_rows(rows) -> dict[str, Any]:
     """``judge`` over a serve benchmark's result rows (``step``, ``side``, ``rate``, ``summary``,
     ``workload_shape``): HTTP against in-process for every (step, rate) measured both ways on the
-    same requests; ``different_requests`` names the pairs whose requests differed (not judged)."""
+    same requests, with where the mean TTFT went (``ttft_where``) when the rows hold it;
+    ``different_requests`` names the pairs whose requests differed (not judged)."""
     by = {(r["step"], r["side"], r["rate"]): r for r in rows if "summary" in r}
-    pairs, mismatched = {}, []
+    pairs, where, mismatched = {}, {}, []
     for (step, side, rate), row in by.items():
         twin = by.get((step, "in_process", rate))
         if side != "http" or twin is None:
@@ -74,4 +81,26 @@ def judge_rows(rows) -> dict[str, Any]:
             mismatched.append(f"{step}@{rate:g}")
             continue
         pairs[f"{step}@{rate:g}"] = (row["summary"], twin["summary"])
-    return {**judge(pairs), "different_requests": mismatched}
+        parts = ttft_where(row, twin)
+        if parts is not None:  # rows recorded before the server's view was kept have none
+            where[f"{step}@{rate:g}"] = parts
+    judged = judge(pairs)
+    for name, parts in where.items():
+        judged["pairs"][name]["ttft_mean_where"] = parts
+    return {**judged, "different_requests": mismatched}
+
+
+def ttft_where(http_row, in_process_row) -> dict[str, Any] | None:
+    """Where the HTTP run's mean TTFT went, from a row's ``ttft_mean_s`` (the client's) and
+    ``server_view`` (the server's histograms over the replay) beside the in-process run's mean:
+    the server's parse, engine TTFT and first-token delivery, the rest outside the server (the
+    HTTP server, the network, the client), and how much slower the engine's own TTFT was under
+    the server than in-process. None when a row lacks them (runs recorded before they were kept)."""
+    from splitlab.serve.server_view import breakdown
+
+    view = (http_row.get("server_view") or {}).get("histograms")
+    parts = breakdown(http_row.get("ttft_mean_s"), view)
+    inproc = in_process_row.get("ttft_mean_s")
+    if parts is None or inproc is None:
+        return None
+    return {**parts, "in_process_ttft_mean_s": inproc, "engine_added_s": parts["server_ttft_mean_s"] - inproc}

@@ -89,16 +89,18 @@ def create_app(engine: OnlineEngine, tokenizer, settings: ServerSettings) -> Fas
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        received = engine.clock()
         params = await _parse_request(request, state, CompletionRequest)
         prompt = params.prompt_input()
         ids = _encode_text(tokenizer, prompt) if isinstance(prompt, str) else _check_ids(prompt, engine)
-        return await _generate(request, state, params, ids, chat=False)
+        return await _generate(request, state, params, ids, chat=False, received_s=received)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        received = engine.clock()
         params = await _parse_request(request, state, ChatRequest)
         ids = _chat_ids(tokenizer, params.conversation())
-        return await _generate(request, state, params, ids, chat=True)
+        return await _generate(request, state, params, ids, chat=True, received_s=received)
 
     return app
 
@@ -240,9 +242,12 @@ class _Generation:
         metrics, arrival = self.state.metrics, self.handle.trace.arrival_s
         async for delta in self.handle:
             self.last_s = metrics.observe(arrival, self.last_s, delta.times_s)
+            first = self.count == 0 and bool(delta.times_s)
             self.count += len(delta.token_ids)
             reason = delta.finish_reason
             piece = self.text.add(delta.token_ids, final=reason is not None)
+            if first:
+                metrics.first_delivery.observe(max(0.0, self.state.engine.clock() - delta.times_s[0]))
             if self.text.stopped and reason is None:
                 reason = "stop"
                 self.state.engine.cancel(self.handle, wait=False)
@@ -261,8 +266,9 @@ class _Generation:
             self.state.metrics.end(self.handle.trace.arrival_s, self.last_s, "abort")
 
 
-async def _generate(request: Request, state: _State, params: GenerationParams, ids: list[int], chat: bool
-                    ) -> Response:
+async def _generate(request: Request, state: _State, params: GenerationParams, ids: list[int], chat: bool,
+                    received_s: float) -> Response:
+    """Submit and answer; ``received_s``: when the handler began (the engine's clock)."""
     max_tokens = _max_tokens(params, len(ids), state)
     stop = params.stop_strings()
     sampling = _sampling(params)
@@ -276,6 +282,7 @@ async def _generate(request: Request, state: _State, params: GenerationParams, i
     except (WorkloadError, ConfigError) as exc:
         raise ApiError(400, str(exc), "invalid_value") from None
     state.metrics.prompt_tokens.inc(len(ids))
+    state.metrics.parse.observe(max(0.0, handle.trace.arrival_s - received_s))
     gen = _Generation(state, handle, stop)
     rid = new_id("chatcmpl" if chat else "cmpl")
     if params.stream:

@@ -25,6 +25,11 @@ and the notebooks read it); vLLM ``bench serve``'s JSON fields (``request_throug
 between chunks, as vLLM), ``e2el_ms``, ``completed``, token totals, ``request_goodput`` with
 ``--goodput``) are printed as JSON on the last stdout line and written by ``--result-json``.
 
+The server's own view: its Prometheus ``/metrics`` (``--server-metrics``, default the one beside
+the endpoint) is scraped before and after the replay, and the difference of its latency
+histograms (TTFT, ITL, E2E; ``splitlab serve``'s parse and first-token delivery too) is kept
+as ``server_view`` in the run and the printed JSON (``splitlab.serve.server_view``).
+
 Bounded: at most ``BENCH_MAX_REQUESTS`` requests, a total ``--timeout`` (requests still open
 then are cancelled and count as failed) and a per-request read timeout.
 """
@@ -42,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from splitlab.errors import ConfigError, SplitlabError
+from splitlab.serve.server_view import difference, metrics_url, scrape
 
 #: Most requests one bench run sends.
 BENCH_MAX_REQUESTS = 10_000
@@ -227,8 +233,9 @@ async def replay(client, served: str | None, workload, prompts: dict[int, Any], 
 # ---- what the run recorded ------------------------------------------------------------------------
 
 def build_run(results: list[RequestResult], workload, served: str | None, endpoint: str, dialect: tuple[str, bool],
-              slo):
-    """The ``Run`` of a bench: one trace per request, client-side times; no engine steps."""
+              slo, server_view: dict[str, Any] | None = None):
+    """The ``Run`` of a bench: one trace per request, client-side times; no engine steps.
+    ``server_view``: the server's histograms over the replay (``splitlab.serve.server_view``)."""
     from splitlab.config import RunConfig
     from splitlab.measure.metrics import RequestTrace, Run
     from splitlab.system.env import environment
@@ -245,7 +252,8 @@ def build_run(results: list[RequestResult], workload, served: str | None, endpoi
              "lengths_forced": dialect[1], **prompt_len_check(results),
              "failed": sum(not r.ok for r in results),
              "errors": [f"request {r.id}: {r.error}" for r in results if r.error][:20],
-             "send_lag_max_s": max((r.sent_s - r.arrival_s for r in results if r.sent_s is not None), default=None)}
+             "send_lag_max_s": max((r.sent_s - r.arrival_s for r in results if r.sent_s is not None), default=None),
+             "server_view": server_view}
     config = RunConfig(mode="bench", slo=slo, num_requests=len(results), rate=workload.rate, extra=extra)
     return Run(mode="bench", model=served or "?", workload=workload.name, config=config, env=environment(),
                traces=traces)
@@ -313,6 +321,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds the whole replay may take (open requests are then cancelled)")
     p.add_argument("--request-timeout", type=_positive_float, default=120.0,
                    help="seconds to wait for a connection or the next chunk of one request")
+    p.add_argument("--server-metrics", default="auto", metavar="auto|off|URL",
+                   help="scrape the server's Prometheus /metrics before and after the replay and record its "
+                        "own latency histograms (auto: /metrics beside --endpoint; a server without one is noted)")
     p.add_argument("--save", default=None, metavar="PATH", help="write the Run here (splitlab report reads it)")
     p.add_argument("--result-json", default=None, metavar="PATH",
                    help="write vLLM bench serve's result JSON here (with per-request lists)")
@@ -328,6 +339,9 @@ def _check_args(args) -> tuple[str, dict[str, Any], Any]:
     endpoint = args.endpoint.rstrip("/")
     if not endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {args.endpoint!r}")
+    if args.server_metrics not in ("auto", "off") and not args.server_metrics.startswith(("http://", "https://")):
+        raise ConfigError(f"--server-metrics must be auto, off or an http(s) URL of a Prometheus page, got "
+                          f"{args.server_metrics!r}")
     if args.num_requests is not None and args.num_requests > BENCH_MAX_REQUESTS:
         raise ConfigError(f"splitlab bench sends at most {BENCH_MAX_REQUESTS} requests; --num-requests is "
                           f"{args.num_requests}")
@@ -350,10 +364,11 @@ def cmd_bench(args) -> int:
 
     endpoint, extra, slo = _check_args(args)
     _quiet_transformers()
-    results, workload, served, dialect = asyncio.run(_bench(args, endpoint, extra))
-    run = build_run(results, workload, served, endpoint, dialect, slo)
+    results, workload, served, dialect, view = asyncio.run(_bench(args, endpoint, extra))
+    run = build_run(results, workload, served, endpoint, dialect, slo, view)
     summary = {"endpoint": endpoint, "model": served, "workload": workload.name, "prompt_kind": dialect[0],
-               "lengths_forced": dialect[1], **vllm_summary(results, run, slo), **prompt_len_check(results)}
+               "lengths_forced": dialect[1], **vllm_summary(results, run, slo), **prompt_len_check(results),
+               "server_view": view}
     print(f"bench {endpoint} ({served}): {summary['completed']}/{len(results)} requests completed in "
           f"{summary['duration']:.2f} s; prompts as {dialect[0]}, lengths "
           f"{'forced' if dialect[1] else 'NOT forced (the server refused ignore_eos/min_tokens)'}")
@@ -406,6 +421,12 @@ async def _bench(args, endpoint: str, extra: dict[str, Any]):
         else:
             dialect = DIALECT_NAMES[args.dialect]
         prompts = {r.id: (list(r.prompt_ids) if dialect[0] == "ids" else texts[r.id]) for r in workload}
+        url = None if args.server_metrics == "off" else \
+            metrics_url(endpoint) if args.server_metrics == "auto" else args.server_metrics
+        before, why = await scrape(client, url) if url else (None, "--server-metrics off")
         results, _ = await replay(client, served, workload, prompts, dialect[1], extra, args.timeout,
                                   args.max_concurrency, not args.no_progress)
-    return results, workload, served, dialect
+        after, why_after = await scrape(client, url) if before is not None else (None, why)
+    view = {"url": url, "histograms": difference(before, after)} if after is not None \
+        else {"url": url, "unavailable": why_after}
+    return results, workload, served, dialect, view

@@ -3,8 +3,10 @@
 Latencies use the definitions of every ``Run`` (``splitlab.measure.metrics``), measured on
 the engine's clock: TTFT from the moment the request reached the engine (after parsing and
 tokenising) to its first token; ITL every gap between consecutive tokens; E2E to the last
-token. A client sees more (the network, the HTTP and JSON work); ``splitlab bench`` reports
-the client's side of the same requests. The gauges (queue depth, prompts being prefilled,
+token. Two more split the server's side of the first token: the parse (the request received
+by the app to its submission) and the first token's delivery (engine to the HTTP server). A
+client sees more (the network, the HTTP server); ``splitlab bench`` reports the client's side
+of the same requests, and the server's view from these (``splitlab.serve.server_view``). The gauges (queue depth, prompts being prefilled,
 the running batch, KV slots in use and in all, and a split's SM split) are read from the engine at
 each scrape.
 
@@ -20,6 +22,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                0.5, 0.75, 1.0, 2.5, 5.0)
+#: The server's own steps around the engine: sub-millisecond when all is well.
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0)
 
@@ -63,6 +67,10 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("splitlab_e2e_request_latency_seconds", "arrival at the engine to last token",
                              buckets=E2E_BUCKETS, registry=r)
+        self.parse = Histogram("splitlab_request_parse_seconds", "request received by the app to its submission "
+                               "to the engine (JSON, validation, tokenising)", buckets=STEP_BUCKETS, registry=r)
+        self.first_delivery = Histogram("splitlab_first_token_delivery_seconds", "the engine's first token to its "
+                                        "first chunk handed to the HTTP server", buckets=STEP_BUCKETS, registry=r)
         self.prompt_tokens = Counter("splitlab_prompt_tokens", "prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("splitlab_generation_tokens", "tokens generated", registry=r)
         self.finished = Counter("splitlab_request_finished", "requests that ended, by finish reason",
