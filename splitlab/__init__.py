@@ -15,7 +15,7 @@ Names from modules that may be absent on a given machine or version (``profile_p
 from importlib import import_module as _import_module
 
 from splitlab.config import SLO
-from splitlab.api import MODES, available_modes, run
+from splitlab.api import MODES, available_modes, online_engine, run
 from splitlab.system.env import environment
 from splitlab.errors import (ConfigError, DeviceError, ModelSpecError, ModeError, MPSError, RunFileError, SplitlabError,
                              WorkerError, WorkloadError)
@@ -68,6 +68,7 @@ __all__ = [
     "from_azure_trace",
     "from_prompts",
     "load_model",
+    "online_engine",
     "load_run",
     "poisson",
     "run",

@@ -1,4 +1,6 @@
 """``splitlab.run``: one entry point for every mode; checks the input once, then dispatches.
+``splitlab.online_engine``: the long-lived engine of a mode, for a server or a caller that
+submits requests while it runs.
 
 Modes (see README.md):
 
@@ -24,6 +26,8 @@ from splitlab.errors import ConfigError, ModeError, WorkloadError
 from splitlab.workload import Workload
 
 MODES = ("hf-generate", "serial", "chunked", "split", "replicas")
+#: The modes with an online engine (``hf-generate`` serves static batches of a known workload).
+ONLINE_MODES = ("serial", "chunked", "split", "replicas")
 
 
 def available_modes(gpu: bool | None = None) -> tuple[str, ...]:
@@ -118,3 +122,38 @@ def _dispatch(mode: str, workload: Workload, model, engine, options, batch_size:
     from splitlab.modes.replicas import _run_replicas
 
     return _run_replicas(workload, model, engine, options, progress=progress)
+
+
+def online_engine(model, mode: str = "serial", config=None, *, split=None, replicas=None, **kwargs):
+    """The online engine of ``mode`` (``ONLINE_MODES``), started and ready: ``serial`` /
+    ``chunked``: ``splitlab.engine.online.OnlineEngine``; ``split`` with ``split=SplitConfig``
+    (None: the default, ``streams``): backend ``streams`` / ``green`` an ``OnlineSplitEngine``
+    (two threads), ``processes`` / ``mps`` an ``OnlineProcessSplit`` (two spawned children);
+    ``replicas`` with ``replicas=ReplicaConfig``: ``OnlineReplicas``. ``kwargs`` go to the engine
+    (``keep_steps``, ``max_queued``, ``ready_timeout_s``, ...); close it, or use it as a context
+    manager."""
+    from splitlab.config import SplitConfig
+
+    if mode not in ONLINE_MODES:
+        raise ModeError(f"no online engine for mode {mode!r}; online modes: {', '.join(ONLINE_MODES)}")
+    if split is not None and mode != "split":
+        raise ConfigError(f"split=... is for mode 'split', not {mode!r}")
+    if replicas is not None and mode != "replicas":
+        raise ConfigError(f"replicas=... is for mode 'replicas', not {mode!r}")
+    if mode == "split":
+        if split is not None and not isinstance(split, SplitConfig):
+            raise ConfigError(f"split must be a splitlab.config.SplitConfig, got {type(split).__name__}")
+        if split is not None and split.backend in ("processes", "mps"):  # two spawned children
+            from splitlab.modes.split.online_processes import OnlineProcessSplit
+
+            return OnlineProcessSplit(model, config, split=split, **kwargs)
+        from splitlab.modes.split.online_threads import OnlineSplitEngine
+
+        return OnlineSplitEngine(model, "split", config, split=split, **kwargs)
+    if mode == "replicas":
+        from splitlab.modes.online_replicas import OnlineReplicas
+
+        return OnlineReplicas(model, config, replicas=replicas, **kwargs)
+    from splitlab.engine.online import OnlineEngine
+
+    return OnlineEngine(model, mode, config, **kwargs)

@@ -19,7 +19,8 @@ import pytest
 import torch
 from _oracle import hf_generate
 
-from splitlab.config import EngineConfig
+from splitlab import online_engine
+from splitlab.config import EngineConfig, SplitConfig
 from splitlab.engine.online import GREEDY, OnlineEngine, SamplingParams, sample
 from splitlab.errors import ConfigError, ModeError, WorkerError, WorkloadError
 
@@ -40,7 +41,7 @@ PAGED = CONFIG.replace(num_slots=None, kv_block_size=16, num_pages=8)
 @pytest.fixture(scope="module", params=["serial", "chunked", "chunked-paged", "split", "split-paged"])
 def engine(request, tiny):
     mode, _, paged = request.param.partition("-")
-    eng = OnlineEngine(tiny, mode, PAGED if paged else CONFIG)
+    eng = online_engine(tiny, mode, PAGED if paged else CONFIG)
     yield eng
     eng.close()
     assert not eng._thread.is_alive()
@@ -102,7 +103,7 @@ def test_wait_blocks_until_the_last_delta(engine):
 
 
 def test_cancel_of_a_waiting_request(tiny):
-    with OnlineEngine(tiny, "serial", CONFIG.replace(num_slots=1, max_batch=1)) as eng:
+    with online_engine(tiny, "serial", CONFIG.replace(num_slots=1, max_batch=1)) as eng:
         running = eng.submit([9, 10, 11], 60, ignore_eos=True)
         waiting = eng.submit([12, 13], 5, ignore_eos=True)
         next(iter(running))
@@ -170,7 +171,7 @@ def test_async_iteration(engine, tiny):
 @pytest.mark.parametrize("mode", ["chunked", "split"])
 def test_eos_ends_a_greedy_request_and_min_tokens_suppresses_it(smollm2, mode):
     prompt = smollm2.encode("What is the capital of France?", chat=True)
-    with OnlineEngine(smollm2, mode, EngineConfig(max_seq_len=512, num_slots=2, max_batch=2, chunk_size=64)) as eng:
+    with online_engine(smollm2, mode, EngineConfig(max_seq_len=512, num_slots=2, max_batch=2, chunk_size=64)) as eng:
         free = eng.submit(prompt, 24)
         forced = eng.submit(prompt, 14, min_tokens=14)
         held = eng.submit(prompt, 24, min_tokens=10)
@@ -186,13 +187,13 @@ def test_eos_ends_a_greedy_request_and_min_tokens_suppresses_it(smollm2, mode):
 
 
 def test_close_drains_or_aborts(tiny):
-    eng = OnlineEngine(tiny, "serial", CONFIG)
+    eng = online_engine(tiny, "serial", CONFIG)
     h = eng.submit([50, 51], 8, ignore_eos=True)
     eng.close(abort=False)  # finish what is in flight first
     assert h.finish_reason == "length" and len(h.output_ids) == 8
     with pytest.raises(WorkerError, match="closed"):
         eng.submit([50, 51], 8)
-    eng = OnlineEngine(tiny, "serial", CONFIG)
+    eng = online_engine(tiny, "serial", CONFIG)
     h = eng.submit([50, 51], 250 - 2, ignore_eos=True)
     next(iter(h))
     eng.close()
@@ -229,7 +230,7 @@ async def _drain_async(handle):
 def test_split_engine_runs_two_threads(tiny):
     from splitlab.modes.split.online_threads import OnlineSplitEngine
 
-    with OnlineEngine(tiny, "split", CONFIG) as eng:
+    with online_engine(tiny, "split", CONFIG) as eng:
         assert isinstance(eng, OnlineSplitEngine) and eng._decode_thread.is_alive()
         h = eng.submit([60, 61, 62], 6, ignore_eos=True)
         assert h.result(30) == hf_generate(tiny, [60, 61, 62], 6, min_new=6)
@@ -243,12 +244,10 @@ def test_online_split_follows_an_adaptive_sm_policy(tiny):
     step asks the policy, the oracle holds, and the server's gauges see the split."""
     from pathlib import Path
 
-    from splitlab.config import SplitConfig
-
     profile = str(Path(__file__).resolve().parents[1] / "results" / "sm_profile_h200.json")
     split = SplitConfig(backend="streams", sm_policy="table", sm_profile=profile, prefill_layer_group=1)
     prompts, news = ragged(seed=3, n=6)
-    with OnlineEngine(tiny, "split", CONFIG, split=split) as eng:
+    with online_engine(tiny, "split", CONFIG, split=split) as eng:
         handles = [eng.submit(p, n, ignore_eos=True) for p, n in zip(prompts, news)]
         for h, p, n in zip(handles, prompts, news):
             assert h.result(60) == hf_generate(tiny, p, n, min_new=n), f"request {h.id}"
@@ -259,14 +258,18 @@ def test_online_split_follows_an_adaptive_sm_policy(tiny):
     assert {s.sms for s in eng.steps if s.kind == "decode"} <= set(facts["green"]["decode_sms_choices"]) | {132}
     assert stats["decode_sms"] is not None and stats["prefill_sms"] is not None
     with pytest.raises(ConfigError, match="SplitConfig"):
-        OnlineEngine(tiny, "split", CONFIG, split={"backend": "streams"})
+        online_engine(tiny, "split", CONFIG, split={"backend": "streams"})
 
 
 def test_bad_engine_arguments(tiny):
     with pytest.raises(ModeError, match="serial, chunked, split, replicas"):
-        OnlineEngine(tiny, "generate")
+        online_engine(tiny, "generate")
     with pytest.raises(ConfigError, match="EngineConfig"):
-        OnlineEngine(tiny, "serial", {"max_seq_len": 64})
+        online_engine(tiny, "serial", {"max_seq_len": 64})
+    with pytest.raises(ConfigError, match="split=... is for mode 'split'"):
+        online_engine(tiny, "serial", CONFIG, split=SplitConfig())
+    with pytest.raises(ModeError, match="OnlineEngine runs mode 'serial' or 'chunked', not 'split'"):
+        OnlineEngine(tiny, "split", CONFIG)  # the class is the serial / chunked engine; the factory builds the rest
 
 
 def test_replicas_mode_runs_spawned_engines(tiny):
@@ -274,10 +277,27 @@ def test_replicas_mode_runs_spawned_engines(tiny):
     (the process engines' own tests: tests/test_online_processes.py)."""
     from splitlab.modes.online_replicas import OnlineReplicas
 
-    with OnlineEngine(tiny, "replicas", CONFIG) as eng:
+    with online_engine(tiny, "replicas", CONFIG) as eng:
         assert isinstance(eng, OnlineReplicas) and len(eng.pids) == 2
         handles = [eng.submit([60 + i, 61, 62], 6, ignore_eos=True) for i in range(2)]
         for i, h in enumerate(handles):
             assert h.result(60) == hf_generate(tiny, [60 + i, 61, 62], 6, min_new=6)
         assert {s.worker for s in eng.steps} == {"replica-0", "replica-1"}
     assert not eng.alive
+
+
+def test_the_readme_example_runs(capsys):
+    """The README's online-engine example, as a user pastes it: one request's tokens stream out
+    in deltas, the last says ``length``, and each of its 8 tokens has a time."""
+    from ast import literal_eval
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = readme.split("The engine under the server is a Python object too", 1)[1]
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    *deltas, times = lines
+    assert deltas[-1].endswith("length") and all(d.endswith("None") for d in deltas[:-1])
+    assert sum(len(literal_eval(d.rsplit(" ", 1)[0])) for d in deltas) == 8  # the tuples it printed
+    assert len(literal_eval(times)) == 8

@@ -23,7 +23,8 @@ from _colocation import assert_clean, snapshot
 from _oracle import hf_generate
 
 from splitlab.config import EngineConfig, SplitConfig
-from splitlab.engine.online import OnlineEngine, SamplingParams
+from splitlab import online_engine
+from splitlab.engine.online import SamplingParams
 from splitlab.errors import ConfigError, ModeError, WorkerError, WorkloadError
 from splitlab.modes.online_replicas import OnlineReplicas
 from splitlab.modes.replicas import ReplicaConfig
@@ -40,8 +41,8 @@ REPLICAS = ReplicaConfig(num_replicas=2, engine="chunked")
 
 def start(model, kind: str, config: EngineConfig = CONFIG):
     if kind == "replicas":
-        return OnlineEngine(model, "replicas", config, replicas=REPLICAS)
-    return OnlineEngine(model, "split", config, split=PROCESSES)
+        return online_engine(model, "replicas", config, replicas=REPLICAS)
+    return online_engine(model, "split", config, split=PROCESSES)
 
 
 def ragged(seed: int = 0, n: int = 10):
@@ -119,7 +120,7 @@ def test_a_killed_child_fails_every_open_handle(tiny, victim):
 
 def test_a_hung_child_fails_the_open_handles_after_the_stall_timeout(tiny):
     before = snapshot()
-    eng = OnlineEngine(tiny, "split", CONFIG, split=SplitConfig(backend="processes", stall_timeout_s=2.0))
+    eng = online_engine(tiny, "split", CONFIG, split=SplitConfig(backend="processes", stall_timeout_s=2.0))
     try:
         h = eng.submit([70, 71], 250 - 2, ignore_eos=True)
         next(iter(h))
@@ -135,19 +136,19 @@ def test_a_hung_child_fails_the_open_handles_after_the_stall_timeout(tiny):
 def test_mps_is_refused_on_cpu_before_starting_anything(tiny):
     before = snapshot()
     with pytest.raises(ModeError, match="mps needs an NVIDIA GPU with nvidia-cuda-mps-control"):
-        OnlineEngine(tiny, "split", CONFIG, split=SplitConfig(backend="mps", prefill_share=70, decode_share=30))
+        online_engine(tiny, "split", CONFIG, split=SplitConfig(backend="mps", prefill_share=70, decode_share=30))
     with pytest.raises(ModeError, match="replicas with mps=True needs an NVIDIA GPU"):
-        OnlineEngine(tiny, "replicas", CONFIG, replicas=ReplicaConfig(mps=True))
+        online_engine(tiny, "replicas", CONFIG, replicas=ReplicaConfig(mps=True))
     assert_clean(before)
 
 
 def test_bad_engine_arguments(tiny):
     with pytest.raises(ConfigError, match="offline only"):
-        OnlineEngine(tiny, "replicas", CONFIG, replicas=ReplicaConfig(engine="generate"))
+        online_engine(tiny, "replicas", CONFIG, replicas=ReplicaConfig(engine="generate"))
     with pytest.raises(ConfigError, match="ReplicaConfig"):
-        OnlineEngine(tiny, "replicas", CONFIG, replicas={"num_replicas": 2})
+        online_engine(tiny, "replicas", CONFIG, replicas={"num_replicas": 2})
     with pytest.raises(ConfigError, match="EngineConfig"):
-        OnlineEngine(tiny, "split", {"max_seq_len": 64}, split=PROCESSES)
+        online_engine(tiny, "split", {"max_seq_len": 64}, split=PROCESSES)
 
 
 
@@ -257,7 +258,7 @@ def test_seeded_sampling_is_reproducible(engine):
 def test_seeded_sampling_draws_what_the_in_process_engine_draws(engine, tiny):
     """The generator's state crosses the handoff: the same stream as one process."""
     params = SamplingParams(temperature=0.8, top_k=50, seed=77)
-    here = OnlineEngine(tiny, "serial", CONFIG)
+    here = online_engine(tiny, "serial", CONFIG)
     try:
         expected = here.submit([30, 31, 32], 10, sampling=params, ignore_eos=True).result(30)
     finally:

@@ -595,3 +595,9 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def new_allocator(kv, config):
+    """A fresh allocator of ``kv``'s slots, or of its pages (with the prefix cache of
+    ``config``, an ``EngineConfig``): one per run, so a run's prefix hits and counts are its own."""
+    return kv.new_allocator(prefix_cache=config.kv_prefix_cache) if kv.paged else kv.new_allocator()

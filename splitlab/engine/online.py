@@ -3,12 +3,9 @@
 ``OnlineEngine(model, mode="serial" | "chunked", config)`` builds the engine the offline modes
 build (``build_engine``, ``warm_up``, a ``Scheduler`` of the mode's policy) on ONE background
 thread, which then runs the same ``Worker`` step loop (schedule -> run -> postprocess) for as
-long as the engine lives. ``mode="split"`` with ``split=SplitConfig(backend=...)``:
-``streams`` or ``green`` give an ``OnlineSplitEngine``, the offline split's two-thread engine
-(a prefill thread and a decode thread, one KV pool, the SM policy of ``split``);
-``processes`` or ``mps`` give ``splitlab.modes.split.online_processes.OnlineProcessSplit``
-(the two spawned children). ``mode="replicas"`` gives
-``splitlab.modes.online_replicas.OnlineReplicas``. All have the API below.
+long as the engine lives. The other modes' online engines live with their modes and have the
+API below too; ``splitlab.online_engine(model, mode, ...)`` (``splitlab.api``) builds the one
+of any mode.
 Any thread may ``submit`` a request; its tokens come back through the ``RequestHandle`` as
 they are made (a thread-safe queue for ``for delta in handle``, or an asyncio queue for
 ``async for delta in handle`` when submitted with ``loop=``); ``cancel`` frees its KV at the
@@ -57,17 +54,17 @@ from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ConfigError, ModeError, SplitlabError, WorkerError, WorkloadError
 from splitlab.engine.handles import (FINISH_REASONS, Delta, OnlineSeq, RequestHandle, RequestLimits,
                                      checked_request)
+from splitlab.engine.kv import new_allocator
 from splitlab.engine.loop import EngineParts, Worker, build_engine
 from splitlab.engine.plan import split_outputs
 from splitlab.engine.sampling import GREEDY, SamplingParams, request_generator, sample
 from splitlab.engine.scheduler import ScheduledBatch, Scheduler
-from splitlab.engine.warmup import warm_up
+from splitlab.engine.warmup import warm_chunk, warm_up
 from splitlab.measure.metrics import RequestTrace
 
-__all__ = ["FINISH_REASONS", "GREEDY", "MAX_QUEUED", "MODES", "Delta", "EngineBusyError", "OnlineEngine",
+__all__ = ["FINISH_REASONS", "GREEDY", "MAX_QUEUED", "Delta", "EngineBusyError", "OnlineEngine",
            "OnlineSeq", "OnlineWorker", "RequestHandle", "SamplingParams", "sample"]
 
-MODES = ("serial", "chunked", "split", "replicas")
 #: Most requests waiting or running at once; beyond it ``submit`` raises EngineBusyError.
 MAX_QUEUED = 4096
 #: Consecutive failing steps after which the engine stops (each failure fails only its batch).
@@ -109,31 +106,14 @@ class OnlineEngine:
     ``ready_timeout_s``: how long the build and warm-up may take before ``WorkerError``.
     """
 
-    def __new__(cls, model=None, mode: str = "serial", *args, split: SplitConfig | None = None,
-                replicas: Any = None, **kwargs):
-        if cls is not OnlineEngine:
-            return super().__new__(cls)
-        if mode == "split":
-            if split is not None and not isinstance(split, SplitConfig):
-                raise ConfigError(f"split must be a splitlab.config.SplitConfig, got {type(split).__name__}")
-            if split is not None and split.backend in ("processes", "mps"):  # two spawned children
-                from splitlab.modes.split.online_processes import OnlineProcessSplit
-
-                return OnlineProcessSplit(model, *args, split=split, **kwargs)
-            from splitlab.modes.split.online_threads import OnlineSplitEngine
-
-            return super().__new__(OnlineSplitEngine)  # two threads: streams or green
-        if mode == "replicas":
-            from splitlab.modes.online_replicas import OnlineReplicas
-
-            return OnlineReplicas(model, *args, replicas=replicas, **kwargs)
-        return super().__new__(cls)
+    modes: tuple[str, ...] = ("serial", "chunked")  # a subclass runs its own
 
     def __init__(self, model, mode: str = "serial", config: EngineConfig | None = None, *,
                  split: SplitConfig | None = None, parts: EngineParts | None = None,
                  keep_steps: int | None = 10_000, max_queued: int = MAX_QUEUED, ready_timeout_s: float = 600.0):
-        if mode not in MODES:
-            raise ModeError(f"the online engine runs modes {', '.join(MODES)}; got {mode!r}")
+        if mode not in self.modes:
+            raise ModeError(f"{type(self).__name__} runs mode {' or '.join(map(repr, self.modes))}, not {mode!r}; "
+                            "splitlab.online_engine(model, mode, ...) builds the engine of every mode")
         self.split = split if split is not None else SplitConfig()
         self._given_parts = parts  # an engine built (and warmed) by the caller: this one steps it
         config = config if config is not None else EngineConfig()
@@ -302,8 +282,6 @@ class OnlineEngine:
             if config.warmup:
                 warm_up(self.parts.runner, token_budget=config.token_budget)
         else:
-            from splitlab.modes.worker_kv import new_allocator, warm_chunk
-
             given = self._given_parts
             self.parts = dataclasses.replace(given, allocator=new_allocator(given.kv, config))
             self.parts.runner.prefill([warm_chunk(given.kv, 4)])

@@ -83,3 +83,23 @@ def _tables(runner: ModelRunner, seqs: list[int]) -> list[list[int]] | None:
 def _chunk(runner: ModelRunner, seq: int, ids: list[int], last: bool = True) -> PrefillChunk:
     tables = _tables(runner, [seq])
     return PrefillChunk(None, ids, 0, last, tables[0]) if tables else PrefillChunk(seq, ids, 0, last)
+
+
+def warm_chunk(kv, n: int) -> PrefillChunk:
+    """A throw-away prompt of ``n`` tokens at the pool's first rows: slot 0, or pages 0, 1, ...
+    (wrapping on a pool with fewer). Only before a run, when every slot and page is free: a
+    request writes each position before it reads it."""
+    if not kv.paged:
+        return PrefillChunk(0, [1] * n, 0)
+    return PrefillChunk(None, [1] * n, 0, True, [j % kv.num_pages for j in range(kv.pages_for(n))])
+
+
+def warm_decode_step(runner) -> None:
+    """A throw-away decode step of one row at position 0 of the pool's last slot or page (the
+    other end from ``warm_chunk``, which the prefill side may run at the same time)."""
+    kv = runner.kv
+    last = kv.max_sequences - 1
+    if kv.paged:
+        runner.decode_step([None], [1], [0], [[last]])
+    else:
+        runner.decode_step([last], [1], [0])

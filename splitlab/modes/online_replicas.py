@@ -1,4 +1,4 @@
-"""``OnlineEngine(model, "replicas", config, replicas=ReplicaConfig(...))``: the ``replicas``
+"""``splitlab.online_engine(model, "replicas", config, replicas=ReplicaConfig(...))``: the ``replicas``
 mode's N spawned engines as one online engine.
 
 Start-up is the offline mode's (``splitlab.modes.replicas``): replica 0 loads the model by
@@ -31,7 +31,7 @@ from splitlab.modes.online_parent import ChildEngine
 from splitlab.modes.replicas import (ReplicaConfig, _check_mps_here, engine_runner, replica_weights, say_bye,
                                      wait_byes)
 from splitlab.modes.session import Close, ProcessSession, Ready
-from splitlab.modes.worker_kv import new_allocator
+from splitlab.engine.kv import new_allocator
 
 
 def online_replica_main(channel, index: int, n: int, model_args, options: ReplicaConfig, config: EngineConfig,

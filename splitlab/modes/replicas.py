@@ -44,7 +44,8 @@ from splitlab.measure.metrics import Run
 from splitlab.modes.common import (Fault, build_run, check_faults, check_workload, cpu_threads_per_worker,
                                    engine_config, fault_for, mapped_not_owned, round_robin, total_or_none,
                                    weight_fingerprint, worker_facts, worker_model_args)
-from splitlab.modes.worker_kv import check_pages_fit, merged_counters, new_allocator, warn_preemptions
+from splitlab.engine.kv import new_allocator
+from splitlab.modes.worker_kv import check_pages_fit, merged_counters, warn_preemptions
 from splitlab.modes.session import (Arm, OnSession, ProcessSession, Ready, clock_from, get_checking_parent,
                                     serve_runs)
 from splitlab.system.env import synchronize

@@ -1,43 +1,16 @@
-"""What the modes do with a worker's KV pool, slots or pages alike: a fresh allocator per run,
-throw-away steps at the pool's two ends before a run, the check that every request's pages
-can ever fit (before a run starts, once the pool's size is known), and the scheduler
-counters a run reports (preemptions, prefix-cache hits)."""
+"""What the modes do with a worker's KV pool, slots or pages alike: the check that every
+request's pages can ever fit (before a run starts, once the pool's size is known), and the
+scheduler counters a run reports (preemptions, prefix-cache hits). A fresh allocator per run
+is ``splitlab.engine.kv.new_allocator``; the throw-away steps at the pool's two ends are
+``splitlab.engine.warmup``'s."""
 
 from __future__ import annotations
 
 import warnings
 from typing import Any, Iterable, Mapping
 
-from splitlab.config import EngineConfig
 from splitlab.errors import WorkloadError
 from splitlab.engine.kv import pages_written
-from splitlab.engine.plan import PrefillChunk
-
-
-def new_allocator(kv, config: EngineConfig):
-    """A fresh allocator of ``kv``'s slots, or of its pages (with ``config``'s prefix cache):
-    one per run, so a run's prefix hits and counts are its own."""
-    return kv.new_allocator(prefix_cache=config.kv_prefix_cache) if kv.paged else kv.new_allocator()
-
-
-def warm_chunk(kv, n: int) -> PrefillChunk:
-    """A throw-away prompt of ``n`` tokens at the pool's first rows: slot 0, or pages 0, 1, ...
-    (wrapping on a pool with fewer). Only before a run, when every slot and page is free: a
-    request writes each position before it reads it."""
-    if not kv.paged:
-        return PrefillChunk(0, [1] * n, 0)
-    return PrefillChunk(None, [1] * n, 0, True, [j % kv.num_pages for j in range(kv.pages_for(n))])
-
-
-def warm_decode_step(runner) -> None:
-    """A throw-away decode step of one row at position 0 of the pool's last slot or page (the
-    other end from ``warm_chunk``, which the prefill side may run at the same time)."""
-    kv = runner.kv
-    last = kv.max_sequences - 1
-    if kv.paged:
-        runner.decode_step([None], [1], [0], [[last]])
-    else:
-        runner.decode_step([last], [1], [0])
 
 
 def check_pages_fit(requests: Iterable, facts: Mapping[str, Any], headroom: int = 0) -> None:

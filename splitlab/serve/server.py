@@ -1,4 +1,4 @@
-"""``splitlab serve``: load a model, start an ``OnlineEngine``, serve it with uvicorn.
+"""``splitlab serve``: load a model, start the mode's online engine, serve it with uvicorn.
 
 It listens on 127.0.0.1 by default; any other ``--host`` prints a warning (without
 ``--api-key`` anyone who reaches the port can use the model). ``--port 0`` takes a free
@@ -111,7 +111,8 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 def cmd_serve(args) -> int:
     from splitlab.cli import _quiet_transformers, default_model
     from splitlab.config import EngineConfig
-    from splitlab.engine.online import MAX_QUEUED, OnlineEngine
+    from splitlab.api import online_engine
+    from splitlab.engine.online import MAX_QUEUED
     from splitlab.models import load_model
     from splitlab.serve.app import MAX_BODY_BYTES, ServerSettings, create_app
 
@@ -127,8 +128,8 @@ def cmd_serve(args) -> int:
         config = EngineConfig(max_seq_len=args.max_seq_len, num_slots=args.num_slots, max_batch=args.max_batch,
                               chunk_size=args.chunk_size, token_budget=args.token_budget,
                               kv_block_size=args.kv_block_size)
-        engine = OnlineEngine(model, args.mode, config, max_queued=args.max_queued or MAX_QUEUED,
-                              **engine_options(args))
+        engine = online_engine(model, args.mode, config, max_queued=args.max_queued or MAX_QUEUED,
+                               **engine_options(args))
         name = args.served_model_name or spec
         settings = ServerSettings(served_model_name=name, aliases=(spec,), api_key=args.api_key,
                                   max_body_bytes=args.max_body_bytes or MAX_BODY_BYTES,

@@ -101,11 +101,11 @@ def test_the_online_green_split_is_exact(fp32_model, workload, expected, policy)
     from pathlib import Path
 
     from splitlab.config import SplitConfig
-    from splitlab.engine.online import OnlineEngine
+    from splitlab import online_engine
 
     profile = str(Path(__file__).resolve().parents[2] / "results" / "sm_profile_h200.json")
     extra = {} if policy == "static" else {"sm_policy": policy, "sm_profile": profile}
-    with OnlineEngine(fp32_model, "split", CONFIG, split=SplitConfig(backend="green", **extra)) as engine:
+    with online_engine(fp32_model, "split", CONFIG, split=SplitConfig(backend="green", **extra)) as engine:
         handles = {r.id: engine.submit(list(r.prompt_ids), r.max_new_tokens, ignore_eos=True,
                                        arrival_s=engine.clock() + r.arrival_s) for r in workload}
         got = {rid: h.result(120) for rid, h in handles.items()}

@@ -1,4 +1,4 @@
-"""``OnlineEngine(model, "split", config, split=SplitConfig(backend="processes" | "mps"))``:
+"""``splitlab.online_engine(model, "split", config, split=SplitConfig(backend="processes" | "mps"))``:
 the two spawned children of the process split as an online engine. It is the one loop of
 these backends: an offline run (``splitlab.run(..., mode="split")``, a ``SplitSession``) is a
 replay through it (``splitlab.modes.split.processes.ProcessSplit``).

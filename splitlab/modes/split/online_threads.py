@@ -1,4 +1,4 @@
-"""The ``streams`` and ``green`` split as an online engine: ``OnlineEngine(model, "split",
+"""The ``streams`` and ``green`` split as an online engine: ``splitlab.online_engine(model, "split",
 config, split=SplitConfig(backend="streams" | "green", ...))`` returns an ``OnlineSplitEngine``.
 
 It is built by ``ThreadSplit`` exactly as an offline split run is (one KV pool, a prefill runner
@@ -46,7 +46,7 @@ _END = object()
 
 
 class OnlineSplitEngine(OnlineEngine):
-    """``OnlineEngine(model, "split", config, split=SplitConfig(backend="streams" | "green"))``:
+    """``splitlab.online_engine(model, "split", config, split=SplitConfig(backend="streams" | "green"))``:
     the split of ``modes/split/threads`` as an online engine. A prefill thread (the engine
     thread: arrivals, admission, prompt steps, first tokens) and a decode thread (decode steps
     of everything handed over) over one KV pool and two runners (the decode one owns the CUDA
@@ -57,6 +57,8 @@ class OnlineSplitEngine(OnlineEngine):
     returned its first token, and its KV is freed after the decode step that finished it
     returned, so neither stream touches KV the other still uses. Each request belongs to one
     thread at a time, which alone delivers its deltas and drops it on cancel."""
+
+    modes = ("split",)
 
     def __init__(self, model, mode: str = "split", config=None, *, built=None, faults=None, **kwargs):
         """``built``: a ``ThreadSplit`` to run over (an offline session's; else one is built);
@@ -69,7 +71,8 @@ class OnlineSplitEngine(OnlineEngine):
         from splitlab.engine.loop import EngineParts
         from splitlab.modes.split.adaptive import SMController
         from splitlab.modes.split.threads import ThreadSplit
-        from splitlab.modes.worker_kv import new_allocator, warm_chunk
+        from splitlab.engine.kv import new_allocator
+        from splitlab.engine.warmup import warm_chunk
 
         config, split = self.config, self.split
         # the split's engine: pool, runners, streams or green contexts, graphs, SM lanes
@@ -182,7 +185,7 @@ class OnlineSplitEngine(OnlineEngine):
 
     # ---- the decode thread ------------------------------------------------------------------
     def _decode_main(self) -> None:
-        from splitlab.modes.worker_kv import warm_decode_step
+        from splitlab.engine.warmup import warm_decode_step
 
         try:
             with _on_stream(self._streams[1]):

@@ -35,10 +35,9 @@ from splitlab.config import EngineConfig, SplitConfig
 from splitlab.errors import ModeError, WorkerError
 from splitlab.engine.loop import build_engine
 from splitlab.engine.runner import ModelRunner
-from splitlab.engine.warmup import warm_up
+from splitlab.engine.warmup import warm_chunk, warm_up
 from splitlab.modes.split.adaptive import GreenPlan
 from splitlab.modes.common import Fault, fault_for, peak_bytes, reset_peak, worker_facts
-from splitlab.modes.worker_kv import warm_chunk
 from splitlab.system.env import synchronize
 
 GREEN_HINT = ("split backend green needs an NVIDIA GPU with green contexts (CUDA 12.4+ driver, cuda-python); "
