@@ -10,8 +10,6 @@ OpenAI JSON error, and the server keeps serving), and SIGTERM with requests in f
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import signal
 import socket
 import threading
@@ -20,8 +18,10 @@ import time
 import httpx
 import pytest
 from _oracle import hf_generate
+from _serve_checks import (assert_error, check_bad_request, check_concurrent_streams, check_dropped_client_frees_kv,
+                           check_sigterm_with_streams_in_flight, metric, open_stream, post, stream, wait_until)
 
-from splitlab.serve.process import ServerProcess, descendants, port_is_free
+from splitlab.serve.process import ServerProcess
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -43,51 +43,6 @@ def smol_server():
     server = ServerProcess.splitlab(SMOL_ARGS)
     yield server
     assert server.stop() == 0, server.output()
-
-
-def post(server, route: str, body, **kw) -> httpx.Response:
-    return httpx.post(server.url + route, json=body, timeout=120.0, trust_env=False, **kw)
-
-
-def sse_events(response: httpx.Response) -> list:
-    """The ``data:`` payloads of a streamed response, ``[DONE]`` as the string."""
-    out = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
-
-def stream(server, route: str, body) -> list:
-    with httpx.stream("POST", server.url + route, json=body, timeout=120.0, trust_env=False) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        return sse_events(r)
-
-
-def metric(server, name: str, labels: str = "") -> float:
-    text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30.0, trust_env=False).text
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-def wait_until(check, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    err = response.json()["error"]
-    assert err["message"] and err["type"]
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 # ---- SmolLM2: the greedy oracle over HTTP ---------------------------------------------------------
@@ -135,44 +90,13 @@ def test_chat_answers_stops_at_eos_and_at_a_stop_string(smol_server, smollm2):
 
 def test_a_client_dropped_mid_stream_frees_its_kv(smol_server):
     """SmolLM2 makes a token in tens of milliseconds: the request is surely still running."""
-    server = smol_server
-    aborted = metric(server, "splitlab_request_finished_total", '{finish_reason="abort"}')
-    body = {"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", server.url + "/completions", json=body, timeout=60.0, trust_env=False) as r:
-        lines = r.iter_lines()  # kept: closing this iterator would close the connection already
-        data = [line for line in (next(lines) for _ in range(4)) if line.startswith("data: ")]
-        assert len(data) == 2  # two tokens (each line is followed by an empty one)
-        assert metric(server, "splitlab_kv_slots_in_use") == 1
-        assert metric(server, "splitlab_num_requests_running") == 1
-    # the connection is closed here, 2 tokens into 400
-    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 0, 30.0)
-    assert metric(server, "splitlab_request_finished_total", '{finish_reason="abort"}') == aborted + 1
-    assert metric(server, "splitlab_num_requests_running") == 0
+    check_dropped_client_frees_kv(smol_server, 400)
 
 
 # ---- the tiny model: load, drops, bad input, signals ----------------------------------------------
 
-def test_32_concurrent_streams_all_finish_with_their_lengths(tiny_server):
-    lengths = [1 + (i * 7) % 8 for i in range(32)]
-
-    async def one(client, i, n):
-        body = {"prompt": [10 + i, 11, 12, 13 + i % 5], "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                "return_token_ids": True, "stream": True, "stream_options": {"include_usage": True}}
-        async with client.stream("POST", "completions", json=body) as r:
-            assert r.status_code == 200
-            events = [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
-                      async for line in r.aiter_lines() if line.startswith("data: ")]
-        chunks = [e["choices"][0] for e in events[:-2]]
-        return sum(len(c["token_ids"]) for c in chunks), chunks[-1]["finish_reason"], events[-2]["usage"]
-
-    async def main():
-        async with httpx.AsyncClient(base_url=tiny_server.url + "/", timeout=120.0, trust_env=False) as client:
-            return await asyncio.gather(*(one(client, i, n) for i, n in enumerate(lengths)))
-
-    results = asyncio.run(main())
-    for (count, finish, use), n in zip(results, lengths):
-        assert count == n and finish == "length" and use["completion_tokens"] == n
-    assert wait_until(lambda: metric(tiny_server, "splitlab_kv_slots_in_use") == 0)
+def test_32_concurrent_streams_all_finish_with_their_lengths(tiny_server, tiny):
+    check_concurrent_streams(tiny_server, tiny)
 
 
 @pytest.mark.parametrize("body, status, code", [
@@ -192,12 +116,7 @@ def test_32_concurrent_streams_all_finish_with_their_lengths(tiny_server):
     ({"prompt": "x" * 70000}, 413, "request_too_large"),
 ])
 def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(tiny_server, body, status, code):
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(tiny_server.url + "/completions", content=content, timeout=60.0, trust_env=False,
-                   headers={"content-type": "application/json"})
-    assert_error(r, status, code)
-    good = post(tiny_server, "/completions", {"prompt": [5, 6], "max_tokens": 2, "ignore_eos": True})
-    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
+    check_bad_request(tiny_server, body, status, code)
 
 
 def test_other_routes_and_errors(tiny_server):
@@ -238,45 +157,17 @@ def test_the_openai_client_reads_it(tiny_server):
     assert bad.value.code == "invalid_value"
 
 
-def _open_stream(server, n: int, out: list) -> None:
-    body = {"prompt": [7, 8, 9], "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
-    try:
-        with httpx.stream("POST", server.url + "/completions", json=body, timeout=60.0, trust_env=False) as r:
-            out.append(sse_events(r))
-    except httpx.HTTPError as exc:  # a connection the server closed is an end too
-        out.append(exc)
-
-
 def test_sigterm_with_requests_in_flight_leaves_nothing_behind(smol_server):
     """SmolLM2 (tens of milliseconds a token): the 400-token requests are surely in flight."""
-    server = smol_server
-    results: list = []
-    threads = [threading.Thread(target=_open_stream, args=(server, 400, results)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    assert wait_until(lambda: metric(server, "splitlab_num_requests_running") == 3, 60.0)
-    children = descendants(server.pid)
-    port = server.port
-    started = time.monotonic()
-    assert server.stop(signal.SIGTERM, timeout_s=60.0) == 0, server.output()
-    assert time.monotonic() - started < 30.0
-    for t in threads:
-        t.join(30.0)
-        assert not t.is_alive()
-    assert len(results) == 3
-    for events in results:  # each stream ended: aborted, then [DONE]
-        assert isinstance(events, list) and events[-1] == "[DONE]", events
-        assert events[-2]["choices"][0]["finish_reason"] == "abort"
-    assert "splitlab serve: stopped" in server.output()
-    assert port_is_free(port)
-    assert not [pid for pid in children if _alive(pid)]
+    check_sigterm_with_streams_in_flight(
+        smol_server, 400, lambda: metric(smol_server, "splitlab_num_requests_running") == 3)
 
 
 def test_drain_finishes_requests_in_flight_then_exits():
     server = ServerProcess.splitlab(TINY_ARGS + ["--drain", "--drain-timeout", "60"])
     try:
         results: list = []
-        thread = threading.Thread(target=_open_stream, args=(server, 250, results))
+        thread = threading.Thread(target=open_stream, args=(server, 250, results))
         thread.start()
         assert wait_until(lambda: metric(server, "splitlab_num_requests_running") == 1, 30.0)
         assert server.stop(signal.SIGINT, timeout_s=60.0) == 0, server.output()  # sent while it runs
@@ -286,14 +177,6 @@ def test_drain_finishes_requests_in_flight_then_exits():
         assert len(events) == 251  # every token came
     finally:
         server.stop()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # ---- in-process: the API key, the non-loopback warning ----------------------------------------------

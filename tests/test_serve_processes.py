@@ -11,19 +11,17 @@ flight: exit 0, every stream ended, no process, /dev/shm entry or port left behi
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 from _oracle import hf_generate
-from test_serve import _alive, _open_stream, assert_error, metric, post, sse_events, stream, wait_until
+from _serve_checks import (alive, check_bad_request, check_concurrent_streams, check_dropped_client_frees_kv,
+                           check_sigterm_with_streams_in_flight, metric, post, stream, wait_until)
 
-from splitlab.serve.process import ServerProcess, descendants, port_is_free
+from splitlab.serve.process import ServerProcess, descendants
 from splitlab.system.procs import read_proc_file
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,42 +78,11 @@ def test_greedy_tokens_equal_generate_streamed_and_not(server, tiny):
 
 
 def test_32_concurrent_streams_all_finish_with_their_lengths(server, tiny):
-    lengths = [1 + (i * 7) % 8 for i in range(32)]
-    prompts = [[10 + i, 11, 12, 13 + i % 5] for i in range(32)]
-
-    async def one(client, prompt, n):
-        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                "return_token_ids": True, "stream": True, "stream_options": {"include_usage": True}}
-        async with client.stream("POST", "completions", json=body) as r:
-            assert r.status_code == 200
-            events = [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]"
-                      async for line in r.aiter_lines() if line.startswith("data: ")]
-        chunks = [e["choices"][0] for e in events[:-2]]
-        return [t for c in chunks for t in c["token_ids"]], chunks[-1]["finish_reason"], events[-2]["usage"]
-
-    async def main():
-        async with httpx.AsyncClient(base_url=server.url + "/", timeout=120.0, trust_env=False) as client:
-            return await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, lengths)))
-
-    results = asyncio.run(main())
-    for (ids, finish, use), p, n in zip(results, prompts, lengths):
-        assert finish == "length" and use["completion_tokens"] == n
-        assert ids == hf_generate(tiny, p, n, min_new=n)
-    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 0)
+    check_concurrent_streams(server, tiny)
 
 
 def test_a_client_dropped_mid_stream_frees_its_kv(server):
-    aborted = metric(server, "splitlab_request_finished_total", '{finish_reason="abort"}')
-    body = {"prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", server.url + "/completions", json=body, timeout=60.0, trust_env=False) as r:
-        lines = r.iter_lines()  # kept: closing this iterator would close the connection already
-        data = [line for line in (next(lines) for _ in range(4)) if line.startswith("data: ")]
-        assert len(data) == 2
-        assert metric(server, "splitlab_kv_slots_in_use") == 1
-    # the connection is closed here, 2 tokens into 500
-    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 0, 30.0)
-    assert metric(server, "splitlab_request_finished_total", '{finish_reason="abort"}') == aborted + 1
-    assert wait_until(lambda: metric(server, "splitlab_num_requests_running") == 0, 10.0)
+    check_dropped_client_frees_kv(server, 500)
 
 
 @pytest.mark.parametrize("body, status, code", [
@@ -128,12 +95,7 @@ def test_a_client_dropped_mid_stream_frees_its_kv(server):
     ({"prompt": "x" * 70000}, 413, "request_too_large"),
 ])
 def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(server, body, status, code):
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(server.url + "/completions", content=content, timeout=60.0, trust_env=False,
-                   headers={"content-type": "application/json"})
-    assert_error(r, status, code)
-    good = post(server, "/completions", {"prompt": [5, 6], "max_tokens": 2, "ignore_eos": True})
-    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 2
+    check_bad_request(server, body, status, code)
 
 
 def test_health_and_metrics_read_the_children(server):
@@ -145,29 +107,14 @@ def test_health_and_metrics_read_the_children(server):
 
 def test_sigterm_with_requests_in_flight_leaves_nothing_behind(server):
     """It stops the module's server: every test of it comes before."""
-    results: list = []
-    threads = [threading.Thread(target=_open_stream, args=(server, 500, results)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 3, 60.0)
-    children = descendants(server.pid)
-    assert len(children) >= 2
-    shm = shm_mapped_by([server.pid, *children])  # the server's own, not what other programs make meanwhile
-    assert shm, "the server's queues map their semaphores from /dev/shm"
-    port = server.port
-    started = time.monotonic()
-    assert server.stop(signal.SIGTERM, timeout_s=60.0) == 0, server.output()
-    assert time.monotonic() - started < 30.0
-    for t in threads:
-        t.join(30.0)
-        assert not t.is_alive()
-    assert len(results) == 3
-    for events in results:  # each stream ended: aborted, then [DONE]
-        assert isinstance(events, list) and events[-1] == "[DONE]", events
-        assert events[-2]["choices"][0]["finish_reason"] == "abort"
-    assert "splitlab serve: stopped" in server.output()
-    assert port_is_free(port)
-    assert wait_until(lambda: not [pid for pid in children if _alive(pid)], 10.0)
+    def mapped(children):
+        assert len(children) >= 2
+        shm = shm_mapped_by([server.pid, *children])  # the server's own, not what other programs make meanwhile
+        assert shm, "the server's queues map their semaphores from /dev/shm"
+        return shm
+
+    shm = check_sigterm_with_streams_in_flight(server, 500, lambda: metric(server, "splitlab_kv_slots_in_use") == 3,
+                                               before_stop=mapped)
     left = shm & set(os.listdir("/dev/shm"))
     assert not left, f"/dev/shm entries left behind: {sorted(left)}"
 
@@ -195,4 +142,4 @@ def test_a_replicas_server_serves_generate_tokens_and_stops_clean(tiny):
         assert results == [hf_generate(tiny, p, 9, min_new=9) for p in prompts]
         assert metric(replicas, "splitlab_kv_slots_total") == 4.0
         assert replicas.stop(signal.SIGTERM, timeout_s=60.0) == 0, replicas.output()
-    assert wait_until(lambda: not [pid for pid in children if _alive(pid)], 10.0)
+    assert wait_until(lambda: not [pid for pid in children if alive(pid)], 10.0)
