@@ -12,31 +12,18 @@ closing ends every request.
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 
 import pytest
 import torch
+from _online_checks import (CONFIG, PAGED, check_bad_submits_are_refused, check_deltas_and_the_logits_path,
+                            check_greedy_with_arrivals, check_seeded_sampling_is_reproducible,
+                            check_stop_ids_and_min_tokens, ragged)
 from _oracle import hf_generate
 
 from splitlab import online_engine
 from splitlab.config import EngineConfig, SplitConfig
 from splitlab.engine.online import GREEDY, OnlineEngine, SamplingParams, sample
-from splitlab.errors import ConfigError, ModeError, WorkerError, WorkloadError
-
-CONFIG = EngineConfig(max_seq_len=256, num_slots=4, max_batch=4, chunk_size=24, token_budget=64)
-
-
-def ragged(seed: int = 0, n: int = 10):
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(4, 260) for _ in range(rng.randrange(2, 50))] for _ in range(n)]
-    return prompts, [rng.randrange(1, 13) for _ in range(n)]
-
-
-# a paged pool of 8 pages of 16 positions: four ragged requests outgrow it, so the scheduler
-# preempts and recomputes while tokens stream out
-PAGED = CONFIG.replace(num_slots=None, kv_block_size=16, num_pages=8)
-
+from splitlab.errors import ConfigError, ModeError, WorkerError
 
 @pytest.fixture(scope="module", params=["serial", "chunked", "chunked-paged", "split", "split-paged"])
 def engine(request, tiny):
@@ -48,37 +35,14 @@ def engine(request, tiny):
 
 
 def test_greedy_equals_generate_with_requests_arriving_while_it_runs(engine, tiny):
-    prompts, news = ragged()
-    burst = engine.clock() + 0.2  # the first half arrives at one instant: more than the KV holds
-    handles = [engine.submit(p, n, ignore_eos=True, arrival_s=burst) for p, n in zip(prompts[:5], news[:5])]
-    time.sleep(0.25)
-    for p, n in zip(prompts[5:], news[5:]):  # the rest while it runs
-        handles.append(engine.submit(p, n, ignore_eos=True))
-        time.sleep(0.01)
-    for h, p, n in zip(handles, prompts, news):
-        assert h.result(60) == hf_generate(tiny, p, n, min_new=n), f"request {h.id}"
-        assert h.finish_reason == "length"
-        t = h.trace
-        assert len(t.token_times_s) == n and t.token_times_s == sorted(t.token_times_s)
-        assert t.arrival_s <= t.prefill_start_s <= t.prefill_end_s == t.token_times_s[0]
+    check_greedy_with_arrivals(engine, tiny, lead_s=0.2)
     assert engine.stats()["kv_slots_in_use"] == 0
     if engine.scheduler.block_size is not None and engine.scheduler.reserve == "grow":
         assert engine.scheduler.preemptions > 0  # the tokens stayed exact through recomputation
 
 
 def test_tokens_stream_as_deltas_and_the_logits_path_is_exact_too(engine, tiny):
-    """Iterated deltas carry every token once; a seeded sampled request in the same batch makes
-    the step take the logits path, where the greedy requests still get generate()'s tokens."""
-    prompts, news = ragged(seed=1, n=3)
-    sampled = engine.submit(prompts[0], 12, sampling=SamplingParams(temperature=1.0, seed=3), ignore_eos=True)
-    handles = [engine.submit(p, n, ignore_eos=True) for p, n in zip(prompts, news)]
-    deltas = list(handles[0])
-    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
-    assert [t for d in deltas for t in d.token_ids] == handles[0].output_ids
-    assert [t for d in deltas for t in d.times_s] == handles[0].trace.token_times_s
-    for h, p, n in zip(handles, prompts, news):
-        assert h.result(60) == hf_generate(tiny, p, n, min_new=n)
-    assert len(sampled.result(60)) == 12
+    check_deltas_and_the_logits_path(engine, tiny)
 
 
 def test_cancel_frees_the_slot_at_once(engine, tiny):
@@ -116,13 +80,7 @@ def test_cancel_of_a_waiting_request(tiny):
 
 
 def test_seeded_sampling_is_reproducible(engine):
-    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=100, seed=1234)
-    a = engine.submit([20, 21, 22], 16, sampling=params, ignore_eos=True).result(30)
-    b = engine.submit([20, 21, 22], 16, sampling=params, ignore_eos=True).result(30)
-    c = engine.submit([20, 21, 22], 16, sampling=SamplingParams(temperature=1.0, seed=4321),
-                      ignore_eos=True).result(30)
-    assert a == b
-    assert a != c  # 16 draws from a near-uniform distribution over 260 ids
+    check_seeded_sampling_is_reproducible(engine)
 
 
 def test_sample_is_a_pure_function_of_logits_params_and_generator():
@@ -144,14 +102,7 @@ def test_sample_is_a_pure_function_of_logits_params_and_generator():
 
 
 def test_stop_ids_end_a_request_and_min_tokens_holds_them_back(engine, tiny):
-    prompt = [30, 31, 32, 33]
-    greedy = hf_generate(tiny, prompt, 10, min_new=10)
-    stop = greedy[3]
-    first = greedy.index(stop)
-    h = engine.submit(prompt, 10, ignore_eos=True, stop_ids=[stop])
-    assert h.result(30) == greedy[:first + 1] and h.finish_reason == "stop"
-    held = engine.submit(prompt, 10, ignore_eos=True, stop_ids=[stop], min_tokens=10)
-    assert len(held.result(30)) == 10 and stop not in held.output_ids and held.finish_reason == "length"
+    check_stop_ids_and_min_tokens(engine, tiny)
 
 
 def test_async_iteration(engine, tiny):
@@ -201,18 +152,7 @@ def test_close_drains_or_aborts(tiny):
 
 
 def test_bad_requests_are_refused_at_submit(engine):
-    with pytest.raises(WorkloadError, match="context"):
-        engine.submit([5] * 200, 100)
-    with pytest.raises(WorkloadError, match="vocabulary"):
-        engine.submit([5, 999], 4)
-    with pytest.raises(WorkloadError, match="empty prompt"):
-        engine.submit([], 4)
-    with pytest.raises(WorkloadError, match="max_new_tokens"):
-        engine.submit([5], 0)
-    with pytest.raises(ConfigError, match="min_tokens"):
-        engine.submit([5], 4, min_tokens=5)
-    with pytest.raises(ConfigError, match="stop_ids"):
-        engine.submit([5], 4, stop_ids=[1000])
+    check_bad_submits_are_refused(engine)
     with pytest.raises(ConfigError, match="temperature"):
         SamplingParams(temperature=-1)
     with pytest.raises(ConfigError, match="top_p"):

@@ -13,13 +13,15 @@ folder; a killed child fails every open handle with ``error``.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 import time
 
 import pytest
 from _colocation import assert_clean, snapshot
+from _online_checks import (CONFIG, PAGED, check_bad_submits_are_refused, check_deltas_and_the_logits_path,
+                            check_greedy_with_arrivals, check_seeded_sampling_is_reproducible,
+                            check_stop_ids_and_min_tokens, kv_empty, ragged, wait_until)
 from _oracle import hf_generate
 
 from splitlab.config import EngineConfig, SplitConfig
@@ -32,9 +34,6 @@ from splitlab.modes.split.online_processes import OnlineProcessSplit
 
 pytestmark = pytest.mark.timeout(300)
 
-CONFIG = EngineConfig(max_seq_len=256, num_slots=4, max_batch=4, chunk_size=24, token_budget=64)
-# 8 pages of 16 positions: a split reserves every page a request writes, so at most a few at once
-PAGED = CONFIG.replace(num_slots=None, kv_block_size=16, num_pages=8)
 PROCESSES = SplitConfig(backend="processes")
 REPLICAS = ReplicaConfig(num_replicas=2, engine="chunked")
 
@@ -43,26 +42,6 @@ def start(model, kind: str, config: EngineConfig = CONFIG):
     if kind == "replicas":
         return online_engine(model, "replicas", config, replicas=REPLICAS)
     return online_engine(model, "split", config, split=PROCESSES)
-
-
-def ragged(seed: int = 0, n: int = 10):
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(4, 260) for _ in range(rng.randrange(2, 50))] for _ in range(n)]
-    return prompts, [rng.randrange(1, 13) for _ in range(n)]
-
-
-def wait_until(check, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
-
-
-def kv_empty(engine) -> bool:
-    stats = engine.stats()
-    return stats["kv_slots_in_use"] == 0 and stats["active"] == 0
 
 
 # ---- start, close, failure (first: no module-scoped engine is alive while they look for leftovers) ----
@@ -178,19 +157,7 @@ def test_the_dispatch_gives_the_process_engines(engine):
 
 
 def test_greedy_equals_generate_with_requests_arriving_while_it_runs(engine, tiny):
-    prompts, news = ragged()
-    burst = engine.clock() + 0.3  # the first half arrives at one instant: more than the KV holds
-    handles = [engine.submit(p, n, ignore_eos=True, arrival_s=burst) for p, n in zip(prompts[:5], news[:5])]
-    time.sleep(0.35)
-    for p, n in zip(prompts[5:], news[5:]):  # the rest while it runs
-        handles.append(engine.submit(p, n, ignore_eos=True))
-        time.sleep(0.01)
-    for h, p, n in zip(handles, prompts, news):
-        assert h.result(60) == hf_generate(tiny, p, n, min_new=n), f"request {h.id}"
-        assert h.finish_reason == "length"
-        t = h.trace
-        assert len(t.token_times_s) == n and t.token_times_s == sorted(t.token_times_s)
-        assert t.arrival_s <= t.prefill_start_s <= t.prefill_end_s == t.token_times_s[0]
+    handles, burst = check_greedy_with_arrivals(engine, tiny, lead_s=0.3)
     for h in handles[:5]:  # none was admitted before its arrival
         assert h.trace.prefill_start_s >= burst
     assert wait_until(lambda: kv_empty(engine))
@@ -199,17 +166,8 @@ def test_greedy_equals_generate_with_requests_arriving_while_it_runs(engine, tin
 
 
 def test_tokens_stream_as_deltas_and_the_logits_path_is_exact_too(engine, tiny):
-    prompts, news = ragged(seed=1, n=3)
-    sampled = engine.submit(prompts[0], 12, sampling=SamplingParams(temperature=1.0, seed=3), ignore_eos=True)
-    handles = [engine.submit(p, 12, ignore_eos=True) for p in prompts]
-    deltas = list(handles[0])
+    deltas = check_deltas_and_the_logits_path(engine, tiny, length=12)
     assert len(deltas) >= 2  # the first token, then the decode steps' tokens
-    assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
-    assert [t for d in deltas for t in d.token_ids] == handles[0].output_ids
-    assert [t for d in deltas for t in d.times_s] == handles[0].trace.token_times_s
-    for h, p in zip(handles, prompts):
-        assert h.result(60) == hf_generate(tiny, p, 12, min_new=12)
-    assert len(sampled.result(60)) == 12
 
 
 def test_concurrent_submits_from_many_threads(engine, tiny):
@@ -247,12 +205,7 @@ def test_cancel_frees_the_kv_at_once(engine, tiny):
 
 
 def test_seeded_sampling_is_reproducible(engine):
-    params = SamplingParams(temperature=1.0, top_p=0.95, top_k=100, seed=1234)
-    a = engine.submit([20, 21, 22], 16, sampling=params, ignore_eos=True).result(30)
-    b = engine.submit([20, 21, 22], 16, sampling=params, ignore_eos=True).result(30)
-    c = engine.submit([20, 21, 22], 16, sampling=SamplingParams(temperature=1.0, seed=4321),
-                      ignore_eos=True).result(30)
-    assert a == b and a != c
+    check_seeded_sampling_is_reproducible(engine)
 
 
 def test_seeded_sampling_draws_what_the_in_process_engine_draws(engine, tiny):
@@ -267,28 +220,11 @@ def test_seeded_sampling_draws_what_the_in_process_engine_draws(engine, tiny):
 
 
 def test_stop_ids_end_a_request_and_min_tokens_holds_them_back(engine, tiny):
-    prompt = [30, 31, 32, 33]
-    greedy = hf_generate(tiny, prompt, 10, min_new=10)
-    stop = greedy[3]
-    h = engine.submit(prompt, 10, ignore_eos=True, stop_ids=[stop])
-    assert h.result(30) == greedy[:greedy.index(stop) + 1] and h.finish_reason == "stop"
-    held = engine.submit(prompt, 10, ignore_eos=True, stop_ids=[stop], min_tokens=10)
-    assert len(held.result(30)) == 10 and stop not in held.output_ids and held.finish_reason == "length"
+    check_stop_ids_and_min_tokens(engine, tiny)
 
 
 def test_bad_requests_are_refused_at_submit(engine):
-    with pytest.raises(WorkloadError, match="context"):
-        engine.submit([5] * 200, 100)
-    with pytest.raises(WorkloadError, match="vocabulary"):
-        engine.submit([5, 999], 4)
-    with pytest.raises(WorkloadError, match="empty prompt"):
-        engine.submit([], 4)
-    with pytest.raises(WorkloadError, match="max_new_tokens"):
-        engine.submit([5], 0)
-    with pytest.raises(ConfigError, match="min_tokens"):
-        engine.submit([5], 4, min_tokens=5)
-    with pytest.raises(ConfigError, match="stop_ids"):
-        engine.submit([5], 4, stop_ids=[1000])
+    check_bad_submits_are_refused(engine)
     h = engine.submit([5, 6], 3, ignore_eos=True, request_id=900)
     with pytest.raises(WorkloadError, match="already in flight"):
         engine.submit([5, 6], 3, request_id=900)
