@@ -45,6 +45,10 @@ ENGINE = dict(max_seq_len=2048, num_slots=64, max_batch=64, token_budget=8192)
 # (step, serve flags, in-process mode and options); the transformers peer has no in-process twin
 STEPS = [
     ("serial", ["--mode", "serial"], ("serial", {}, None)),
+    # the same serial engine in a process of its own (one replica): the server's event loop and
+    # the engine's kernel launches no longer share one interpreter's GIL (vLLM's engine core)
+    ("serial-own-process", ["--mode", "replicas", "--replicas", "1", "--replica-engine", "serial"],
+     ("serial", {}, None)),
     ("chunked-2048", ["--mode", "chunked", "--chunk-size", "2048"], ("chunked", {"chunk_size": 2048}, None)),
     ("split-green-table", ["--mode", "split", "--backend", "green", "--sm-policy", "table"],
      ("split", {}, {"backend": "green", "sm_policy": "table"})),
