@@ -100,8 +100,8 @@ def test_the_online_green_split_is_exact(fp32_model, workload, expected, policy)
     runs, each step on its green lane, generate()'s tokens."""
     from pathlib import Path
 
-    from splitlab.config import SplitConfig
     from splitlab import online_engine
+    from splitlab.config import SplitConfig
 
     profile = str(Path(__file__).resolve().parents[2] / "results" / "sm_profile_h200.json")
     extra = {} if policy == "static" else {"sm_policy": policy, "sm_profile": profile}
