@@ -3,7 +3,9 @@ after the replay, as the difference of the two.
 
 vLLM (``vllm:``), SGLang (``sglang:``) and ``splitlab serve`` (``splitlab_``) name their
 histograms with the same endings (``time_to_first_token_seconds``,
-``inter_token_latency_seconds``, ``e2e_request_latency_seconds``), so one reader serves all.
+``e2e_request_latency_seconds``, and in their recent versions ``inter_token_latency_seconds``;
+an older server's ``time_per_output_token_seconds`` is not read: its meaning changed between
+versions), so one reader serves all.
 ``splitlab serve`` adds two that split its side of the TTFT: ``request_parse_seconds`` (the
 request received by the app to its submission: JSON, validation, tokenising) and
 ``first_token_delivery_seconds`` (the engine's first token to its first chunk handed to the
