@@ -92,12 +92,16 @@ def test_replicas_arguments_are_checked(tiny, workload):
         run_replicas(workload, tiny, config=EngineConfig(max_seq_len=32, max_batch=2, chunk_size=8), progress=False)
 
 
-def test_each_replica_gets_its_share_of_the_slots_or_pages():
+def test_each_replica_gets_its_share_of_the_slots_or_pages(tiny, monkeypatch):
     """``_kv_plan``: the EngineConfig fields each of N replicas builds its pool from."""
+    import functools
+
     import torch
 
-    from splitlab.modes.replicas import _kv_plan
+    import splitlab.modes.replicas as replicas
+    from splitlab.engine.capacity import reserve_for
 
+    _kv_plan = functools.partial(replicas._kv_plan, facts=tiny.facts)
     cpu = torch.device("cpu")
     assert _kv_plan(EngineConfig(num_slots=5, max_batch=4), 2, cpu, 96) == {"num_slots": 2}
     paged = EngineConfig(max_batch=4, kv_block_size=16)
@@ -109,3 +113,12 @@ def test_each_replica_gets_its_share_of_the_slots_or_pages():
     # the CPU default of one engine (min(max_batch, 8) sequences) split N ways; pages: theirs at full length
     assert _kv_plan(EngineConfig(max_batch=4), 2, cpu, 96) == {"num_slots": 2}
     assert _kv_plan(paged, 2, cpu, 96) == {"num_pages": 2 * 6}
+    # on a GPU (its free memory faked): the fraction of the free memory, less one engine's reserve
+    # (activations, decode graphs) for EACH replica, split N ways
+    cuda, config = torch.device("cuda"), EngineConfig(max_batch=4, token_budget=64)
+    reserve = reserve_for(tiny.facts, config).total_bytes
+    monkeypatch.setattr(replicas, "measured_free_bytes", lambda device: 100 * reserve)
+    assert _kv_plan(config, 4, cuda, 96) == {"num_slots": None, "kv_budget_bytes": (90 * reserve - 4 * reserve) // 4}
+    monkeypatch.setattr(replicas, "measured_free_bytes", lambda device: 4 * reserve)
+    with pytest.raises(splitlab.ConfigError, match="4 replicas leave no memory for KV"):
+        _kv_plan(config, 4, cuda, 96)  # 0.9 x 4 reserves cannot hold 4 reserves

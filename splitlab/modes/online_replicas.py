@@ -21,6 +21,7 @@ import collections
 import torch
 
 from splitlab.config import EngineConfig
+from splitlab.engine.kv import new_allocator
 from splitlab.engine.online import MAX_QUEUED
 from splitlab.engine.scheduler import Scheduler
 from splitlab.errors import ConfigError, WorkerError
@@ -31,7 +32,6 @@ from splitlab.modes.online_parent import ChildEngine
 from splitlab.modes.replicas import (ReplicaConfig, _check_mps_here, engine_runner, replica_weights, say_bye,
                                      wait_byes)
 from splitlab.modes.session import Close, ProcessSession, Ready
-from splitlab.engine.kv import new_allocator
 
 
 def online_replica_main(channel, index: int, n: int, model_args, options: ReplicaConfig, config: EngineConfig,

@@ -14,9 +14,11 @@ its weight tensors with the others through a ``torch.multiprocessing`` queue (CU
 GPU, as the paper's vLLM fork did; shared memory on CPU); it keeps them alive until every
 other replica said ``Bye``. The KV cache does NOT: each engine replica allocates its own
 pool with 1/N of the budget (``num_slots // N`` slots, or on a paged pool ``num_pages // N``
-pages, when given; else ``kv_budget_bytes / N``, else ``kv_memory_fraction / N`` of the free
-memory replica 0 sees after loading; on CPU ``min(max_batch, 8) // N`` slots, or those
-sequences' full-length pages), the paper's ``0.9 / N`` memory split. So each replica batches
+pages, when given; else ``kv_budget_bytes / N``, else ``1 / N`` of ``kv_memory_fraction`` of
+the free memory replica 0 sees after loading less N times the reserve one engine leaves for
+its activations and decode graphs (``splitlab.engine.capacity.reserve_for``); on CPU
+``min(max_batch, 8) // N`` slots, or those sequences' full-length pages), the paper's
+``0.9 / N`` memory split. So each replica batches
 at most 1/N of the sequences one engine could, and ``Run.memory`` lists every replica's peak
 (``per_worker``) and their sum (``peak_bytes``). A paged replica admits, grows and preempts
 as the ``serial`` / ``chunked`` engine does; ``Run.memory`` sums their preemptions.
@@ -39,15 +41,19 @@ from typing import Any, Callable
 import torch
 
 from splitlab.config import EngineConfig, FrozenConfig, RunConfig
-from splitlab.errors import ConfigError, ModeError
+from splitlab.engine.capacity import measured_free_bytes, reserve_for
+from splitlab.engine.kv import new_allocator
+from splitlab.engine.sampling import GREEDY
+from splitlab.engine.scheduler import Scheduler
+from splitlab.errors import ConfigError, ModeError, WorkerError
 from splitlab.measure.metrics import Run
 from splitlab.modes.common import (Fault, build_run, check_faults, check_workload, cpu_threads_per_worker,
                                    engine_config, fault_for, mapped_not_owned, round_robin, total_or_none,
                                    weight_fingerprint, worker_facts, worker_model_args)
-from splitlab.engine.kv import new_allocator
-from splitlab.modes.worker_kv import check_pages_fit, merged_counters, warn_preemptions
+from splitlab.modes.online_child import ChildLoop, Submit, online_worker
 from splitlab.modes.session import (Arm, OnSession, ProcessSession, Ready, clock_from, get_checking_parent,
                                     serve_runs)
+from splitlab.modes.worker_kv import check_pages_fit, merged_counters, warn_preemptions
 from splitlab.system.env import synchronize
 from splitlab.workload import Workload
 
@@ -183,18 +189,24 @@ def _rebuild_hf(cls, config, tensors, dtype: torch.dtype):
     return model
 
 
-def _kv_plan(config: EngineConfig, n: int, device: torch.device, max_seq_len: int) -> dict[str, int | None]:
+def _kv_plan(config: EngineConfig, n: int, device: torch.device, max_seq_len: int, facts) -> dict[str, int | None]:
     """Each engine replica's share of the KV budget (see the module docstring), as the
-    ``EngineConfig`` fields its pool is built from."""
+    ``EngineConfig`` fields its pool is built from (``facts``: the model's ``ModelFacts``)."""
     block = config.kv_block_size
     count, given = ("num_slots", config.num_slots) if block is None else ("num_pages", config.num_pages)
     if given is not None:
         return {count: max(1, given // n)}
     if config.kv_budget_bytes is not None:
         return {count: None, "kv_budget_bytes": max(1, config.kv_budget_bytes // n)}
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return {count: None, "kv_budget_bytes": max(1, int(free * config.kv_memory_fraction / n))}
+    if device.type == "cuda":  # as one engine sizes its pool, but every replica has its own reserve
+        reserve = reserve_for(facts, config)
+        usable = int(measured_free_bytes(device) * config.kv_memory_fraction) - n * reserve.total_bytes
+        if usable < n:
+            raise ConfigError(
+                f"{n} replicas leave no memory for KV: {config.kv_memory_fraction:g} of the free memory, less "
+                f"each replica's reserve of {reserve.describe()}, is nothing; use fewer replicas, a smaller "
+                "token_budget or max_batch, or give num_slots / num_pages / kv_budget_bytes")
+        return {count: None, "kv_budget_bytes": usable // n}
     sequences = max(1, min(config.max_batch or 8, 8) // n)  # the CPU default of one engine, split N ways
     return {count: sequences if block is None else sequences * -(-max_seq_len // block)}
 
@@ -208,7 +220,7 @@ def _load_and_share(model_args: dict[str, Any], engine: str, config: EngineConfi
     device = torch.device(model_args["device"])
     loaded = load_model(model_args["spec"], device=device, dtype=model_args["dtype"], seed=model_args["seed"])
     max_seq_len = min(config.max_seq_len, loaded.facts.max_positions)
-    common = {"facts": loaded.facts, "dtype": loaded.dtype, "kv_plan": _kv_plan(config, n, device, max_seq_len)}
+    common = {"facts": loaded.facts, "dtype": loaded.dtype, "kv_plan": _kv_plan(config, n, device, max_seq_len, loaded.facts)}
     if engine == "generate":
         shared = Shared(**common, hf_class=type(loaded.model), hf_config=loaded.model.config,
                         hf_tensors=_hf_tensors(loaded.model, device.type == "cpu"), tokenizer=loaded.tokenizer)
@@ -240,11 +252,6 @@ def _engine_server(name: str, runner, policy: str, config: EngineConfig, fault: 
     """``serve`` of an engine replica: its share through the online engine's child loop (the
     loop an online replica runs: one engine loop), each request at its arrival on the run's clock,
     exactly ``max_new_tokens`` greedy tokens (EOS ignored)."""
-    from splitlab.engine.sampling import GREEDY
-    from splitlab.engine.scheduler import Scheduler
-    from splitlab.errors import WorkerError
-    from splitlab.modes.online_child import ChildLoop, Submit, online_worker
-
     def serve(arm: Arm, t0: float, report: Callable[[int], None]):
         if not arm.requests:
             return [], [], {}
