@@ -242,7 +242,7 @@ print("checked: the client saw every request's first and last token no earlier t
 # is **outside the server's app**: uvicorn, the loopback socket and the client's own event loop.
 
 # %%
-from splitlab.serve.server_view import breakdown
+from splitlab.measure.serve_overhead import breakdown
 
 where = breakdown(client_view["ttft_mean_s"], server_hist)
 ttft_parts = pd.DataFrame([

@@ -1,6 +1,6 @@
 """Helpers of the co-location tests (split, replicas, robustness): the greedy oracle's tokens, a ragged
-workload, run invariants, and snapshots of what a run could leave behind (processes,
-/dev/shm entries, multiprocessing temp folders)."""
+workload, run invariants, snapshots of what a run could leave behind (processes,
+/dev/shm entries, multiprocessing temp folders), and ``wait_until``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ from splitlab.system.procs import alive, descendants, shm_mapped_elsewhere
 from splitlab.workload import Workload, from_prompts
 
 PREFIX = "splitlab-"
+
+
+def wait_until(check, timeout_s: float = 10.0, poll_s: float = 0.02) -> bool:
+    """Poll ``check()`` every ``poll_s`` until it is true or ``timeout_s`` passed; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(poll_s)
+    return check()
 
 
 def ragged_workload(seed: int = 0, n: int = 12, spread_s: float = 0.4, name: str | None = None) -> Workload:

@@ -27,15 +27,6 @@ def ragged(seed: int = 0, n: int = 10):
     return prompts, [rng.randrange(1, 13) for _ in range(n)]
 
 
-def wait_until(check, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
-
-
 def kv_empty(engine) -> bool:
     stats = engine.stats()
     return stats["kv_slots_in_use"] == 0 and stats["active"] == 0

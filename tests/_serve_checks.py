@@ -14,9 +14,11 @@ import time
 from typing import Any, Callable
 
 import httpx
+from _colocation import wait_until as _wait_until
 from _oracle import hf_generate
 
 from splitlab.serve.process import descendants, port_is_free
+from splitlab.system.procs import alive
 
 
 def post(server, route: str, body, **kw) -> httpx.Response:
@@ -46,13 +48,9 @@ def metric(server, name: str, labels: str = "") -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def wait_until(check, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
+def wait_until(check, timeout_s: float) -> bool:
+    """``_colocation.wait_until`` at a slower poll: each check here scrapes the server over HTTP."""
+    return _wait_until(check, timeout_s, poll_s=0.1)
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -62,14 +60,6 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert err["code"] == code, err
     return err
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def open_stream(server, n: int, out: list) -> None:
@@ -108,7 +98,7 @@ def check_concurrent_streams(server, model=None, n: int = 32) -> None:
         assert len(ids) == k and finish == "length" and use["completion_tokens"] == k
         if model is not None:
             assert ids == hf_generate(model, prompt, k, min_new=k)
-    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 0)
+    assert wait_until(lambda: metric(server, "splitlab_kv_slots_in_use") == 0, 30.0)
 
 
 def check_dropped_client_frees_kv(server, max_tokens: int) -> None:

@@ -28,7 +28,7 @@ from _oracle import hf_greedy
 from splitlab.cli import main
 from splitlab.measure.metrics import load_run
 from splitlab.serve.process import ServerProcess, free_port
-from splitlab.serve.server_view import breakdown
+from splitlab.measure.serve_overhead import breakdown
 from splitlab.workload import LengthDist, poisson
 
 pytestmark = pytest.mark.timeout(600)

@@ -18,10 +18,10 @@ import threading
 import time
 
 import pytest
-from _colocation import assert_clean, snapshot
+from _colocation import assert_clean, snapshot, wait_until
 from _online_checks import (CONFIG, PAGED, check_bad_submits_are_refused, check_deltas_and_the_logits_path,
                             check_greedy_with_arrivals, check_seeded_sampling_is_reproducible,
-                            check_stop_ids_and_min_tokens, kv_empty, ragged, wait_until)
+                            check_stop_ids_and_min_tokens, kv_empty, ragged)
 from _oracle import hf_generate
 
 from splitlab.config import EngineConfig, SplitConfig

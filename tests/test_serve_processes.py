@@ -18,11 +18,11 @@ import threading
 import httpx
 import pytest
 from _oracle import hf_generate
-from _serve_checks import (alive, check_bad_request, check_concurrent_streams, check_dropped_client_frees_kv,
+from _serve_checks import (check_bad_request, check_concurrent_streams, check_dropped_client_frees_kv,
                            check_sigterm_with_streams_in_flight, metric, post, stream, wait_until)
 
 from splitlab.serve.process import ServerProcess, descendants
-from splitlab.system.procs import read_proc_file
+from splitlab.system.procs import alive, read_proc_file
 
 pytestmark = pytest.mark.timeout(300)
 

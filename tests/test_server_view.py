@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from splitlab.serve.server_view import breakdown, difference, histograms, metrics_url, quantile
+from splitlab.measure.serve_overhead import breakdown
+from splitlab.serve.server_view import difference, histograms, metrics_url, quantile
 
 
 def page(name: str, buckets: dict[str, float], total: float, labels: str = "") -> str:

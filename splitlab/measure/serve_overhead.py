@@ -96,11 +96,20 @@ def ttft_where(http_row, in_process_row) -> dict[str, Any] | None:
     the server's parse, engine TTFT and first-token delivery, the rest outside the server (the
     HTTP server, the network, the client), and how much slower the engine's own TTFT was under
     the server than in-process. None when a row lacks them (runs recorded before they were kept)."""
-    from splitlab.serve.server_view import breakdown
-
     view = (http_row.get("server_view") or {}).get("histograms")
     parts = breakdown(http_row.get("ttft_mean_s"), view)
     inproc = in_process_row.get("ttft_mean_s")
     if parts is None or inproc is None:
         return None
     return {**parts, "in_process_ttft_mean_s": inproc, "engine_added_s": parts["server_ttft_mean_s"] - inproc}
+
+
+def breakdown(client_ttft_mean_s: float | None, view: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The client's mean TTFT split into the server's parse, TTFT and first-token delivery, and
+    the rest (the HTTP server, the network, the client); None without the server's TTFT."""
+    if client_ttft_mean_s is None or not view or (view.get("ttft") or {}).get("mean_s") is None:
+        return None
+    parts = {key: (view.get(key) or {}).get("mean_s") for key in ("parse", "ttft", "first_delivery")}
+    known = sum(v for v in parts.values() if v is not None)
+    return {"client_ttft_mean_s": client_ttft_mean_s, **{f"server_{k}_mean_s": v for k, v in parts.items()},
+            "outside_server_mean_s": client_ttft_mean_s - known}

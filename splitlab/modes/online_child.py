@@ -34,7 +34,7 @@ from splitlab.engine.handles import OnlineSeq
 from splitlab.engine.online import MAX_FAILED_STEPS, OnlineWorker
 from splitlab.engine.sampling import SamplingParams, request_generator
 from splitlab.engine.scheduler import Scheduler
-from splitlab.errors import SplitlabError
+from splitlab.errors import SplitlabError, WorkerError
 from splitlab.measure.metrics import RequestTrace, StepTrace
 from splitlab.modes.common import peak_bytes, reset_peak
 from splitlab.modes.session import Close, Go
@@ -273,6 +273,18 @@ class ChildLoop:
         return max(0.0, self.pending[0][0] - now) if self.pending else None
 
     # ---- steps --------------------------------------------------------------------------------
+    def turn(self):
+        """Arrived requests in, then one step when there is work: ``(its outcome or None,
+        seconds until the next arrival or None)``. Work that schedules nothing (no KV slot or
+        page can ever free) is a ``WorkerError``."""
+        wait = self.admit_arrived()
+        if not self.scheduler.has_work():
+            return None, wait
+        outcome = self.step()
+        if outcome is None and self.worker.last_batch is None:
+            raise WorkerError("the scheduler has work but scheduled nothing (no KV slot can ever free)")
+        return outcome, wait
+
     def step(self):
         """One step of the worker, its tokens published; a failing step fails only its batch
         (the child fails after ``MAX_FAILED_STEPS`` in a row). None: it failed or ran nothing."""

@@ -24,7 +24,7 @@ from splitlab.config import EngineConfig
 from splitlab.engine.kv import new_allocator
 from splitlab.engine.online import MAX_QUEUED
 from splitlab.engine.scheduler import Scheduler
-from splitlab.errors import ConfigError, WorkerError
+from splitlab.errors import ConfigError
 from splitlab.modes.common import worker_model_args
 from splitlab.modes.online_child import (IDLE_S, Cancel, ChildLoop, StartClock, Submit, online_worker,
                                          wait_go)
@@ -72,11 +72,8 @@ def _serve(channel, loop: ChildLoop) -> None:
             else:
                 raise RuntimeError(f"worker {channel.name}: unexpected command {msg!r}")
             msg = channel.recv(timeout=0)
-        wait = loop.admit_arrived()
-        outcome = loop.step() if loop.scheduler.has_work() else None
+        outcome, wait = loop.turn()
         busy = outcome is not None
-        if outcome is None and loop.worker.last_batch is None and loop.scheduler.has_work():
-            raise WorkerError("the scheduler has work but scheduled nothing (no KV slot can ever free)")
         loop.flush(channel.send)
 
 

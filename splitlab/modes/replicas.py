@@ -263,22 +263,20 @@ def _engine_server(name: str, runner, policy: str, config: EngineConfig, fault: 
             loop.submit(Submit(r, r.arrival_s, GREEDY, ignore_eos=True))
         seqs, steps = list(loop.held.values()), []
         while loop.held:
-            wait = loop.admit_arrived()
-            if scheduler.has_work():
-                outcome = loop.step()
-                if outcome is None and loop.worker.last_batch is None:
-                    raise WorkerError("the scheduler has work but scheduled nothing (no KV slot can ever free)")
-                if outcome is not None:
-                    report(outcome.num_new_tokens)
-            elif wait is not None:
-                time.sleep(wait)
-            else:
-                raise WorkerError(f"{len(loop.held)} requests unfinished with nothing pending or running")
+            outcome, wait = loop.turn()
             failed = [d for d in loop.deltas if d.finish_reason == "error"]
             if failed:  # a failed step, or a request the pool can never hold: the run is not whole
                 raise WorkerError(f"request {failed[0].request_id} failed: {failed[0].error}")
+            if outcome is not None:
+                report(outcome.num_new_tokens)
+            elif not scheduler.has_work():
+                if wait is None:
+                    raise WorkerError(f"{len(loop.held)} requests unfinished with nothing pending or running")
+                time.sleep(wait)
             steps.extend(loop.steps)
-            loop.steps.clear(), loop.deltas.clear(), loop.released.clear()
+            loop.steps.clear()
+            loop.deltas.clear()
+            loop.released.clear()
         return [s.trace for s in seqs], steps, scheduler.counters()
     return serve
 

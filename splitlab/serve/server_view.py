@@ -10,7 +10,7 @@ versions), so one reader serves all.
 request received by the app to its submission: JSON, validation, tokenising) and
 ``first_token_delivery_seconds`` (the engine's first token to its first chunk handed to the
 HTTP server). What the client's mean TTFT holds beyond the server's parse + TTFT + delivery is
-the HTTP server, the network and the client.
+the HTTP server, the network and the client (``splitlab.measure.serve_overhead.breakdown``).
 
 Means are exact (the histograms' sums and counts); quantiles are interpolated inside a bucket,
 as Prometheus' ``histogram_quantile`` does, so they are only as fine as the buckets.
@@ -103,14 +103,3 @@ async def scrape(client, url: str) -> tuple[dict[str, dict[str, Any]] | None, st
     except (ValueError, KeyError) as exc:
         return None, f"{url}: not Prometheus text ({exc})"
     return (found, None) if found else (None, f"{url}: no latency histogram")
-
-
-def breakdown(client_ttft_mean_s: float | None, view: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
-    """The client's mean TTFT split into the server's parse, TTFT and first-token delivery, and
-    the rest (the HTTP server, the network, the client); None without the server's TTFT."""
-    if client_ttft_mean_s is None or not view or (view.get("ttft") or {}).get("mean_s") is None:
-        return None
-    parts = {key: (view.get(key) or {}).get("mean_s") for key in ("parse", "ttft", "first_delivery")}
-    known = sum(v for v in parts.values() if v is not None)
-    return {"client_ttft_mean_s": client_ttft_mean_s, **{f"server_{k}_mean_s": v for k, v in parts.items()},
-            "outside_server_mean_s": client_ttft_mean_s - known}
