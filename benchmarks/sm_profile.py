@@ -30,7 +30,7 @@ def mps_probe() -> dict:
     with MPSDaemon() as daemon:
         env = {**os.environ, **daemon.client_env(), "PYTHONPATH": str(ROOT)}
         answers = {}
-        for what in ("driver", "torch"):
+        for what in ("driver", "torch", "torch-stream"):
             done = subprocess.run([sys.executable, "-m", "splitlab.system.mps_affinity", what], env=env,
                                   capture_output=True, text=True, timeout=120)
             answers[what] = ({"ok": True, **json.loads(done.stdout)} if done.returncode == 0

@@ -150,8 +150,67 @@ def probe_torch(sm_count: int = 40, size: int = 8192) -> dict[str, Any]:
     return out
 
 
+def probe_torch_stream(sm_count: int = 40, size: int = 8192) -> dict[str, Any]:
+    """Can PyTorch use an SM-limited context the way the green backend uses a green one: a
+    stream made in that context, wrapped in ``torch.cuda.ExternalStream``, with the primary
+    context current? That is what per-step lanes would need. Time an eager bf16 matmul and a
+    CUDA graph of it on that stream, and check both against the primary context's result."""
+    import torch
+    from cuda.bindings import driver
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    reference = a @ b
+    torch.cuda.synchronize()
+
+    def timed(launch, stream) -> float:
+        launch()
+        stream.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            launch()
+        stream.synchronize()
+        return (time.perf_counter() - start) / 5
+
+    primary = torch.cuda.current_stream()
+    out: dict[str, Any] = {"sm_count": sm_count, "primary_s": timed(lambda: a @ b, primary)}
+    device = _check(driver.cuDeviceGet(0), "cuDeviceGet")
+    ctx = _affinity_context(driver, device, sm_count)  # current on this thread until popped
+    try:
+        handle = _check(driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
+    finally:
+        driver.cuCtxPopCurrent()
+    try:
+        stream = torch.cuda.ExternalStream(int(handle))
+        for stage in ("eager", "graph"):
+            try:
+                with torch.cuda.stream(stream):
+                    if stage == "eager":
+                        result = a @ b
+                        out["eager_s"] = timed(lambda: a @ b, stream)
+                    else:
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, stream=stream):
+                            result = a @ b
+                        out["graph_on_its_stream_s"] = timed(graph.replay, stream)
+                if stage == "graph":  # a graph may keep its context's SMs wherever it is launched
+                    out["graph_on_primary_stream_s"] = timed(graph.replay, primary)
+                stream.synchronize()
+                out[f"{stage}_matches"] = bool(torch.equal(result, reference))
+                out[f"{stage}_max_abs_diff"] = float((result.float() - reference.float()).abs().max())
+            except Exception as exc:  # noqa: BLE001 - the answer is that it failed, and how
+                out[f"{stage}_error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        driver.cuCtxPushCurrent(ctx)
+        driver.cuStreamDestroy(handle)
+        driver.cuCtxPopCurrent()
+        driver.cuCtxDestroy(ctx)
+    return out
+
+
 if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(probe_torch() if sys.argv[1:] == ["torch"] else probe(), indent=1))
+    which = {"driver": probe, "torch": probe_torch, "torch-stream": probe_torch_stream}
+    print(json.dumps(which[sys.argv[1] if sys.argv[1:] else "driver"](), indent=1))
