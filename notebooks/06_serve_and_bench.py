@@ -321,6 +321,41 @@ if serve_rec is not None:
     print("left unrun: " + (", ".join(e["cell"] for e in serve_rec["left"]) or "none"))
 
 # %% [markdown]
+# Where serial's HTTP TTFT went on the H200 (`serve_h200_where.json`): the same parts as the live
+# breakdown above, read from the server's histograms over each HTTP replay, beside the in-process
+# run of the same requests. `serial-own-process` serves serial as one replica in a process of its own
+# (`--mode replicas --replicas 1`), so its engine shares no interpreter with the HTTP server; its
+# in-process side is that replica run offline. One run per cell: the engine's part is a difference
+# of two single runs' means, and a few slow requests move a mean by milliseconds.
+
+# %%
+where_made_by = ("python benchmarks/serve_bench.py --steps serial,serial-own-process --rates 16 "
+                 "--out results/serve_h200_where.json --runs-dir results/serve_h200_where")
+where_rec = load_recorded("serve_h200_where.json", where_made_by)
+if where_rec is not None:
+    rejudged = serve_overhead.judge_rows(where_rec["runs"])["pairs"]
+    stored = where_rec["analysis"]["pairs"]
+    assert rejudged.keys() == stored.keys()
+    for name, pair in rejudged.items():  # the stored parts follow from the stored runs (to float rounding)
+        assert np.allclose(list(pair["ttft_mean_where"].values()), list(stored[name]["ttft_mean_where"].values()),
+                           rtol=1e-9, atol=1e-12), name
+    labels = {"client_ttft_mean_s": "client mean TTFT", "server_parse_mean_s": "parse",
+              "server_ttft_mean_s": "engine TTFT under the server", "server_first_delivery_mean_s": "first-token delivery",
+              "outside_server_mean_s": "outside the app", "in_process_ttft_mean_s": "engine TTFT in-process",
+              "engine_added_s": "engine slower under the server"}
+    recorded_where = pd.DataFrame([{"step@rate": name, **{f"{labels[k]} (ms)": 1e3 * v for k, v in
+                                                          pair["ttft_mean_where"].items()}}
+                                   for name, pair in rejudged.items()])
+    display(for_people(recorded_where))
+    for name, pair in rejudged.items():
+        parts = pair["ttft_mean_where"]
+        added = parts["client_ttft_mean_s"] - parts["in_process_ttft_mean_s"]
+        print(f"{name}: HTTP adds {1e3 * added:.1f} ms to the mean TTFT; of it, outside the app "
+              f"{1e3 * parts['outside_server_mean_s']:.1f} ms, parse {1e3 * parts['server_parse_mean_s']:.1f} ms, "
+              f"delivery {1e3 * parts['server_first_delivery_mean_s']:.1f} ms, the engine's own "
+              f"{1e3 * parts['engine_added_s']:+.1f} ms")
+
+# %% [markdown]
 # ## 4. The fields vLLM's `bench serve` writes
 #
 # The bench prints vLLM `bench serve`'s result fields as JSON on its last line and writes them with
