@@ -30,11 +30,12 @@ def mps_probe() -> dict:
     with MPSDaemon() as daemon:
         env = {**os.environ, **daemon.client_env(), "PYTHONPATH": str(ROOT)}
         answers = {}
-        for what in ("driver", "torch", "torch-stream"):
+        for what in ("driver", "torch", "torch-stream", "torch-stream-in-context"):
             done = subprocess.run([sys.executable, "-m", "splitlab.system.mps_affinity", what], env=env,
                                   capture_output=True, text=True, timeout=120)
             answers[what] = ({"ok": True, **json.loads(done.stdout)} if done.returncode == 0
-                             else {"ok": False, "error": done.stderr[-3000:]})
+                             else {"ok": False, "returncode": done.returncode, "error": done.stderr[-3000:],
+                                   "stdout": done.stdout[-3000:]})
     return answers
 
 

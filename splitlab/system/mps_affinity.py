@@ -15,6 +15,7 @@ grows as the SMs a context may use shrink. It reports, per context, what the dri
 from __future__ import annotations
 
 import time
+import sys
 from typing import Any, Sequence
 
 SPIN_SRC = r"""
@@ -150,11 +151,12 @@ def probe_torch(sm_count: int = 40, size: int = 8192) -> dict[str, Any]:
     return out
 
 
-def probe_torch_stream(sm_count: int = 40, size: int = 8192) -> dict[str, Any]:
+def probe_torch_stream(sm_count: int = 40, size: int = 8192, capture_in_context: bool = False) -> dict[str, Any]:
     """Can PyTorch use an SM-limited context the way the green backend uses a green one: a
     stream made in that context, wrapped in ``torch.cuda.ExternalStream``, with the primary
     context current? That is what per-step lanes would need. Time an eager bf16 matmul and a
-    CUDA graph of it on that stream, and check both against the primary context's result."""
+    CUDA graph of it on that stream, and check both against the primary context's result.
+    ``capture_in_context`` makes the SM-limited context current while the graph is captured."""
     import torch
     from cuda.bindings import driver
 
@@ -173,16 +175,18 @@ def probe_torch_stream(sm_count: int = 40, size: int = 8192) -> dict[str, Any]:
         return (time.perf_counter() - start) / 5
 
     primary = torch.cuda.current_stream()
-    out: dict[str, Any] = {"sm_count": sm_count, "primary_s": timed(lambda: a @ b, primary)}
+    out: dict[str, Any] = {"sm_count": sm_count, "capture_in_context": capture_in_context, "primary_s": timed(lambda: a @ b, primary)}
     device = _check(driver.cuDeviceGet(0), "cuDeviceGet")
     ctx = _affinity_context(driver, device, sm_count)  # current on this thread until popped
     try:
         handle = _check(driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
     finally:
         driver.cuCtxPopCurrent()
+    print(f"stream {int(handle):#x} made in a {sm_count}-SM context", file=sys.stderr, flush=True)
     try:
         stream = torch.cuda.ExternalStream(int(handle))
         for stage in ("eager", "graph"):
+            print(f"stage {stage}: {out}", file=sys.stderr, flush=True)  # a crash shows how far it got
             try:
                 with torch.cuda.stream(stream):
                     if stage == "eager":
@@ -190,8 +194,14 @@ def probe_torch_stream(sm_count: int = 40, size: int = 8192) -> dict[str, Any]:
                         out["eager_s"] = timed(lambda: a @ b, stream)
                     else:
                         graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, stream=stream):
-                            result = a @ b
+                        if capture_in_context:
+                            driver.cuCtxPushCurrent(ctx)
+                        try:
+                            with torch.cuda.graph(graph, stream=stream):
+                                result = a @ b
+                        finally:
+                            if capture_in_context:
+                                driver.cuCtxPopCurrent()
                         out["graph_on_its_stream_s"] = timed(graph.replay, stream)
                 if stage == "graph":  # a graph may keep its context's SMs wherever it is launched
                     out["graph_on_primary_stream_s"] = timed(graph.replay, primary)
@@ -210,7 +220,7 @@ def probe_torch_stream(sm_count: int = 40, size: int = 8192) -> dict[str, Any]:
 
 if __name__ == "__main__":
     import json
-    import sys
 
-    which = {"driver": probe, "torch": probe_torch, "torch-stream": probe_torch_stream}
+    which = {"driver": probe, "torch": probe_torch, "torch-stream": probe_torch_stream,
+             "torch-stream-in-context": lambda: probe_torch_stream(capture_in_context=True)}
     print(json.dumps(which[sys.argv[1] if sys.argv[1:] else "driver"](), indent=1))
