@@ -9,13 +9,17 @@ change its shares per step as the ``green`` backend does, instead of restarting 
 ``CUDA_MPS_PIPE_DIRECTORY``). In each context it launches a spin kernel of a fixed number
 of cycles per block, with more blocks than fit the GPU at once, and times it: the time
 grows as the SMs a context may use shrink. It reports, per context, what the driver says
-(``cuCtxGetExecAffinity``) and what the timing implies.
+(``cuCtxGetExecAffinity``) and what the timing implies. ``probe_torch`` and
+``probe_torch_stream`` ask what PyTorch can do with such a context: launch into it while it is
+current, and use a stream made in it from the primary context, eagerly and as a CUDA graph
+(the way the green backend switches). The measured answers are in
+``results/mps_affinity_h200.json``: eager work runs there, a CUDA graph on that stream crashes.
 """
 
 from __future__ import annotations
 
-import time
 import sys
+import time
 from typing import Any, Sequence
 
 SPIN_SRC = r"""
@@ -175,7 +179,8 @@ def probe_torch_stream(sm_count: int = 40, size: int = 8192, capture_in_context:
         return (time.perf_counter() - start) / 5
 
     primary = torch.cuda.current_stream()
-    out: dict[str, Any] = {"sm_count": sm_count, "capture_in_context": capture_in_context, "primary_s": timed(lambda: a @ b, primary)}
+    out: dict[str, Any] = {"sm_count": sm_count, "capture_in_context": capture_in_context,
+                           "primary_s": timed(lambda: a @ b, primary)}
     device = _check(driver.cuDeviceGet(0), "cuDeviceGet")
     ctx = _affinity_context(driver, device, sm_count)  # current on this thread until popped
     try:
